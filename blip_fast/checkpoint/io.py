@@ -1,0 +1,63 @@
+"""Reading and writing checkpoint files safely.
+
+Writes go to a temporary file in the same folder, are flushed to disk, then renamed over the
+target (``os.replace`` is atomic on POSIX): a crash mid-write leaves the old checkpoint intact.
+Reads turn the many ways a file can be wrong (missing, truncated, not a torch file, pickled
+code) into one :class:`CheckpointError` that names the file and the problem.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read, or does not fit the model it is loaded into."""
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
+    """Call ``write(temp_path)`` and move the result to ``path`` only once it is complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(temp)
+        with open(temp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_torch(obj: Any, path: str | Path) -> Path:
+    return atomic_write(path, lambda temp: torch.save(obj, temp))
+
+
+def load_torch(path: str | Path) -> Any:
+    """``torch.load`` of tensors and plain containers only (no pickled code), on the CPU."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory; a Hugging Face checkpoint directory needs a config.json")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, OSError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {reason}. The file may be truncated (an interrupted download "
+            "or copy) or not a PyTorch checkpoint."
+        ) from None

@@ -1,0 +1,190 @@
+"""``blip-fast``: the command line. A thin layer over :mod:`blip_fast.api` and friends.
+
+A user mistake (a missing file, a checkpoint of another task, a bad option) ends with one line
+``error: ...`` and exit status 2, never a stack trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .checkpoint import CheckpointError
+from .config import ConfigError
+from .images import ImageError
+
+USER_ERRORS = (CheckpointError, ConfigError, ImageError, FileNotFoundError, ValueError, TypeError)
+
+
+def _device(name: str | None) -> str:
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return name
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    result = run_demo(steps=args.steps, batch=args.batch, seed=args.seed)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.__dict__, indent=2))
+    return 0
+
+
+def cmd_caption(args) -> int:
+    from .api import load
+
+    blip = load(args.checkpoint, task="caption", device=_device(args.device), image_size=args.image_size)
+    captions = blip.caption(args.images, strategy=args.strategy, max_length=args.max_length,
+                            min_length=args.min_length, num_beams=args.num_beams, top_p=args.top_p,
+                            seed=args.seed)
+    for path, text in zip(args.images, captions, strict=True):
+        print(f"{path}\t{text}")
+    return 0
+
+
+def cmd_answer(args) -> int:
+    from .api import load
+
+    blip = load(args.checkpoint, task="vqa", device=_device(args.device), image_size=args.image_size)
+    print(blip.answer([args.image], [args.question])[0])
+    return 0
+
+
+def cmd_match(args) -> int:
+    from .api import load
+
+    blip = load(args.checkpoint, device=_device(args.device), image_size=args.image_size)
+    similarity = blip.similarity([args.image], args.texts)[0]
+    itm = blip.match([args.image] * len(args.texts), args.texts)
+    print("itm_prob\titc_sim\ttext")
+    for text, prob, sim in zip(args.texts, itm.tolist(), similarity.tolist(), strict=True):
+        print(f"{prob:.4f}\t{sim:.4f}\t{text}")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .checkpoint import load_checkpoint, save_hf, save_salesforce
+
+    model = load_checkpoint(args.source, args.task)
+    if args.to == "hf":
+        save_hf(model, args.destination)
+    else:
+        save_salesforce(model, args.destination)
+    print(f"wrote {model.task} model to {args.destination} ({args.to} format)")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .checkpoint import load_checkpoint
+    from .config import config_to_dict
+
+    model = load_checkpoint(args.checkpoint)
+    print(json.dumps({"task": model.task, "parameters": sum(p.numel() for p in model.parameters()),
+                      "config": config_to_dict(model.config)}, indent=2))
+    return 0
+
+
+def cmd_parity(args) -> int:
+    import torch
+
+    from .parity import DTYPE_NAMES, format_table, run_parity
+
+    device = torch.device(_device(args.device))
+    names = {v: k for k, v in DTYPE_NAMES.items()}
+    dtypes = [names[d] for d in args.dtype] if args.dtype else None
+    rows = run_parity(device, ops=args.op, dtypes=dtypes)
+    if not rows:
+        print(f"no fast implementation is available on {device} for the selected ops")
+        return 0
+    print(format_table(rows))
+    failed = [r for r in rows if not r.passed]
+    print(f"\n{len(rows) - len(failed)} passed, {len(failed)} failed")
+    if args.json:
+        Path(args.json).write_text(json.dumps([r.__dict__ for r in rows], indent=2))
+    return 1 if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="blip-fast", description="The fastest correct BLIP.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log which op backends are picked; show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="train a tiny BLIP on synthetic scenes (CPU, ~minutes) and evaluate it")
+    p.add_argument("--steps", type=int, default=150, help="training steps (default 150)")
+    p.add_argument("--batch", type=int, default=32, help="pairs per step (default 32)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--json", help="also write the result to this JSON file")
+    p.set_defaults(run=cmd_demo)
+
+    def checkpoint_options(p):
+        p.add_argument("--checkpoint", "-c", required=True,
+                       help="Salesforce .pth file or Hugging Face model directory")
+        p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
+        p.add_argument("--image-size", type=int, help="resize images to this size (default: the checkpoint's)")
+
+    p = sub.add_parser("caption", help="caption images with a captioning checkpoint")
+    p.add_argument("images", nargs="+", help="image files")
+    checkpoint_options(p)
+    p.add_argument("--strategy", choices=("beam", "greedy", "nucleus"), default="beam", help="decoding (beam)")
+    p.add_argument("--max-length", type=int, default=30, help="tokens, prompt included (30)")
+    p.add_argument("--min-length", type=int, default=10, help="tokens, prompt included (10)")
+    p.add_argument("--num-beams", type=int, default=3, help="beams for beam search (3)")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus mass for sampling (0.9)")
+    p.add_argument("--seed", type=int, help="seed for nucleus sampling")
+    p.set_defaults(run=cmd_caption)
+
+    p = sub.add_parser("answer", help="answer a question about an image with a VQA checkpoint")
+    p.add_argument("image", help="image file")
+    p.add_argument("question", help="the question")
+    checkpoint_options(p)
+    p.set_defaults(run=cmd_answer)
+
+    p = sub.add_parser("match", help="ITM probability and ITC similarity of one image with texts")
+    p.add_argument("image", help="image file")
+    p.add_argument("texts", nargs="+", help="candidate texts")
+    checkpoint_options(p)
+    p.set_defaults(run=cmd_match)
+
+    p = sub.add_parser("convert", help="convert between Salesforce .pth and Hugging Face directories")
+    p.add_argument("source", help="checkpoint to read (file or Hugging Face directory)")
+    p.add_argument("destination", help="file (salesforce) or directory (hf) to write")
+    p.add_argument("--to", choices=("salesforce", "hf"), required=True, help="format to write")
+    p.add_argument("--task", choices=("pretrain", "retrieval", "caption", "vqa"),
+                   help="expected task of the source (checked)")
+    p.set_defaults(run=cmd_convert)
+
+    p = sub.add_parser("info", help="task, size and configuration of a checkpoint")
+    p.add_argument("checkpoint", help="Salesforce .pth file or Hugging Face model directory")
+    p.set_defaults(run=cmd_info)
+
+    p = sub.add_parser("parity", help="check every fast op against its reference on this device")
+    p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--op", action="append", help="only this op (repeatable)")
+    p.add_argument("--dtype", action="append", choices=("fp32", "fp16", "bf16"), help="only this dtype (repeatable)")
+    p.add_argument("--json", help="also write the rows to this JSON file")
+    p.set_defaults(run=cmd_parity)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return args.run(args)
+    except USER_ERRORS as error:
+        if args.verbose:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data: synthetic scenes for demos and tests (the real pipelines come with the data issue)."""

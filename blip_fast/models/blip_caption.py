@@ -1,0 +1,59 @@
+"""BLIP captioner (``models/blip.py: BLIP_Decoder``): ViT + image-grounded text decoder.
+
+Training minimises the LM loss of ``prompt + caption`` with the prompt's tokens excluded
+(``decoder_targets[:, :prompt_length] = -100``). Generation starts from the tokenized prompt
+with [DEC] in place of [CLS] and without the final [SEP].
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..config import BlipConfig
+from .generation import GenerationConfig, generate
+from .med import TextDecoder
+from .vit import VisionTransformer
+
+
+class BlipCaption(nn.Module):
+    task = "caption"
+
+    def __init__(self, config: BlipConfig):
+        super().__init__()
+        self.config = config
+        self.visual_encoder = VisionTransformer(config.vision)
+        self.text_decoder = TextDecoder(config.text, encoder_width=config.vision.width)
+
+    def image_embeds(self, images: torch.Tensor) -> torch.Tensor:
+        return self.visual_encoder(images)
+
+    def decoder_inputs(self, input_ids: torch.Tensor) -> torch.Tensor:
+        ids = input_ids.clone()
+        ids[:, 0] = self.config.text.bos_token_id
+        return ids
+
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                prompt_length: int) -> torch.Tensor:
+        """LM loss of tokenized ``prompt + caption`` ([CLS] first); the first ``prompt_length``
+        tokens (``[CLS]`` + prompt) are context, not targets."""
+        if input_ids.shape[0] != images.shape[0]:
+            raise ValueError(f"{images.shape[0]} images but {input_ids.shape[0]} captions")
+        image_embeds = self.image_embeds(images)
+        ids = self.decoder_inputs(input_ids)
+        targets = ids.masked_fill(ids == self.config.text.pad_token_id, ops.IGNORE_INDEX)
+        targets[:, :prompt_length] = ops.IGNORE_INDEX
+        image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=images.device)
+        return self.text_decoder.loss(ids, attention_mask, image_embeds, image_mask, targets,
+                                      self.config.label_smoothing)
+
+    @torch.no_grad()
+    def generate(self, images: torch.Tensor, prompt_ids: torch.Tensor, generation: GenerationConfig,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Token ids (B, L) of captions, prompt included; ``prompt_ids`` is the tokenized prompt
+        without its final [SEP], one row per image."""
+        image_embeds = self.image_embeds(images)
+        ids = self.decoder_inputs(prompt_ids)
+        return generate(self.text_decoder, ids, image_embeds, None, generation,
+                        self.config.text.sep_token_id, self.config.text.pad_token_id, generator)

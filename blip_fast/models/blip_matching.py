@@ -1,0 +1,71 @@
+"""The ITC/ITM part shared by BLIP's pretraining and retrieval models.
+
+* ITC features: the [CLS] states of the ViT and of the unimodal text encoder, projected to
+  ``embed_dim`` and L2-normalised; their dot products divided by the learned temperature are the
+  contrastive logits.
+* ITM: the image-grounded text encoder reads the caption with [ENC] in place of [CLS] and
+  cross-attends to the image tokens; a linear head on its first state says match / no match.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import BlipConfig
+from .med import TextTransformer
+from .vit import VisionTransformer
+
+
+class ImageTextMatchingModel(nn.Module):
+    def __init__(self, config: BlipConfig):
+        super().__init__()
+        self.config = config
+        self.visual_encoder = VisionTransformer(config.vision)
+        self.text_encoder = TextTransformer(config.text, encoder_width=config.vision.width)
+        self.vision_proj = nn.Linear(config.vision.width, config.embed_dim)
+        self.text_proj = nn.Linear(config.text.hidden_size, config.embed_dim)
+        self.itm_head = nn.Linear(config.text.hidden_size, 2)
+        self.temp = nn.Parameter(torch.tensor(config.temp))
+
+    def image_embeds(self, images: torch.Tensor) -> torch.Tensor:
+        """Image tokens (B, 1 + patches, width) of the ViT."""
+        return self.visual_encoder(images)
+
+    def image_features(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """Normalised ITC image features (B, embed_dim) from the image tokens."""
+        return F.normalize(self.vision_proj(image_embeds[:, 0, :]), dim=-1)
+
+    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Normalised ITC text features (B, embed_dim) from the unimodal encoder ([CLS] first)."""
+        text = self.text_encoder(input_ids, attention_mask)
+        return F.normalize(self.text_proj(text[:, 0, :]), dim=-1)
+
+    def itm_logits(self, image_embeds: torch.Tensor, input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor) -> torch.Tensor:
+        """ITM logits (B, 2) [no match, match]; ``input_ids`` start with [ENC] (see :meth:`with_enc`)."""
+        image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+        fused = self.text_encoder(input_ids, attention_mask, image_embeds, image_mask)
+        return self.itm_head(fused[:, 0, :])
+
+    def with_enc(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """A copy of tokenized captions with [ENC] in place of [CLS]."""
+        ids = input_ids.clone()
+        ids[:, 0] = self.config.text.enc_token_id
+        return ids
+
+
+def momentum_copy(module: nn.Module) -> nn.Module:
+    """A frozen copy of ``module`` with the same values (the original ``copy_params``)."""
+    twin = copy.deepcopy(module)
+    for param in twin.parameters():
+        param.requires_grad_(False)
+    return twin
+
+
+def normalized_queue(dim: int, size: int) -> torch.Tensor:
+    """Random unit columns (dim, size): the original queue initialisation."""
+    return F.normalize(torch.randn(dim, size), dim=0)

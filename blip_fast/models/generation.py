@@ -1,0 +1,203 @@
+"""Autoregressive decoding for the image-grounded text decoder.
+
+BLIP captions with beam search (3 beams) or nucleus sampling (top-p 0.9, repetition penalty 1.1)
+through Hugging Face's ``generate``; VQA answers with beam search. Both keep a key/value cache: the
+context's cross-attention keys/values are computed once, each step feeds one token.
+
+The decoding rules are Hugging Face's, so that the same weights give the same captions:
+
+* greedy / sampling stop a row at [SEP] (then pad it), stop the batch when every row stopped
+  or ``max_length`` (prompt included) is reached;
+* ``min_length`` forbids [SEP] while the sequence is shorter; the repetition penalty divides
+  positive (multiplies negative) scores of tokens already in the sequence;
+* top-p keeps the smallest set of tokens whose probability reaches ``top_p`` (at least one);
+* beam search keeps ``2 * num_beams`` candidates a step, finishes a hypothesis on [SEP] or at
+  ``max_length`` with score ``sum log p / generated_length ** length_penalty``, and stops a
+  batch item when no running beam can beat its worst finished one (``early_stopping=False``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .med import KVCache, TextDecoder
+
+STRATEGIES = ("greedy", "beam", "nucleus")
+_NEG = -1.0e9
+
+
+@dataclass
+class GenerationConfig:
+    strategy: str = "beam"
+    """greedy | beam | nucleus."""
+    max_length: int = 30
+    """Longest output in tokens, prompt included."""
+    min_length: int = 10
+    """Shortest output in tokens, prompt included ([SEP] is forbidden before)."""
+    num_beams: int = 3
+    """Beams for ``beam``."""
+    top_p: float = 0.9
+    """Nucleus mass for ``nucleus``."""
+    repetition_penalty: float = 1.0
+    """> 1 discourages repeating tokens (BLIP uses 1.1 with nucleus sampling)."""
+    length_penalty: float = 1.0
+    """Exponent of the length normalisation of finished beams."""
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}; got {self.strategy!r}")
+        if self.max_length < 1 or self.min_length < 0 or self.num_beams < 1:
+            raise ValueError("max_length >= 1, min_length >= 0 and num_beams >= 1 are required")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1]; got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be positive; got {self.repetition_penalty}")
+
+
+def _process(scores: torch.Tensor, sequences: torch.Tensor, config: GenerationConfig, eos: int) -> torch.Tensor:
+    """Repetition penalty and minimum length on next-token scores (N, V) given sequences (N, L)."""
+    if config.repetition_penalty != 1.0:
+        seen = torch.gather(scores, 1, sequences)
+        seen = torch.where(seen < 0, seen * config.repetition_penalty, seen / config.repetition_penalty)
+        scores = scores.scatter(1, sequences, seen)
+    if sequences.shape[1] < config.min_length:
+        scores = scores.clone()
+        scores[:, eos] = float("-inf")
+    return scores
+
+
+def _top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    ascending, order = torch.sort(scores, dim=-1)
+    cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
+    drop_sorted = cumulative <= (1 - top_p)
+    drop_sorted[:, -1] = False  # keep at least the most likely token
+    drop = drop_sorted.scatter(1, order, drop_sorted)
+    return scores.masked_fill(drop, float("-inf"))
+
+
+@torch.no_grad()
+def generate(
+    decoder: TextDecoder,
+    prompt_ids: torch.Tensor,
+    context: torch.Tensor,
+    context_mask: torch.Tensor | None,
+    config: GenerationConfig,
+    eos_token_id: int,
+    pad_token_id: int,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Decode after ``prompt_ids`` (B, P) attending to ``context`` (B, N, width).
+
+    Returns token ids (B, L <= max_length), prompt included, padded with ``pad_token_id``.
+    """
+    if prompt_ids.shape[0] != context.shape[0]:
+        raise ValueError(f"{prompt_ids.shape[0]} prompts for {context.shape[0]} contexts")
+    if config.strategy == "beam":
+        return _beam_search(decoder, prompt_ids, context, context_mask, config, eos_token_id, pad_token_id)
+    return _sample_or_greedy(decoder, prompt_ids, context, context_mask, config, eos_token_id, pad_token_id,
+                             generator)
+
+
+def _next_scores(decoder, step_ids, context, context_mask, cache) -> torch.Tensor:
+    hidden = decoder.hidden_states(step_ids, None, context, context_mask, cache=cache)[:, -1]
+    return decoder.logits(hidden).float()  # (N, V)
+
+
+def _sample_or_greedy(decoder, prompt_ids, context, context_mask, config, eos, pad, generator):
+    cache = KVCache.empty(len(decoder.bert.encoder.layer))
+    sequences = prompt_ids
+    running = torch.ones(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
+    step_ids = prompt_ids
+    while sequences.shape[1] < config.max_length:
+        scores = _process(_next_scores(decoder, step_ids, context, context_mask, cache), sequences, config, eos)
+        if config.strategy == "greedy":
+            next_ids = scores.argmax(dim=-1)
+        else:
+            probs = _top_p_filter(scores, config.top_p).softmax(dim=-1)
+            next_ids = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        next_ids = torch.where(running, next_ids, torch.full_like(next_ids, pad))
+        sequences = torch.cat([sequences, next_ids[:, None]], dim=1)
+        running = running & (next_ids != eos)
+        # host sync once per token: stop as soon as every row has ended
+        if not bool(running.any()):
+            break
+        step_ids = next_ids[:, None]
+    return sequences
+
+
+def _gather_beams(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``tensor`` (B, K, ...) picked along dim 1 by ``index`` (B, K')."""
+    while index.dim() < tensor.dim():
+        index = index.unsqueeze(-1)
+    return torch.gather(tensor, 1, index.expand(*index.shape[:2], *tensor.shape[2:]))
+
+
+def _beam_search(decoder, prompt_ids, context, context_mask, config, eos, pad):
+    batch, prompt_len = prompt_ids.shape
+    beams, device = config.num_beams, prompt_ids.device
+    keep = 2 * beams  # candidates per step: enough that `beams` of them are still running
+    context = context.repeat_interleave(beams, dim=0)
+    if context_mask is not None:
+        context_mask = context_mask.repeat_interleave(beams, dim=0)
+    cache = KVCache.empty(len(decoder.bert.encoder.layer))
+
+    running = torch.full((batch, beams, config.max_length), pad, dtype=torch.long, device=device)
+    running[:, :, :prompt_len] = prompt_ids[:, None]
+    running_scores = torch.zeros(batch, beams, device=device)
+    running_scores[:, 1:] = _NEG  # all beams start identical: let only the first one expand
+    finished = running.clone()
+    finished_scores = torch.full((batch, beams), _NEG, device=device)
+    finished_lengths = torch.full((batch, beams), prompt_len, dtype=torch.long, device=device)
+    is_finished = torch.zeros(batch, beams, dtype=torch.bool, device=device)
+    improvable = torch.ones(batch, 1, dtype=torch.bool, device=device)
+    first_beams = torch.arange(keep, device=device) < beams
+    batch_offset = torch.arange(batch, device=device)[:, None] * beams
+
+    step_ids = prompt_ids.repeat_interleave(beams, dim=0)
+    length = prompt_len
+    while length < config.max_length:
+        flat = running[:, :, :length].reshape(batch * beams, length)
+        scores = torch.log_softmax(_next_scores(decoder, step_ids, context, context_mask, cache), dim=-1)
+        scores = _process(scores, flat, config, eos)
+        vocab = scores.shape[-1]
+        totals = (scores.view(batch, beams, vocab) + running_scores[:, :, None]).view(batch, beams * vocab)
+        top_scores, top_index = torch.topk(totals, keep, dim=1)  # (B, 2K)
+        source = top_index // vocab
+        tokens = top_index % vocab
+        candidates = _gather_beams(running, source)
+        candidates[:, :, length] = tokens
+        stops = (tokens == eos) | (length + 1 >= config.max_length)
+
+        # the best `beams` candidates that did not stop keep running
+        running_candidates = top_scores + stops.float() * _NEG
+        chosen = torch.topk(running_candidates, beams, dim=1).indices
+        running = _gather_beams(candidates, chosen)
+        running_scores = _gather_beams(running_candidates, chosen)
+        cache.reorder((_gather_beams(source, chosen) + batch_offset).view(-1))
+
+        # stopped candidates among the top `beams` enter the finished set, length-normalised
+        ended = stops & first_beams[None]
+        ended_scores = top_scores / float(length + 1 - prompt_len) ** config.length_penalty
+        ended_scores = ended_scores + (~ended).float() * _NEG + (~improvable).float() * _NEG
+        merged = torch.topk(torch.cat([finished_scores, ended_scores], dim=1), beams, dim=1).indices
+        finished = _gather_beams(torch.cat([finished, candidates], dim=1), merged)
+        finished_scores = _gather_beams(torch.cat([finished_scores, ended_scores], dim=1), merged)
+        finished_lengths = _gather_beams(
+            torch.cat([finished_lengths, torch.full_like(stops, length + 1, dtype=torch.long)], dim=1), merged)
+        is_finished = _gather_beams(torch.cat([is_finished, ended], dim=1), merged)
+
+        length += 1
+        # can a running beam still beat the worst finished one? (early_stopping=False heuristic)
+        best_running = running_scores[:, :1] / float(length - prompt_len) ** config.length_penalty
+        worst_finished = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True).values,
+                                     torch.full_like(finished_scores, _NEG))
+        improvable = improvable & (best_running > worst_finished).any(dim=1, keepdim=True)
+        # host sync once per token: stop when no batch item can improve or every candidate stopped
+        if not bool(improvable.any()) or bool(stops.all()):
+            break
+        step_ids = running[:, :, length - 1].reshape(batch * beams, 1)
+
+    best = finished[:, 0]
+    return best[:, : int(finished_lengths[:, 0].max())]

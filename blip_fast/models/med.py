@@ -1,0 +1,279 @@
+"""MED: BLIP's multimodal mixture of encoder-decoder (paper section 3.1, ``models/med.py``).
+
+One BERT-base transformer used in three functionalities:
+
+* **unimodal text encoder** -- bidirectional self-attention only; its [CLS] state is the text
+  feature of the ITC loss (``TextTransformer.forward`` without ``encoder_hidden_states``);
+* **image-grounded text encoder** -- every layer adds cross-attention to the image tokens between
+  self-attention and feed-forward; input starts with [ENC]; its first state feeds the ITM head;
+* **image-grounded text decoder** -- causal self-attention, same cross-attention and
+  feed-forward; input starts with [DEC]; an LM head tied to the word embeddings.
+
+In pretraining the encoder and the decoder share every weight except the self-attention
+(``share_all_but_self_attention``). Parameter names are those of the original (BERT's), so
+checkpoints load without renaming.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ..config import TextConfig
+
+
+@dataclass
+class KVCache:
+    """Keys/values of past decoder tokens (self-attention) and of the context (cross-attention).
+
+    Tensors are ``(B, H, L, D)`` per layer. The cross-attention entries are computed once from
+    the image (or question) tokens and reused at every generated step.
+    """
+
+    self_kv: list[tuple[torch.Tensor, torch.Tensor] | None]
+    cross_kv: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
+
+    @classmethod
+    def empty(cls, num_layers: int) -> KVCache:
+        return cls([None] * num_layers, [None] * num_layers)
+
+    @property
+    def length(self) -> int:
+        first = self.self_kv[0]
+        return 0 if first is None else first[0].shape[2]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep rows ``index`` of the batch (beam search)."""
+        def pick(entry):
+            return None if entry is None else (entry[0].index_select(0, index), entry[1].index_select(0, index))
+
+        self.self_kv = [pick(e) for e in self.self_kv]
+        self.cross_kv = [pick(e) for e in self.cross_kv]
+
+
+class TextEmbeddings(nn.Module):
+    """Word + learned position embeddings, LayerNorm, dropout (no token types in BLIP)."""
+
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.max_positions = config.max_position_embeddings
+
+    def forward(self, input_ids: torch.Tensor, past_length: int = 0) -> torch.Tensor:
+        length = input_ids.shape[1]
+        if past_length + length > self.max_positions:
+            raise ValueError(f"text of {past_length + length} tokens exceeds the {self.max_positions} "
+                             "position embeddings")
+        positions = torch.arange(past_length, past_length + length, device=input_ids.device)
+        x = self.word_embeddings(input_ids) + self.position_embeddings(positions)[None]
+        return self.dropout(self.LayerNorm(x))
+
+
+class SelfAttentionProjections(nn.Module):
+    """Query/key/value projections; keys and values read ``kv_width``-wide context tokens."""
+
+    def __init__(self, config: TextConfig, kv_width: int):
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(kv_width, config.hidden_size)
+        self.value = nn.Linear(kv_width, config.hidden_size)
+
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, width = x.shape
+        return x.view(batch, length, self.num_heads, width // self.num_heads).transpose(1, 2)  # (B, H, L, D)
+
+    def keys_values(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.heads(self.key(context)), self.heads(self.value(context))
+
+
+class AttentionOutput(nn.Module):
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+
+
+class TextAttention(nn.Module):
+    """Self- or cross-attention sublayer: projections, the ops-layer attention, output + residual."""
+
+    def __init__(self, config: TextConfig, kv_width: int):
+        super().__init__()
+        self.self = SelfAttentionProjections(config, kv_width)
+        self.output = AttentionOutput(config)
+        self.dropout_p = config.attention_dropout
+
+    def forward(self, x, key_padding_mask, causal, keys_values) -> torch.Tensor:
+        q = self.self.heads(self.self.query(x))
+        k, v = keys_values
+        out = ops.attention(q, k, v, key_padding_mask, causal, self.dropout_p if self.training else 0.0)
+        batch, _, length, _ = out.shape
+        return self.output(out.transpose(1, 2).reshape(batch, length, -1), x)
+
+
+class TextLayer(nn.Module):
+    def __init__(self, config: TextConfig, encoder_width: int | None):
+        super().__init__()
+        self.attention = TextAttention(config, config.hidden_size)
+        if encoder_width is not None:
+            self.crossattention = TextAttention(config, encoder_width)
+        self.intermediate = nn.Module()
+        self.intermediate.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.output = AttentionOutput(config)
+        self.output.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x, padding_mask, causal, context=None, context_mask=None, cache=None, index=0):
+        # self-attention, appending this step's keys/values to the cache when decoding
+        k, v = self.attention.self.keys_values(x)
+        if cache is not None:
+            past = cache.self_kv[index]
+            if past is not None:
+                k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+            cache.self_kv[index] = (k, v)
+            causal = causal and k.shape[2] == x.shape[1]  # one new query sees every cached key
+        x = self.attention(x, padding_mask, causal, (k, v))
+        if context is not None:
+            if cache is not None and cache.cross_kv[index] is not None:
+                context_kv = cache.cross_kv[index]
+            else:
+                context_kv = self.crossattention.self.keys_values(context)
+                if cache is not None:
+                    cache.cross_kv[index] = context_kv
+            x = self.crossattention(x, context_mask, False, context_kv)
+        hidden = F.gelu(self.intermediate.dense(x))
+        return self.output(hidden, x)
+
+
+class TextTransformer(nn.Module):
+    """BERT without pooler (``BertModel(add_pooling_layer=False)``), with optional cross-attention."""
+
+    def __init__(self, config: TextConfig, encoder_width: int | None):
+        super().__init__()
+        self.config = config
+        self.embeddings = TextEmbeddings(config)
+        self.encoder = nn.Module()
+        self.encoder.layer = nn.ModuleList(TextLayer(config, encoder_width) for _ in range(config.num_layers))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """BERT init as BLIP's ``_init_weights``: N(0, 0.02) for Linear/Embedding, LayerNorm 1/0."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+            if isinstance(module, nn.Linear):
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        causal: bool = False,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Token ids (B, L) -> hidden states (B, L, hidden).
+
+        ``attention_mask`` (B, L_total) marks real tokens (1) and padding (0); with a cache it
+        covers the cached tokens too. ``encoder_hidden_states`` (B, N, width) switches the
+        cross-attention on; ``encoder_attention_mask`` (B, N) marks its valid tokens.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (B, L); got {tuple(input_ids.shape)}")
+        if encoder_hidden_states is not None and not hasattr(self.encoder.layer[0], "crossattention"):
+            raise ValueError("this text transformer has no cross-attention layers")
+        past = cache.length if cache is not None else 0
+        x = self.embeddings(input_ids, past)
+        padding_mask = None if attention_mask is None else attention_mask.bool()
+        context_mask = None if encoder_attention_mask is None else encoder_attention_mask.bool()
+        for index, layer in enumerate(self.encoder.layer):
+            x = layer(x, padding_mask, causal, encoder_hidden_states, context_mask, cache, index)
+        return x
+
+
+class LMPredictionHead(nn.Module):
+    """``cls.predictions``: dense + GELU + LayerNorm, then the vocabulary projection (tied)."""
+
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.transform = nn.Module()
+        self.transform.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.transform.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.decoder.bias = self.bias
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        return self.transform.LayerNorm(F.gelu(self.transform.dense(x)))
+
+
+class TextDecoder(nn.Module):
+    """Image-grounded text decoder (``BertLMHeadModel``): causal MED + tied LM head."""
+
+    def __init__(self, config: TextConfig, encoder_width: int):
+        super().__init__()
+        self.config = config
+        self.bert = TextTransformer(config, encoder_width)
+        self.cls = nn.Module()
+        self.cls.predictions = LMPredictionHead(config)
+        nn.init.normal_(self.cls.predictions.transform.dense.weight, std=config.initializer_range)
+        nn.init.zeros_(self.cls.predictions.transform.dense.bias)
+        self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
+
+    def hidden_states(self, input_ids, attention_mask, encoder_hidden_states, encoder_attention_mask=None,
+                      cache=None) -> torch.Tensor:
+        """Transformed hidden states (B, L, hidden), the input of the vocabulary projection."""
+        x = self.bert(input_ids, attention_mask, encoder_hidden_states, encoder_attention_mask, causal=True,
+                      cache=cache)
+        return self.cls.predictions.hidden(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.cls.predictions.decoder(hidden)
+
+    def loss(self, input_ids, attention_mask, encoder_hidden_states, encoder_attention_mask, targets,
+             label_smoothing: float = 0.1, reduction: str = "mean") -> torch.Tensor:
+        """Next-token loss: position t predicts ``targets[:, t + 1]`` (``-100`` ignored).
+
+        ``reduction='mean'`` averages over every predicted token of the batch; ``'sum_per_sample'``
+        returns each sequence's summed loss (VQA weights answers per sample).
+        """
+        hidden = self.hidden_states(input_ids, attention_mask, encoder_hidden_states, encoder_attention_mask)
+        hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B*(L-1), hidden)
+        shifted = targets[:, 1:].reshape(-1)
+        head = self.cls.predictions
+        if reduction == "mean":
+            return ops.lm_loss(hidden, head.decoder.weight, head.bias, shifted, label_smoothing, "mean")
+        if reduction == "sum_per_sample":
+            per_token = ops.lm_loss(hidden, head.decoder.weight, head.bias, shifted, label_smoothing, "none")
+            return per_token.view(targets.shape[0], -1).sum(dim=1)
+        raise ValueError(f"reduction must be 'mean' or 'sum_per_sample'; got {reduction!r}")
+
+
+def share_all_but_self_attention(encoder: TextTransformer, decoder: TextDecoder) -> None:
+    """Make ``decoder`` use ``encoder``'s embeddings, cross-attention and feed-forward modules.
+
+    BLIP's ``tie_encoder_decoder_weights(text_encoder, text_decoder.bert, '', '/attention')``:
+    every weight is shared except the self-attention sublayers (``layer.N.attention``); the LM
+    head stays tied to the (now shared) word embeddings.
+    """
+    decoder.bert.embeddings = encoder.embeddings
+    for enc_layer, dec_layer in zip(encoder.encoder.layer, decoder.bert.encoder.layer, strict=True):
+        dec_layer.crossattention = enc_layer.crossattention
+        dec_layer.intermediate = enc_layer.intermediate
+        dec_layer.output = enc_layer.output
+    decoder.cls.predictions.decoder.weight = encoder.embeddings.word_embeddings.weight

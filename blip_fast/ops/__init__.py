@@ -1,0 +1,27 @@
+"""The one home of BLIP's hot operations; every model calls them through here.
+
+Each op has a pure-PyTorch reference (always selectable) and registered fast implementations;
+see :mod:`blip_fast.ops.registry` for how one is picked (``BLIP_FAST_IMPL`` / :func:`set_impl`).
+"""
+
+from .attention import attention, attention_ref
+from .hard_negatives import sample_hard_negatives
+from .losses import IGNORE_INDEX, itc_loss, itm_loss, lm_loss
+from .momentum import enqueue_, momentum_update_
+from .registry import OPS, impl_scope, requested_impl, set_impl
+
+__all__ = [
+    "IGNORE_INDEX",
+    "OPS",
+    "attention",
+    "attention_ref",
+    "enqueue_",
+    "impl_scope",
+    "itc_loss",
+    "itm_loss",
+    "lm_loss",
+    "momentum_update_",
+    "requested_impl",
+    "sample_hard_negatives",
+    "set_impl",
+]

@@ -1,0 +1,93 @@
+"""Hard-negative sampling for the ITM loss (BLIP section 3.2, ALBEF's hard negative mining).
+
+For every image one negative text, and for every text one negative image, drawn from the softmax
+of the in-batch ITC similarities with the positive excluded. The original
+(``models/blip_pretrain.py``) called ``torch.multinomial(...).item()`` once per row, a host
+synchronisation each; here the draw is inverse-CDF sampling of given uniforms, on the device.
+The algorithm and its reference are in :mod:`blip_fast.kernels.hard_negatives`.
+
+Backends (see :mod:`blip_fast.ops.registry`):
+
+* ``reference`` -- ``sample_hard_negatives_ref``, pure PyTorch, every device.
+* ``triton``    -- the Triton kernel, CUDA tensors.
+* ``cuda``      -- the native extension ``blip_fast._C``: its CPU twin on CPU tensors and, when
+  built with CUDA, its CUDA kernel on CUDA tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from blip_fast.kernels.hard_negatives import (
+    HAS_TRITON,
+    near_cdf_boundary,
+    sample_hard_negatives_ref,
+    sample_hard_negatives_triton,
+)
+
+from . import native
+from .registry import ParityCase, define_op
+
+hard_negatives_op = define_op("sample_hard_negatives", sample_hard_negatives_ref)
+hard_negatives_op.register(
+    "triton",
+    sample_hard_negatives_triton,
+    devices=("cuda",),
+    is_available=lambda: HAS_TRITON and torch.cuda.is_available(),
+)
+if native.HAS_NATIVE:
+    # The CPU twin is always compiled; the CUDA kernel only when the extension was built with CUDA.
+    _native_devices = ("cpu", "cuda") if native._C.built_with_cuda() else ("cpu",)
+    hard_negatives_op.register("cuda", native._C.sample_hard_negatives, devices=_native_devices)
+
+
+def sample_hard_negatives(
+    sim: torch.Tensor,
+    uniforms: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One negative column index per row of ``sim`` [B, N] (row i's positive is column i).
+
+    ``sim`` holds ITC logits (fp32/fp16/bf16), N >= B and N >= 2. ``uniforms`` [B] fp32 in [0, 1)
+    make the draw deterministic; when omitted they are drawn with ``torch.rand`` on ``sim``'s
+    device from ``generator``. Returns a LongTensor [B] that never contains a row's own index.
+    """
+    if uniforms is None:
+        if not isinstance(sim, torch.Tensor) or sim.dim() != 2:
+            raise ValueError("sample_hard_negatives: sim must be a 2-D tensor [B, N]")
+        uniforms = torch.rand(sim.shape[0], generator=generator, device=sim.device)
+    return hard_negatives_op(sim, uniforms)
+
+
+def _hard_negatives_case(rows: int, cols: int):
+    def make(device, dtype, generator):
+        # ITC logits are cosine similarities / temperature (0.07): a spread of several units, and
+        # positives (the diagonal) stand out.
+        sim = 4.0 * torch.randn(rows, cols, generator=generator)
+        sim[:, :rows] += 8.0 * torch.eye(rows)
+        sim = sim.to(dtype)
+        uniforms = torch.rand(rows, generator=generator)
+        # Exact parity needs uniforms clear of cdf boundaries, where implementations that round
+        # the cdf differently may pick neighbours. A uniform lands within 1e-5 of one of the N
+        # boundaries with probability about 2e-5 * N, so a few redraws of those rows suffice.
+        for _ in range(8):
+            near = near_cdf_boundary(sim, uniforms)
+            if not near.any():
+                break
+            uniforms[near] = torch.rand(int(near.sum()), generator=generator)
+        else:
+            raise RuntimeError("could not draw parity uniforms away from cdf boundaries")
+        return (sim.to(device), uniforms.to(device)), {}
+
+    return make
+
+
+for _rows, _cols in ((2, 2), (7, 7), (96, 96), (97, 97), (7, 40), (96, 288)):
+    hard_negatives_op.parity_cases.append(
+        ParityCase(
+            mode="in_batch" if _rows == _cols else "with_extra_columns",
+            shape=f"B{_rows} N{_cols}",
+            make_inputs=_hard_negatives_case(_rows, _cols),
+            exact=True,
+        )
+    )

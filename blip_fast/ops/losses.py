@@ -1,0 +1,173 @@
+"""BLIP's three pretraining losses (paper section 3.2).
+
+* ITC -- image-text contrastive loss over the batch plus the momentum feature queue, with
+  momentum distillation: targets are ``alpha * softmax(momentum similarities) + (1 - alpha) *
+  ground truth`` (``models/blip_pretrain.py``; for retrieval fine-tuning the ground truth marks
+  every pair sharing an image id, ``models/blip_retrieval.py``).
+* ITM -- binary cross-entropy over 1 positive and 2 hard negatives per pair (plain
+  ``F.cross_entropy``; not a hot op).
+* LM -- next-token cross-entropy of the decoder with label smoothing 0.1, padding ignored
+  (``BertLMHeadModel.forward`` in ``models/med.py``).
+
+The references compute in ``promote_types(dtype, float32)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .registry import ParityCase, define_op
+
+IGNORE_INDEX = -100
+
+
+def _itc_targets(batch: int, queue: int, device, idx: torch.Tensor | None, idx_queue: torch.Tensor | None):
+    """Ground-truth target distribution over (batch + queue) columns, rows summing to 1."""
+    if idx is None:
+        targets = torch.zeros(batch, batch + queue, device=device)
+        targets.fill_diagonal_(1.0)
+        return targets
+    idx = idx.view(-1, 1)
+    idx_all = torch.cat([idx.t(), idx_queue.view(1, -1)], dim=1)
+    positives = torch.eq(idx, idx_all).float()
+    return positives / positives.sum(dim=1, keepdim=True)
+
+
+def itc_loss_ref(
+    image_feat: torch.Tensor,
+    text_feat: torch.Tensor,
+    image_feat_m: torch.Tensor,
+    text_feat_m: torch.Tensor,
+    image_queue: torch.Tensor,
+    text_queue: torch.Tensor,
+    temp: torch.Tensor,
+    alpha: float,
+    idx: torch.Tensor | None = None,
+    idx_queue: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ITC loss with momentum distillation.
+
+    Args: L2-normalised features ``image_feat, text_feat`` (B, D) of the online encoders and
+    ``image_feat_m, text_feat_m`` (B, D) of the momentum encoders; queues (D, Q) of past momentum
+    features; ``temp`` a scalar tensor (already clamped); ``alpha`` the distillation weight;
+    optional image ids ``idx`` (B,) and ``idx_queue`` (Q,) for retrieval fine-tuning.
+
+    Returns ``(loss, sim_i2t, sim_t2i)`` where the two similarity matrices are the in-batch
+    (B, B) blocks ``feat @ feat_all / temp``, detached, from which hard negatives are sampled.
+    """
+    compute = torch.promote_types(image_feat.dtype, torch.float32)
+    image_feat, text_feat = image_feat.to(compute), text_feat.to(compute)
+    temp = temp.to(compute)
+    batch, queue = image_feat.shape[0], image_queue.shape[1]
+    with torch.no_grad():
+        image_feat_all = torch.cat([image_feat_m.to(compute).t(), image_queue.to(compute)], dim=1)  # (D, B+Q)
+        text_feat_all = torch.cat([text_feat_m.to(compute).t(), text_queue.to(compute)], dim=1)  # (D, B+Q)
+        sim_i2t_m = image_feat_m.to(compute) @ text_feat_all / temp
+        sim_t2i_m = text_feat_m.to(compute) @ image_feat_all / temp
+        targets = _itc_targets(batch, queue, image_feat.device, idx, idx_queue).to(compute)
+        sim_i2t_targets = alpha * F.softmax(sim_i2t_m, dim=1) + (1 - alpha) * targets
+        sim_t2i_targets = alpha * F.softmax(sim_t2i_m, dim=1) + (1 - alpha) * targets
+    sim_i2t = image_feat @ text_feat_all / temp  # (B, B+Q)
+    sim_t2i = text_feat @ image_feat_all / temp
+    loss_i2t = -torch.sum(F.log_softmax(sim_i2t, dim=1) * sim_i2t_targets, dim=1).mean()
+    loss_t2i = -torch.sum(F.log_softmax(sim_t2i, dim=1) * sim_t2i_targets, dim=1).mean()
+    loss = (loss_i2t + loss_t2i) / 2
+    return loss, sim_i2t[:, :batch].detach(), sim_t2i[:, :batch].detach()
+
+
+def lm_loss_ref(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    label_smoothing: float = 0.1,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Linear projection to the vocabulary followed by smoothed cross-entropy.
+
+    ``hidden`` (N, H) are the decoder's transformed hidden states at the positions that predict
+    ``targets`` (N,) (already shifted; ``-100`` = ignored), ``weight`` (V, H) the tied word
+    embeddings, ``bias`` (V,). ``reduction='mean'`` averages over the non-ignored tokens like
+    ``nn.CrossEntropyLoss``; ``'none'`` returns the per-token losses (0 where ignored).
+    """
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none'; got {reduction!r}")
+    compute = torch.promote_types(hidden.dtype, torch.float32)
+    logits = F.linear(hidden, weight, bias).to(compute)
+    return F.cross_entropy(
+        logits, targets, ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing, reduction=reduction
+    )
+
+
+itc_loss_op = define_op("itc_loss", itc_loss_ref)
+lm_loss_op = define_op("lm_loss", lm_loss_ref)
+
+
+def itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp, alpha,
+             idx=None, idx_queue=None):
+    """ITC loss through the selected backend; see :func:`itc_loss_ref`."""
+    return itc_loss_op(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp,
+                       alpha, idx, idx_queue)
+
+
+def lm_loss(hidden, weight, bias, targets, label_smoothing=0.1, reduction="mean"):
+    """LM loss through the selected backend; see :func:`lm_loss_ref`."""
+    return lm_loss_op(hidden, weight, bias, targets, label_smoothing, reduction)
+
+
+def itm_loss(itm_logits: torch.Tensor, batch: int) -> torch.Tensor:
+    """ITM cross-entropy: the first ``batch`` rows are positives, the next ``2 * batch`` negatives."""
+    labels = torch.cat(
+        [torch.ones(batch, dtype=torch.long), torch.zeros(itm_logits.shape[0] - batch, dtype=torch.long)]
+    ).to(itm_logits.device)
+    return F.cross_entropy(itm_logits.float(), labels)
+
+
+def _itc_case(batch: int, queue: int, dim: int, with_idx: bool):
+    def make(device, dtype, generator):
+        def feat(*shape, along=-1):
+            return F.normalize(torch.randn(*shape, generator=generator), dim=along)
+
+        args = (
+            feat(batch, dim).to(device, dtype),
+            feat(batch, dim).to(device, dtype),
+            feat(batch, dim).to(device, dtype),
+            feat(batch, dim).to(device, dtype),
+            feat(dim, queue, along=0).to(device, dtype),
+            feat(dim, queue, along=0).to(device, dtype),
+            torch.tensor(0.07, device=device),
+            0.4,
+        )
+        idx = idx_queue = None
+        if with_idx:
+            idx = torch.randint(0, batch // 2 + 1, (batch,), generator=generator).to(device)
+            idx_queue = torch.randint(0, batch, (queue,), generator=generator).to(device)
+        return args + (idx, idx_queue), {}
+
+    return make
+
+
+def _lm_case(tokens: int, hidden: int, vocab: int, pad_fraction: float):
+    def make(device, dtype, generator):
+        h = torch.randn(tokens, hidden, generator=generator).to(device, dtype)
+        w = (torch.randn(vocab, hidden, generator=generator) * 0.02).to(device, dtype)
+        b = (torch.randn(vocab, generator=generator) * 0.02).to(device, dtype)
+        t = torch.randint(0, vocab, (tokens,), generator=generator)
+        t[torch.rand(tokens, generator=generator) < pad_fraction] = IGNORE_INDEX
+        return (h, w, b, t.to(device), 0.1, "mean"), {}
+
+    return make
+
+
+for _mode, _b, _q, _idx in [("pretrain", 96, 57600, False), ("retrieval_idx", 32, 4096, True),
+                            ("odd", 7, 97, False)]:
+    itc_loss_op.parity_cases.append(
+        ParityCase(mode=_mode, shape=f"B{_b} Q{_q} D256", make_inputs=_itc_case(_b, _q, 256, _idx),
+                   grad_argnums=(0, 1))
+    )
+for _mode, _n, _pad in [("pretrain", 2880, 0.45), ("odd", 97, 0.3)]:
+    lm_loss_op.parity_cases.append(
+        ParityCase(mode=_mode, shape=f"N{_n} H768 V30524", make_inputs=_lm_case(_n, 768, 30524, _pad),
+                   grad_argnums=(0, 1, 2))
+    )

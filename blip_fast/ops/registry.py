@@ -1,0 +1,177 @@
+"""Implementation registry for the hot operations of BLIP.
+
+Every hot op (attention in its three modes, the ITC loss, the LM loss, hard-negative sampling,
+the momentum update, the queue update) has one public entry in :mod:`blip_fast.ops`. Behind the
+entry sits an :class:`Op`: a pure-PyTorch ``reference`` that follows the paper and the original
+Salesforce code, plus any number of fast implementations registered by backend name:
+
+* ``torch``   -- torch's own fused ops (SDPA, ``_foreach`` kernels); runs everywhere.
+* ``triton``  -- our Triton kernels (``blip_fast.kernels``); CUDA tensors only.
+* ``cuda``    -- our CUDA C++ kernels (``csrc/``, the optional ``blip_fast._C`` extension).
+
+Which one runs is chosen per call from the tensors' device and one switch: the environment
+variable ``BLIP_FAST_IMPL`` (``auto`` | ``reference`` | ``torch`` | ``triton`` | ``cuda``), which
+:func:`set_impl` overrides (tests, the ``impl`` field of the model config). ``auto`` takes the
+first available of ``cuda``, ``triton``, ``torch``, ``reference``; naming a backend prefers it and
+falls back in the same order where an op has no such implementation. The choice for each
+(op, device) is logged once.
+
+A fast implementation also brings its parity cases (:class:`ParityCase`): inputs at BLIP shapes on
+which it must match the reference. ``blip-fast parity`` runs them all (:mod:`blip_fast.parity`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+log = logging.getLogger("blip_fast.ops")
+
+BACKENDS = ("reference", "torch", "triton", "cuda")
+CHOICES = ("auto",) + BACKENDS
+# Preference of ``auto``: our own kernels first, then torch's fused ops, then the reference.
+AUTO_ORDER = ("cuda", "triton", "torch", "reference")
+
+_override: str | None = None
+
+
+def _validate(choice: str, source: str) -> str:
+    choice = choice.strip().lower()
+    if choice not in CHOICES:
+        raise ValueError(f"{source} must be one of {', '.join(CHOICES)}; got {choice!r}")
+    return choice
+
+
+def requested_impl() -> str:
+    """The backend asked for: :func:`set_impl` if called, else ``$BLIP_FAST_IMPL``, else auto."""
+    if _override is not None:
+        return _override
+    return _validate(os.environ.get("BLIP_FAST_IMPL", "auto"), "BLIP_FAST_IMPL")
+
+
+def set_impl(choice: str | None) -> None:
+    """Select the backend for every op (``None`` returns to ``$BLIP_FAST_IMPL``)."""
+    global _override
+    _override = None if choice is None else _validate(choice, "impl")
+    _logged.clear()
+
+
+class impl_scope:
+    """Context manager: ``with impl_scope("reference"): ...`` runs a block on one backend."""
+
+    def __init__(self, choice: str):
+        self.choice = _validate(choice, "impl")
+
+    def __enter__(self):
+        self.previous = _override
+        set_impl(self.choice)
+        return self
+
+    def __exit__(self, *exc):
+        set_impl(self.previous)
+        return False
+
+
+@dataclass
+class ParityCase:
+    """One input set on which a fast implementation must match the reference.
+
+    ``make_inputs(device, dtype, generator)`` returns ``(args, kwargs)``. ``grad_argnums`` lists
+    the positional arguments whose gradients are compared as well (empty for ops without
+    gradients); ``inplace_argnums`` the arguments an in-place op writes, compared instead of
+    its (None) result.
+    """
+
+    mode: str
+    shape: str
+    make_inputs: Callable[[torch.device, torch.dtype, torch.Generator], tuple[tuple, dict]]
+    dtypes: Sequence[torch.dtype] = (torch.float32, torch.float16, torch.bfloat16)
+    grad_argnums: Sequence[int] = ()
+    exact: bool = False  # integer outputs (indices): compare for equality
+    inplace_argnums: Sequence[int] = ()  # in-place ops: compare these arguments after the call
+
+
+@dataclass
+class Implementation:
+    backend: str
+    fn: Callable[..., Any]
+    devices: tuple[str, ...]  # device types it runs on ("cpu", "cuda")
+    is_available: Callable[[], bool] = lambda: True
+
+
+@dataclass
+class Op:
+    """One hot operation: its reference, its fast implementations and its parity cases."""
+
+    name: str
+    reference: Callable[..., Any]
+    impls: dict[str, Implementation] = field(default_factory=dict)
+    parity_cases: list[ParityCase] = field(default_factory=list)
+
+    def register(
+        self,
+        backend: str,
+        fn: Callable[..., Any],
+        devices: Sequence[str],
+        is_available: Callable[[], bool] = lambda: True,
+    ) -> None:
+        if backend not in BACKENDS or backend == "reference":
+            raise ValueError(f"cannot register backend {backend!r} for {self.name}")
+        self.impls[backend] = Implementation(backend, fn, tuple(devices), is_available)
+
+    def available(self, device: torch.device) -> list[str]:
+        """Backends that can run on ``device``, reference last."""
+        names = [
+            b
+            for b in AUTO_ORDER[:-1]
+            if b in self.impls and device.type in self.impls[b].devices and self.impls[b].is_available()
+        ]
+        return names + ["reference"]
+
+    def select(self, device: torch.device) -> str:
+        choice = requested_impl()
+        usable = self.available(device)
+        if choice == "reference":
+            picked = "reference"
+        elif choice != "auto" and choice in usable:
+            picked = choice
+        else:
+            picked = usable[0]
+        key = (self.name, device.type, choice)
+        if key not in _logged:
+            _logged.add(key)
+            log.info("blip_fast op %s on %s: %s (requested %s)", self.name, device.type, picked, choice)
+        return picked
+
+    def function(self, backend: str) -> Callable[..., Any]:
+        return self.reference if backend == "reference" else self.impls[backend].fn
+
+    def __call__(self, *args, **kwargs):
+        device = _first_device(args, kwargs)
+        return self.function(self.select(device))(*args, **kwargs)
+
+
+_logged: set[tuple[str, str, str]] = set()
+OPS: dict[str, Op] = {}
+
+
+def define_op(name: str, reference: Callable[..., Any]) -> Op:
+    if name in OPS:
+        raise ValueError(f"op {name!r} is defined twice")
+    op = Op(name, reference)
+    OPS[name] = op
+    return op
+
+
+def _first_device(args, kwargs) -> torch.device:
+    for value in list(args) + list(kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            return value.device
+        if isinstance(value, (list, tuple)) and value and isinstance(value[0], torch.Tensor):
+            return value[0].device
+    return torch.device("cpu")

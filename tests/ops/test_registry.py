@@ -1,0 +1,54 @@
+"""Backend selection: environment variable, set_impl, scopes, fallbacks, logging once."""
+
+import logging
+
+import pytest
+import torch
+
+from blip_fast import ops
+from blip_fast.ops import registry
+
+
+def test_environment_variable_selects_backend(monkeypatch):
+    monkeypatch.setenv("BLIP_FAST_IMPL", "reference")
+    assert registry.requested_impl() == "reference"
+    assert ops.OPS["attention"].select(torch.device("cpu")) == "reference"
+    monkeypatch.setenv("BLIP_FAST_IMPL", "auto")
+    assert ops.OPS["attention"].select(torch.device("cpu")) == "torch"
+
+
+def test_invalid_environment_value_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("BLIP_FAST_IMPL", "fastest")
+    with pytest.raises(ValueError, match="BLIP_FAST_IMPL must be one of"):
+        registry.requested_impl()
+
+
+def test_set_impl_overrides_environment_and_scope_restores(monkeypatch):
+    monkeypatch.setenv("BLIP_FAST_IMPL", "reference")
+    ops.set_impl("torch")
+    assert ops.OPS["momentum_update"].select(torch.device("cpu")) == "torch"
+    with ops.impl_scope("reference"):
+        assert ops.OPS["momentum_update"].select(torch.device("cpu")) == "reference"
+    assert registry.requested_impl() == "torch"
+    with pytest.raises(ValueError, match="impl must be one of"):
+        ops.set_impl("cudnn")
+
+
+def test_unavailable_backend_falls_back_in_auto_order():
+    ops.set_impl("triton")  # no triton kernel runs on CPU tensors
+    picked = ops.OPS["attention"].select(torch.device("cpu"))
+    assert picked == "torch"
+    assert ops.OPS["itc_loss"].select(torch.device("cpu")) == "reference"
+
+
+def test_choice_is_logged_once(caplog):
+    ops.set_impl("auto")
+    with caplog.at_level(logging.INFO, logger="blip_fast.ops"):
+        for _ in range(3):
+            ops.OPS["attention"].select(torch.device("cpu"))
+    assert sum("blip_fast op attention on cpu" in r.message for r in caplog.records) == 1
+
+
+def test_every_op_of_the_issue_is_registered():
+    assert {"attention", "itc_loss", "lm_loss", "sample_hard_negatives", "momentum_update",
+            "enqueue"} <= set(ops.OPS)
