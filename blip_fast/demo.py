@@ -50,11 +50,14 @@ def zero_shot_recall(model: BlipPretrain, images, input_ids, attention_mask) -> 
     return (sim.argmax(dim=1) == target).float().mean().item(), (sim.argmax(dim=0) == target).float().mean().item()
 
 
-def run_demo(steps: int = 300, batch: int = 32, lr: float = 5e-4, eval_size: int = 100, seed: int = 0,
-             log=print) -> DemoResult:
+def run_demo(steps: int = 300, batch: int = 32, lr: float = 5e-4, momentum: float = 0.95, eval_size: int = 100,
+             seed: int = 0, log=print) -> DemoResult:
+    """Train and evaluate; ``momentum`` is lower than BLIP's 0.995 because the momentum encoders
+    provide the ITC keys, and at 0.995 they would stay near their random start for a run this short."""
     torch.manual_seed(seed)
     rng, eval_rng = random.Random(seed), random.Random(seed + 1_000_003)
     config = tiny_config()
+    config.momentum = momentum
     model = BlipPretrain(config)
     tokenizer = BlipTokenizer()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.05)

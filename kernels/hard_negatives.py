@@ -48,49 +48,54 @@ MAX_BLOCK_N = 4096
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def check_inputs(sim: torch.Tensor, uniforms: torch.Tensor) -> None:
+def check_inputs(sim: torch.Tensor, uniforms: torch.Tensor, allow_float64: bool = False) -> None:
     """Raise ValueError unless ``sim`` [B, N] and ``uniforms`` [B] are valid for sampling.
 
-    The values of ``uniforms`` are not checked: that would cost a host synchronisation.
+    Kernels take float32/float16/bfloat16 logits and float32 uniforms; ``allow_float64`` admits
+    float64 for both, which only the reference computes (parity checks run it in fp64). The values
+    of ``uniforms`` are not checked: that would cost a host synchronisation.
     """
+    where = "sample_hard_negatives"
     if not isinstance(sim, torch.Tensor) or not isinstance(uniforms, torch.Tensor):
-        raise ValueError("sample_hard_negatives: sim and uniforms must be tensors")
+        raise ValueError(f"{where}: sim and uniforms must be tensors")
     if sim.dim() != 2:
-        raise ValueError(f"sample_hard_negatives: sim must be 2-D [B, N], got shape {tuple(sim.shape)}")
-    if sim.dtype not in _DTYPES:
-        raise ValueError(f"sample_hard_negatives: sim must be float32, float16 or bfloat16, got {sim.dtype}")
+        raise ValueError(f"{where}: sim must be 2-D [B, N], got shape {tuple(sim.shape)}")
+    wide = allow_float64 and sim.dtype == torch.float64
+    if sim.dtype not in _DTYPES and not wide:
+        raise ValueError(f"{where}: sim must be float32, float16 or bfloat16, got {sim.dtype}")
     rows, cols = sim.shape
     if cols < 2:
-        raise ValueError(f"sample_hard_negatives needs at least 2 candidates per row (N >= 2), got N={cols}")
+        raise ValueError(f"{where} needs at least 2 candidates per row (N >= 2), got N={cols}")
     if rows < 1:
-        raise ValueError("sample_hard_negatives needs at least one row (B >= 1), got B=0")
+        raise ValueError(f"{where} needs at least one row (B >= 1), got B=0")
     if cols < rows:
         raise ValueError(
-            "sample_hard_negatives: sim must have N >= B (row i's positive is column i), "
-            f"got B={rows}, N={cols}"
+            f"{where}: sim must have N >= B (row i's positive is column i), got B={rows}, N={cols}"
         )
     if uniforms.dim() != 1 or uniforms.shape[0] != rows:
         raise ValueError(
-            f"sample_hard_negatives: uniforms must be 1-D of length B={rows}, "
-            f"got shape {tuple(uniforms.shape)}"
+            f"{where}: uniforms must be 1-D of length B={rows}, got shape {tuple(uniforms.shape)}"
         )
-    if uniforms.dtype != torch.float32:
-        raise ValueError(f"sample_hard_negatives: uniforms must be float32, got {uniforms.dtype}")
+    if uniforms.dtype != torch.float32 and not (allow_float64 and uniforms.dtype == torch.float64):
+        raise ValueError(f"{where}: uniforms must be float32, got {uniforms.dtype}")
     if uniforms.device != sim.device:
         raise ValueError(
-            f"sample_hard_negatives: sim and uniforms must be on the same device, got {sim.device} and "
-            f"{uniforms.device}"
+            f"{where}: sim and uniforms must be on the same device, got {sim.device} and {uniforms.device}"
         )
 
 
 def sample_hard_negatives_ref(sim: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """Reference: one negative column per row of ``sim`` [B, N], by inverse-CDF sampling (fp32)."""
-    check_inputs(sim, uniforms)
+    """Reference: one negative column per row of ``sim`` [B, N], by inverse-CDF sampling.
+
+    Computes in ``promote_types(sim.dtype, float32)``: fp32 for the kernels' dtypes, fp64 for fp64.
+    """
+    check_inputs(sim, uniforms, allow_float64=True)
     rows, cols = sim.shape
-    weights = torch.softmax(sim.float(), dim=1) + WEIGHT_FLOOR  # [B, N]
+    compute = torch.promote_types(sim.dtype, torch.float32)
+    weights = torch.softmax(sim.to(compute), dim=1) + WEIGHT_FLOOR  # [B, N]
     weights.fill_diagonal_(0)
     cdf = weights.cumsum(dim=1)  # [B, N], non-decreasing
-    target = uniforms * cdf[:, -1]  # [B]
+    target = uniforms.to(compute) * cdf[:, -1]  # [B]
     pick = torch.searchsorted(cdf, target.unsqueeze(1), right=True).squeeze(1)  # [B], first cdf > target
     # A plain clamp to N - 1 would return the diagonal for row N - 1; fall back to the last column
     # with nonzero weight instead.
@@ -119,7 +124,7 @@ if HAS_TRITON:
         """Weights of one column block: softmax + floor, zero on the diagonal and past N."""
         valid = offs < N
         x = tl.load(sim_row + offs * stride_col, mask=valid, other=float("-inf")).to(tl.float32)
-        w = tl.exp(x - row_max) / row_sum + 1e-4
+        w = tl.exp(x - row_max) / row_sum + 1e-4  # WEIGHT_FLOOR
         return tl.where(valid & (offs != row), w, 0.0)
 
     @triton.jit
@@ -137,13 +142,13 @@ if HAS_TRITON:
 
         NUM_BLOCKS is a constexpr rather than a loop over ``range(0, N, BLOCK_N)`` because the
         Triton 3.6 interpreter (used by the CPU tests) cannot take a runtime loop bound with
-        NumPy >= 2.4; it costs one compilation per block count, i.e. only for rows past MAX_BLOCK_N.
+        NumPy >= 2.4. It adds a compilation per block count, which only rows past MAX_BLOCK_N have.
         """
         row = tl.program_id(0).to(tl.int64)
         sim_row = sim_ptr + row * stride_row
         cols = tl.arange(0, BLOCK_N)
 
-        # Pass 1: softmax statistics with an online max, so that the row is read once.
+        # Pass 1: softmax statistics, with an online max so that they take a single read of the row.
         row_max = tl.full((), float("-inf"), tl.float32)
         row_sum = tl.full((), 0.0, tl.float32)
         for block in range(NUM_BLOCKS):

@@ -7,10 +7,14 @@ The package must import and work without it, so a failed import is recorded, not
 
 from __future__ import annotations
 
+import importlib
+
 import torch  # noqa: F401  (loads libtorch, whose symbols the extension resolves at import)
 
 try:
-    from blip_fast import _C
+    # import_module rather than `from blip_fast import _C`: while blip_fast/__init__ is still running
+    # the latter reports a missing module as a "circular import".
+    _C = importlib.import_module("blip_fast._C")
 except (ImportError, OSError) as exc:  # not built, or built against another torch
     _C = None
     IMPORT_ERROR: str | None = f"{type(exc).__name__}: {exc}"

@@ -101,6 +101,11 @@ def test_cpu_twin_many_rows_strided_view_and_fallback():
     assert_same_picks(native._C.sample_hard_negatives(transposed, uniforms), expected, transposed, uniforms)
     assert native._C.sample_hard_negatives(make_sim(3, 3), torch.ones(3)).tolist() == [2, 2, 1]
     assert native._C.sample_hard_negatives(make_sim(3, 5), torch.ones(3)).tolist() == [4, 4, 4]
+    # u = 0: the target is 0 and column 0 of row 0 has zero weight, so the pick is column 1.
+    sim = make_sim(7, 9)
+    expected = sample_hard_negatives_ref(sim, torch.zeros(7))
+    assert torch.equal(native._C.sample_hard_negatives(sim, torch.zeros(7)), expected)
+    assert expected.tolist() == [1] + [0] * 6
 
 
 @needs_native
@@ -123,7 +128,9 @@ def test_cpu_twin_through_the_registry():
         (torch.randn(0, 4), torch.rand(0), "at least one row"),
         (torch.randn(5, 3), torch.rand(5), "N >= B"),
         (torch.randn(4, 4).double(), torch.rand(4), "float32, float16 or bfloat16"),
+        (torch.randint(0, 9, (4, 4)), torch.rand(4), "float32, float16 or bfloat16"),
         (torch.randn(4, 4), torch.rand(3), "length B=4"),
+        (torch.randn(4, 4), torch.rand(4, 1), "1-D"),
         (torch.randn(4, 4), torch.rand(4).double(), "uniforms must be float32"),
         (torch.randn(4, 4), torch.rand(4, device="meta"), "same device"),
     ],
@@ -153,3 +160,5 @@ def test_gpu_backends_match_reference(backend, dtype, rows, extra_columns):
         assert_same_picks(actual, expected, sim, uniforms)
     fallback = hard_negatives_op.function(backend)(make_sim(3, 3, dtype, "cuda"), torch.ones(3, device=cuda))
     assert fallback.tolist() == [2, 2, 1]
+    lowest = hard_negatives_op.function(backend)(make_sim(7, 9, dtype, "cuda"), torch.zeros(7, device=cuda))
+    assert lowest.tolist() == [1] + [0] * 6

@@ -179,11 +179,16 @@ BAD_INPUTS = [
     (lambda: (torch.randn(1, 1), torch.rand(1)), "needs at least 2 candidates"),
     (lambda: (torch.randn(0, 4), torch.rand(0)), "at least one row"),
     (lambda: (torch.randn(5, 3), torch.rand(5)), "N >= B"),
-    (lambda: (torch.randn(4, 4).double(), torch.rand(4)), "float32, float16 or bfloat16"),
+    (lambda: (torch.randint(0, 9, (4, 4)), torch.rand(4)), "float32, float16 or bfloat16"),
     (lambda: (torch.randn(4, 4), torch.rand(3)), "length B=4"),
     (lambda: (torch.randn(4, 4), torch.rand(4, 1)), "1-D"),
-    (lambda: (torch.randn(4, 4), torch.rand(4).double()), "uniforms must be float32"),
+    (lambda: (torch.randn(4, 4), torch.rand(4).half()), "uniforms must be float32"),
     (lambda: (torch.randn(4, 4), torch.rand(4, device="meta")), "same device"),
+]
+# float64 is for the reference only (parity checks run it in fp64); the kernels reject it.
+FLOAT64_INPUTS = [
+    (lambda: (torch.randn(4, 4).double(), torch.rand(4)), "float32, float16 or bfloat16"),
+    (lambda: (torch.randn(4, 4), torch.rand(4).double()), "uniforms must be float32"),
 ]
 
 
@@ -191,6 +196,13 @@ BAD_INPUTS = [
 def test_reference_rejects_bad_inputs(make, message):
     with pytest.raises(ValueError, match=message):
         hn.sample_hard_negatives_ref(*make())
+
+
+def test_reference_computes_float64_in_float64():
+    torch.manual_seed(0)
+    sim, uniforms = make_sim(97, 97), torch.rand(97)
+    picks = hn.sample_hard_negatives_ref(sim.double(), uniforms.double())
+    assert_same_picks(picks, hn.sample_hard_negatives_ref(sim, uniforms), sim, uniforms)
 
 
 # -- public entry ---------------------------------------------------------------------------------
@@ -255,8 +267,8 @@ def test_triton_matches_reference(triton_hn, shape, dtype):
         assert_same_picks(triton_hn.sample_hard_negatives_triton(sim, uniforms), expected, sim, uniforms)
 
 
-def test_triton_multi_block_rows_slices_and_fallback(triton_hn, monkeypatch):
-    """Rows longer than one block (forced small here), strided views, and the u = 1 fallback."""
+def test_triton_multi_block_rows_slices_and_edges(triton_hn, monkeypatch):
+    """Rows longer than one block (forced small here), strided views, u = 1 (fallback) and u = 0."""
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     monkeypatch.setattr(triton_hn, "MAX_BLOCK_N", 16)  # 40 columns -> 3 blocks
@@ -269,9 +281,13 @@ def test_triton_multi_block_rows_slices_and_fallback(triton_hn, monkeypatch):
     square = make_sim(3, 3, device=device)
     picks = triton_hn.sample_hard_negatives_triton(square, torch.ones(3, device=device))
     assert picks.tolist() == [2, 2, 1]
+    # u = 0: the target is 0 and column 0 of row 0 has zero weight, so the pick is column 1.
+    zeros = torch.zeros(7, device=device)
+    picks = triton_hn.sample_hard_negatives_triton(make_sim(7, 9, device=device), zeros)
+    assert picks.tolist() == [1] + [0] * 6
 
 
-@pytest.mark.parametrize("make, message", BAD_INPUTS)
+@pytest.mark.parametrize("make, message", BAD_INPUTS + FLOAT64_INPUTS)
 def test_triton_rejects_bad_inputs(triton_hn, make, message):
     with pytest.raises(ValueError, match=message):
         triton_hn.sample_hard_negatives_triton(*make())

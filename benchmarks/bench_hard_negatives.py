@@ -1,0 +1,140 @@
+"""Benchmark of hard-negative sampling for BLIP's ITM loss (one negative per row of the ITC logits).
+
+Implementations, each timed as the training step uses it (draw the randomness, pick the negatives):
+
+* ``original``  -- ``models/blip_pretrain.py``: softmax + 1e-4, zeroed diagonal, then one
+  ``torch.multinomial(...).item()`` per row, i.e. B host synchronisations;
+* ``reference`` -- ``sample_hard_negatives_ref``: inverse-CDF sampling in pure PyTorch, no sync;
+* ``fast``      -- the Triton kernel; ``cuda`` -- the CUDA kernel of ``blip_fast._C``.
+
+    python benchmarks/bench_hard_negatives.py [--dtype bfloat16] [--json PATH]
+
+with PATH like ``benchmarks/results/kernels-h100-YYYYMMDD.json``.
+Times are medians of ``triton.testing.do_bench`` in microseconds; the results file follows
+``BENCHMARKS.md`` (suite ``kernels``, metric ``us``). Needs a CUDA device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+CASES = ((96, 96), (288, 288))  # (B, N): BLIP base pretraining batches per GPU, in-batch negatives
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def original(sim: torch.Tensor) -> list[int]:
+    """The original per-row loop (``BLIP_Pretrain.forward``), kept for timing only."""
+    weights = F.softmax(sim.float(), dim=1) + 1e-4
+    weights.fill_diagonal_(0)
+    return [torch.multinomial(weights[b], 1).item() for b in range(sim.shape[0])]
+
+
+def implementations() -> dict:
+    """name -> fn(sim), for every implementation that can run here."""
+    from blip_fast.kernels.hard_negatives import (
+        HAS_TRITON,
+        sample_hard_negatives_ref,
+        sample_hard_negatives_triton,
+    )
+    from blip_fast.ops import native
+
+    def with_uniforms(sample):
+        return lambda sim: sample(sim, torch.rand(sim.shape[0], device=sim.device))
+
+    impls = {"original": original, "reference": with_uniforms(sample_hard_negatives_ref)}
+    if HAS_TRITON:
+        impls["fast"] = with_uniforms(sample_hard_negatives_triton)
+    if native.HAS_NATIVE and native._C.built_with_cuda():
+        impls["cuda"] = with_uniforms(native._C.sample_hard_negatives)
+    return impls
+
+
+def make_sim(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """ITC-like logits (never all zeros): a spread of several units, positives on the diagonal."""
+    generator = torch.Generator().manual_seed(0)
+    sim = 4.0 * torch.randn(rows, cols, generator=generator)
+    sim[:, :rows] += 8.0 * torch.eye(rows)
+    return sim.to("cuda", dtype)
+
+
+def run(dtype: torch.dtype) -> list[dict]:
+    import triton.testing
+
+    records = []
+    impls = implementations()
+    for rows, cols in CASES:
+        sim = make_sim(rows, cols, dtype)
+        case = f"hard_negatives_b{rows}" + ("" if cols == rows else f"_n{cols}")
+        case += "" if dtype == torch.float32 else f"_{str(dtype).removeprefix('torch.')}"
+        for impl, fn in impls.items():
+            picks = torch.as_tensor(fn(sim), device="cpu")
+            if (picks == torch.arange(rows)).any():  # a broken kernel must not produce a timing
+                raise RuntimeError(f"{impl} picked a positive as negative on {case}")
+            median_ms = triton.testing.do_bench(lambda fn=fn, sim=sim: fn(sim), return_mode="median")
+            records.append({"case": case, "impl": impl, "metric": "us", "value": round(median_ms * 1e3, 2)})
+    return records
+
+
+def print_table(records: list[dict]) -> None:
+    print(f"{'case':<28} {'impl':<10} {'us':>10} {'vs original':>12}")
+    baseline = {r["case"]: r["value"] for r in records if r["impl"] == "original"}
+    for r in records:
+        speedup = baseline[r["case"]] / r["value"]
+        print(f"{r['case']:<28} {r['impl']:<10} {r['value']:>10.2f} {speedup:>11.1f}x")
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+        )
+    except OSError:
+        return "unknown"
+    return out.stdout.strip() or "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the logits")
+    parser.add_argument("--json", metavar="PATH", help="write the results file (BENCHMARKS.md format) here")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print(
+            "bench_hard_negatives: needs a CUDA device (timings are GPU-only); none found.", file=sys.stderr
+        )
+        return 1
+    try:
+        import triton
+    except ImportError:
+        print("bench_hard_negatives: needs triton (pip install triton==3.6.0) for do_bench.", file=sys.stderr)
+        return 1
+
+    records = run(DTYPES[args.dtype])
+    print_table(records)
+    if args.json:
+        result = {
+            "suite": "kernels",
+            "device": torch.cuda.get_device_name(),
+            "torch": torch.__version__,
+            "triton": triton.__version__,
+            "git": _git_commit(),
+            "date": datetime.date.today().isoformat(),
+            "command": " ".join(sys.argv if argv is None else ["benchmarks/bench_hard_negatives.py", *argv]),
+            "records": records,
+        }
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

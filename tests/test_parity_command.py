@@ -1,0 +1,45 @@
+"""``blip-fast parity``: runs fast backends against references and fails when one is wrong."""
+
+import torch
+
+from blip_fast import ops
+from blip_fast.cli import main
+from blip_fast.parity import check_case, format_table, run_parity
+
+
+def test_cpu_parity_passes_for_the_registered_backends():
+    rows = run_parity(torch.device("cpu"), ops=["momentum_update", "enqueue"], dtypes=[torch.float32])
+    assert rows and all(r.passed for r in rows), format_table(rows)
+    assert {r.op for r in rows} == {"momentum_update", "enqueue"}
+
+
+def test_attention_parity_rows_cover_forward_and_gradients():
+    case = ops.OPS["attention"].parity_cases[3]  # text_bidirectional_odd: small
+    rows = check_case("attention", "torch", case, torch.float32, torch.device("cpu"))
+    assert [r.what for r in rows] == ["out[0]", "grad[0]", "grad[1]", "grad[2]"]
+    assert all(r.passed for r in rows), format_table(rows)
+
+
+def test_a_wrong_fast_implementation_is_caught():
+    op = ops.OPS["momentum_update"]
+    original = op.impls["torch"]
+
+    def off_by_a_little(params_m, params, momentum):
+        original.fn(params_m, params, momentum)
+        params_m[0].add_(1e-3)
+
+    op.register("torch", off_by_a_little, devices=("cpu",))
+    try:
+        rows = run_parity(torch.device("cpu"), ops=["momentum_update"], dtypes=[torch.float32])
+        assert not rows[0].passed and all(r.passed for r in rows[1:])
+        assert main(["parity", "--device", "cpu", "--op", "momentum_update", "--dtype", "fp32"]) == 1
+    finally:
+        op.impls["torch"] = original
+
+
+def test_cli_parity_exit_status_and_json(tmp_path, capsys):
+    out = tmp_path / "parity.json"
+    assert main(["parity", "--device", "cpu", "--op", "enqueue", "--dtype", "fp32", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "enqueue" in printed and "passed, 0 failed" in printed
+    assert out.read_text().count('"passed": true') == 2
