@@ -114,7 +114,8 @@ def cmd_parity(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blip-fast", description="The fastest correct BLIP.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log which op backends are picked; show tracebacks")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log which op backends are picked; show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="train a tiny BLIP on synthetic scenes (CPU, ~minutes) and evaluate it")
@@ -168,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("parity", help="check every fast op against its reference on this device")
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     p.add_argument("--op", action="append", help="only this op (repeatable)")
-    p.add_argument("--dtype", action="append", choices=("fp32", "fp16", "bf16"), help="only this dtype (repeatable)")
+    p.add_argument("--dtype", action="append", choices=("fp32", "fp16", "bf16"),
+                   help="only this dtype (repeatable)")
     p.add_argument("--json", help="also write the rows to this JSON file")
     p.set_defaults(run=cmd_parity)
     return parser

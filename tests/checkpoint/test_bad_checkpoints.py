@@ -1,0 +1,277 @@
+"""Every way a checkpoint can be wrong is a :class:`CheckpointError` (a ``ValueError``) that names
+the file and the problem; writes are atomic.
+
+Each case builds the bad input from a real checkpoint (tiny models) and checks the error's type
+and the words of its message that a user needs: the path, the missing or unexpected key, the
+shapes, the task the file holds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import transformers
+from transformers import BlipForConditionalGeneration
+
+from blip_fast.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_hf,
+    load_salesforce,
+    save_hf,
+    save_salesforce,
+)
+from blip_fast.config import config_to_dict, tiny_config
+from blip_fast.models import build_model
+
+
+@pytest.fixture(scope="module")
+def caption_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "caption.pth"
+    return save_salesforce(build_model("caption", tiny_config()), path)
+
+
+@pytest.fixture(scope="module")
+def hf_caption_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("hf_caption")
+    transformers.logging.set_verbosity_error()
+    config = transformers.BlipConfig(
+        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                           image_size=32, patch_size=16),
+        text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                         max_position_embeddings=32),
+    )
+    BlipForConditionalGeneration(config).save_pretrained(directory)
+    return directory
+
+
+def copy_dir(source, target):
+    target.mkdir()
+    for name in os.listdir(source):
+        (target / name).write_bytes((source / name).read_bytes())
+    return target
+
+
+def state_of(path) -> dict:
+    return torch.load(path, weights_only=True)
+
+
+def raises(match: str):
+    return pytest.raises(CheckpointError, match=match)
+
+
+def test_checkpoint_error_is_a_value_error():
+    assert issubclass(CheckpointError, ValueError)
+
+
+# ------------------------------------------------------------------ unreadable files
+
+
+@pytest.mark.parametrize("load", [load_salesforce, load_checkpoint])
+def test_missing_file(tmp_path, load):
+    with raises(r"checkpoint not found: .*nope\.pth"):
+        load(tmp_path / "nope.pth")
+
+
+def test_empty_file(tmp_path):
+    (tmp_path / "empty.pth").touch()
+    with raises(r"checkpoint .*empty\.pth is empty"):
+        load_salesforce(tmp_path / "empty.pth")
+
+
+def test_truncated_file(tmp_path, caption_file):
+    data = caption_file.read_bytes()
+    (tmp_path / "half.pth").write_bytes(data[: len(data) // 2])
+    with raises(r"cannot read checkpoint .*half\.pth: .*truncated"):
+        load_salesforce(tmp_path / "half.pth")
+
+
+def test_text_file_renamed_pth(tmp_path):
+    (tmp_path / "notes.pth").write_text("these are not the weights you are looking for\n" * 20)
+    with raises(r"cannot read checkpoint .*notes\.pth.*not a PyTorch checkpoint"):
+        load_salesforce(tmp_path / "notes.pth")
+
+
+class Payload:
+    """A pickled object: ``weights_only`` loading must refuse it (it could run code)."""
+
+
+def test_pickled_code_is_refused(tmp_path):
+    torch.save({"model": {"visual_encoder.cls_token": torch.zeros(1)}, "extra": Payload()}, tmp_path / "evil.pth")
+    with raises(r"cannot read checkpoint .*evil\.pth"):
+        load_salesforce(tmp_path / "evil.pth")
+
+
+def test_not_a_state_dict(tmp_path):
+    torch.save([torch.zeros(2), torch.ones(2)], tmp_path / "list.pth")
+    with raises(r"list\.pth is not a BLIP checkpoint: expected \{'model': state_dict\}"):
+        load_salesforce(tmp_path / "list.pth")
+
+
+def test_state_dict_without_an_image_encoder(tmp_path):
+    torch.save({"model": {"text_encoder.embeddings.word_embeddings.weight": torch.zeros(4, 2)}}, tmp_path / "t.pth")
+    with raises("not a BLIP checkpoint: no visual_encoder"):
+        load_salesforce(tmp_path / "t.pth")
+
+
+# ------------------------------------------------------------------ readable files that do not fit
+
+
+def test_checkpoint_of_another_task(caption_file):
+    with raises(r"caption\.pth holds a caption model, not retrieval; load it with task='caption'"):
+        load_salesforce(caption_file, task="retrieval")
+
+
+def test_unexpected_key_is_listed(tmp_path, caption_file):
+    content = state_of(caption_file)
+    content["model"]["text_decoder.cls.predictions.extra_head.weight"] = torch.zeros(3)
+    torch.save(content, tmp_path / "extra.pth")
+    with raises(r"(?s)extra\.pth does not fit a BlipCaption.*1 unexpected key.*"
+                r"text_decoder\.cls\.predictions\.extra_head\.weight") as error:
+        load_salesforce(tmp_path / "extra.pth")
+    assert "missing" not in str(error.value)
+
+
+def test_missing_key_is_listed(tmp_path, caption_file):
+    content = state_of(caption_file)
+    del content["model"]["text_decoder.bert.encoder.layer.1.crossattention.self.key.bias"]
+    del content["model"]["visual_encoder.blocks.0.norm2.weight"]
+    torch.save(content, tmp_path / "short.pth")
+    with raises(r"(?s)2 missing key.*visual_encoder\.blocks\.0\.norm2\.weight.*"
+                r"text_decoder\.bert\.encoder\.layer\.1\.crossattention\.self\.key\.bias") as error:
+        load_salesforce(tmp_path / "short.pth")
+    assert "unexpected" not in str(error.value)
+
+
+def test_weight_of_the_wrong_shape(tmp_path, caption_file):
+    content = state_of(caption_file)
+    content["model"]["text_decoder.bert.encoder.layer.0.intermediate.dense.weight"] = torch.zeros(100, 64)
+    torch.save(content, tmp_path / "shape.pth")
+    with raises(r"shape\.pth has weights of another shape:\s+text_decoder\.bert\.encoder\.layer\.0\.intermediate"
+                r"\.dense\.weight: checkpoint \(100, 64\) vs model \(128, 64\)"):
+        load_salesforce(tmp_path / "shape.pth")
+
+
+def test_garbled_blip_fast_config(tmp_path, caption_file):
+    """Our own config inside the file is checked too, and reported as a checkpoint problem."""
+    content = state_of(caption_file)
+    content["blip_fast_config"] = {**config_to_dict(tiny_config()), "text_width": 64}
+    torch.save(content, tmp_path / "config.pth")
+    with pytest.raises(ValueError, match="text_width") as error:
+        load_salesforce(tmp_path / "config.pth")
+    assert isinstance(error.value, CheckpointError), (
+        f"a bad blip_fast_config raises {type(error.value).__name__}, not CheckpointError, and does not name the "
+        f"file: {error.value} (fix in blip_fast/checkpoint/salesforce.py read_salesforce)")
+    assert "config.pth" in str(error.value)
+
+
+# ------------------------------------------------------------------ Hugging Face directories
+
+
+def test_hf_directory_with_broken_config(tmp_path, hf_caption_dir):
+    directory = copy_dir(hf_caption_dir, tmp_path / "hf")
+    (directory / "config.json").write_text('{"architectures": ["BlipForConditionalGeneration"], ')
+    with raises(r"config\.json is not valid JSON"):
+        load_hf(directory)
+
+
+def test_hf_directory_of_another_architecture(tmp_path, hf_caption_dir):
+    directory = copy_dir(hf_caption_dir, tmp_path / "hf")
+    (directory / "config.json").write_text(json.dumps({"architectures": ["BertForMaskedLM"], "model_type": "bert"}))
+    with raises(r"holds \['BertForMaskedLM'\], not one of BlipForImageTextRetrieval"):
+        load_hf(directory)
+
+
+def test_hf_config_without_vision_config(tmp_path, hf_caption_dir):
+    directory = copy_dir(hf_caption_dir, tmp_path / "hf")
+    config = json.loads((directory / "config.json").read_text())
+    del config["vision_config"]
+    (directory / "config.json").write_text(json.dumps(config))
+    with raises("config.json lacks or garbles 'vision_config'"):
+        load_hf(directory)
+
+
+def test_hf_config_that_does_not_fit_the_weights(tmp_path, hf_caption_dir):
+    directory = copy_dir(hf_caption_dir, tmp_path / "hf")
+    config = json.loads((directory / "config.json").read_text())
+    config["text_config"]["intermediate_size"] = 96
+    (directory / "config.json").write_text(json.dumps(config))
+    with raises(r"has weights of another shape:.*intermediate\.dense\.weight: checkpoint \(128, 64\) vs model "
+                r"\(96, 64\)"):
+        load_hf(directory)
+
+
+def test_hf_truncated_safetensors(tmp_path, hf_caption_dir):
+    directory = copy_dir(hf_caption_dir, tmp_path / "hf")
+    data = (directory / "model.safetensors").read_bytes()
+    (directory / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with raises(r"cannot read the weights in .*hf.*truncated"):
+        load_hf(directory)
+
+
+def test_hf_directory_without_weights(tmp_path, hf_caption_dir):
+    directory = copy_dir(hf_caption_dir, tmp_path / "hf")
+    (directory / "model.safetensors").unlink()
+    with raises("has no model.safetensors"):
+        load_hf(directory)
+
+
+def test_hf_directory_of_another_task(hf_caption_dir):
+    with raises(r"holds a caption model \(BlipForConditionalGeneration\), not vqa"):
+        load_hf(hf_caption_dir, task="vqa")
+
+
+def test_directory_without_config_json(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with raises("is not a Hugging Face model directory: no config.json"):
+        load_hf(tmp_path)
+    with raises("is a directory; a Hugging Face checkpoint directory needs a config.json"):
+        load_checkpoint(tmp_path)
+
+
+# ------------------------------------------------------------------ atomic writes
+
+
+def test_save_salesforce_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "model.pth"
+    first = build_model("caption", tiny_config())
+    save_salesforce(first, path)
+    before = path.read_bytes()
+
+    real_save = torch.save
+
+    def save_half_then_fail(obj, target, *args, **kwargs):
+        real_save(obj, target, *args, **kwargs)
+        with open(target, "r+b") as handle:  # as if the disk filled up half-way
+            handle.truncate(os.path.getsize(target) // 2)
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", save_half_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        save_salesforce(build_model("caption", tiny_config()), path)
+    monkeypatch.undo()
+
+    assert sorted(os.listdir(tmp_path)) == ["model.pth"], "a temporary file was left behind"
+    assert path.read_bytes() == before
+    loaded = load_salesforce(path)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in first.state_dict().items())
+
+
+def test_save_hf_is_atomic(tmp_path, monkeypatch):
+    from blip_fast.checkpoint import huggingface
+
+    first = build_model("caption", tiny_config())
+    save_hf(first, tmp_path)
+    before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
+
+    def fail(state, target, metadata=None):
+        (open(target, "wb")).close()
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(huggingface, "save_file", fail)
+    with pytest.raises(OSError, match="No space left"):
+        save_hf(build_model("caption", tiny_config()), tmp_path)
+    assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before
