@@ -158,7 +158,7 @@ def tiny_config(image_size: int = 64) -> BlipConfig:
         text=TextConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
                         max_position_embeddings=64),
         embed_dim=32,
-        queue_size=64,
+        queue_size=96,  # a multiple of the batch sizes 16, 24, 32, 48 (the original enqueue needs it)
     )
 
 

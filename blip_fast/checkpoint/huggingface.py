@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..config import BlipConfig, TextConfig, VisionConfig
+from ..config import BlipConfig, ConfigError, TextConfig, VisionConfig
 from ..models import build_model
 from .io import CheckpointError, atomic_write, load_torch
 from .state import load_state, resize_position_embeddings
@@ -116,7 +116,8 @@ def config_from_hf(data: dict) -> BlipConfig:
     for key, act in (("vision", v.get("hidden_act", "gelu")), ("text", t.get("hidden_act", "gelu"))):
         if act != "gelu":
             raise CheckpointError(f"{key} hidden_act {act!r} is not supported (BLIP uses exact gelu)")
-    return BlipConfig(vision=vision, text=text, embed_dim=data.get("image_text_hidden_size", 256))
+    return BlipConfig(vision=vision, text=text, embed_dim=data.get("image_text_hidden_size", 256),
+                      label_smoothing=t.get("label_smoothing", data.get("label_smoothing", 0.1)))
 
 
 def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
@@ -147,6 +148,8 @@ def read_hf(directory: str | Path) -> tuple[str, BlipConfig, dict[str, torch.Ten
         data = json.loads(config_file.read_text())
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{config_file} is not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{config_file} is not a JSON object but a {type(data).__name__}")
     architectures = data.get("architectures") or []
     tasks = [ARCHITECTURES[a] for a in architectures if a in ARCHITECTURES]
     if data.get("model_type") != "blip" or not tasks:
@@ -157,7 +160,11 @@ def read_hf(directory: str | Path) -> tuple[str, BlipConfig, dict[str, torch.Ten
                                             "text_decoder.cls.predictions.bias"), strict=True):
         if tied not in state and source in state:
             state[tied] = state[source]
-    return tasks[0], config_from_hf(data), state
+    try:
+        config = config_from_hf(data)
+    except ConfigError as error:
+        raise CheckpointError(f"{config_file}: {error}") from None
+    return tasks[0], config, state
 
 
 def load_hf(directory: str | Path, task: str | None = None, image_size: int | None = None) -> nn.Module:
@@ -171,7 +178,7 @@ def load_hf(directory: str | Path, task: str | None = None, image_size: int | No
         resize_position_embeddings(state, image_size, config.vision.patch_size)
     model = build_model(held, config)
     load_state(model, state, str(directory))
-    return model
+    return model.eval()
 
 
 def save_hf(model: nn.Module, directory: str | Path) -> Path:

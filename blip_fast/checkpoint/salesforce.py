@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import BlipConfig, VisionConfig, config_from_dict, config_to_dict
+from ..config import BlipConfig, ConfigError, VisionConfig, config_from_dict, config_to_dict
 from ..models import build_model
 from .io import CheckpointError, load_torch, save_torch
 from .state import detect_task, infer_config, load_state, resize_position_embeddings
@@ -32,7 +32,10 @@ def read_salesforce(path: str | Path) -> tuple[dict[str, torch.Tensor], BlipConf
         raise CheckpointError(f"{path} is not a BLIP checkpoint: expected {{'model': state_dict}}")
     config = None
     if isinstance(content, dict) and isinstance(content.get(CONFIG_KEY), dict):
-        config = config_from_dict(BlipConfig, content[CONFIG_KEY])
+        try:
+            config = config_from_dict(BlipConfig, content[CONFIG_KEY])
+        except ConfigError as error:
+            raise CheckpointError(f"{path} carries an invalid {CONFIG_KEY}: {error}") from None
     return state, config
 
 
@@ -53,7 +56,7 @@ def load_salesforce(path: str | Path, task: str | None = None, image_size: int |
         resize_position_embeddings(state, image_size, config.vision.patch_size)
     model = build_model(held, config)
     load_state(model, state, str(path))
-    return model
+    return model.eval()
 
 
 def save_salesforce(model: nn.Module, path: str | Path) -> Path:

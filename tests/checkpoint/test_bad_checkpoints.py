@@ -8,8 +8,10 @@ shapes, the task the file holds.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -59,8 +61,15 @@ def state_of(path) -> dict:
     return torch.load(path, weights_only=True)
 
 
+@contextlib.contextmanager
 def raises(match: str):
-    return pytest.raises(CheckpointError, match=match)
+    """Like ``pytest.raises(CheckpointError, match=...)``, but any other exception fails the test with
+    an assertion naming it (a raw IndexError from deep inside torch is not an answer for a user)."""
+    with pytest.raises(Exception) as info:  # narrowed below
+        yield info
+    assert isinstance(info.value, CheckpointError), (
+        f"raised {type(info.value).__name__}: {info.value!r} instead of a CheckpointError")
+    assert re.search(match, str(info.value)), f"message {str(info.value)!r} does not match {match!r}"
 
 
 def test_checkpoint_error_is_a_value_error():
@@ -89,9 +98,15 @@ def test_truncated_file(tmp_path, caption_file):
         load_salesforce(tmp_path / "half.pth")
 
 
-def test_text_file_renamed_pth(tmp_path):
-    (tmp_path / "notes.pth").write_text("these are not the weights you are looking for\n" * 20)
-    with raises(r"cannot read checkpoint .*notes\.pth.*not a PyTorch checkpoint"):
+@pytest.mark.parametrize("text", [
+    "these are not the weights you are looking for\n",  # torch.load: IndexError
+    "hello world\n",  # torch.load: KeyError
+    "version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 990000000\n",  # a Git LFS pointer
+    "<html><body>404 Not Found</body></html>\n",
+], ids=["prose", "hello", "git-lfs-pointer", "html"])
+def test_text_file_renamed_pth(tmp_path, text):
+    (tmp_path / "notes.pth").write_text(text)
+    with raises(r"(?s)cannot read checkpoint .*notes\.pth.*not a PyTorch checkpoint"):
         load_salesforce(tmp_path / "notes.pth")
 
 
@@ -100,7 +115,8 @@ class Payload:
 
 
 def test_pickled_code_is_refused(tmp_path):
-    torch.save({"model": {"visual_encoder.cls_token": torch.zeros(1)}, "extra": Payload()}, tmp_path / "evil.pth")
+    content = {"model": {"visual_encoder.cls_token": torch.zeros(1)}, "extra": Payload()}
+    torch.save(content, tmp_path / "evil.pth")
     with raises(r"cannot read checkpoint .*evil\.pth"):
         load_salesforce(tmp_path / "evil.pth")
 
@@ -112,7 +128,8 @@ def test_not_a_state_dict(tmp_path):
 
 
 def test_state_dict_without_an_image_encoder(tmp_path):
-    torch.save({"model": {"text_encoder.embeddings.word_embeddings.weight": torch.zeros(4, 2)}}, tmp_path / "t.pth")
+    state = {"text_encoder.embeddings.word_embeddings.weight": torch.zeros(4, 2)}
+    torch.save({"model": state}, tmp_path / "t.pth")
     with raises("not a BLIP checkpoint: no visual_encoder"):
         load_salesforce(tmp_path / "t.pth")
 
@@ -150,22 +167,19 @@ def test_weight_of_the_wrong_shape(tmp_path, caption_file):
     content = state_of(caption_file)
     content["model"]["text_decoder.bert.encoder.layer.0.intermediate.dense.weight"] = torch.zeros(100, 64)
     torch.save(content, tmp_path / "shape.pth")
-    with raises(r"shape\.pth has weights of another shape:\s+text_decoder\.bert\.encoder\.layer\.0\.intermediate"
-                r"\.dense\.weight: checkpoint \(100, 64\) vs model \(128, 64\)"):
+    with raises(r"shape\.pth has weights of another shape:\s+"
+                r"text_decoder\.bert\.encoder\.layer\.0\.intermediate\.dense\.weight: "
+                r"checkpoint \(100, 64\) vs model \(128, 64\)"):
         load_salesforce(tmp_path / "shape.pth")
 
 
 def test_garbled_blip_fast_config(tmp_path, caption_file):
-    """Our own config inside the file is checked too, and reported as a checkpoint problem."""
+    """Our own config inside the file is checked too, and reported as a problem of that file."""
     content = state_of(caption_file)
     content["blip_fast_config"] = {**config_to_dict(tiny_config()), "text_width": 64}
     torch.save(content, tmp_path / "config.pth")
-    with pytest.raises(ValueError, match="text_width") as error:
+    with raises(r"config\.pth.*text_width"):
         load_salesforce(tmp_path / "config.pth")
-    assert isinstance(error.value, CheckpointError), (
-        f"a bad blip_fast_config raises {type(error.value).__name__}, not CheckpointError, and does not name the "
-        f"file: {error.value} (fix in blip_fast/checkpoint/salesforce.py read_salesforce)")
-    assert "config.pth" in str(error.value)
 
 
 # ------------------------------------------------------------------ Hugging Face directories
@@ -178,9 +192,29 @@ def test_hf_directory_with_broken_config(tmp_path, hf_caption_dir):
         load_hf(directory)
 
 
+@pytest.mark.parametrize("text", ["[1, 2]", "null", '"BlipForConditionalGeneration"'],
+                         ids=["list", "null", "string"])
+def test_hf_config_that_is_not_an_object(tmp_path, hf_caption_dir, text):
+    directory = copy_dir(hf_caption_dir, tmp_path / "hf")
+    (directory / "config.json").write_text(text)
+    with raises(r"config\.json"):
+        load_hf(directory)
+
+
+def test_hf_config_with_inconsistent_values(tmp_path, hf_caption_dir):
+    """Values no BLIP can have (5 heads for a width of 64) are a problem of that file."""
+    directory = copy_dir(hf_caption_dir, tmp_path / "hf")
+    config = json.loads((directory / "config.json").read_text())
+    config["vision_config"]["num_attention_heads"] = 5
+    (directory / "config.json").write_text(json.dumps(config))
+    with raises(r"(?s)hf.*num_heads 5"):
+        load_hf(directory)
+
+
 def test_hf_directory_of_another_architecture(tmp_path, hf_caption_dir):
     directory = copy_dir(hf_caption_dir, tmp_path / "hf")
-    (directory / "config.json").write_text(json.dumps({"architectures": ["BertForMaskedLM"], "model_type": "bert"}))
+    config = {"architectures": ["BertForMaskedLM"], "model_type": "bert"}
+    (directory / "config.json").write_text(json.dumps(config))
     with raises(r"holds \['BertForMaskedLM'\], not one of BlipForImageTextRetrieval"):
         load_hf(directory)
 
@@ -199,8 +233,8 @@ def test_hf_config_that_does_not_fit_the_weights(tmp_path, hf_caption_dir):
     config = json.loads((directory / "config.json").read_text())
     config["text_config"]["intermediate_size"] = 96
     (directory / "config.json").write_text(json.dumps(config))
-    with raises(r"has weights of another shape:.*intermediate\.dense\.weight: checkpoint \(128, 64\) vs model "
-                r"\(96, 64\)"):
+    with raises(r"(?s)has weights of another shape:.*intermediate\.dense\.weight: "
+                r"checkpoint \(128, 64\) vs model \(96, 64\)"):
         load_hf(directory)
 
 

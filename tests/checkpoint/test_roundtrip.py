@@ -29,6 +29,16 @@ RTOL = 1e-5
 CLS, SEP, DEC, ENC = 101, 102, 30522, 30523
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_intra_op_thread():
+    """Tiny models gain nothing from intra-op threads; with other jobs on the 2 CPU cores every op
+    then waits for a descheduled worker (~8 ms each, 5x the whole file's time). Restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _quiet_transformers():
     transformers.logging.set_verbosity_error()
@@ -45,8 +55,9 @@ def assert_close(ours: torch.Tensor, theirs: torch.Tensor, what: str) -> None:
 
 
 def assert_same_state(ours: dict, theirs: dict, what: str) -> None:
-    assert sorted(ours) == sorted(theirs), (f"{what}: keys differ; only in first: {sorted(set(ours) - set(theirs))}, "
-                                            f"only in second: {sorted(set(theirs) - set(ours))}")
+    assert sorted(ours) == sorted(theirs), (f"{what}: keys differ; only in first: "
+                                            f"{sorted(set(ours) - set(theirs))}, only in second: "
+                                            f"{sorted(set(theirs) - set(ours))}")
     differ = [k for k in ours if ours[k].dtype != theirs[k].dtype or not torch.equal(ours[k], theirs[k])]
     assert not differ, f"{what}: {len(differ)} tensors differ: {differ[:10]}"
 
@@ -185,8 +196,8 @@ def test_hf_export_caption(tmp_path):
         theirs = hf(pixel_values=x, input_ids=ids, attention_mask=mask).logits
         mine = ours.text_decoder.logits(ours.text_decoder.hidden_states(ids, mask, ours.image_embeds(x)))
         assert_close(mine, theirs, "LM logits")
-        tokens = hf.generate(pixel_values=x, input_ids=prompt.clone(), max_length=10, min_length=0, num_beams=1,
-                             do_sample=False)
+        tokens = hf.generate(pixel_values=x, input_ids=prompt.clone(), max_length=10, min_length=0,
+                             num_beams=1, do_sample=False)
     assert torch.equal(ours.generate(x, prompt[:, :-1], GREEDY), tokens)
 
 
@@ -196,13 +207,33 @@ def test_hf_export_vqa(tmp_path):
     x = torch.randn(3, 3, 64, 64)
     ids, mask = captions([2, 9, 5])
     with torch.no_grad():
-        answers = hf.generate(input_ids=with_first(ids, ENC), pixel_values=x, attention_mask=mask, max_length=10,
-                              min_length=0, num_beams=1, do_sample=False)
+        answers = hf.generate(input_ids=with_first(ids, ENC), pixel_values=x, attention_mask=mask,
+                              max_length=10, min_length=0, num_beams=1, do_sample=False)
         image_embeds = hf.vision_model(pixel_values=x).last_hidden_state
         states = hf.text_encoder(input_ids=with_first(ids, ENC), attention_mask=mask,
                                  encoder_hidden_states=image_embeds).last_hidden_state
     assert_close(ours.question_states(x, ids, mask), states, "VQA question states")
     assert torch.equal(ours.generate(x, ids, mask, GREEDY), answers)
+
+
+def test_hf_roundtrip_keeps_label_smoothing(tmp_path):
+    """``save_hf`` writes ``text_config.label_smoothing`` (HF's LM loss reads it); reading it back
+    keeps the training loss of a re-imported model equal to HF's."""
+    ours = tiny_model("caption")
+    ours.config.label_smoothing = 0.2
+    hf = hf_from(save_hf(ours, tmp_path), "caption")
+    assert hf.text_decoder.label_smoothing == 0.2
+    x = torch.randn(2, 3, 64, 64)
+    ids, mask = captions([3, 6])
+    labels = with_first(ids, DEC).masked_fill(mask == 0, -100)
+    labels[:, :2] = -100
+    reloaded = load_hf(tmp_path).eval()
+    with torch.no_grad():
+        theirs = hf(pixel_values=x, input_ids=with_first(ids, DEC), attention_mask=mask, labels=labels).loss
+        assert_close(ours(x, ids, mask, 2), theirs, "caption loss of the exported model")
+        assert reloaded.config.label_smoothing == 0.2, (
+            f"load_hf ignores text_config.label_smoothing: {reloaded.config.label_smoothing} instead of 0.2")
+        assert_close(reloaded(x, ids, mask, 2), theirs, "caption loss after HF -> ours")
 
 
 def test_hf_export_refuses_pretrain(tmp_path):
@@ -261,7 +292,8 @@ def wide_head_config() -> BlipConfig:
     """Widths that are multiples of 64 so that ``width // 64`` heads is the true head count."""
     return BlipConfig(
         vision=VisionConfig(image_size=64, patch_size=16, width=128, depth=2, num_heads=2, mlp_ratio=3.0),
-        text=TextConfig(hidden_size=128, num_layers=3, num_heads=2, intermediate_size=192, max_position_embeddings=48),
+        text=TextConfig(hidden_size=128, num_layers=3, num_heads=2, intermediate_size=192,
+                        max_position_embeddings=48),
         embed_dim=40, queue_size=24,
     )
 
@@ -277,7 +309,8 @@ def test_config_is_inferred_from_shapes(tmp_path, task, wrapped):
     expected = wide_head_config()
     assert loaded.config.vision == expected.vision and loaded.config.text == expected.text
     if task in ("pretrain", "retrieval"):
-        assert (loaded.config.embed_dim, loaded.config.queue_size) == (expected.embed_dim, expected.queue_size)
+        assert loaded.config.embed_dim == expected.embed_dim
+        assert loaded.config.queue_size == expected.queue_size
     assert_same_state(loaded.state_dict(), state, f"{task} state dict")
     assert_same_outputs(task_outputs(loaded.eval(), task), task_outputs(model, task), task)
 
@@ -318,9 +351,9 @@ def test_hf_image_size_matches_interpolate_pos_encoding(tmp_path):
 @pytest.mark.parametrize("task", ["pretrain", "retrieval"])
 def test_missing_queues_and_momentum_encoders_are_accepted(tmp_path, task):
     model = tiny_model(task)
+    training_only = ("image_queue", "text_queue", "idx_queue", "ptr_queue", "queue_ptr", "temp")
     state = {k: v for k, v in model.state_dict().items()
-             if not (k.split(".")[0].endswith("_m") or k in ("image_queue", "text_queue", "idx_queue", "ptr_queue",
-                                                            "queue_ptr", "temp"))}
+             if not (k.split(".")[0].endswith("_m") or k in training_only)}
     assert len(state) < len(model.state_dict())
     torch.save({"model": state, "blip_fast_config": config_to_dict(model.config)}, tmp_path / "slim.pth")
     loaded = load_salesforce(tmp_path / "slim.pth", task=task).eval()
