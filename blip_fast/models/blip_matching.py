@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
 from ..config import BlipConfig
 from .med import TextTransformer
 from .vit import VisionTransformer
@@ -30,6 +31,33 @@ class ImageTextMatchingModel(nn.Module):
         self.text_proj = nn.Linear(config.text.hidden_size, config.embed_dim)
         self.itm_head = nn.Linear(config.text.hidden_size, 2)
         self.temp = nn.Parameter(torch.tensor(config.temp))
+
+    def add_momentum_encoders(self) -> None:
+        """Frozen EMA twins of both encoders and projections, and queues of their past features
+        (ALBEF / BLIP section 3.2), for pretraining and retrieval fine-tuning."""
+        self.visual_encoder_m = momentum_copy(self.visual_encoder)
+        self.vision_proj_m = momentum_copy(self.vision_proj)
+        self.text_encoder_m = momentum_copy(self.text_encoder)
+        self.text_proj_m = momentum_copy(self.text_proj)
+        self.register_buffer("image_queue", normalized_queue(self.config.embed_dim, self.config.queue_size))
+        self.register_buffer("text_queue", normalized_queue(self.config.embed_dim, self.config.queue_size))
+
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [
+            (self.visual_encoder, self.visual_encoder_m),
+            (self.vision_proj, self.vision_proj_m),
+            (self.text_encoder, self.text_encoder_m),
+            (self.text_proj, self.text_proj_m),
+        ]
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """``p_m <- m * p_m + (1 - m) * p`` for every momentum parameter, through the ops layer."""
+        online, momentum = [], []
+        for model, model_m in self.momentum_pairs():
+            online += list(model.parameters())
+            momentum += list(model_m.parameters())
+        ops.momentum_update_(momentum, online, self.config.momentum)
 
     def image_embeds(self, images: torch.Tensor) -> torch.Tensor:
         """Image tokens (B, 1 + patches, width) of the ViT."""

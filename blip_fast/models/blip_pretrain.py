@@ -21,7 +21,7 @@ from torch import nn
 
 from .. import ops
 from ..config import BlipConfig
-from .blip_matching import ImageTextMatchingModel, momentum_copy, normalized_queue
+from .blip_matching import ImageTextMatchingModel
 from .med import TextDecoder, share_all_but_self_attention
 
 
@@ -33,29 +33,8 @@ class BlipPretrain(ImageTextMatchingModel):
         self.text_decoder = TextDecoder(config.text, encoder_width=config.vision.width)
         share_all_but_self_attention(self.text_encoder, self.text_decoder)
 
-        self.visual_encoder_m = momentum_copy(self.visual_encoder)
-        self.vision_proj_m = momentum_copy(self.vision_proj)
-        self.text_encoder_m = momentum_copy(self.text_encoder)
-        self.text_proj_m = momentum_copy(self.text_proj)
-        self.register_buffer("image_queue", normalized_queue(config.embed_dim, config.queue_size))
-        self.register_buffer("text_queue", normalized_queue(config.embed_dim, config.queue_size))
+        self.add_momentum_encoders()
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
-
-    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        return [
-            (self.visual_encoder, self.visual_encoder_m),
-            (self.vision_proj, self.vision_proj_m),
-            (self.text_encoder, self.text_encoder_m),
-            (self.text_proj, self.text_proj_m),
-        ]
-
-    @torch.no_grad()
-    def momentum_update(self) -> None:
-        online, momentum = [], []
-        for model, model_m in self.momentum_pairs():
-            online += list(model.parameters())
-            momentum += list(model_m.parameters())
-        ops.momentum_update_(momentum, online, self.config.momentum)
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 alpha: float, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:

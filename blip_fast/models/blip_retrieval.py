@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..config import BlipConfig
-from .blip_matching import ImageTextMatchingModel, momentum_copy, normalized_queue
+from .blip_matching import ImageTextMatchingModel
 
 
 class BlipRetrieval(ImageTextMatchingModel):
@@ -18,12 +18,7 @@ class BlipRetrieval(ImageTextMatchingModel):
 
     def __init__(self, config: BlipConfig):
         super().__init__(config)
-        self.visual_encoder_m = momentum_copy(self.visual_encoder)
-        self.vision_proj_m = momentum_copy(self.vision_proj)
-        self.text_encoder_m = momentum_copy(self.text_encoder)
-        self.text_proj_m = momentum_copy(self.text_proj)
-        self.register_buffer("image_queue", normalized_queue(config.embed_dim, config.queue_size))
-        self.register_buffer("text_queue", normalized_queue(config.embed_dim, config.queue_size))
+        self.add_momentum_encoders()
         self.register_buffer("idx_queue", torch.full((1, config.queue_size), -100, dtype=torch.long))
         self.register_buffer("ptr_queue", torch.zeros(1, dtype=torch.long))
 
