@@ -23,7 +23,7 @@ setup: $(BIN)/python
 
 setup-test: $(BIN)/python
 	$(if $(TORCH),$(BIN)/pip install -q "$(TORCH)")
-	$(BIN)/pip install -q --no-build-isolation -e ".[test,triton]"
+	$(BIN)/pip install -q --no-build-isolation -e ".[test,triton,dali]"
 
 demo: setup
 	$(BIN)/blip-fast demo

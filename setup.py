@@ -99,6 +99,8 @@ setup(
     extras_require={
         "test": ["pytest>=8", "transformers==5.17.0", "ruff"],
         "triton": ["triton==3.6.0"],
+        # DALI's CUDA 13 wheel also runs CPU-only pipelines (device_id=None): CI tests those
+        "dali": ["nvidia-dali-cuda130==2.4.0"],
     },
     entry_points={"console_scripts": ["blip-fast = blip_fast.cli:main"]},
     ext_modules=ext_modules,

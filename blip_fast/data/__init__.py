@@ -1,1 +1,26 @@
-"""Data: synthetic scenes for demos and tests (the real pipelines come with the data issue)."""
+"""Data: BLIP's dataset formats as sample sources, a resumable sharded loader, and the synthetic dataset.
+
+    sample.py       Sample (one image + text) and DataStats (what was skipped or fixed, and why)
+    decode.py       image bytes -> RGB (bad, truncated and odd-mode images), caption / question checks
+    jpeg.py         is a JPEG cut short only after its image data? (decides what is recoverable)
+    annotations.py  BLIP JSON lists: pretraining / Karpathy train, retrieval evaluation, VQA
+    shards.py       webdataset tar shards (img2dataset layout): reader, source, writer
+    stream.py       SampleStream: split by rank and worker, seeded shuffling, exact resume positions
+    loader.py       ResumableLoader: a DataLoader with state_dict() / load_state_dict() and merged stats
+    synthetic.py    procedurally drawn scenes with captions
+    synth.py        `blip-fast data synth`: the synthetic dataset written as shards + JSON lists
+    transforms.py   BLIP's pretraining / fine-tuning / evaluation transforms (RandomAugment) with PIL
+    dali_pipeline.py  the same transforms as DALI pipelines (GPU decode, or CPU-only), PIL fallback
+"""
+
+from .annotations import CaptionAnnotations, RetrievalAnnotations, VqaAnnotations
+from .decode import check_caption, decode_image
+from .loader import ResumableLoader
+from .sample import BadSample, DataStats, Sample
+from .shards import ShardWriter, TarShards
+from .stream import SampleStream
+from .synth import write_synthetic_dataset
+
+__all__ = ["BadSample", "CaptionAnnotations", "DataStats", "ResumableLoader", "RetrievalAnnotations", "Sample",
+           "SampleStream", "ShardWriter", "TarShards", "VqaAnnotations", "check_caption", "decode_image",
+           "write_synthetic_dataset"]

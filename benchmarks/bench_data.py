@@ -1,0 +1,231 @@
+"""Benchmark of BLIP's image transforms: JPEG bytes in, normalised (B, 3, S, S) batches out.
+
+Implementations (``impl`` in the results):
+
+* ``fast``     -- DALI on the GPU: ``mixed`` decoder (nvJPEG + the hardware JPEG engine), GPU operators;
+* ``dali_cpu`` -- the same DALI pipeline on the CPU (``device_id=None``);
+* ``pil``      -- the PIL fallback (:class:`PilTransformLoader`) with N worker processes.
+
+Cases: ``pretrain_224`` (random-resized-crop 0.2-1.0, flip, RandomAugment(2, 5), 224 px, fp16 on the
+GPU / fp32 on the CPU) and ``eval_384`` (bicubic resize to 384 px, no crop).
+
+Inputs: JPEGs drawn here, 640x480 at quality 90 (about 100 kB each): a smooth colour field, a dozen
+shapes, blur and grain -- photo-like in size and entropy, never all zero. Each timed run transforms
+``--batches`` batches (cycling over the JPEGs) after a warm-up run; the figure is the median of
+``--runs`` runs, in images per second, outputs materialised (GPU: synchronised).
+
+    python benchmarks/bench_data.py [--impls fast,dali_cpu,pil] [--workers 1,16] [--json PATH]
+
+with PATH like ``benchmarks/results/data-h100-YYYYMMDD.json`` (suite ``data``, BENCHMARKS.md format).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import io
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFilter
+
+from blip_fast.data.dali_pipeline import HAS_DALI, DaliOptions, DaliTransformLoader, PilTransformLoader
+from blip_fast.data.transforms import TransformConfig
+
+IMPLS = ("fast", "dali_cpu", "pil")
+CASES = {
+    "pretrain_224": lambda dtype: TransformConfig.pretrain(224, dtype=dtype),
+    "eval_384": lambda dtype: TransformConfig.eval(384, dtype=dtype),
+}
+
+
+def photo_jpeg(seed: int, width: int = 640, height: int = 480, quality: int = 90) -> bytes:
+    """A photo-like JPEG of about 100 kB at 640x480 (never flat, never all zero)."""
+    rng = np.random.default_rng(seed)
+    field = rng.integers(0, 256, (height // 32 + 2, width // 32 + 2, 3), dtype=np.uint8)
+    image = Image.fromarray(field).resize((width, height), Image.BICUBIC)
+    pen = ImageDraw.Draw(image)
+    for _ in range(12):
+        x, y, r = rng.uniform(0, width), rng.uniform(0, height), rng.uniform(10, 120)
+        color = tuple(int(c) for c in rng.integers(0, 256, 3))
+        if rng.random() < 0.5:
+            pen.ellipse([x - r, y - r, x + r, y + r], fill=color)
+        else:
+            pen.polygon([(x, y - r), (x - r, y + r), (x + r, y + r * rng.uniform(0, 1))], fill=color)
+    pixels = np.asarray(image.filter(ImageFilter.GaussianBlur(1.0))).astype(np.int16)
+    pixels = (pixels + rng.normal(0, 9, pixels.shape)).clip(0, 255).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "JPEG", quality=quality)
+    return out.getvalue()
+
+
+def batches(jpegs: list[bytes], batch_size: int):
+    """An endless stream of ``(jpeg bytes, indices)`` batches cycling over ``jpegs``."""
+    order = itertools.cycle(range(len(jpegs)))
+    while True:
+        picks = [next(order) for _ in range(batch_size)]
+        yield [jpegs[i] for i in picks], picks
+
+
+def make_loader(impl: str, config: TransformConfig, source, args, workers: int):
+    if impl == "pil":
+        return PilTransformLoader(config, source, num_workers=workers, seed=0)
+    options = DaliOptions(batch_size=args.batch_size, device="gpu" if impl == "fast" else "cpu",
+                          num_threads=args.threads, prefetch_queue_depth=args.prefetch,
+                          hw_decoder_load=args.hw_decoder_load, jpeg_fancy_upsampling=not args.no_fancy_upsampling,
+                          seed=0)
+    return DaliTransformLoader(config, source, options)
+
+
+def time_runs(iterator, batches_per_run: int, runs: int, batch_size: int, cuda: bool) -> list[float]:
+    """images/s of ``runs`` timed runs of ``batches_per_run`` batches each, after one warm-up run."""
+    rates = []
+    for run in range(runs + 1):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        checksum = 0.0
+        for _ in range(batches_per_run):
+            images, _ = next(iterator)
+            checksum = checksum + images[:, :, 0, 0].float().sum()   # touch every batch; no host sync
+        if cuda:
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        if not torch.isfinite(torch.as_tensor(checksum)).item():      # after the clock stopped
+            raise RuntimeError("non-finite values in the transformed images")
+        if run:                                         # run 0 is the warm-up
+            rates.append(batches_per_run * batch_size / elapsed)
+    return rates
+
+
+def available(impl: str) -> str | None:
+    """Why ``impl`` cannot run here, or None."""
+    if impl in ("fast", "dali_cpu") and not HAS_DALI:
+        return "NVIDIA DALI is not installed (pip install nvidia-dali-cuda130==2.4.0)"
+    if impl == "fast" and not torch.cuda.is_available():
+        return "no CUDA device"
+    return None
+
+
+def run(args) -> list[dict]:
+    jpegs = [photo_jpeg(seed) for seed in range(args.images)]
+    print(f"{len(jpegs)} JPEGs, 640x480, mean {np.mean([len(j) for j in jpegs]) / 1e3:.0f} kB")
+    records = []
+    for case in args.cases:
+        for impl in args.impls:
+            reason = available(impl)
+            if reason:
+                print(f"skipping {impl} on {case}: {reason}")
+                continue
+            config = CASES[case]("float16" if impl == "fast" else "float32")
+            for workers in (args.workers if impl == "pil" else [0]):
+                loader = make_loader(impl, config, batches(jpegs, args.batch_size), args, workers)
+                iterator = iter(loader)
+                rates = time_runs(iterator, args.batches, args.runs, args.batch_size, cuda=impl == "fast")
+                iterator.close()
+                params = {"batch_size": args.batch_size}
+                if impl == "pil":
+                    params["workers"] = workers
+                else:
+                    params.update(threads=args.threads, prefetch=args.prefetch)
+                if impl == "fast":
+                    params.update(hw_decoder_load=args.hw_decoder_load,
+                                  jpeg_fancy_upsampling=not args.no_fancy_upsampling)
+                records.append({"case": case, "impl": impl, "metric": "images_per_s",
+                                "value": round(statistics.median(rates), 1), "params": params})
+    return records
+
+
+def print_table(records: list[dict]) -> None:
+    print(f"\n{'case':<14} {'impl':<9} {'setting':<22} {'images/s':>10} {'vs best pil':>12}")
+    for r in records:
+        best_pil = max((q["value"] for q in records if q["case"] == r["case"] and q["impl"] == "pil"), default=None)
+        setting = (f"{r['params']['workers']} workers" if r["impl"] == "pil"
+                   else f"{r['params']['threads']} threads")
+        ratio = f"{r['value'] / best_pil:.1f}x" if best_pil else "-"
+        print(f"{r['case']:<14} {r['impl']:<9} {setting:<22} {r['value']:>10.1f} {ratio:>12}")
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent)
+    except OSError:
+        return "unknown"
+    return out.stdout.strip() or "unknown"
+
+
+def _csv(kind, choices=None):
+    def parse(text: str):
+        items = [kind(item) for item in text.split(",") if item]
+        if choices is not None and not set(items) <= set(choices):
+            raise argparse.ArgumentTypeError(f"choose from {', '.join(choices)}")
+        return items
+    return parse
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--impls", type=_csv(str, IMPLS), default=list(IMPLS), help="comma list of " + ",".join(IMPLS))
+    parser.add_argument("--cases", type=_csv(str, tuple(CASES)), default=list(CASES), help="comma list of cases")
+    parser.add_argument("--workers", type=_csv(int), default=[os.cpu_count() or 1],
+                        help="comma list of PIL worker-process counts (default: all cores)")
+    parser.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 1), help="DALI CPU threads")
+    parser.add_argument("--prefetch", type=int, default=2, help="DALI prefetch queue depth")
+    parser.add_argument("--hw-decoder-load", type=float, default=1.0, help="share of JPEGs for the hardware decoder")
+    parser.add_argument("--no-fancy-upsampling", action="store_true",
+                        help="mixed decoder: nvJPEG's own chroma upsampling instead of libjpeg-turbo's")
+    parser.add_argument("--batch-size", type=int, default=128, help="images per batch")
+    parser.add_argument("--batches", type=int, default=20, help="batches per timed run")
+    parser.add_argument("--runs", type=int, default=5, help="timed runs (the median is reported)")
+    parser.add_argument("--images", type=int, default=256, help="distinct JPEGs to cycle over")
+    parser.add_argument("--json", metavar="PATH", help="write the results file (BENCHMARKS.md format) here")
+    args = parser.parse_args(argv)
+
+    records = run(args)
+    if not records:
+        print("bench_data: nothing could run here", file=sys.stderr)
+        return 1
+    print_table(records)
+    if args.json:
+        try:
+            import triton
+            triton_version = triton.__version__
+        except ImportError:
+            triton_version = "not installed"
+        result = {
+            "suite": "data",
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "torch": torch.__version__,
+            "triton": triton_version,
+            "dali": _dali_version(),
+            "cpu_cores": os.cpu_count(),
+            "git": _git_commit(),
+            "date": datetime.date.today().isoformat(),
+            "command": " ".join(sys.argv if argv is None else ["benchmarks/bench_data.py", *argv]),
+            "records": records,
+        }
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _dali_version() -> str:
+    if not HAS_DALI:
+        return "not installed"
+    import nvidia.dali
+
+    return nvidia.dali.__version__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

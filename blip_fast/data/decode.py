@@ -1,0 +1,159 @@
+"""Turning a sample's bytes and strings into something a model can use, or a counted refusal.
+
+Images are decoded with PIL and converted to RGB exactly as the original does
+(``Image.open(path).convert('RGB')``: grayscale, CMYK, palette and alpha images all go through
+``convert``; EXIF orientation is not applied, as in the original).
+
+**What counts as a recoverable image.** PIL refuses a JPEG that ends early; with
+``ImageFile.LOAD_TRUNCATED_IMAGES`` it appends an end marker and decodes whatever is there,
+filling the missing part with made-up blocks -- a different picture under the same caption. We
+accept a truncated JPEG only when nothing but its end marker (``FF D9``) is missing, and we check
+that rather than assume it: :func:`blip_fast.data.jpeg.jpeg_scan_complete` walks the Huffman-coded
+data and confirms that every MCU of the image is present (sequential JPEGs with one scan, what
+cameras and libjpeg write by default). Such a file decodes to exactly the pixels of the complete
+file. Everything else that fails to decode (cut inside the image data, a progressive JPEG cut
+anywhere, a broken PNG, bytes that are not an image, an empty file) is ``corrupt_image``.
+
+**What counts as a usable caption**: a string that is still non-empty after BLIP's own cleaning
+(``pre_caption``), since an empty string would otherwise be trained on as a caption. In a list
+of captions the unusable entries are dropped (counted as ``fixed``); a sample left with none is
+skipped. Numbers, ``None`` and other non-strings are never converted to text.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from PIL import Image
+
+from ..text.clean import clean_caption, clean_question
+from .jpeg import jpeg_scan_complete
+from .sample import (
+    CORRUPT_IMAGE,
+    IMAGE_TOO_LARGE,
+    MISSING_IMAGE,
+    NO_ANSWER,
+    NO_CAPTION,
+    NO_QUESTION,
+    BadSample,
+    DataStats,
+)
+
+JPEG_END_MISSING = "jpeg_end_marker_missing"   # DataStats.fixed key of a recovered JPEG
+CAPTIONS_DROPPED = "caption_entries_dropped"
+ANSWERS_DROPPED = "answer_entries_dropped"
+
+_SOI, _EOI = b"\xff\xd8", b"\xff\xd9"
+
+
+def read_image_file(path: str | Path) -> bytes:
+    """The bytes of an image file; a file that cannot be read is ``missing_image``."""
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as error:
+        raise BadSample(MISSING_IMAGE, f"{path}: {error.strerror or error}") from None
+
+
+def _decode(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+def recover_jpeg_missing_end(data: bytes) -> Image.Image | None:
+    """The image of a JPEG that lacks only its end marker, or ``None`` (see the module docstring)."""
+    if not data.startswith(_SOI) or data.endswith(_EOI):
+        return None
+    body = data.rstrip(b"\xff")                 # a cut between FF and D9 leaves a lone FF
+    if not jpeg_scan_complete(body):
+        return None
+    try:
+        return _decode(body + _EOI)
+    except Exception:                           # complete data that still fails: not recoverable
+        return None
+
+
+def decode_image(data: bytes | None, stats: DataStats | None = None, what: str = "image") -> Image.Image:
+    """Decode encoded image bytes to an RGB PIL image, or raise :class:`BadSample`.
+
+    ``stats`` (optional) counts repairs and mode conversions under ``fixed``; ``what`` names the
+    image in error messages.
+    """
+    stats = stats if stats is not None else DataStats()
+    if not data:
+        raise BadSample(CORRUPT_IMAGE, f"{what}: empty image data")
+    try:
+        image = _decode(data)
+    except Image.DecompressionBombError as error:
+        raise BadSample(IMAGE_TOO_LARGE, f"{what}: {error}") from None
+    except MemoryError:
+        raise
+    except Exception as error:  # PIL raises many types on hostile bytes; all mean "corrupt"
+        image = recover_jpeg_missing_end(data)
+        if image is None:
+            raise BadSample(CORRUPT_IMAGE, f"{what}: {type(error).__name__}: {error}") from None
+        stats.fix(JPEG_END_MISSING)
+    if image.mode != "RGB":
+        stats.fix(f"converted_{image.mode}_to_RGB")
+        image = image.convert("RGB")
+    return image
+
+
+def identify_image(data: bytes | None, what: str = "image") -> str:
+    """The format of encoded image bytes from their header alone (no decoding), or :class:`BadSample`.
+
+    The cheap check for pipelines that decode elsewhere (the GPU): it catches empty data and
+    bytes that are not an image, not a file cut short.
+    """
+    if not data:
+        raise BadSample(CORRUPT_IMAGE, f"{what}: empty image data")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.format
+    except Image.DecompressionBombError as error:
+        raise BadSample(IMAGE_TOO_LARGE, f"{what}: {error}") from None
+    except Exception as error:  # see decode_image
+        raise BadSample(CORRUPT_IMAGE, f"{what}: {type(error).__name__}: {error}") from None
+
+
+def _usable_caption(text) -> bool:
+    return isinstance(text, str) and clean_caption(text) != ""
+
+
+def check_caption(caption, stats: DataStats | None = None, what: str = "sample") -> str | list[str]:
+    """The usable part of a caption or list of captions (see the module docstring), or ``no_caption``."""
+    if isinstance(caption, str):
+        if _usable_caption(caption):
+            return caption
+        raise BadSample(NO_CAPTION, f"{what}: empty caption {caption!r}")
+    if isinstance(caption, (list, tuple)):
+        kept = [text for text in caption if _usable_caption(text)]
+        if not kept:
+            raise BadSample(NO_CAPTION, f"{what}: no usable caption in {list(caption)!r}"[:300])
+        if stats is not None:
+            stats.fix(CAPTIONS_DROPPED, len(caption) - len(kept))
+        return kept
+    raise BadSample(NO_CAPTION, f"{what}: caption is {type(caption).__name__}, not text")
+
+
+def check_question(question, what: str = "sample") -> str:
+    """A VQA question that is a string non-empty after BLIP's ``pre_question``, or ``no_question``."""
+    if isinstance(question, str) and clean_question(question).strip():
+        return question
+    raise BadSample(NO_QUESTION, f"{what}: unusable question {question!r}"[:300])
+
+
+def check_answers(answers, stats: DataStats | None = None, what: str = "sample") -> list[str]:
+    """The non-empty string answers of a VQA training question (a single string is one answer), or ``no_answer``."""
+    if isinstance(answers, str):
+        answers = [answers]
+    if not isinstance(answers, (list, tuple)):
+        raise BadSample(NO_ANSWER, f"{what}: answer is {type(answers).__name__}")
+    kept = [a for a in answers if isinstance(a, str) and a.strip()]
+    if not kept:
+        raise BadSample(NO_ANSWER, f"{what}: no usable answer in {list(answers)!r}"[:300])
+    if stats is not None:
+        stats.fix(ANSWERS_DROPPED, len(answers) - len(kept))
+    return kept

@@ -1,0 +1,132 @@
+"""``blip-fast data synth``: the built-in dataset, written in the formats real BLIP data comes in.
+
+Scenes come from :mod:`blip_fast.data.synthetic` (one to three coloured shapes of two sizes in
+five places; the caption names them). The dataset is written twice over, so that both readers
+are exercised by the same data:
+
+    DIR/shards/{split}-{i:05d}.tar    webdataset shards: KEY.jpg, KEY.txt (caption), KEY.json
+                                      (key, split, caption, scene, noisy, original_caption)
+    DIR/images/KEY.jpg                the same JPEG bytes, for the JSON lists
+    DIR/train.json                    [{"image": "images/KEY.jpg", "caption": str, "image_id": KEY}]
+    DIR/val.json, DIR/test.json       [{"image": ..., "caption": [str], "image_id": KEY}]  (Karpathy eval shape)
+    DIR/noise.json                    which training captions were replaced, and their originals
+    DIR/info.json                     the settings, counts per split and shard lists
+
+The first 90% of the scenes are ``train``, the next 5% ``val``, the last 5% ``test`` (scenes are
+independent draws, so contiguous splits are fair). ``noise`` replaces that fraction of the
+*training* captions with the caption of another training scene whose text differs: the ground
+truth a CapFilt filter should recover. Everything is a function of ``seed``: the same arguments
+write the same bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+from .shards import ShardWriter
+from .synthetic import caption, draw, random_scene
+
+SPLITS = ("train", "val", "test")
+OUTPUTS = ("shards", "images", "train.json", "val.json", "test.json", "noise.json", "info.json")
+
+
+def split_sizes(n: int, fractions: tuple[float, float, float]) -> dict[str, int]:
+    """Samples per split: val and test are rounded from their fractions, train takes the rest."""
+    val, test = round(n * fractions[1]), round(n * fractions[2])
+    return {"train": n - val - test, "val": val, "test": test}
+
+
+def _prepare_output(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ValueError(f"--out {out} is not empty (use --overwrite to replace a synthetic dataset there)")
+        for name in OUTPUTS:
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    (out / "images").mkdir(parents=True, exist_ok=True)
+
+
+def _mismatched(index: int, captions: list[str], rng: random.Random) -> int:
+    """Another training scene whose caption differs from scene ``index``'s."""
+    for _ in range(1000):
+        other = rng.randrange(len(captions))
+        if captions[other] != captions[index]:
+            return other
+    raise ValueError("cannot add caption noise: the training captions are all the same")
+
+
+def write_synthetic_dataset(out: str | Path, n: int, *, noise: float = 0.0, image_size: int = 128, seed: int = 0,
+                            shard_size: int = 100, quality: int = 90,
+                            fractions: tuple[float, float, float] = (0.9, 0.05, 0.05),
+                            overwrite: bool = False) -> dict:
+    """Write ``n`` synthetic samples to ``out`` (layout in the module docstring); returns ``info.json``'s content."""
+    if n < 1:
+        raise ValueError(f"--n must be at least 1, got {n}")
+    if not 0.0 <= noise <= 1.0:
+        raise ValueError(f"--noise must be a fraction in [0, 1], got {noise}")
+    if image_size < 8:
+        raise ValueError(f"--image-size must be at least 8, got {image_size}")
+    if shard_size < 1:
+        raise ValueError(f"--shard-size must be at least 1, got {shard_size}")
+    if seed < 0:
+        raise ValueError(f"--seed must be non-negative, got {seed}")
+    sizes = split_sizes(n, fractions)
+    if sizes["train"] < 1:
+        raise ValueError(f"{n} samples leave no training split")
+    out = Path(out)
+    _prepare_output(out, overwrite)
+
+    # scenes first (the noise draws need every training caption), then one drawing per scene
+    scene_rng, draw_rng, noise_rng = random.Random(seed), random.Random(seed + 1), random.Random(seed + 2)
+    scenes = [random_scene(scene_rng) for _ in range(n)]
+    originals = [caption(scene) for scene in scenes]
+    captions = list(originals)
+    train = originals[:sizes["train"]]
+    noisy = sorted(noise_rng.sample(range(sizes["train"]), round(noise * sizes["train"])))
+    width = max(6, len(str(n - 1)))
+    keys = [f"{i:0{width}d}" for i in range(n)]
+    noise_record = {}
+    for i in noisy:
+        source = _mismatched(i, train, noise_rng)
+        captions[i] = originals[source]
+        noise_record[keys[i]] = {"original_caption": originals[i], "caption": captions[i], "caption_from": keys[source]}
+
+    info = {"n": n, "seed": seed, "noise": noise, "noisy": len(noise_record), "image_size": image_size,
+            "shard_size": shard_size, "quality": quality, "splits": {}}
+    first = 0
+    for split in SPLITS:
+        indices = range(first, first + sizes[split])
+        first += sizes[split]
+        entries = []
+        with ShardWriter(out / "shards", split, shard_size) as writer:
+            for i in indices:
+                buffer = io.BytesIO()
+                draw(scenes[i], image_size, draw_rng).save(buffer, "JPEG", quality=quality)
+                jpeg = buffer.getvalue()
+                image = f"images/{keys[i]}.jpg"
+                (out / image).write_bytes(jpeg)
+                meta = {"key": keys[i], "split": split, "caption": captions[i],
+                        "scene": [asdict(obj) for obj in scenes[i]], "noisy": keys[i] in noise_record}
+                if keys[i] in noise_record:
+                    meta["original_caption"] = originals[i]
+                writer.write(keys[i], {"jpg": jpeg, "txt": captions[i].encode("utf-8"),
+                                       "json": json.dumps(meta, sort_keys=True).encode("utf-8")})
+                text = captions[i] if split == "train" else [captions[i]]
+                entries.append({"image": image, "caption": text, "image_id": keys[i]})
+        (out / f"{split}.json").write_text(json.dumps(entries, indent=0) + "\n")
+        info["splits"][split] = {"samples": sizes[split], "json": f"{split}.json",
+                                 "shards": [str(p.relative_to(out)) for p in writer.paths]}
+    (out / "noise.json").write_text(json.dumps({"fraction": noise, "seed": seed, "count": len(noise_record),
+                                                "samples": noise_record}, indent=1, sort_keys=True) + "\n")
+    (out / "info.json").write_text(json.dumps(info, indent=1) + "\n")
+    return info
