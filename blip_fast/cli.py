@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train a tiny BLIP on synthetic scenes (CPU, ~minutes) and evaluate it")
     p.add_argument("--steps", type=int, default=600, help="training steps (default 600)")
-    p.add_argument("--batch", type=int, default=24, help="pairs per step (default 24)")
+    p.add_argument("--batch", type=int, default=32, help="pairs per step (default 32)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--json", help="also write the result to this JSON file")
     p.set_defaults(run=cmd_demo)
