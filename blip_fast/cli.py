@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train a tiny BLIP on synthetic scenes (2 CPU cores: ~4 minutes) and evaluate "
                        "zero-shot retrieval")
-    p.add_argument("--steps", type=int, default=500, help="training steps (default 500)")
+    p.add_argument("--steps", type=int, default=450, help="training steps (default 450)")
     p.add_argument("--batch", type=int, default=32, help="pairs per step (default 32)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--json", help="also write the result to this JSON file")
