@@ -1,7 +1,7 @@
-# Set-up and entry points. `make demo` and `make test` work on a fresh machine with Python >= 3.10:
+# Set-up and entry points. `make pretrain` and `make test` work on a fresh machine with Python >= 3.10:
 # each creates .venv (CPU torch by default), installs blip_fast with its native extension, and runs.
 #
-#   make demo              train a tiny BLIP on synthetic scenes and evaluate retrieval (CPU, minutes)
+#   make pretrain          pretrain the tiny BLIP on built-in synthetic scenes, evaluate retrieval (CPU, minutes)
 #   make test              the test suite (CI runs this through .ci/run)
 #   TORCH="torch==2.11.0"  choose another torch (a CUDA machine keeps the torch it has: TORCH=)
 
@@ -10,7 +10,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: setup setup-test demo test parity clean
+.PHONY: setup setup-test pretrain test parity clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +25,8 @@ setup-test: $(BIN)/python
 	$(if $(TORCH),$(BIN)/pip install -q "$(TORCH)")
 	$(BIN)/pip install -q --no-build-isolation -e ".[test,triton,dali]"
 
-demo: setup
-	$(BIN)/blip-fast demo
+pretrain: setup
+	$(BIN)/blip-fast pretrain
 
 # BLIP_FAST_REQUIRE_NATIVE: the CPU twin of the CUDA kernels must have been built and tested.
 test: setup-test

@@ -95,9 +95,12 @@ setup(
         "pyyaml>=6",
         "numpy",
         "pillow",
+        "tqdm",
+        "tensorboard",  # pretraining writes TensorBoard events next to metrics.jsonl
     ],
     extras_require={
-        "test": ["pytest>=8", "transformers==5.17.0", "ruff"],
+        "test": ["pytest>=8", "transformers==5.17.0", "ruff", "matplotlib"],
+        "bench": ["matplotlib"],  # plots of `blip-fast bench report`
         "triton": ["triton==3.6.0"],
         # DALI's CUDA 13 wheel also runs CPU-only pipelines (device_id=None): CI tests those
         "dali": ["nvidia-dali-cuda130==2.4.0"],

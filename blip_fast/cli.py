@@ -29,15 +29,6 @@ def _device(name: str | None) -> str:
     return name
 
 
-def cmd_demo(args) -> int:
-    from .demo import run_demo
-
-    result = run_demo(steps=args.steps, batch=args.batch, seed=args.seed)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result.__dict__, indent=2))
-    return 0
-
-
 def cmd_caption(args) -> int:
     from .api import load
 
@@ -126,25 +117,64 @@ def cmd_data_synth(args) -> int:
     return 0
 
 
+def cmd_pretrain(args) -> int:
+    from .train.config import load_pretrain_config, pretrain_config_to_dict
+    from .train.engine import pretrain
+
+    config = load_pretrain_config(args.config, args.overrides)
+    if args.print_config:
+        print(json.dumps(pretrain_config_to_dict(config), indent=1))
+        return 0
+    resume = True if args.resume == "latest" else args.resume
+    pretrain(config, resume=resume or False)
+    return 0
+
+
+BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def cmd_bench(args) -> int:
+    import importlib.util
+
+    script = BENCHMARKS_DIR / ("report.py" if args.suite == "report" else f"bench_{args.suite}.py")
+    if not script.is_file():
+        raise FileNotFoundError(f"{script} not found: `blip-fast bench` runs the scripts of a source checkout "
+                                "(pip install -e .), which this installation is not")
+    spec = importlib.util.spec_from_file_location(f"blip_fast_bench_{args.suite}", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(args.args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blip-fast", description="The fastest correct BLIP.")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="log which op backends are picked; show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="train a tiny BLIP on synthetic scenes (2 CPU cores: ~4 minutes) and evaluate "
-                       "zero-shot retrieval")
-    p.add_argument("--steps", type=int, default=450, help="training steps (default 450)")
-    p.add_argument("--batch", type=int, default=32, help="pairs per step (default 32)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--json", help="also write the result to this JSON file")
-    p.set_defaults(run=cmd_demo)
-
     def checkpoint_options(p):
         p.add_argument("--checkpoint", "-c", required=True,
                        help="Salesforce .pth file or Hugging Face model directory")
         p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
         p.add_argument("--image-size", type=int, help="resize images to this size (default: the checkpoint's)")
+
+    p = sub.add_parser("pretrain", help="pretrain BLIP (ITC + ITM + LM); default: the tiny model on built-in "
+                       "synthetic scenes, a few minutes on a CPU, then zero-shot retrieval",
+                       description="Pretrain BLIP from a YAML config. Overrides: section.key=value, e.g. "
+                       "data.batch_size=96 optim.init_lr=2e-4 train.max_steps=1000 'data.paths=[a.json,b.json]'.")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides (values are YAML)")
+    p.add_argument("--config", help="YAML file, or a shipped config: tiny-synthetic (default), base, large")
+    p.add_argument("--resume", nargs="?", const="latest",
+                   help="continue from the latest checkpoint of train.out, or from this checkpoint file")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.set_defaults(run=cmd_pretrain)
+
+    p = sub.add_parser("bench", help="benchmarks (scripts in benchmarks/): data, step, hard_negatives, report",
+                       description="Run benchmarks/bench_SUITE.py (or report.py) with the remaining arguments; "
+                       "results files follow shared/BENCHMARKS.md.")
+    p.add_argument("suite", choices=("data", "step", "hard_negatives", "report"), help="which benchmark")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the benchmark script (see its --help)")
+    p.set_defaults(run=cmd_bench)
 
     p = sub.add_parser("caption", help="caption images with a captioning checkpoint")
     p.add_argument("images", nargs="+", help="image files")
@@ -206,7 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # config overrides may come after options too (pretrain --config base data.batch_size=96)
+    if extra and getattr(args, "overrides", None) is not None and all("=" in a and not a.startswith("-")
+                                                                       for a in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         return args.run(args)

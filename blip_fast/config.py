@@ -219,6 +219,13 @@ def _coerce(hint, value, key: str):
         if value is None and type(None) in options:
             return None
         hint = next(option for option in options if option is not type(None))
+    if origin in (list, tuple) and typing.get_args(hint):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list; got {value!r} ({type(value).__name__})")
+        item = typing.get_args(hint)[0]
+        return [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict and not isinstance(value, dict):
+        raise ConfigError(f"{key} must be a mapping; got {value!r} ({type(value).__name__})")
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint in (int, float, str, bool) and not (isinstance(value, hint) and not

@@ -11,6 +11,7 @@
     synth.py        `blip-fast data synth`: the synthetic dataset written as shards + JSON lists
     transforms.py   BLIP's pretraining / fine-tuning / evaluation transforms (RandomAugment) with PIL
     dali_pipeline.py  the same transforms as DALI pipelines (GPU decode, or CPU-only), PIL fallback
+    batches.py      CaptionBatches: a caption source -> transformed images + tokenized captions, resumable
 """
 
 from .annotations import CaptionAnnotations, RetrievalAnnotations, VqaAnnotations
@@ -21,6 +22,18 @@ from .shards import ShardWriter, TarShards
 from .stream import SampleStream
 from .synth import write_synthetic_dataset
 
-__all__ = ["BadSample", "CaptionAnnotations", "DataStats", "ResumableLoader", "RetrievalAnnotations", "Sample",
-           "SampleStream", "ShardWriter", "TarShards", "VqaAnnotations", "check_caption", "decode_image",
-           "write_synthetic_dataset"]
+__all__ = ["BadSample", "CaptionAnnotations", "CaptionBatch", "CaptionBatches", "DataStats", "ResumableLoader",
+           "RetrievalAnnotations", "Sample", "SampleStream", "ShardWriter", "TarShards", "VqaAnnotations",
+           "check_caption", "decode_image", "open_caption_source", "write_synthetic_dataset"]
+
+_LAZY = {"CaptionBatch", "CaptionBatches", "open_caption_source"}
+
+
+def __getattr__(name: str):
+    # batches.py imports NVIDIA DALI (half a second): load it when one of its names is first used,
+    # not with every module of this package
+    if name in _LAZY:
+        from . import batches
+
+        return getattr(batches, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

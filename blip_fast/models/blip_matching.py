@@ -72,11 +72,23 @@ class ImageTextMatchingModel(nn.Module):
         text = self.text_encoder(input_ids, attention_mask)
         return F.normalize(self.text_proj(text[:, 0, :]), dim=-1)
 
+    def image_keys_values(self, image_embeds: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each text layer's cross-attention keys and values (B, H, N, D) of the image tokens.
+
+        Computed once, they serve every text pass over the same images: rows are picked along
+        dim 0 (``k[index]``) instead of projecting repeated image tokens again.
+        """
+        return self.text_encoder.context_keys_values(image_embeds)
+
     def itm_logits(self, image_embeds: torch.Tensor, input_ids: torch.Tensor,
                    attention_mask: torch.Tensor) -> torch.Tensor:
         """ITM logits (B, 2) [no match, match]; ``input_ids`` start with [ENC] (see :meth:`with_enc`)."""
-        image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-        fused = self.text_encoder(input_ids, attention_mask, image_embeds, image_mask)
+        return self.itm_logits_from_keys_values(self.image_keys_values(image_embeds), input_ids, attention_mask)
+
+    def itm_logits_from_keys_values(self, image_kv: list[tuple[torch.Tensor, torch.Tensor]],
+                                    input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """:meth:`itm_logits` with the images given by :meth:`image_keys_values` (every image token valid)."""
+        fused = self.text_encoder(input_ids, attention_mask, context_kv=image_kv)
         return self.itm_head(fused[:, 0, :])
 
     def with_enc(self, input_ids: torch.Tensor) -> torch.Tensor:

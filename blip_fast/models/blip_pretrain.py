@@ -5,18 +5,29 @@ Order of one step, as the original:
 1. clamp the temperature to [0.001, 0.5];
 2. online features: image tokens, ITC image and text features;
 3. momentum update (m = 0.995), then the momentum features, without gradient;
-4. ITC with momentum distillation over batch + queue; enqueue the momentum features;
+4. ITC with momentum distillation over batch + queue; enqueue the momentum features (of every
+   rank, when distributed);
 5. ITM: the positive pairs, then for every text a hard-negative image and for every image a
    hard-negative text, sampled from the in-batch ITC similarities; 3B rows through the head;
 6. LM: the decoder reads the caption with [DEC] first, cross-attending to the image tokens.
 
 Captions arrive tokenized (``input_ids`` starting with [CLS], ``attention_mask``), so no host
 work happens inside the forward.
+
+The image tokens reach ITM and LM only through each text layer's cross-attention keys and values,
+and the decoder shares the encoder's cross-attention. So they are projected once, for B images,
+and the 3B ITM rows gather theirs along the batch, where the original projects 3B + B image-token
+rows. With N image tokens of width W, text width C and L layers, one K and one V projection cost
+``4 N W C`` FLOPs per image and layer forward and twice that backward (input and weight
+gradients). Projecting B rows instead of 4B saves ``3B * 4 N W C * L`` forward and three times
+that in all: ``36 B N W C L`` FLOPs a step, 50 GFLOPs per pair for BLIP base at 224 px (N = 197,
+W = C = 768, L = 12), with the same result up to the summation order of the gradients.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .. import ops
@@ -60,25 +71,30 @@ class BlipPretrain(ImageTextMatchingModel):
                                                   self.image_queue, self.text_queue, self.temp, alpha)
         self.enqueue(image_feat_m, text_feat_m)
 
-        loss_itm = self.itm_loss(image_embeds, input_ids, attention_mask, sim_i2t, sim_t2i, generator)
+        # one projection of the image tokens for both text passes (the decoder shares the encoder's
+        # cross-attention modules, hence its keys/values)
+        image_kv = self.image_keys_values(image_embeds)  # per layer (k, v), each (B, H, N, D)
+        loss_itm = self.itm_loss(image_kv, input_ids, attention_mask, sim_i2t, sim_t2i, generator)
 
         decoder_ids = input_ids.clone()
         decoder_ids[:, 0] = self.config.text.bos_token_id
         targets = decoder_ids.masked_fill(decoder_ids == self.config.text.pad_token_id, ops.IGNORE_INDEX)
-        image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=images.device)
-        loss_lm = self.text_decoder.loss(decoder_ids, attention_mask, image_embeds, image_mask, targets,
-                                         self.config.label_smoothing)
+        loss_lm = self.text_decoder.loss(decoder_ids, attention_mask, None, None, targets,
+                                         self.config.label_smoothing, context_kv=image_kv)
         return {"itc": loss_itc, "itm": loss_itm, "lm": loss_lm}
 
     @torch.no_grad()
     def enqueue(self, image_feat_m: torch.Tensor, text_feat_m: torch.Tensor) -> None:
+        """Write the momentum features (B, D) into the queues; distributed, those of every rank."""
+        image_feat_m, text_feat_m = concat_all_gather(image_feat_m), concat_all_gather(text_feat_m)
         # both queues share one pointer: advance it once, after writing both
         ptr = self.queue_ptr.clone()
         ops.enqueue_(self.image_queue, ptr, image_feat_m)
         ops.enqueue_(self.text_queue, self.queue_ptr, text_feat_m)
 
-    def itm_loss(self, image_embeds, input_ids, attention_mask, sim_i2t, sim_t2i, generator) -> torch.Tensor:
-        batch = image_embeds.shape[0]
+    def itm_loss(self, image_kv, input_ids, attention_mask, sim_i2t, sim_t2i, generator) -> torch.Tensor:
+        """ITM loss over 3B rows; the images as their per-layer keys/values (:meth:`image_keys_values`)."""
+        batch = input_ids.shape[0]
         enc_ids = self.with_enc(input_ids)
         with torch.no_grad():
             neg_image_for_text = ops.sample_hard_negatives(sim_t2i, generator=generator)  # (B,)
@@ -86,6 +102,21 @@ class BlipPretrain(ImageTextMatchingModel):
         # rows: B positives, then B (text, negative image), then B (negative text, image)
         ids_all = torch.cat([enc_ids, enc_ids, enc_ids[neg_text_for_image]], dim=0)
         mask_all = torch.cat([attention_mask, attention_mask, attention_mask[neg_text_for_image]], dim=0)
-        images_all = torch.cat([image_embeds, image_embeds[neg_image_for_text], image_embeds], dim=0)
-        logits = self.itm_logits(images_all, ids_all, mask_all)
+        # each layer's image keys and values for the same rows: (B, H, N, D) -> (3B, H, N, D)
+        kv_all = [tuple(torch.cat([t, t[neg_image_for_text], t], dim=0) for t in kv) for kv in image_kv]
+        logits = self.itm_logits_from_keys_values(kv_all, ids_all, mask_all)
         return ops.itm_loss(logits, batch)
+
+
+def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` (B, ...) of every rank, concatenated along dim 0 in rank order: (world * B, ...).
+
+    The original ``concat_all_gather``, for the momentum features that enter the queues: no
+    gradient, and every rank must hold the same shape. A single process gets ``tensor`` back.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    tensor = tensor.contiguous()
+    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, tensor)
+    return torch.cat(gathered, dim=0)

@@ -3,7 +3,7 @@
 One BERT-base transformer used in three functionalities:
 
 * **unimodal text encoder** -- bidirectional self-attention only; its [CLS] state is the text
-  feature of the ITC loss (``TextTransformer.forward`` without ``encoder_hidden_states``);
+  feature of the ITC loss (``TextTransformer.forward`` without a context);
 * **image-grounded text encoder** -- every layer adds cross-attention to the image tokens between
   self-attention and feed-forward; input starts with [ENC]; its first state feeds the ITM head;
 * **image-grounded text decoder** -- causal self-attention, same cross-attention and
@@ -12,6 +12,12 @@ One BERT-base transformer used in three functionalities:
 In pretraining the encoder and the decoder share every weight except the self-attention
 (``share_all_but_self_attention``). Parameter names are those of the original (BERT's), so
 checkpoints load without renaming.
+
+The context (image tokens, or the question's states for VQA's answer decoder) enters the text
+transformer only through each layer's cross-attention keys and values. They can be computed once
+(``TextTransformer.context_keys_values``) and handed to several passes over the same context
+(``context_kv=``): pretraining projects the image tokens once for its 3B ITM rows and B LM rows
+instead of 4B times, and generation keeps them in its ``KVCache``.
 """
 
 from __future__ import annotations
@@ -133,7 +139,9 @@ class TextLayer(nn.Module):
         self.output = AttentionOutput(config)
         self.output.dense = nn.Linear(config.intermediate_size, config.hidden_size)
 
-    def forward(self, x, padding_mask, causal, context=None, context_mask=None, cache=None, index=0):
+    def forward(self, x, padding_mask, causal, context_kv=None, context_mask=None, cache=None, index=0):
+        """``context_kv``: this layer's cross-attention keys/values (B, H, N, D), or None for no
+        cross-attention; ``cache`` and ``index`` (this layer's entry) only when decoding."""
         # self-attention, appending this step's keys/values to the cache when decoding
         k, v = self.attention.self.keys_values(x)
         if cache is not None:
@@ -143,13 +151,7 @@ class TextLayer(nn.Module):
             cache.self_kv[index] = (k, v)
             causal = causal and k.shape[2] == x.shape[1]  # one new query sees every cached key
         x = self.attention(x, padding_mask, causal, (k, v))
-        if context is not None:
-            if cache is not None and cache.cross_kv[index] is not None:
-                context_kv = cache.cross_kv[index]
-            else:
-                context_kv = self.crossattention.self.keys_values(context)
-                if cache is not None:
-                    cache.cross_kv[index] = context_kv
+        if context_kv is not None:
             x = self.crossattention(x, context_mask, False, context_kv)
         hidden = F.gelu(self.intermediate.dense(x))
         return self.output(hidden, x)
@@ -178,6 +180,16 @@ class TextTransformer(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
+    def context_keys_values(self, context: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every layer's cross-attention keys and values, each (B, H, N, D), of ``context`` (B, N, width).
+
+        Gradients flow back through them to the key/value projections and to ``context``, so one
+        result may feed several passes (rows picked with ``k[index]`` along the batch) in training.
+        """
+        if not hasattr(self.encoder.layer[0], "crossattention"):
+            raise ValueError("this text transformer has no cross-attention layers")
+        return [layer.crossattention.self.keys_values(context) for layer in self.encoder.layer]
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -186,23 +198,39 @@ class TextTransformer(nn.Module):
         encoder_attention_mask: torch.Tensor | None = None,
         causal: bool = False,
         cache: KVCache | None = None,
+        context_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
         """Token ids (B, L) -> hidden states (B, L, hidden).
 
         ``attention_mask`` (B, L_total) marks real tokens (1) and padding (0); with a cache it
-        covers the cached tokens too. ``encoder_hidden_states`` (B, N, width) switches the
-        cross-attention on; ``encoder_attention_mask`` (B, N) marks its valid tokens.
+        covers the cached tokens too. A context switches the cross-attention on, given either as
+        ``encoder_hidden_states`` (B, N, width) or as its per-layer keys/values ``context_kv``
+        (:meth:`context_keys_values`); ``encoder_attention_mask`` (B, N) marks its valid tokens
+        (None: all). A cache keeps the context's keys/values of its first step for the later ones.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, L); got {tuple(input_ids.shape)}")
-        if encoder_hidden_states is not None and not hasattr(self.encoder.layer[0], "crossattention"):
+        if encoder_hidden_states is not None and context_kv is not None:
+            raise ValueError("give the context as encoder_hidden_states or as context_kv, not both")
+        has_context = encoder_hidden_states is not None or context_kv is not None
+        if has_context and not hasattr(self.encoder.layer[0], "crossattention"):
             raise ValueError("this text transformer has no cross-attention layers")
+        if context_kv is not None and len(context_kv) != len(self.encoder.layer):
+            raise ValueError(f"context_kv has {len(context_kv)} entries for {len(self.encoder.layer)} layers")
+        if has_context and cache is not None and cache.cross_kv and cache.cross_kv[0] is not None:
+            context_kv = cache.cross_kv  # a later decoding step: the first step's (beam-reordered) entries
+        else:
+            if encoder_hidden_states is not None:
+                context_kv = self.context_keys_values(encoder_hidden_states)
+            if cache is not None and context_kv is not None:
+                cache.cross_kv = list(context_kv)
         past = cache.length if cache is not None else 0
         x = self.embeddings(input_ids, past)
         padding_mask = None if attention_mask is None else attention_mask.bool()
         context_mask = None if encoder_attention_mask is None else encoder_attention_mask.bool()
         for index, layer in enumerate(self.encoder.layer):
-            x = layer(x, padding_mask, causal, encoder_hidden_states, context_mask, cache, index)
+            layer_kv = None if context_kv is None else context_kv[index]
+            x = layer(x, padding_mask, causal, layer_kv, context_mask, cache, index)
         return x
 
 
@@ -236,23 +264,25 @@ class TextDecoder(nn.Module):
         self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
 
     def hidden_states(self, input_ids, attention_mask, encoder_hidden_states, encoder_attention_mask=None,
-                      cache=None) -> torch.Tensor:
-        """Transformed hidden states (B, L, hidden), the input of the vocabulary projection."""
+                      cache=None, context_kv=None) -> torch.Tensor:
+        """Transformed hidden states (B, L, hidden), the input of the vocabulary projection; the
+        context as ``encoder_hidden_states`` or ``context_kv`` (see :meth:`TextTransformer.forward`)."""
         x = self.bert(input_ids, attention_mask, encoder_hidden_states, encoder_attention_mask, causal=True,
-                      cache=cache)
+                      cache=cache, context_kv=context_kv)
         return self.cls.predictions.hidden(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.cls.predictions.decoder(hidden)
 
     def loss(self, input_ids, attention_mask, encoder_hidden_states, encoder_attention_mask, targets,
-             label_smoothing: float = 0.1, reduction: str = "mean") -> torch.Tensor:
+             label_smoothing: float = 0.1, reduction: str = "mean", context_kv=None) -> torch.Tensor:
         """Next-token loss: position t predicts ``targets[:, t + 1]`` (``-100`` ignored).
 
         ``reduction='mean'`` averages over every predicted token of the batch; ``'sum_per_sample'``
         returns each sequence's summed loss (VQA weights answers per sample).
         """
-        hidden = self.hidden_states(input_ids, attention_mask, encoder_hidden_states, encoder_attention_mask)
+        hidden = self.hidden_states(input_ids, attention_mask, encoder_hidden_states, encoder_attention_mask,
+                                    context_kv=context_kv)
         hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B*(L-1), hidden)
         shifted = targets[:, 1:].reshape(-1)
         head = self.cls.predictions

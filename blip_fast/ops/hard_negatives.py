@@ -9,9 +9,17 @@ The algorithm and its reference are in :mod:`blip_fast.kernels.hard_negatives`.
 Backends (see :mod:`blip_fast.ops.registry`):
 
 * ``reference`` -- ``sample_hard_negatives_ref``, pure PyTorch, every device.
-* ``triton``    -- the Triton kernel, CUDA tensors.
+* ``triton``    -- the Triton kernel, CUDA tensors: the custom op ``blip_fast::sample_hard_negatives_triton``.
 * ``cuda``      -- the native extension ``blip_fast._C``: its CPU twin on CPU tensors and, when
-  built with CUDA, its CUDA kernel on CUDA tensors.
+  built with CUDA, its CUDA kernel on CUDA tensors: ``blip_fast::sample_hard_negatives_native``.
+
+The fast backends are ``torch.library`` custom ops with a fake (shape) implementation, so that
+``torch.compile(fullgraph=True)`` puts them in its graph as opaque nodes instead of breaking it at
+the Triton launch or the pybind11 call; dynamo traces the reference like any PyTorch code. A
+``torch.Generator`` cannot enter a compiled graph (dynamo has no proxy for it), so compiled code
+passes ``uniforms`` or draws them from the global generator (``generator=None``; inductor then
+draws with its own RNG unless ``torch._inductor.config.fallback_random`` is set). The ops only
+ever see the uniforms: given the same ones, compiled and eager calls pick the same columns.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import torch
 
 from blip_fast.kernels.hard_negatives import (
     HAS_TRITON,
+    check_inputs,
     near_cdf_boundary,
     sample_hard_negatives_ref,
     sample_hard_negatives_triton,
@@ -28,17 +37,37 @@ from blip_fast.kernels.hard_negatives import (
 from . import native
 from .registry import ParityCase, define_op
 
+
+@torch.library.custom_op("blip_fast::sample_hard_negatives_triton", mutates_args=())
+def sample_hard_negatives_triton_op(sim: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    return sample_hard_negatives_triton(sim, uniforms)
+
+
+@torch.library.custom_op("blip_fast::sample_hard_negatives_native", mutates_args=())
+def sample_hard_negatives_native_op(sim: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    if native._C is None:
+        raise RuntimeError(f"sample_hard_negatives_native: blip_fast._C is not available ({native.IMPORT_ERROR})")
+    return native._C.sample_hard_negatives(sim, uniforms)
+
+
+@sample_hard_negatives_triton_op.register_fake
+@sample_hard_negatives_native_op.register_fake
+def _sample_hard_negatives_fake(sim: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    check_inputs(sim, uniforms)  # the kernels' errors at trace time, from shapes and dtypes alone
+    return sim.new_empty(sim.shape[0], dtype=torch.long)
+
+
 hard_negatives_op = define_op("sample_hard_negatives", sample_hard_negatives_ref)
 hard_negatives_op.register(
     "triton",
-    sample_hard_negatives_triton,
+    sample_hard_negatives_triton_op,
     devices=("cuda",),
     is_available=lambda: HAS_TRITON and torch.cuda.is_available(),
 )
 if native.HAS_NATIVE:
     # The CPU twin is always compiled; the CUDA kernel only when the extension was built with CUDA.
     _native_devices = ("cpu", "cuda") if native._C.built_with_cuda() else ("cpu",)
-    hard_negatives_op.register("cuda", native._C.sample_hard_negatives, devices=_native_devices)
+    hard_negatives_op.register("cuda", sample_hard_negatives_native_op, devices=_native_devices)
 
 
 def sample_hard_negatives(
@@ -51,6 +80,7 @@ def sample_hard_negatives(
     ``sim`` holds ITC logits (fp32/fp16/bf16), N >= B and N >= 2. ``uniforms`` [B] fp32 in [0, 1)
     make the draw deterministic; when omitted they are drawn with ``torch.rand`` on ``sim``'s
     device from ``generator``. Returns a LongTensor [B] that never contains a row's own index.
+    Inside ``torch.compile`` pass ``uniforms`` or no ``generator`` (see the module docstring).
     """
     if uniforms is None:
         if not isinstance(sim, torch.Tensor) or sim.dim() != 2:

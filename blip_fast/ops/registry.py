@@ -143,7 +143,9 @@ class Op:
         else:
             picked = usable[0]
         key = (self.name, device.type, choice)
-        if key not in _logged:
+        # Dynamo cannot trace a logger call (it would break a fullgraph compile), so only eager calls
+        # log; tracing picks the same way.
+        if key not in _logged and not torch.compiler.is_compiling():
             _logged.add(key)
             log.info("blip_fast op %s on %s: %s (requested %s)", self.name, device.type, picked, choice)
         return picked

@@ -1,0 +1,195 @@
+"""``blip-fast bench step``: the full BLIP pretraining step, reference path against fast path, in one run.
+
+    blip-fast bench step                                   # ViT-B/16 224 px, batch 96, queue 57,600 (a GPU)
+    blip-fast bench step --preset tiny --image-size 64 --batch 16 --queue 96 --steps 3   # a CPU smoke run
+    python benchmarks/bench_step.py --json benchmarks/results/step-h100-YYYYMMDD.json
+
+One step is BlipPretrain's forward (ITC + ITM + LM, momentum update, enqueue), backward and AdamW,
+exactly as ``blip-fast pretrain`` runs it (``blip_fast.train.engine.optimizer_step``). The two impls:
+
+``reference``  the pure-PyTorch reference ops (``BLIP_FAST_IMPL=reference``), fp32 (TF32 matmuls on
+               CUDA, like the original's measured run), captions padded to 30 tokens, AdamW one tensor
+               at a time, no compile: the original algorithm, written plainly;
+``fast``       the fast ops (``auto``), bf16 autocast, every transformer block compiled, torch's fused
+               AdamW, captions padded to the longest of the batch.
+
+Inputs: images of Gaussian noise (never all zeros) and captions of the built-in synthetic scenes,
+tokenized; their lengths follow the synthetic captions (one to three objects). Timing: ``--warmup``
+steps, then ``--steps`` steps each bracketed by ``torch.cuda.synchronize()``; the median step gives
+samples/s; peak memory from ``torch.cuda.max_memory_allocated`` (CUDA only). FLOPs per sample are
+counted once per impl with ``torch.utils.flop_counter.FlopCounterMode`` on one eager step (forward +
+backward): the reference count is the algorithm's (the "model" FLOPs of shared/BENCHMARKS.md), the
+fast count what the fast path executes (less: K/V reuse, shorter padding). MFU = samples/s x FLOPs
+per sample / ``--peak-tflops`` (default 798, the H100's measured bf16 peak).
+
+Not measured here yet: the original implementation itself (``original``, from the ``blip-ci``
+package: it needs timm 0.4.12, fairscale and a BERT tokenizer it downloads; shims not written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import statistics
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from blip_fast import ops
+from blip_fast.config import preset
+from blip_fast.data.synthetic import caption, random_scene
+from blip_fast.models.blip_pretrain import BlipPretrain
+from blip_fast.text import BlipTokenizer
+from blip_fast.train.config import OptimConfig
+from blip_fast.train.engine import optimizer_step
+from blip_fast.train.optim import build_optimizer
+
+IMPLS = ("reference", "fast")
+
+
+def _git() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def make_batch(batch: int, image_size: int, device: torch.device, padding: str, seed: int = 0):
+    rng = random.Random(seed)
+    texts = [caption(random_scene(rng)) for _ in range(batch)]
+    tokens = BlipTokenizer()(texts, max_length=30, padding=padding)
+    images = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(seed))
+    return SimpleNamespace(images=images.to(device), input_ids=tokens.input_ids.to(device),
+                           attention_mask=tokens.attention_mask.to(device))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build(impl: str, config, device: torch.device):
+    model = BlipPretrain(config).to(device).train()
+    optimizer = build_optimizer(model, OptimConfig(fused="loop" if impl == "reference" else "auto"), device)
+    return model, optimizer
+
+
+def count_flops(impl: str, config, device, batch) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, optimizer = build(impl, config, device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    precision = "fp32" if impl == "reference" else "bf16"
+    with ops.impl_scope("reference" if impl == "reference" else "auto"), FlopCounterMode(display=False) as counter:
+        optimizer_step(model, optimizer, [batch], 0.4, generator, precision)
+    return counter.get_total_flops() / batch.images.shape[0]
+
+
+def time_steps(impl: str, config, device, batch, steps: int, warmup: int, compile_blocks: bool) -> dict:
+    model, optimizer = build(impl, config, device)
+    if compile_blocks:
+        from blip_fast.models.compile import compile_blocks as compile_model
+
+        compile_model(model)
+    generator = torch.Generator(device=device).manual_seed(0)
+    precision = "fp32" if impl == "reference" else "bf16"
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    with ops.impl_scope("reference" if impl == "reference" else "auto"):
+        for index in range(warmup + steps):
+            _sync(device)
+            start = time.perf_counter()
+            optimizer_step(model, optimizer, [batch], 0.4, generator, precision)
+            _sync(device)
+            if index >= warmup:
+                times.append(time.perf_counter() - start)
+    result = {"step_s": statistics.median(times), "samples_per_s": batch.images.shape[0] / statistics.median(times)}
+    if device.type == "cuda":
+        result["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    del model, optimizer
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="blip-fast bench step", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="base", choices=("tiny", "base", "large"))
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=96)
+    parser.add_argument("--queue", type=int, default=57600)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile happens here)")
+    parser.add_argument("--impl", action="append", choices=IMPLS, help="only these impls (default: both)")
+    parser.add_argument("--no-compile", action="store_true", help="fast path without torch.compile")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--peak-tflops", type=float, default=798.0,
+                        help="bf16 peak for MFU (798: measured on the H100, shared/GPU.md)")
+    parser.add_argument("--json", help="write the results file here (format: shared/BENCHMARKS.md)")
+    args = parser.parse_args(argv)
+    if args.batch < 2 or args.steps < 1 or args.warmup < 0:
+        parser.error("--batch must be >= 2, --steps >= 1, --warmup >= 0")
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # the original's measured fp32 run used TF32
+        torch.backends.cudnn.allow_tf32 = True
+    config = preset(args.preset, image_size=args.image_size)
+    config.queue_size = args.queue
+    case = f"pretrain_{args.preset}{args.image_size}_b{args.batch}"
+    records, rows = [], []
+    for impl in args.impl or IMPLS:
+        batch = make_batch(args.batch, args.image_size, device, "max_length" if impl == "reference" else "longest")
+        flops = count_flops(impl, copy.deepcopy(config), device, batch)
+        timing = time_steps(impl, copy.deepcopy(config), device, batch, args.steps, args.warmup,
+                            compile_blocks=impl == "fast" and not args.no_compile)
+        metrics = {"samples_per_s": timing["samples_per_s"], "gflop_per_sample": flops / 1e9,
+                   "tflops": timing["samples_per_s"] * flops / 1e12}
+        if "peak_gib" in timing:
+            metrics["peak_gib"] = timing["peak_gib"]
+        records += [{"case": case, "impl": impl, "metric": k, "value": v} for k, v in metrics.items()]
+        rows.append((impl, metrics))
+    reference_flops = next((m["gflop_per_sample"] for i, m in rows if i == "reference"), None)
+    for impl, metrics in rows:
+        if reference_flops is not None:
+            model_mfu = metrics["samples_per_s"] * reference_flops * 1e9 / (args.peak_tflops * 1e12)
+            records.append({"case": case, "impl": impl, "metric": "mfu", "value": model_mfu, "flops": "model"})
+            metrics["model_mfu"] = model_mfu
+        hardware_mfu = metrics["tflops"] / args.peak_tflops
+        records.append({"case": case, "impl": impl, "metric": "mfu", "value": hardware_mfu, "flops": "hardware"})
+        metrics["hardware_mfu"] = hardware_mfu
+
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"{case} on {device_name}, torch {torch.__version__}")
+    print(f"{'impl':<10} {'samples/s':>10} {'GFLOP/sample':>13} {'peak GiB':>9} {'model MFU':>10} {'hw MFU':>8}")
+    for impl, m in rows:
+        peak = f"{m['peak_gib']:.1f}" if "peak_gib" in m else "-"
+        model_mfu = f"{m['model_mfu']:.1%}" if "model_mfu" in m else "-"
+        print(f"{impl:<10} {m['samples_per_s']:>10.1f} {m['gflop_per_sample']:>13.1f} {peak:>9} {model_mfu:>10} "
+              f"{m['hardware_mfu']:>8.1%}")
+    if len(rows) == 2:
+        print(f"speed-up fast / reference: {rows[1][1]['samples_per_s'] / rows[0][1]['samples_per_s']:.2f}x")
+    if args.json:
+        try:
+            import triton
+
+            triton_version = triton.__version__
+        except ImportError:
+            triton_version = None
+        result = {"suite": "step", "device": device_name,
+                  "torch": torch.__version__, "triton": triton_version, "git": _git(), "date": date.today().isoformat(),
+                  "command": "blip-fast bench step " + " ".join(argv if argv is not None else sys.argv[1:]),
+                  "records": records}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

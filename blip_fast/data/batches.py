@@ -1,0 +1,440 @@
+"""Training batches of (image, caption) pairs: a caption source -> image transforms -> tokenized captions, resumable.
+
+    source = open_caption_source("shards", "data/cc3m/{00000..00331}.tar")
+    batches = CaptionBatches(source, TransformConfig.pretrain(224), batch_size=64, num_workers=8)
+    batches.load_state_dict(checkpoint["data"])              # when resuming
+    for epoch in range(batches.epoch, epochs):
+        for batch in batches:                                  # the rest of this epoch
+            batch = batch.to("cuda", non_blocking=True)
+            ...
+            checkpoint["data"] = batches.state_dict()          # as of the batch just handed out
+
+Each sample goes through what BLIP's ``pretrain_dataset`` / ``coco_karpathy_train.__getitem__`` do:
+a caption list gets one caption by random choice, the caption is cleaned with ``pre_caption``
+(:func:`~blip_fast.text.clean.clean_caption`, ``max_words``) and the image transformed; the batch's
+captions are tokenized as ``blip_pretrain`` does (``padding="longest"``, truncated at ``max_length``),
+so ``input_ids`` is as long as the longest caption *of the batch*. A caption that is empty after
+cleaning is skipped and counted (``no_caption``) like every other bad sample (see
+:mod:`blip_fast.data.sample`).
+
+Where the work happens, by backend:
+
+* ``pil`` -- the DataLoader workers decode, choose the caption, transform the image with
+  :class:`~blip_fast.data.transforms.PilTransform` and tokenize; the main process only passes
+  batches on.
+* ``dali`` -- the workers read the image bytes, check them, choose the caption and tokenize; the
+  main process feeds the bytes to the DALI pipeline of :mod:`blip_fast.data.dali_pipeline` (GPU
+  decoding with ``DaliOptions(device="gpu")``, images then stay on the GPU). DALI refuses a JPEG
+  cut short (even one that only lacks its end marker) and any GIF, and one refused file stops
+  the whole pipeline, so the workers hand it only JPEGs that end in their end marker (one that
+  lacks only the marker gets it back, as :func:`~blip_fast.data.decode.decode_image` does) and
+  re-encode every other format, decoded with PIL, as BMP. JPEG data damaged *inside* the file
+  decodes with a warning, as with PIL.
+
+Randomness, and why resuming is exact. The sample order is the
+:class:`~blip_fast.data.stream.SampleStream`'s, a function of ``(seed, epoch, rank, world_size,
+num_workers)``. The caption choice and the PIL transform draw from generators seeded with ``(seed,
+epoch, sample key)``: a sample gets the same caption and the same crop whatever the worker count,
+and differs from one epoch to the next. DALI's random operators cannot be seeded per sample; the
+pipeline is built each epoch with a seed drawn from ``(DaliOptions.seed, else seed; epoch, rank)``,
+so its crops depend on the batch a sample lands in (and so on ``num_workers``). ``state_dict()``
+holds the :class:`~blip_fast.data.loader.ResumableLoader` state *as of the last batch handed out*
+-- DALI reads ``prefetch_queue_depth`` batches ahead, so the states of batches fed to DALI wait in
+a queue until their images come out -- and, on DALI, the pipeline's own checkpoint (its random
+number generators at that batch; ``enable_checkpointing``). A fresh ``CaptionBatches`` with the
+same settings that loads it continues with exactly the batches the uninterrupted one would have
+given: the same keys, captions and tokens, the same PIL images bit for bit, and on DALI the same
+random crops and augmentations (checked on ``cpu``; the checkpoint needs the same DALI version and
+device kind). A state saved on another backend resumes the same samples and captions with fresh
+random augmentation, and says so in the log.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import hashlib
+import io
+import logging
+import os
+import warnings
+import weakref
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..text.clean import clean_caption
+from ..text.tokenizer import BlipTokenizer
+from .annotations import CaptionAnnotations, VqaAnnotations
+from .dali_pipeline import HAS_DALI, DaliOptions, DaliTransformLoader, _Feed, _transform_pipeline
+from .decode import JPEG_END_MISSING, decode_image
+from .jpeg import jpeg_scan_complete
+from .loader import ResumableLoader
+from .sample import CORRUPT_IMAGE, NO_CAPTION, BadSample, DataStats, Sample
+from .shards import TarShards
+from .stream import SampleStream
+from .transforms import PilTransform, TransformConfig
+
+log = logging.getLogger("blip_fast.data")
+
+BACKENDS = ("pil", "dali", "auto")
+SOURCE_KINDS = ("json", "shards")
+_SOI, _EOI = b"\xff\xd8", b"\xff\xd9"
+_CAPTION_DRAW, _IMAGE_DRAW = 0, 1      # the last seed word: which of a sample's two generators
+
+
+@dataclass
+class CaptionBatch:
+    """One training batch: images and their tokenized captions, in the same order."""
+
+    images: torch.Tensor
+    """(B, 3, S, S) in ``TransformConfig.dtype``; on the GPU for DALI on ``gpu``, else on the CPU."""
+    input_ids: torch.Tensor
+    """(B, L) long, [CLS] first and [SEP] last, padded with 0; L is the longest caption of this batch."""
+    attention_mask: torch.Tensor
+    """(B, L) long, 1 on real tokens."""
+    keys: list[str]
+    """Sample keys (the shard key, or the entry index of a JSON list), for logging and de-duplication."""
+    img_ids: torch.Tensor | None = None
+    """(B,) long: the consecutive image id of a Karpathy training list (``coco_karpathy_train``'s third
+    output, what retrieval fine-tuning treats as positives); None unless every sample has one."""
+
+    def to(self, device, non_blocking: bool = False) -> CaptionBatch:
+        def move(tensor):
+            return None if tensor is None else tensor.to(device, non_blocking=non_blocking)
+
+        return CaptionBatch(move(self.images), move(self.input_ids), move(self.attention_mask), self.keys,
+                            move(self.img_ids))
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+@dataclass
+class _Pair:
+    """One prepared sample: the transformed image (PIL backend) or checked image bytes (DALI), its caption."""
+
+    key: str
+    image: torch.Tensor | bytes
+    caption: str
+    img_id: int | None
+
+
+@dataclass
+class _EncodedBatch:
+    """What the workers hand the DALI backend: image bytes, tokenized captions."""
+
+    images: list[bytes]
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    keys: list[str]
+    img_ids: torch.Tensor | None
+
+
+def _key_word(key: str) -> int:
+    """A 64-bit seed word from a sample key, the same in every process (unlike ``hash``)."""
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def _dali_readable(data: bytes, stats: DataStats, what: str) -> bytes:
+    """Image bytes DALI decodes without stopping (see the module docstring), or :class:`BadSample`."""
+    if data.startswith(_SOI):                       # a JPEG (the stream has checked the header)
+        if data.endswith(_EOI):
+            return data
+        body = data.rstrip(b"\xff")                 # a cut between FF and D9 leaves a lone FF
+        if jpeg_scan_complete(body):
+            stats.fix(JPEG_END_MISSING)
+            return body + _EOI
+        raise BadSample(CORRUPT_IMAGE, f"{what}: JPEG cut short inside its image data")
+    with Image.open(io.BytesIO(data)) as image:
+        fmt = image.format
+    out = io.BytesIO()
+    decode_image(data, stats, what=what).save(out, "BMP")
+    stats.fix(f"reencoded_{fmt}_for_dali")
+    return out.getvalue()
+
+
+class _PrepareSample:
+    """The SampleStream transform (it runs in the DataLoader workers): choose and clean the caption, then
+    transform the image (``transform``) or make its bytes safe for DALI (``transform=None``)."""
+
+    def __init__(self, transform: PilTransform | None, max_words: int, seed: int):
+        self.transform, self.max_words, self.seed = transform, max_words, seed
+        self.epoch = 0
+        self.stream: SampleStream | None = None      # for its live counters (repairs are counted there)
+
+    def __call__(self, sample: Sample) -> _Pair:
+        key = _key_word(sample.key)
+        caption = sample.caption
+        if isinstance(caption, str):
+            caption = [caption]
+        if not isinstance(caption, list):
+            raise BadSample(NO_CAPTION, f"sample {sample.key}: caption is {type(caption).__name__}, not text")
+        usable = [text for text in (clean_caption(c, self.max_words) for c in caption if isinstance(c, str))
+                  if text.strip()]
+        if not usable:
+            raise BadSample(NO_CAPTION, f"sample {sample.key}: no caption left after cleaning in {caption!r}"[:300])
+        # pretrain_dataset: random.choice(ann['caption']), drawn here from the sample's own generator
+        pick = np.random.default_rng([self.seed, self.epoch, key, _CAPTION_DRAW]).integers(len(usable))
+        caption = usable[pick]
+        if self.transform is not None:
+            image = self.transform(sample.image, np.random.default_rng([self.seed, self.epoch, key, _IMAGE_DRAW]))
+        else:
+            what = sample.image_path or f"{sample.extra.get('shard', '')}:{sample.key}"
+            image = _dali_readable(sample.image_bytes, self.stream.stats, what)
+        return _Pair(sample.key, image, caption, sample.extra.get("img_id"))
+
+
+class _CollatePairs:
+    """Runs in the worker: tokenize the batch's captions (padded to the longest), stack the images."""
+
+    def __init__(self, tokenizer: BlipTokenizer, max_length: int):
+        self.tokenizer, self.max_length = tokenizer, max_length
+
+    def __call__(self, pairs: list[_Pair]) -> CaptionBatch | _EncodedBatch:
+        text = self.tokenizer([pair.caption for pair in pairs], max_length=self.max_length, padding="longest")
+        keys = [pair.key for pair in pairs]
+        ids = [pair.img_id for pair in pairs]
+        img_ids = torch.tensor(ids, dtype=torch.long) if all(isinstance(i, int) for i in ids) else None
+        if isinstance(pairs[0].image, bytes):
+            return _EncodedBatch([pair.image for pair in pairs], text.input_ids, text.attention_mask, keys, img_ids)
+        return CaptionBatch(torch.stack([pair.image for pair in pairs]), text.input_ids, text.attention_mask, keys,
+                            img_ids)
+
+
+class _CheckpointedDaliLoader(DaliTransformLoader):
+    """A :class:`DaliTransformLoader` whose pipeline records its random state and can start from a saved one.
+
+    ``build_dali_pipeline`` takes no checkpoint arguments, so the same graph is built here with them.
+    """
+
+    def __init__(self, config: TransformConfig, source, options: DaliOptions, checkpoint: bytes | None):
+        self.config, self.options, self.device = config, options, options.resolved_device()
+        device_id = None
+        if self.device == "gpu":
+            device_id = options.device_id if options.device_id is not None else torch.cuda.current_device()
+        with warnings.catch_warnings():
+            # DALI warns that it cannot record where an iterator source is; the loader state records it
+            warnings.filterwarnings("ignore", message="Checkpointing enabled in a pipeline with external source")
+            self.pipe = _transform_pipeline(config, _Feed(source, options.inputs), options, self.device,
+                                            batch_size=options.batch_size, num_threads=options.num_threads,
+                                            device_id=device_id, seed=options.seed,
+                                            prefetch_queue_depth=options.prefetch_queue_depth,
+                                            enable_checkpointing=True, checkpoint=checkpoint)
+            self.pipe.build()
+
+    def checkpoint(self) -> bytes:
+        """The random state as of the last batch taken out of the pipeline (not the ones prefetched)."""
+        return self.pipe.checkpoint()
+
+
+def _resolve_backend(backend: str, dali: DaliOptions) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    if backend == "pil":
+        return "pil"
+    if not HAS_DALI:
+        if backend == "dali":
+            raise ValueError("backend='dali' needs NVIDIA DALI, which is not installed (pip install "
+                             "nvidia-dali-cuda130); use backend='pil', or 'auto' to fall back to it")
+        log.info("caption batches: NVIDIA DALI is not installed; transforming images with PIL")
+        return "pil"
+    device = dali.resolved_device()
+    if device == "gpu" and not torch.cuda.is_available():
+        raise ValueError("DaliOptions(device='gpu') needs a CUDA device; use device='cpu' or backend='pil'")
+    if backend == "auto" and device != "gpu":
+        # DALI's gain is decoding on the GPU; on the CPU the PIL path is kept, whose crops do not
+        # depend on how samples are batched
+        return "pil"
+    return f"dali_{device}"
+
+
+class CaptionBatches:
+    """Training batches of (image, caption) pairs from any caption source, resumable (see the module docstring).
+
+    ``source``: :class:`~blip_fast.data.annotations.CaptionAnnotations`, ``RetrievalAnnotations`` or
+    :class:`~blip_fast.data.shards.TarShards` (:func:`open_caption_source`). ``backend``: ``pil``,
+    ``dali`` (an error if DALI is not installed) or ``auto`` (DALI on the GPU when both are there, else
+    PIL). ``dali`` configures DALI; its ``batch_size`` is replaced by ``batch_size`` and its ``inputs``
+    must be ``encoded``. ``num_workers``, ``seed``, ``shuffle``, ``shuffle_buffer``, ``rank`` and
+    ``world_size`` are the :class:`~blip_fast.data.stream.SampleStream`'s; ``drop_last`` drops each
+    worker's last, partial batch (:class:`~blip_fast.data.loader.ResumableLoader`).
+    """
+
+    def __init__(self, source, transform: TransformConfig, batch_size: int, *, backend: str = "pil",
+                 num_workers: int = 0, seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 1000,
+                 rank: int | None = None, world_size: int | None = None, max_words: int = 30,
+                 max_length: int = 30, drop_last: bool = True, dali: DaliOptions | None = None,
+                 tokenizer: BlipTokenizer | None = None):
+        if isinstance(source, VqaAnnotations):
+            raise ValueError("a VQA source has questions, not captions; use CaptionAnnotations or TarShards")
+        if not isinstance(transform, TransformConfig):
+            raise ValueError(f"transform must be a TransformConfig; got {type(transform).__name__}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if max_words < 1:
+            raise ValueError(f"max_words must be at least 1, got {max_words}")
+        if max_length < 2:
+            raise ValueError(f"max_length must be at least 2 ([CLS] and [SEP]), got {max_length}")
+        dali = dali or DaliOptions()
+        if dali.inputs != "encoded":
+            raise ValueError("CaptionBatches feeds DALI encoded image bytes; leave DaliOptions.inputs='encoded'")
+        self.transform, self.seed = transform, seed
+        self._backend = _resolve_backend(backend, dali)
+        self.dali = dataclasses.replace(dali, batch_size=batch_size)
+        pil = self._backend == "pil"
+        self._prepare = _PrepareSample(PilTransform(transform) if pil else None, max_words, seed)
+        stream = SampleStream(source, seed=seed, shuffle=shuffle, shuffle_buffer=shuffle_buffer, rank=rank,
+                              world_size=world_size, decode="pil" if pil else "bytes", transform=self._prepare)
+        self._prepare.stream = stream
+        self._loader = ResumableLoader(stream, batch_size, num_workers=num_workers, drop_last=drop_last,
+                                       collate_fn=_CollatePairs(tokenizer or BlipTokenizer(), max_length))
+        self._state: dict | None = None          # loader state after the last batch handed out (None: the loader's)
+        self._checkpoint: bytes | None = None    # DALI state to build the next pipeline from
+        self._dali_loader: _CheckpointedDaliLoader | None = None   # the pipeline of the last pass, if unfinished
+        self._open: weakref.ref | None = None    # the pass under way, if the caller still holds it
+        log.info("caption batches: %s, %s %dpx, batch %d, %d workers", self._backend, transform.kind,
+                 transform.image_size, batch_size, num_workers)
+
+    @property
+    def backend(self) -> str:
+        """What transforms the images: ``pil``, ``dali_cpu`` or ``dali_gpu``."""
+        return self._backend
+
+    def _loader_state(self) -> dict:
+        return self._state if self._state is not None else self._loader.state_dict()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._loader_state()["epoch"])
+
+    @property
+    def stats(self) -> DataStats:
+        """Counts of samples handed out, skipped and fixed, over every epoch so far."""
+        return DataStats.from_dict(self._loader_state()["stats"])
+
+    def set_epoch(self, epoch: int) -> None:
+        """Go to ``epoch``: from its beginning, unless it is the current epoch (then it continues)."""
+        self._rewind()
+        if epoch != self._loader.epoch:
+            self._checkpoint = None
+        self._loader.set_epoch(epoch)
+
+    def state_dict(self) -> dict:
+        """Where the batches are, as of the last one handed out (JSON-serialisable)."""
+        checkpoint = self._dali_loader.checkpoint() if self._dali_loader is not None else self._checkpoint
+        return {"loader": self._loader_state(), "backend": self._backend,
+                "dali_checkpoint": None if checkpoint is None else base64.b64encode(checkpoint).decode("ascii")}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state`` (:meth:`state_dict` of a ``CaptionBatches`` with the same settings)."""
+        if not isinstance(state, dict) or not {"loader", "backend", "dali_checkpoint"} <= set(state):
+            raise ValueError("not a CaptionBatches state: expected the keys loader, backend and dali_checkpoint")
+        self._close_open_pass()
+        self._loader.load_state_dict(state["loader"])
+        self._state, self._checkpoint = None, None
+        if state["backend"] != self._backend:
+            if self.transform.train:
+                log.warning("data state saved with backend %s, resuming with %s: the same samples and captions, "
+                            "but fresh random crops and augmentation", state["backend"], self._backend)
+        elif state["dali_checkpoint"] is not None:
+            try:
+                self._checkpoint = base64.b64decode(state["dali_checkpoint"], validate=True)
+            except binascii.Error:
+                raise ValueError("the state's dali_checkpoint is not base64 (was it edited?)") from None
+
+    def _close_open_pass(self) -> None:
+        open_pass = self._open() if self._open is not None else None
+        if open_pass is not None:
+            open_pass.close()
+
+    def _rewind(self) -> None:
+        """Close an unfinished pass and take the loader back to the last batch handed out (DALI read further)."""
+        self._close_open_pass()
+        if self._dali_loader is not None:
+            self._checkpoint = self._dali_loader.checkpoint()
+            self._dali_loader = None
+        if self._state is not None:
+            self._loader.load_state_dict(self._state)
+            self._state = None
+
+    def __iter__(self) -> Iterator[CaptionBatch]:
+        """The rest of the current epoch; the next call continues with the next epoch."""
+        self._rewind()
+        batches = self._pass()
+        # a weak reference: an iterator the caller drops is closed at once, with the DALI pipeline still whole
+        self._open = weakref.ref(batches)
+        return batches
+
+    def _pass(self) -> Iterator[CaptionBatch]:
+        self._prepare.epoch = self._loader.epoch
+        batches = self._pil_batches() if self._backend == "pil" else self._dali_batches()
+        interrupted = False
+        try:
+            for batch, state in batches:
+                self._state = state
+                yield batch
+            self._state, self._checkpoint = None, None     # the epoch is over: the loader is at the next one's start
+        except GeneratorExit:
+            interrupted = True      # keep the pipeline: its checkpoint is the state as of the last batch handed out
+            raise
+        finally:
+            batches.close()
+            self._open = None
+            if not interrupted:
+                self._dali_loader = None
+
+    def _pil_batches(self) -> Iterator[tuple[CaptionBatch, dict]]:
+        loader = iter(self._loader)
+        try:
+            for batch in loader:
+                yield batch, self._loader.state_dict()
+        finally:
+            loader.close()
+
+    def _dali_seed(self, epoch: int) -> int:
+        base = self.dali.seed if self.dali.seed is not None else self.seed
+        return int(np.random.SeedSequence([base, epoch, self._loader.stream.rank]).generate_state(1)[0] >> 1)
+
+    def _dali_batches(self) -> Iterator[tuple[CaptionBatch, dict]]:
+        loader = iter(self._loader)
+        fed: deque[tuple[_EncodedBatch, dict]] = deque()   # in DALI's queue: each batch, the state after it
+
+        def feed():
+            for encoded in loader:
+                fed.append((encoded, self._loader.state_dict()))
+                yield encoded.images, range(len(encoded.images))
+
+        feeder = feed()
+        options = dataclasses.replace(self.dali, seed=self._dali_seed(self._loader.epoch))
+        self._dali_loader = _CheckpointedDaliLoader(self.transform, feeder, options, self._checkpoint)
+        try:
+            for images, indices in self._dali_loader:
+                encoded, state = fed.popleft()
+                img_ids = None if encoded.img_ids is None else encoded.img_ids[indices]
+                yield CaptionBatch(images, encoded.input_ids[indices], encoded.attention_mask[indices],
+                                   [encoded.keys[i] for i in indices.tolist()], img_ids), state
+        finally:
+            feeder.close()
+            loader.close()
+
+
+def open_caption_source(kind: str, paths, image_root=None):
+    """A caption source: ``json`` -> :class:`CaptionAnnotations` (BLIP's JSON lists; ``image_root`` is joined
+    to relative image paths), ``shards`` -> :class:`TarShards` (a directory, glob, brace range or list)."""
+    if kind == "json":
+        return CaptionAnnotations(paths, image_root)
+    if kind == "shards":
+        if image_root is not None:
+            raise ValueError("image_root applies to JSON lists; tar shards hold their images")
+        source = TarShards(paths)
+        if not any(os.path.isfile(shard) for shard in source.shards):
+            raise FileNotFoundError(f"none of the {len(source.shards)} shard files of {paths!r} exists "
+                                    f"(first: {source.shards[0]})")
+        return source
+    raise ValueError(f"caption source kind must be one of {SOURCE_KINDS}; got {kind!r}")

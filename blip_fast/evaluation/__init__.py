@@ -1,0 +1,5 @@
+"""Evaluation of trained models: zero-shot and fine-tuned image-text retrieval."""
+
+from .retrieval import RetrievalResult, evaluate_retrieval, recall_at_k, retrieval_scores
+
+__all__ = ["RetrievalResult", "evaluate_retrieval", "recall_at_k", "retrieval_scores"]

@@ -1,0 +1,15 @@
+"""Pretraining: ``blip-fast pretrain``.
+
+    config.py         PretrainConfig (YAML -> dataclasses, overrides); the shipped configs are in blip_fast/configs
+    schedule.py       the original's warm-up + per-epoch step decay, and the alpha ramp
+    optim.py          AdamW parameter groups and the fused implementations
+    engine.py         the loop: Pretrainer, optimizer_step, pretrain()
+    checkpointing.py  atomic, exact-resume checkpoints, keep-last-K
+    distributed.py    torchrun / DDP
+    metrics.py        progress, metrics.jsonl, TensorBoard
+"""
+
+from .config import PretrainConfig, load_pretrain_config
+from .engine import Pretrainer, RunSummary, optimizer_step, pretrain
+
+__all__ = ["PretrainConfig", "Pretrainer", "RunSummary", "load_pretrain_config", "optimizer_step", "pretrain"]

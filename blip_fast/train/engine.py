@@ -1,0 +1,362 @@
+"""``blip-fast pretrain``: the pretraining loop of BLIP's ``pretrain.py``, made fast and restartable.
+
+One optimizer step, as the original (the order inside the forward is BlipPretrain's):
+
+    lr  <- schedule(epoch, step in epoch)          alpha <- ramp(epoch, step in epoch)
+    for each of grad_accum_steps micro-batches:     (DDP all-reduces only on the last)
+        itc, itm, lm = model(images, captions, alpha)   # momentum update, queue enqueue inside
+        ((itc + itm + lm) / grad_accum_steps).backward()
+    clip (optional), AdamW step
+
+Nothing in the step reads a value back to the host: losses are summed on the device and read
+every ``log_every`` steps, which is also when ranks average them. The hard-negative sampler draws
+from its own generator (saved in checkpoints), dropout from torch's.
+
+Speed options (``train``): ``precision: bf16`` (autocast; weights, momentum copies, queues and
+AdamW state stay fp32, so the 0.5% momentum step is not lost to bf16 rounding), ``compile``
+(each transformer block separately, see blip_fast.models.compile), ``activation_checkpointing``;
+``optim.fused``. Captions are padded to the longest of each batch (blip_fast.data.batches).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .. import ops
+from ..checkpoint.io import CheckpointError, atomic_write
+from ..config import ConfigError, config_to_dict
+from ..data.annotations import RetrievalAnnotations
+from ..data.batches import CaptionBatches, open_caption_source
+from ..data.synth import write_synthetic_dataset
+from ..evaluation.retrieval import RetrievalResult, evaluate_retrieval
+from ..models.blip_pretrain import BlipPretrain
+from .checkpointing import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import PretrainConfig, pretrain_config_to_dict
+from .distributed import DistributedContext, barrier, init_distributed, mean_across_ranks, no_sync, wrap_model
+from .metrics import RunLog
+from .optim import build_optimizer, set_learning_rate
+from .schedule import distillation_alpha, learning_rate
+
+log = logging.getLogger("blip_fast.train")
+
+LOSSES = ("itc", "itm", "lm")
+
+
+@dataclass
+class RunSummary:
+    steps: int
+    epochs_done: int
+    samples: int
+    train_seconds: float
+    samples_per_s: float
+    last_losses: dict[str, float]
+    checkpoint: str | None
+    data: str
+    retrieval: dict | None
+
+    def lines(self) -> list[str]:
+        losses = ", ".join(f"{k} {v:.3f}" for k, v in self.last_losses.items())
+        lines = [f"trained {self.steps} steps ({self.samples} samples) in {self.train_seconds:.0f} s: "
+                 f"{self.samples_per_s:.1f} samples/s; last losses {losses}",
+                 f"data: {self.data}"]
+        if self.checkpoint:
+            lines.append(f"checkpoint: {self.checkpoint}")
+        return lines
+
+
+@dataclass
+class Progress:
+    step: int = 0
+    """Optimizer steps done."""
+    epoch: int = 0
+    step_in_epoch: int = 0
+    samples: int = 0
+    """Pairs trained on, all ranks together."""
+
+
+def steps_per_epoch(samples: int, rank: int, world: int, roles: int, batch: int, accum: int) -> int:
+    """Optimizer steps per epoch on ``rank``: each DataLoader worker (role) drops its last partial batch."""
+    on_rank = len(range(rank, samples, world))
+    batches = sum(len(range(role, on_rank, roles)) // batch for role in range(roles))
+    return batches // accum
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def optimizer_step(model, optimizer: torch.optim.Optimizer, micro_batches, alpha: float,
+                   generator: torch.Generator | None, precision: str = "fp32", clip_grad_norm: float = 0.0
+                   ) -> torch.Tensor:
+    """One optimizer step of BLIP pretraining over ``micro_batches`` (objects with ``images``, ``input_ids`` and
+    ``attention_mask`` on the model's device). ``model`` is a BlipPretrain or its DDP wrapper. Returns the (3,)
+    losses [itc, itm, lm] averaged over the micro-batches, on the device: nothing here waits for the GPU."""
+    accum = len(micro_batches)
+    device = micro_batches[0].images.device
+    totals = torch.zeros(3, device=device)
+    for index, batch in enumerate(micro_batches):
+        with no_sync(model, skip=index + 1 < accum), autocast(device, precision):
+            losses = model(batch.images, batch.input_ids, batch.attention_mask, alpha=alpha, generator=generator)
+            stacked = torch.stack([losses[k].float() for k in LOSSES])
+        (stacked.sum() / accum).backward()
+        totals += stacked.detach() / accum
+    if clip_grad_norm:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return totals
+
+
+def _comparable(model_config: dict) -> dict:
+    """What must match to resume: the architecture and the recipe, not the op backend or activation recomputation."""
+    vision = {k: v for k, v in model_config["vision"].items() if k != "grad_checkpointing"}
+    return {k: v for k, v in model_config.items() if k != "impl"} | {"vision": vision}
+
+
+def ensure_synthetic_data(config: PretrainConfig, ctx: DistributedContext, printer) -> Path:
+    data = config.data
+    folder = Path(data.synthetic_dir or Path(config.train.out) / "data")
+    info_path = folder / "info.json"
+    if ctx.is_main and not info_path.is_file():
+        printer(f"writing the synthetic dataset ({data.synthetic_n} scenes, {data.synthetic_image_size} px) "
+                f"to {folder}")
+        write_synthetic_dataset(folder, data.synthetic_n, image_size=data.synthetic_image_size,
+                                seed=config.train.seed, overwrite=True)
+    barrier(ctx)
+    info = json.loads(info_path.read_text())
+    if (info["n"], info["image_size"]) != (data.synthetic_n, data.synthetic_image_size):
+        raise ConfigError(f"{folder} holds a synthetic dataset of {info['n']} scenes at {info['image_size']} px, "
+                          f"but data.synthetic_n={data.synthetic_n}, data.synthetic_image_size="
+                          f"{data.synthetic_image_size}: delete it or set data.synthetic_dir elsewhere")
+    return folder
+
+
+class Pretrainer:
+    """Builds model, data and optimizer from a :class:`PretrainConfig` and runs :meth:`run`."""
+
+    def __init__(self, config: PretrainConfig, resume: str | bool = False, printer=print):
+        self.config, self.printer = config, printer
+        self.out = Path(config.train.out)
+        self.ctx = init_distributed(config.train.device, config.train.distributed)
+        self.device = self.ctx.device
+        self.model_config = config.model_config()
+        if config.train.activation_checkpointing:
+            self.model_config.vision.grad_checkpointing = True
+        seed = config.train.seed + self.ctx.rank  # as the original: DDP then copies rank 0's weights
+        torch.manual_seed(seed)
+        self._build_data()
+        self.model = BlipPretrain(self.model_config).to(self.device)
+        if config.train.compile:
+            from ..models.compile import compile_blocks
+
+            compiled = compile_blocks(self.model)
+            log.info("torch.compile: %d transformer blocks", compiled)
+        self.optimizer = build_optimizer(self.model, config.optim, self.device)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.progress = Progress()
+        self.resumed_from = self._resume(resume)
+        self.ddp_model = wrap_model(self.model, self.ctx)
+        self.samples_per_step = config.data.batch_size * self.ctx.world_size * config.optim.grad_accum_steps
+        self.total_steps = config.train.epochs * self.steps_per_epoch
+        if config.train.max_steps is not None:
+            self.total_steps = min(self.total_steps, config.train.max_steps)
+
+    # ------------------------------------------------------------------ set-up
+
+    def _build_data(self) -> None:
+        config, data = self.config, self.config.data
+        self.eval_annotations = None
+        if data.kind == "synthetic":
+            folder = ensure_synthetic_data(config, self.ctx, self.printer)
+            source = open_caption_source("json", [folder / "train.json"], folder)
+            if config.train.eval_size and not data.eval_path:
+                self.eval_annotations = RetrievalAnnotations(folder / "test.json", folder)
+        else:
+            source = open_caption_source(data.kind, data.paths, data.image_root)
+        if data.eval_path and config.train.eval_size:
+            self.eval_annotations = RetrievalAnnotations(data.eval_path, data.image_root)
+        self.batches = CaptionBatches(
+            source, data.transform, data.batch_size, backend=data.backend, num_workers=data.num_workers,
+            seed=config.train.seed, shuffle=True, shuffle_buffer=data.shuffle_buffer, rank=self.ctx.rank,
+            world_size=self.ctx.world_size, max_words=data.max_words, max_length=self.model_config.max_text_length,
+            drop_last=True)
+        if hasattr(source, "__len__") and data.kind != "shards":
+            self.steps_per_epoch = steps_per_epoch(len(source), self.ctx.rank, self.ctx.world_size,
+                                                   max(1, data.num_workers), data.batch_size,
+                                                   config.optim.grad_accum_steps)
+        elif data.steps_per_epoch is not None:
+            self.steps_per_epoch = data.steps_per_epoch
+        else:
+            raise ConfigError("data.kind=shards: set data.steps_per_epoch (batches per epoch per rank), which the "
+                              "alpha ramp and the ETA need; shards do not say how many samples they hold")
+        if self.steps_per_epoch < 1:
+            raise ConfigError(f"{len(source)} training pairs give no full batch of {data.batch_size} per rank "
+                              f"({self.ctx.world_size} ranks x {max(1, data.num_workers)} workers): lower "
+                              "data.batch_size or data.num_workers")
+
+    def _resume(self, resume: str | bool) -> str | None:
+        if not resume:
+            return None
+        path = latest_checkpoint(self.out) if resume is True else Path(resume)
+        if path is None:
+            self.printer(f"no checkpoint in {self.out / 'checkpoints'}: starting a new run")
+            return None
+        payload = load_checkpoint(path)
+        if _comparable(payload["model_config"]) != _comparable(config_to_dict(self.model_config)):
+            raise CheckpointError(f"{path} was trained with a different model configuration; resume it with the "
+                                  "config it was written with (saved as config.json in its run folder)")
+        if len(payload["data"]) != self.ctx.world_size:
+            raise CheckpointError(f"{path} was written by {len(payload['data'])} ranks; resume it with as many "
+                                  f"(this run has {self.ctx.world_size}) so the data continues exactly")
+        self.model.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.progress = Progress(**payload["progress"])
+        self.batches.load_state_dict(payload["data"][self.ctx.rank])
+        set_rng_state(payload["rng"][self.ctx.rank], self.generator)
+        self.printer(f"resuming from {path} at step {self.progress.step} (epoch {self.progress.epoch})")
+        return str(path)
+
+    # ------------------------------------------------------------------ state
+
+    def _gather(self, value) -> list:
+        if not self.ctx.active:
+            return [value]
+        values = [None] * self.ctx.world_size
+        dist.all_gather_object(values, value)
+        return values
+
+    def save(self) -> Path | None:
+        """Write a checkpoint of the current step (every rank must call it)."""
+        data, rng = self._gather(self.batches.state_dict()), self._gather(rng_state(self.generator))
+        path = None
+        if self.ctx.is_main:
+            payload = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                       "progress": asdict(self.progress), "data": data, "rng": rng,
+                       "config": pretrain_config_to_dict(self.config),
+                       "model_config": config_to_dict(self.model_config)}
+            path = save_checkpoint(self.out, self.progress.step, payload, self.config.train.keep_last)
+        barrier(self.ctx)
+        return path
+
+    # ------------------------------------------------------------------ the loop
+
+    def _autocast(self):
+        return autocast(self.device, self.config.train.precision)
+
+    def train_step(self, micro_batches) -> torch.Tensor:
+        """One optimizer step at the current progress (learning rate and alpha from the schedules)."""
+        p = self.progress
+        set_learning_rate(self.optimizer, learning_rate(self.config.optim, p.epoch, p.step_in_epoch))
+        alpha = distillation_alpha(self.model_config.alpha, p.epoch, p.step_in_epoch, self.steps_per_epoch,
+                                   self.config.train.alpha_ramp_epochs)
+        return optimizer_step(self.ddp_model, self.optimizer, micro_batches, alpha, self.generator,
+                              self.config.train.precision, self.config.optim.clip_grad_norm)
+
+    def run(self) -> RunSummary:
+        config, p = self.config, self.progress
+        if self.ctx.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            resolved = pretrain_config_to_dict(config) | {"resolved_model": config_to_dict(self.model_config)}
+            atomic_write(self.out / "config.json", lambda t: Path(t).write_text(json.dumps(resolved, indent=1)))
+        runlog = RunLog(self.out, self.total_steps, enabled=self.ctx.is_main, tensorboard=config.train.tensorboard,
+                        printer=self.printer)
+        trained = sum(param.numel() for param in self.model.parameters() if param.requires_grad)
+        self.printer(f"pretraining {config.preset} BLIP ({trained / 1e6:.1f} M trained parameters) on {self.device}"
+                     f"{f' x {self.ctx.world_size} ranks' if self.ctx.active else ''}: {self.total_steps} steps of "
+                     f"{self.samples_per_step} pairs ({self.steps_per_epoch} per epoch), images via "
+                     f"{self.batches.backend}, {config.train.precision}, out {self.out}")
+        last_saved = p.step if self.resumed_from else None
+        window = torch.zeros(3, device=self.device)
+        window_steps, last_losses = 0, {}
+        started = window_start = time.perf_counter()
+        start_samples = p.samples
+        runlog.start(p.step)
+        with ops.impl_scope(config.train.impl):
+            while p.epoch < config.train.epochs and p.step < self.total_steps:
+                self.batches.set_epoch(p.epoch)
+                pending = []
+                for batch in self.batches:
+                    pending.append(batch.to(self.device, non_blocking=True))
+                    if len(pending) < config.optim.grad_accum_steps:
+                        continue
+                    self.model.train()
+                    window += self.train_step(pending)
+                    pending = []
+                    window_steps += 1
+                    p.step, p.step_in_epoch = p.step + 1, p.step_in_epoch + 1
+                    p.samples += self.samples_per_step
+                    if p.step % config.train.log_every == 0 or p.step == self.total_steps:
+                        means = (mean_across_ranks(window, self.ctx) / window_steps).tolist()
+                        last_losses = dict(zip(LOSSES, means, strict=True))
+                        now = time.perf_counter()
+                        runlog.step({"step": p.step, "epoch": p.epoch, "lr": self.optimizer.param_groups[0]["lr"],
+                                     "alpha": distillation_alpha(self.model_config.alpha, p.epoch, p.step_in_epoch,
+                                                                 self.steps_per_epoch, config.train.alpha_ramp_epochs),
+                                     "temp": float(self.model.temp.detach()), "loss": sum(means),
+                                     **{f"loss_{k}": v for k, v in last_losses.items()},
+                                     "samples_per_s": window_steps * self.samples_per_step / (now - window_start),
+                                     "elapsed_s": now - started, "skipped": self.batches.stats.total_skipped})
+                        window.zero_()
+                        window_steps, window_start = 0, now
+                    if config.train.checkpoint_every and p.step % config.train.checkpoint_every == 0:
+                        self.save()
+                        last_saved = p.step
+                    if p.step >= self.total_steps:
+                        break
+                else:  # the epoch's data is used up
+                    p.epoch, p.step_in_epoch = p.epoch + 1, 0
+                    if config.train.checkpoint_every == 0:
+                        self.save()
+                        last_saved = p.step
+            seconds = time.perf_counter() - started
+            path = None
+            if last_saved != p.step:
+                path = self.save()
+            else:
+                path = latest_checkpoint(self.out)
+            retrieval = self._evaluate(runlog)
+        samples = p.samples - start_samples
+        summary = RunSummary(p.step, p.epoch, samples, seconds, samples / seconds if seconds > 0 else math.nan,
+                             last_losses, str(path) if path else None, self.batches.stats.summary(),
+                             asdict(retrieval) if retrieval else None)
+        if self.ctx.is_main:
+            for line in summary.lines():
+                self.printer(line)
+            atomic_write(self.out / "summary.json", lambda t: Path(t).write_text(json.dumps(asdict(summary), indent=1)))
+        runlog.close()
+        return summary
+
+    def _evaluate(self, runlog: RunLog) -> RetrievalResult | None:
+        if self.eval_annotations is None or not self.config.train.eval_size:
+            return None
+        result = None
+        if self.ctx.is_main:
+            with self._autocast():
+                result = evaluate_retrieval(self.model, self.eval_annotations, self.model_config.vision.image_size,
+                                            limit=self.config.train.eval_size, itm_k=self.config.train.eval_itm_k)
+            runlog.event({"kind": "eval", "step": self.progress.step, **result.metrics},
+                         f"zero-shot {result.summary()}")
+        barrier(self.ctx)
+        return result
+
+    def close(self) -> None:
+        self.ctx.close()
+
+
+def pretrain(config: PretrainConfig, resume: str | bool = False, printer=print) -> RunSummary:
+    trainer = Pretrainer(config, resume=resume, printer=printer)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()

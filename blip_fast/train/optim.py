@@ -1,0 +1,74 @@
+"""AdamW for pretraining: the original's parameter groups, and the fastest available implementation.
+
+Groups: every trainable parameter decays by ``weight_decay`` (the original passes
+``model.parameters()`` to AdamW); ``decay_norms_and_biases: false`` exempts biases, LayerNorm
+weights and the temperature (LAVIS, timm). With ``temp_lr`` the temperature gets its own group
+and learning rate. Each group carries ``lr_scale`` so the schedule sets ``lr = scheduled * scale``.
+
+Implementations (``optim.fused``): torch's fused AdamW (one kernel per step for all tensors, on
+CUDA and CPU), apex's ``FusedAdam(adam_w_mode=True)`` when installed, ``foreach`` (multi-tensor,
+unfused) and ``loop`` (one tensor at a time: the original's ``torch.optim.AdamW`` default before
+torch 2.0, kept as the reference).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from .config import OptimConfig
+
+log = logging.getLogger("blip_fast.train")
+
+
+def parameter_groups(model: nn.Module, config: OptimConfig) -> list[dict]:
+    temp = getattr(model, "temp", None)
+    decay, no_decay, temperature = [], [], []
+    for param in model.parameters():
+        if not param.requires_grad:
+            continue
+        if param is temp and config.temp_lr is not None:
+            temperature.append(param)
+        elif config.decay_norms_and_biases or (param.ndim >= 2 and param is not temp):
+            decay.append(param)
+        else:
+            no_decay.append(param)
+    groups = [{"params": decay, "weight_decay": config.weight_decay, "lr_scale": 1.0, "name": "decay"}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0, "name": "no_decay"})
+    if temperature:
+        # a fixed learning rate: the scale is relative to init_lr and follows the schedule's shape
+        groups.append({"params": temperature, "weight_decay": 0.0 if not config.decay_norms_and_biases
+                       else config.weight_decay, "lr_scale": config.temp_lr / config.init_lr, "name": "temperature"})
+    return groups
+
+
+def _apex_fused_adam():
+    try:
+        from apex.optimizers import FusedAdam
+    except ImportError:
+        return None
+    return FusedAdam
+
+
+def build_optimizer(model: nn.Module, config: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    groups = parameter_groups(model, config)
+    kwargs = {"lr": config.init_lr, "betas": tuple(config.betas), "eps": config.eps}
+    choice = config.fused
+    if choice in ("auto", "apex") and device.type == "cuda" and _apex_fused_adam() is not None:
+        log.info("optimizer: apex FusedAdam (AdamW mode)")
+        return _apex_fused_adam()(groups, adam_w_mode=True, **kwargs)
+    if choice == "apex":
+        raise ValueError("optim.fused=apex: apex is not installed (or no CUDA device); use torch or auto")
+    if choice in ("auto", "torch"):
+        log.info("optimizer: torch fused AdamW on %s", device.type)
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    log.info("optimizer: torch AdamW (%s)", choice)
+    return torch.optim.AdamW(groups, foreach=choice == "foreach", **kwargs)
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)

@@ -1,0 +1,52 @@
+"""The benchmark scripts run and write results files in the shared format (tiny shapes; nothing is timed here)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+FORMAT_KEYS = {"suite", "device", "torch", "triton", "git", "date", "command", "records"}
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}_under_test", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def step_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "step-cpu-test.json"
+    code = _script("bench_step").main(["--preset", "tiny", "--image-size", "64", "--batch", "8", "--queue", "96",
+                                       "--steps", "1", "--warmup", "0", "--no-compile", "--json", str(out)])
+    assert code == 0
+    return out
+
+
+def test_bench_step_writes_the_shared_format(step_results):
+    data = json.loads(step_results.read_text())
+    assert FORMAT_KEYS <= set(data) and data["suite"] == "step" and data["device"] == "cpu"
+    values = {(r["impl"], r["metric"], r.get("flops")): r["value"] for r in data["records"]}
+    for impl in ("reference", "fast"):
+        assert values[(impl, "samples_per_s", None)] > 0
+        assert values[(impl, "mfu", "hardware")] > 0
+    # the fast path does less work for the same result: captions padded to the longest, not to 30
+    assert values[("fast", "gflop_per_sample", None)] < values[("reference", "gflop_per_sample", None)]
+    assert {r["case"] for r in data["records"]} == {"pretrain_tiny64_b8"}
+
+
+def test_report_gathers_results_and_names_bad_files(step_results, tmp_path):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / step_results.name).write_text(step_results.read_text())
+    (folder / "broken.json").write_text("{not json")
+    (folder / "partial.json").write_text(json.dumps({"suite": "data"}))
+    assert _script("report").main(["--results", str(folder)]) == 0
+    report = (folder / "REPORT.md").read_text()
+    assert "| pretrain_tiny64_b8 | fast | samples_per_s |" in report
+    assert "broken.json: not readable JSON" in report and "partial.json: missing device" in report
+    assert (folder / "step-cpu-test-samples_per_s.png").stat().st_size > 1000
+    assert "![step-cpu-test-samples_per_s.png]" in report

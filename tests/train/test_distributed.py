@@ -1,0 +1,124 @@
+"""Two gloo processes take one DDP training step; a single process reproduces it from the same batches.
+
+What the math says must be equal (BLIP's distributed pretraining, as the original):
+* each rank's losses are those of its own batch against the (shared) queue -- ITC in-batch
+  negatives and ITM hard negatives are rank-local, so they equal one process's forward on that half;
+* the gradient is the average of the ranks' gradients, so the updated weights equal one AdamW
+  step on ``(grad_rank0 + grad_rank1) / 2``;
+* the momentum update happens once, before the forward, identically on every rank;
+* the queues receive rank 0's momentum features, then rank 1's (``concat_all_gather``).
+One intra-op thread everywhere, so the two computations run the same kernels in the same order:
+the tolerance below (1e-6 relative) only absorbs DDP's bucketed all-reduce.
+"""
+
+import os
+import socket
+from types import SimpleNamespace
+
+import torch
+import torch.multiprocessing as mp
+from train_helpers import tiny_overrides
+
+from blip_fast.models.blip_pretrain import BlipPretrain
+from blip_fast.train.config import load_pretrain_config
+from blip_fast.train.optim import build_optimizer, set_learning_rate
+from blip_fast.train.schedule import learning_rate
+
+WORLD = 2
+BATCH = 8
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _overrides(synthetic_dir, out):
+    return tiny_overrides(synthetic_dir, out, "optim.warmup_steps=0", "train.device=cpu")
+
+
+def _rank_main(rank, port, synthetic_dir, out, batches):
+    from blip_fast.train.engine import Pretrainer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    trainer = Pretrainer(load_pretrain_config(None, _overrides(synthetic_dir, out)), printer=lambda *_: None)
+    try:
+        initial = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        generator = trainer.generator.get_state()
+        losses = trainer.train_step([SimpleNamespace(**batches[rank])])
+        torch.save({"initial": initial, "generator": generator, "losses": losses,
+                    "final": trainer.model.state_dict()}, out / f"rank{rank}.pt")
+    finally:
+        trainer.close()
+
+
+def _batches(synthetic_dir):
+    from blip_fast.data.annotations import CaptionAnnotations
+    from blip_fast.data.decode import decode_image, read_image_file
+    from blip_fast.data.transforms import TransformConfig, eval_transform
+    from blip_fast.text import BlipTokenizer
+
+    source = CaptionAnnotations([synthetic_dir / "train.json"], synthetic_dir)
+    samples = [source.sample(i, None) for i in range(WORLD * BATCH)]
+    images = torch.stack([eval_transform(decode_image(read_image_file(s.image_path)), TransformConfig.eval(64))
+                          for s in samples])
+    tokens = BlipTokenizer()([s.caption for s in samples], max_length=30)
+    return [{"images": images[r * BATCH:(r + 1) * BATCH], "input_ids": tokens.input_ids[r * BATCH:(r + 1) * BATCH],
+             "attention_mask": tokens.attention_mask[r * BATCH:(r + 1) * BATCH]} for r in range(WORLD)]
+
+
+def _close(a, b, what):
+    scale = max(a.abs().max().item(), 1e-12)
+    assert (a - b).abs().max().item() <= 1e-6 * scale, what
+
+
+def test_ddp_step_equals_single_process_on_the_same_batches(synthetic_dir, tmp_path):
+    batches = _batches(synthetic_dir)
+    mp.spawn(_rank_main, args=(_free_port(), synthetic_dir, tmp_path, batches), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    initial = ranks[0]["initial"]
+    for name, tensor in ranks[1]["initial"].items():   # DDP gave rank 1 rank 0's weights and queues
+        assert torch.equal(tensor, initial[name]), name
+    for name, tensor in ranks[1]["final"].items():     # and the ranks stay identical
+        assert torch.equal(tensor, ranks[0]["final"][name]), name
+
+    torch.set_num_threads(1)
+    config = load_pretrain_config(None, _overrides(synthetic_dir, tmp_path))
+    halves = []
+    for rank in range(WORLD):
+        model = BlipPretrain(config.model_config())
+        model.load_state_dict(initial)
+        generator = torch.Generator().set_state(ranks[rank]["generator"])
+        b = batches[rank]
+        losses = model(b["images"], b["input_ids"], b["attention_mask"], alpha=0.0, generator=generator)
+        stacked = torch.stack([losses[k] for k in ("itc", "itm", "lm")])
+        stacked.sum().backward()
+        _close(ranks[rank]["losses"], stacked.detach(), f"rank {rank} losses")
+        halves.append(model)
+
+    stepped = BlipPretrain(config.model_config())
+    stepped.load_state_dict(initial)
+    optimizer = build_optimizer(stepped, config.optim, torch.device("cpu"))
+    set_learning_rate(optimizer, learning_rate(config.optim, 0, 0))
+    for param, *replicas in zip(stepped.parameters(), *(m.parameters() for m in halves), strict=True):
+        if param.requires_grad:
+            param.grad = sum(r.grad for r in replicas) / WORLD
+    optimizer.step()
+
+    final = ranks[0]["final"]
+    expected = stepped.state_dict()
+    momentum = halves[0].state_dict()
+    for name, tensor in final.items():
+        if name.endswith("queue") or name == "queue_ptr":
+            continue
+        reference = momentum[name] if "_m." in name else expected[name]
+        _close(tensor.float(), reference.float(), name)
+    assert int(final["queue_ptr"]) == WORLD * BATCH
+    for queue in ("image_queue", "text_queue"):
+        for rank in range(WORLD):
+            _close(final[queue][:, rank * BATCH:(rank + 1) * BATCH], halves[rank].state_dict()[queue][:, :BATCH],
+                   f"{queue} columns of rank {rank}")
+        assert torch.equal(final[queue][:, WORLD * BATCH:], initial[queue][:, WORLD * BATCH:])

@@ -1,0 +1,54 @@
+"""`blip-fast pretrain`: what a user sees -- outputs of a short run, and clear errors for mistakes."""
+
+import json
+
+import pytest
+from train_helpers import tiny_overrides
+
+from blip_fast.cli import main
+
+
+def test_short_run_writes_everything(synthetic_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    overrides = [o for o in tiny_overrides(synthetic_dir, out) if not o.startswith(("train.tensorboard",
+                                                                                   "train.eval_size"))]
+    assert main(["pretrain", *overrides, "train.max_steps=4", "train.eval_size=30", "train.eval_itm_k=4"]) == 0
+    printed = capsys.readouterr().out
+    assert "pretraining tiny BLIP" in printed and "step 4/4" in printed and "ETA" in printed
+    assert "zero-shot retrieval on 30 images / 30 captions (ITC top-4 re-ranked by ITM)" in printed
+    assert "data: 32 samples; skipped 0" in printed
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [2, 4]
+    evaluation = next(r for r in records if r.get("kind") == "eval")
+    assert 0 <= evaluation["txt_r1"] <= 100 and evaluation["chance_r1"] == pytest.approx(100 / 30)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["retrieval"]["images"] == 30
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert (out / "checkpoints" / "step-00000004.pt").is_file()
+    assert json.loads((out / "config.json").read_text())["resolved_model"]["vision"]["image_size"] == 64
+
+
+def test_print_config_and_overrides(capsys):
+    assert main(["pretrain", "--print-config", "data.batch_size=12", "--config", "tiny-synthetic"]) == 0
+    assert json.loads(capsys.readouterr().out)["data"]["batch_size"] == 12
+
+
+@pytest.mark.parametrize("args, message", [
+    (["optim.lr=1"], "unknown key(s) in optim: lr"),
+    (["--config", "nope.yaml"], "neither a file nor one of the shipped configs"),
+    (["--config", "base"], "needs data.paths"),
+    (["--config", "base", "data.paths=[/nonexistent/ann.json]"], "/nonexistent/ann.json"),
+])
+def test_mistakes_end_in_one_line(args, message, capsys, tmp_path):
+    assert main(["pretrain", f"train.out={tmp_path}", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_resume_of_a_file_that_is_not_a_training_checkpoint(synthetic_dir, tmp_path, capsys):
+    import torch
+
+    bogus = tmp_path / "weights.pt"
+    torch.save({"model": {}}, bogus)
+    assert main(["pretrain", *tiny_overrides(synthetic_dir, tmp_path / "run"), "--resume", str(bogus)]) == 2
+    assert "not a blip-fast training checkpoint" in capsys.readouterr().err
