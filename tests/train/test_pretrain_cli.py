@@ -52,3 +52,20 @@ def test_resume_of_a_file_that_is_not_a_training_checkpoint(synthetic_dir, tmp_p
     torch.save({"model": {}}, bogus)
     assert main(["pretrain", *tiny_overrides(synthetic_dir, tmp_path / "run"), "--resume", str(bogus)]) == 2
     assert "not a blip-fast training checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("options", [
+    ["optim.grad_accum_steps=2", "optim.clip_grad_norm=1.0", "optim.fused=foreach"],
+    ["train.precision=bf16", "optim.decay_norms_and_biases=false", "optim.fused=loop", "optim.temp_lr=null"],
+])
+def test_training_options_run(synthetic_dir, tmp_path, options):
+    from blip_fast.train.config import load_pretrain_config
+    from blip_fast.train.engine import pretrain
+
+    config = load_pretrain_config(None, [*tiny_overrides(synthetic_dir, tmp_path), "train.max_steps=4", *options])
+    summary = pretrain(config, printer=lambda *_: None)
+    accum = config.optim.grad_accum_steps
+    assert summary.steps == 4 and summary.samples == 4 * 8 * accum
+    assert all(0 < v < 20 for v in summary.last_losses.values())
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["samples_per_s"] > 0
