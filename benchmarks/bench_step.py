@@ -3,33 +3,43 @@
     blip-fast bench step                                   # ViT-B/16 224 px, batch 96, queue 57,600 (a GPU)
     blip-fast bench step --preset tiny --image-size 64 --batch 16 --queue 96 --steps 3   # a CPU smoke run
     python benchmarks/bench_step.py --json benchmarks/results/step-h100-YYYYMMDD.json
+    blip-fast bench step --impl original --impl reference --impl fast   # with the original (needs blip-ci)
 
 One step is BlipPretrain's forward (ITC + ITM + LM, momentum update, enqueue), backward and AdamW,
-exactly as ``blip-fast pretrain`` runs it (``blip_fast.train.engine.optimizer_step``). The two impls:
+exactly as ``blip-fast pretrain`` runs it (``blip_fast.train.engine.optimizer_step``). The impls:
 
 ``reference``  the pure-PyTorch reference ops (``BLIP_FAST_IMPL=reference``), fp32 (TF32 matmuls on
                CUDA, like the original's measured run), captions padded to 30 tokens, AdamW one tensor
                at a time, no compile: the original algorithm, written plainly;
 ``fast``       the fast ops (``auto``), bf16 autocast, every transformer block compiled, torch's fused
-               AdamW, captions padded to the longest of the batch.
+               AdamW, captions padded to the longest of the batch;
+``original``   (only with ``--impl original``) the original code itself, Salesforce ``BLIP_Pretrain`` from the
+               ``blip-ci`` package (``pip install --no-deps blip-ci==0.0.5``; loaded offline with import shims by
+               ``benchmarks/original_blip.py``), stepped as the original ``pretrain.py`` does: ``zero_grad``,
+               ``model(image, captions, alpha)`` with the captions as strings (tokenized inside the forward),
+               the three losses summed, ``backward``, ``torch.optim.AdamW(params=model.parameters(), lr=3e-4,
+               weight_decay=0.05)``; fp32 (TF32 on CUDA). Its weights are random (the original starts from
+               DeiT/BERT downloads), which changes no timing.
 
 Inputs: images of Gaussian noise (never all zeros) and captions of the built-in synthetic scenes,
 tokenized; their lengths follow the synthetic captions (one to three objects). Timing: ``--warmup``
 steps, then ``--steps`` steps each bracketed by ``torch.cuda.synchronize()``; the median step gives
 samples/s; peak memory from ``torch.cuda.max_memory_allocated`` (CUDA only). FLOPs per sample are
 counted once per impl with ``torch.utils.flop_counter.FlopCounterMode`` on one eager step (forward +
-backward): the reference count is the algorithm's (the "model" FLOPs of shared/BENCHMARKS.md), the
-fast count what the fast path executes (less: K/V reuse, shorter padding). MFU = samples/s x FLOPs
-per sample / ``--peak-tflops`` (default 798, the H100's measured bf16 peak).
-
-Not measured here yet: the original implementation itself (``original``, from the ``blip-ci``
-package: it needs timm 0.4.12, fairscale and a BERT tokenizer it downloads; shims not written).
+backward). MFU = samples/s x FLOPs per sample / ``--peak-tflops`` (default 798, the H100's measured
+bf16 peak), twice (shared/BENCHMARKS.md): *model* MFU with the original algorithm's FLOPs -- counted on
+the original code when ``original`` is in the run, else on our reference path, which counts a little
+less (it projects the image tokens to cross-attention keys/values once per step, the original once
+for each of the 4B text rows; records say which in ``flops_from``) -- and *hardware* MFU with each
+impl's own count (the fast path executes less: shared keys/values, captions padded to the longest).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import importlib.util
 import json
 import random
 import statistics
@@ -51,7 +61,9 @@ from blip_fast.train.config import OptimConfig
 from blip_fast.train.engine import optimizer_step
 from blip_fast.train.optim import build_optimizer
 
-IMPLS = ("reference", "fast")
+IMPLS = ("reference", "fast")  # the default; "original" runs only when asked for
+ALL_IMPLS = ("original", *IMPLS)
+ORIGINAL_LR, ORIGINAL_WEIGHT_DECAY = 3e-4, 0.05  # the original configs/pretrain.yaml: init_lr, weight_decay
 
 
 def _git() -> str:
@@ -62,12 +74,24 @@ def _git() -> str:
         return "unknown"
 
 
+def original_blip():
+    """``benchmarks/original_blip.py`` (a script beside this one, not part of the package), imported once."""
+    name = "blip_fast_benchmarks_original_blip"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("original_blip.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 def make_batch(batch: int, image_size: int, device: torch.device, padding: str, seed: int = 0):
+    """Images, the captions as strings (``texts``, what the original tokenizes itself) and tokenized."""
     rng = random.Random(seed)
     texts = [caption(random_scene(rng)) for _ in range(batch)]
     tokens = BlipTokenizer()(texts, max_length=30, padding=padding)
     images = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(seed))
-    return SimpleNamespace(images=images.to(device), input_ids=tokens.input_ids.to(device),
+    return SimpleNamespace(images=images.to(device), texts=texts, input_ids=tokens.input_ids.to(device),
                            attention_mask=tokens.attention_mask.to(device))
 
 
@@ -77,9 +101,36 @@ def _sync(device: torch.device) -> None:
 
 
 def build(impl: str, config, device: torch.device):
+    if impl == "original":
+        model = original_blip().build_original_pretrain(config).to(device).train()
+        optimizer = torch.optim.AdamW(params=model.parameters(), lr=ORIGINAL_LR, weight_decay=ORIGINAL_WEIGHT_DECAY)
+        return model, optimizer
     model = BlipPretrain(config).to(device).train()
     optimizer = build_optimizer(model, OptimConfig(fused="loop" if impl == "reference" else "auto"), device)
     return model, optimizer
+
+
+def original_step(model, optimizer, batch, alpha: float) -> None:
+    """One iteration of the original ``pretrain.py`` ``train`` loop (its metric logging left out)."""
+    optimizer.zero_grad()
+    loss_ita, loss_itm, loss_lm = model(batch.images, batch.texts, alpha=alpha)
+    loss = loss_ita + loss_itm + loss_lm
+    loss.backward()
+    optimizer.step()
+
+
+def step(impl: str, model, optimizer, batch, generator) -> None:
+    if impl == "original":
+        original_step(model, optimizer, batch, 0.4)
+    else:
+        optimizer_step(model, optimizer, [batch], 0.4, generator, "fp32" if impl == "reference" else "bf16")
+
+
+def impl_scope(impl: str):
+    """blip_fast's op backend for ``impl`` (the original uses none of blip_fast's ops)."""
+    if impl == "original":
+        return contextlib.nullcontext()
+    return ops.impl_scope("reference" if impl == "reference" else "auto")
 
 
 def count_flops(impl: str, config, device, batch) -> float:
@@ -87,9 +138,8 @@ def count_flops(impl: str, config, device, batch) -> float:
 
     model, optimizer = build(impl, config, device)
     generator = torch.Generator(device=device).manual_seed(0)
-    precision = "fp32" if impl == "reference" else "bf16"
-    with ops.impl_scope("reference" if impl == "reference" else "auto"), FlopCounterMode(display=False) as counter:
-        optimizer_step(model, optimizer, [batch], 0.4, generator, precision)
+    with impl_scope(impl), FlopCounterMode(display=False) as counter:
+        step(impl, model, optimizer, batch, generator)
     return counter.get_total_flops() / batch.images.shape[0]
 
 
@@ -100,15 +150,14 @@ def time_steps(impl: str, config, device, batch, steps: int, warmup: int, compil
 
         compile_model(model)
     generator = torch.Generator(device=device).manual_seed(0)
-    precision = "fp32" if impl == "reference" else "bf16"
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
-    with ops.impl_scope("reference" if impl == "reference" else "auto"):
+    with impl_scope(impl):
         for index in range(warmup + steps):
             _sync(device)
             start = time.perf_counter()
-            optimizer_step(model, optimizer, [batch], 0.4, generator, precision)
+            step(impl, model, optimizer, batch, generator)
             _sync(device)
             if index >= warmup:
                 times.append(time.perf_counter() - start)
@@ -127,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queue", type=int, default=57600)
     parser.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile happens here)")
-    parser.add_argument("--impl", action="append", choices=IMPLS, help="only these impls (default: both)")
+    parser.add_argument("--impl", action="append", choices=ALL_IMPLS,
+                        help="only these impls, in this order (default: reference and fast); original: the original "
+                             "BLIP code (needs the blip-ci package)")
     parser.add_argument("--no-compile", action="store_true", help="fast path without torch.compile")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--peak-tflops", type=float, default=798.0,
@@ -136,6 +187,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.batch < 2 or args.steps < 1 or args.warmup < 0:
         parser.error("--batch must be >= 2, --steps >= 1, --warmup >= 0")
+    impls = list(dict.fromkeys(args.impl or IMPLS))
+    if "original" in impls:
+        original = original_blip()
+        if not original.is_available():
+            sys.exit(f"bench step: --impl original needs the original BLIP code: {original.INSTALL_HINT}")
+        if args.preset == "tiny":
+            parser.error("--impl original: the original has ViT-B/16 and ViT-L/16 only (--preset base or large)")
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # the original's measured fp32 run used TF32
@@ -144,8 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     config.queue_size = args.queue
     case = f"pretrain_{args.preset}{args.image_size}_b{args.batch}"
     records, rows = [], []
-    for impl in args.impl or IMPLS:
-        batch = make_batch(args.batch, args.image_size, device, "max_length" if impl == "reference" else "longest")
+    for impl in impls:
+        padding = "longest" if impl == "fast" else "max_length"  # (the original pads its own tokens to 30)
+        batch = make_batch(args.batch, args.image_size, device, padding)
         flops = count_flops(impl, copy.deepcopy(config), device, batch)
         timing = time_steps(impl, copy.deepcopy(config), device, batch, args.steps, args.warmup,
                             compile_blocks=impl == "fast" and not args.no_compile)
@@ -155,11 +214,16 @@ def main(argv: list[str] | None = None) -> int:
             metrics["peak_gib"] = timing["peak_gib"]
         records += [{"case": case, "impl": impl, "metric": k, "value": v} for k, v in metrics.items()]
         rows.append((impl, metrics))
-    reference_flops = next((m["gflop_per_sample"] for i, m in rows if i == "reference"), None)
+    # model FLOPs: the original algorithm's count, from the original code when it ran, else from our reference
+    # path (which already shares the image keys/values across ITM and LM, so it counts a little less)
+    counted = dict(rows)
+    source = next((impl for impl in ("original", "reference") if impl in counted), None)
     for impl, metrics in rows:
-        if reference_flops is not None:
-            model_mfu = metrics["samples_per_s"] * reference_flops * 1e9 / (args.peak_tflops * 1e12)
-            records.append({"case": case, "impl": impl, "metric": "mfu", "value": model_mfu, "flops": "model"})
+        if source is not None:
+            model_flops = counted[source]["gflop_per_sample"]
+            model_mfu = metrics["samples_per_s"] * model_flops * 1e9 / (args.peak_tflops * 1e12)
+            records.append({"case": case, "impl": impl, "metric": "mfu", "value": model_mfu, "flops": "model",
+                            "flops_from": source, "gflop_per_sample": model_flops})
             metrics["model_mfu"] = model_mfu
         hardware_mfu = metrics["tflops"] / args.peak_tflops
         records.append({"case": case, "impl": impl, "metric": "mfu", "value": hardware_mfu, "flops": "hardware"})
@@ -173,8 +237,10 @@ def main(argv: list[str] | None = None) -> int:
         model_mfu = f"{m['model_mfu']:.1%}" if "model_mfu" in m else "-"
         print(f"{impl:<10} {m['samples_per_s']:>10.1f} {m['gflop_per_sample']:>13.1f} {peak:>9} {model_mfu:>10} "
               f"{m['hardware_mfu']:>8.1%}")
-    if len(rows) == 2:
-        print(f"speed-up fast / reference: {rows[1][1]['samples_per_s'] / rows[0][1]['samples_per_s']:.2f}x")
+    speed = {impl: m["samples_per_s"] for impl, m in rows}
+    for faster, slower in (("fast", "reference"), ("reference", "original"), ("fast", "original")):
+        if faster in speed and slower in speed:
+            print(f"speed-up {faster} / {slower}: {speed[faster] / speed[slower]:.2f}x")
     if args.json:
         try:
             import triton
