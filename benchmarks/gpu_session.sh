@@ -25,7 +25,9 @@ for stage in "${STAGES[@]}"; do
         build) run build pip install -q --no-build-isolation -e ".[test,triton]" ;;
         tests) run tests python -m pytest tests -q -ra -m gpu ;;
         parity) run parity blip-fast parity --device cuda --json "$OUT/parity-$DEV-$DAY.json" ;;
-        step) run step blip-fast bench step --json "$OUT/step-$DEV-$DAY.json" ;;
+        # the original BLIP joins when blip-ci is installed (carry its wheel: pip install --no-deps blip-ci==0.0.5)
+        step) ORIGINAL=$(python -c "import blip.models.blip_pretrain" 2>/dev/null && echo "--impl original" || true)
+              run step blip-fast bench step $ORIGINAL --impl reference --impl fast --json "$OUT/step-$DEV-$DAY.json" ;;
         hard_negatives) run hard_negatives blip-fast bench hard_negatives --json "$OUT/kernels-$DEV-$DAY.json" ;;
         data) run data blip-fast bench data --workers 1,16 --json "$OUT/data-$DEV-$DAY.json" ;;
         report) run report blip-fast bench report --results "$OUT" ;;
