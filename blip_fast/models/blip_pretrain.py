@@ -14,6 +14,11 @@ Order of one step, as the original:
 Captions arrive tokenized (``input_ids`` starting with [CLS], ``attention_mask``), so no host
 work happens inside the forward.
 
+Steps 1 and 3 write parameters in place. Under FSDP2 the parameters a forward sees are transient
+unsharded copies, so those writes would be lost; the trainer then sets ``updates_in_forward =
+False`` and runs both on the sharded parameters before the forward (blip_fast.train.fsdp). Neither
+reads anything the forward computes, so the result is the same.
+
 The image tokens reach ITM and LM only through each text layer's cross-attention keys and values,
 and the decoder shares the encoder's cross-attention. So they are projected once, for B images,
 and the 3B ITM rows gather theirs along the batch, where the original projects 3B + B image-token
@@ -38,6 +43,9 @@ from .med import TextDecoder, share_all_but_self_attention
 
 class BlipPretrain(ImageTextMatchingModel):
     task = "pretrain"
+    updates_in_forward = True
+    """Clamp the temperature and run the momentum update inside :meth:`forward`, as the original
+    (False: the caller does both before each forward, see the module docstring)."""
 
     def __init__(self, config: BlipConfig):
         super().__init__(config)
@@ -54,15 +62,16 @@ class BlipPretrain(ImageTextMatchingModel):
             raise ValueError(f"{images.shape[0]} images but {input_ids.shape[0]} captions")
         if images.shape[0] < 2:
             raise ValueError("pretraining needs at least 2 pairs per batch to draw hard negatives")
-        with torch.no_grad():
-            self.temp.clamp_(0.001, 0.5)
+        if self.updates_in_forward:
+            self.clamp_temperature_()
 
         image_embeds = self.image_embeds(images)
         image_feat = self.image_features(image_embeds)
         text_feat = self.text_features(input_ids, attention_mask)
 
         with torch.no_grad():
-            self.momentum_update()
+            if self.updates_in_forward:
+                self.momentum_update()
             image_feat_m = nn.functional.normalize(self.vision_proj_m(self.visual_encoder_m(images)[:, 0]), dim=-1)
             text_m = self.text_encoder_m(input_ids, attention_mask)
             text_feat_m = nn.functional.normalize(self.text_proj_m(text_m[:, 0]), dim=-1)
@@ -82,6 +91,11 @@ class BlipPretrain(ImageTextMatchingModel):
         loss_lm = self.text_decoder.loss(decoder_ids, attention_mask, None, None, targets,
                                          self.config.label_smoothing, context_kv=image_kv)
         return {"itc": loss_itc, "itm": loss_itm, "lm": loss_lm}
+
+    @torch.no_grad()
+    def clamp_temperature_(self) -> None:
+        """Step 1: keep the ITC temperature in [0.001, 0.5] (the original clamps it at every forward)."""
+        self.temp.clamp_(0.001, 0.5)
 
     @torch.no_grad()
     def enqueue(self, image_feat_m: torch.Tensor, text_feat_m: torch.Tensor) -> None:

@@ -6,6 +6,7 @@
     engine.py         the loop: Pretrainer, optimizer_step, pretrain()
     checkpointing.py  atomic, exact-resume checkpoints, keep-last-K
     distributed.py    torchrun / DDP
+    fsdp.py           FSDP2 (fully_shard) layout, sharded momentum update, full-state checkpoints
     metrics.py        progress, metrics.jsonl, TensorBoard
 """
 

@@ -150,7 +150,8 @@ class TrainConfig:
     impl: str = "auto"
     """Op backends (``blip_fast.ops``): auto | reference | torch | triton | cuda."""
     distributed: str = "auto"
-    """Under torchrun: ``ddp`` (``auto``), or ``none`` to refuse more than one process."""
+    """Under torchrun: ``ddp`` (``auto``: each rank holds the whole model), ``fsdp`` (FSDP2: weights, gradients
+    and AdamW state sharded over ranks, see blip_fast.train.fsdp), or ``none`` to refuse more than one process."""
     log_every: int = 50
     """Optimizer steps between metric lines (the only host synchronisations of the loop)."""
     checkpoint_every: int = 1000
@@ -173,8 +174,8 @@ class TrainConfig:
             raise ConfigError(f"train.max_steps must be positive; got {self.max_steps}")
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"train.precision must be fp32 or bf16; got {self.precision!r}")
-        if self.distributed not in ("auto", "ddp", "none"):
-            raise ConfigError(f"train.distributed must be auto, ddp or none; got {self.distributed!r}")
+        if self.distributed not in ("auto", "ddp", "fsdp", "none"):
+            raise ConfigError(f"train.distributed must be auto, ddp, fsdp or none; got {self.distributed!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"train.device must be auto, cpu or cuda; got {self.device!r}")
         from ..ops.registry import CHOICES

@@ -4,7 +4,8 @@
 for several machines) sets RANK / WORLD_SIZE / LOCAL_RANK; each process then trains on its own
 share of the data (blip_fast.data.stream splits by rank) on GPU ``LOCAL_RANK``. NCCL on GPUs, gloo
 on CPUs. The momentum-feature queue receives every rank's features in rank order
-(``BlipPretrain.enqueue``), as the original's ``concat_all_gather``.
+(``BlipPretrain.enqueue``), as the original's ``concat_all_gather``. ``train.distributed`` picks
+DDP (every rank holds the whole model; here) or FSDP2 (ranks hold shards; blip_fast.train.fsdp).
 
 DDP details: buffers (the queues) are synced from rank 0 once, then not broadcast before each
 forward -- every rank updates them identically, and broadcasting 2 x 57,600 x 256 floats each step
@@ -18,6 +19,7 @@ import datetime
 import inspect
 import logging
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +39,8 @@ class DistributedContext:
     device: torch.device = torch.device("cpu")
     owns_group: bool = False
     """The process group was created here (and is destroyed by :meth:`close`)."""
+    data_parallel: str = "none"
+    """``ddp`` or ``fsdp`` when several processes train, ``none`` for one."""
 
     @property
     def is_main(self) -> bool:
@@ -45,6 +49,10 @@ class DistributedContext:
     @property
     def active(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def sharded(self) -> bool:
+        return self.data_parallel == "fsdp"
 
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
@@ -67,20 +75,24 @@ def init_distributed(device: str = "auto", mode: str = "auto") -> DistributedCon
     if world_size <= 1:
         return DistributedContext(device=target)
     if mode == "none":
-        raise ConfigError(f"train.distributed=none but WORLD_SIZE={world_size}: run a single process or allow ddp")
+        raise ConfigError(f"train.distributed=none but WORLD_SIZE={world_size}: run a single process or allow "
+                          "ddp or fsdp")
     owns = not dist.is_initialized()
     if owns:
         backend = "nccl" if target.type == "cuda" else "gloo"
         if target.type == "cuda":
             torch.cuda.set_device(target)
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
-    ctx = DistributedContext(dist.get_rank(), dist.get_world_size(), local_rank, target, owns)
-    log.info("distributed: rank %d of %d on %s (%s)", ctx.rank, ctx.world_size, target, dist.get_backend())
+    data_parallel = "fsdp" if mode == "fsdp" else "ddp"
+    ctx = DistributedContext(dist.get_rank(), dist.get_world_size(), local_rank, target, owns, data_parallel)
+    log.info("distributed: rank %d of %d on %s (%s, %s)", ctx.rank, ctx.world_size, target, dist.get_backend(),
+             data_parallel)
     return ctx
 
 
 def wrap_model(model: nn.Module, ctx: DistributedContext) -> nn.Module:
-    if not ctx.active:
+    """DDP's wrapper around ``model``; the model itself for one process, or when FSDP sharded it in place."""
+    if ctx.data_parallel != "ddp":
         return model
     from torch.nn.parallel import DistributedDataParallel
 
@@ -95,10 +107,21 @@ def wrap_model(model: nn.Module, ctx: DistributedContext) -> nn.Module:
 
 
 def no_sync(model: nn.Module, skip: bool):
-    """DDP's ``no_sync`` while accumulating micro-batches (a no-op for a single process)."""
+    """Keep a micro-batch's gradients on this rank while accumulating (its forward and backward inside): DDP's
+    ``no_sync``, FSDP's gradient-sync switch; a no-op for a single process."""
     if skip and hasattr(model, "no_sync"):
         return model.no_sync()
+    if skip and is_fully_sharded(model):
+        from .fsdp import no_gradient_sync
+
+        return no_gradient_sync(model)
     return contextlib.nullcontext()
+
+
+def is_fully_sharded(model: nn.Module) -> bool:
+    """``model`` was sharded by FSDP2 (told without importing FSDP, which takes a second, when it was not)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return fsdp is not None and isinstance(model, fsdp.FSDPModule)
 
 
 def mean_across_ranks(values: torch.Tensor, ctx: DistributedContext) -> torch.Tensor:

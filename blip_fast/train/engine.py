@@ -3,10 +3,14 @@
 One optimizer step, as the original (the order inside the forward is BlipPretrain's):
 
     lr  <- schedule(epoch, step in epoch)          alpha <- ramp(epoch, step in epoch)
-    for each of grad_accum_steps micro-batches:     (DDP all-reduces only on the last)
+    for each of grad_accum_steps micro-batches:     (DDP / FSDP reduce gradients only on the last)
         itc, itm, lm = model(images, captions, alpha)   # momentum update, queue enqueue inside
         ((itc + itm + lm) / grad_accum_steps).backward()
     clip (optional), AdamW step
+
+With ``train.distributed: fsdp`` the momentum update runs on the sharded weights just before each
+forward instead, and the (unsharded) temperature's gradient is averaged over ranks by hand
+(blip_fast.train.fsdp says why).
 
 Nothing in the step reads a value back to the host: losses are summed on the device and read
 every ``log_every`` steps, which is also when ranks average them. The hard-negative sampler draws
@@ -41,7 +45,15 @@ from ..evaluation.retrieval import RetrievalResult, evaluate_retrieval
 from ..models.blip_pretrain import BlipPretrain
 from .checkpointing import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import PretrainConfig, pretrain_config_to_dict
-from .distributed import DistributedContext, barrier, init_distributed, mean_across_ranks, no_sync, wrap_model
+from .distributed import (
+    DistributedContext,
+    barrier,
+    init_distributed,
+    is_fully_sharded,
+    mean_across_ranks,
+    no_sync,
+    wrap_model,
+)
 from .metrics import RunLog
 from .optim import build_optimizer, set_learning_rate
 from .schedule import distillation_alpha, learning_rate
@@ -100,17 +112,26 @@ def optimizer_step(model, optimizer: torch.optim.Optimizer, micro_batches, alpha
                    generator: torch.Generator | None, precision: str = "fp32", clip_grad_norm: float = 0.0
                    ) -> torch.Tensor:
     """One optimizer step of BLIP pretraining over ``micro_batches`` (objects with ``images``, ``input_ids`` and
-    ``attention_mask`` on the model's device). ``model`` is a BlipPretrain or its DDP wrapper. Returns the (3,)
-    losses [itc, itm, lm] averaged over the micro-batches, on the device: nothing here waits for the GPU."""
+    ``attention_mask`` on the model's device). ``model`` is a BlipPretrain, its DDP wrapper, or itself sharded by
+    FSDP2. Returns the (3,) losses [itc, itm, lm] averaged over the micro-batches, on the device: nothing here
+    waits for the GPU."""
     accum = len(micro_batches)
     device = micro_batches[0].images.device
     totals = torch.zeros(3, device=device)
+    sharded = is_fully_sharded(model)
+    if sharded:
+        from . import fsdp  # here and below imported only when used: FSDP takes a second to import
     for index, batch in enumerate(micro_batches):
-        with no_sync(model, skip=index + 1 < accum), autocast(device, precision):
-            losses = model(batch.images, batch.input_ids, batch.attention_mask, alpha=alpha, generator=generator)
-            stacked = torch.stack([losses[k].float() for k in LOSSES])
-        (stacked.sum() / accum).backward()
+        if sharded:
+            fsdp.update_before_forward(model)
+        with no_sync(model, skip=index + 1 < accum):
+            with autocast(device, precision):
+                losses = model(batch.images, batch.input_ids, batch.attention_mask, alpha=alpha, generator=generator)
+                stacked = torch.stack([losses[k].float() for k in LOSSES])
+            (stacked.sum() / accum).backward()
         totals += stacked.detach() / accum
+    if sharded:
+        fsdp.average_replicated_gradients(model)
     if clip_grad_norm:
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
     optimizer.step()
@@ -162,11 +183,17 @@ class Pretrainer:
 
             compiled = compile_blocks(self.model)
             log.info("torch.compile: %d transformer blocks", compiled)
-        self.optimizer = build_optimizer(self.model, config.optim, self.device)
+        if self.ctx.sharded:  # shard in place, then the optimizer over the shards, then load them
+            from . import fsdp
+
+            fsdp.apply_fsdp(self.model, self.device)
+            self.optimizer = fsdp.build_sharded_optimizer(self.model, config.optim, self.device)
+        else:
+            self.optimizer = build_optimizer(self.model, config.optim, self.device)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.progress = Progress()
         self.resumed_from = self._resume(resume)
-        self.ddp_model = wrap_model(self.model, self.ctx)
+        self.parallel_model = wrap_model(self.model, self.ctx)
         self.samples_per_step = config.data.batch_size * self.ctx.world_size * config.optim.grad_accum_steps
         self.total_steps = config.train.epochs * self.steps_per_epoch
         if config.train.max_steps is not None:
@@ -219,8 +246,13 @@ class Pretrainer:
         if len(payload["data"]) != self.ctx.world_size:
             raise CheckpointError(f"{path} was written by {len(payload['data'])} ranks; resume it with as many "
                                   f"(this run has {self.ctx.world_size}) so the data continues exactly")
-        self.model.load_state_dict(payload["model"])
-        self.optimizer.load_state_dict(payload["optimizer"])
+        if self.ctx.sharded:
+            from . import fsdp
+
+            fsdp.load_full_state_dicts(self.model, self.optimizer, payload["model"], payload["optimizer"])
+        else:
+            self.model.load_state_dict(payload["model"])
+            self.optimizer.load_state_dict(payload["optimizer"])
         self.progress = Progress(**payload["progress"])
         self.batches.load_state_dict(payload["data"][self.ctx.rank])
         set_rng_state(payload["rng"][self.ctx.rank], self.generator)
@@ -239,9 +271,15 @@ class Pretrainer:
     def save(self) -> Path | None:
         """Write a checkpoint of the current step (every rank must call it)."""
         data, rng = self._gather(self.batches.state_dict()), self._gather(rng_state(self.generator))
+        if self.ctx.sharded:  # gathered on rank 0, in the format of the unsharded state dicts
+            from . import fsdp
+
+            model_state, optimizer_state = fsdp.full_state_dicts(self.model, self.optimizer)
+        else:
+            model_state, optimizer_state = self.model.state_dict(), self.optimizer.state_dict()
         path = None
         if self.ctx.is_main:
-            payload = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            payload = {"model": model_state, "optimizer": optimizer_state,
                        "progress": asdict(self.progress), "data": data, "rng": rng,
                        "config": pretrain_config_to_dict(self.config),
                        "model_config": config_to_dict(self.model_config)}
@@ -260,7 +298,7 @@ class Pretrainer:
         set_learning_rate(self.optimizer, learning_rate(self.config.optim, p.epoch, p.step_in_epoch))
         alpha = distillation_alpha(self.model_config.alpha, p.epoch, p.step_in_epoch, self.steps_per_epoch,
                                    self.config.train.alpha_ramp_epochs)
-        return optimizer_step(self.ddp_model, self.optimizer, micro_batches, alpha, self.generator,
+        return optimizer_step(self.parallel_model, self.optimizer, micro_batches, alpha, self.generator,
                               self.config.train.precision, self.config.optim.clip_grad_norm)
 
     def run(self) -> RunSummary:
@@ -341,9 +379,14 @@ class Pretrainer:
         if self.eval_annotations is None or not self.config.train.eval_size:
             return None
         result = None
+        model = self.model
+        if self.ctx.sharded:  # the evaluation calls the model's parts directly, outside FSDP's forward hooks
+            from . import fsdp
+
+            model = fsdp.unsharded_copy(self.model)
         if self.ctx.is_main:
             with self._autocast():
-                result = evaluate_retrieval(self.model, self.eval_annotations, self.model_config.vision.image_size,
+                result = evaluate_retrieval(model, self.eval_annotations, self.model_config.vision.image_size,
                                             limit=self.config.train.eval_size, itm_k=self.config.train.eval_itm_k)
             runlog.event({"kind": "eval", "step": self.progress.step, **result.metrics},
                          f"zero-shot {result.summary()}")
