@@ -12,26 +12,16 @@ the tolerance below (1e-6 relative) only absorbs DDP's bucketed all-reduce.
 """
 
 import os
-import socket
 from types import SimpleNamespace
 
 import torch
 import torch.multiprocessing as mp
-from train_helpers import tiny_overrides
+from train_helpers import BATCH, WORLD, assert_rel_close, free_port, rank_batches, tiny_overrides
 
 from blip_fast.models.blip_pretrain import BlipPretrain
 from blip_fast.train.config import load_pretrain_config
 from blip_fast.train.optim import build_optimizer, set_learning_rate
 from blip_fast.train.schedule import learning_rate
-
-WORLD = 2
-BATCH = 8
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _overrides(synthetic_dir, out):
@@ -55,29 +45,13 @@ def _rank_main(rank, port, synthetic_dir, out, batches):
         trainer.close()
 
 
-def _batches(synthetic_dir):
-    from blip_fast.data.annotations import CaptionAnnotations
-    from blip_fast.data.decode import decode_image, read_image_file
-    from blip_fast.data.transforms import TransformConfig, eval_transform
-    from blip_fast.text import BlipTokenizer
-
-    source = CaptionAnnotations([synthetic_dir / "train.json"], synthetic_dir)
-    samples = [source.sample(i, None) for i in range(WORLD * BATCH)]
-    images = torch.stack([eval_transform(decode_image(read_image_file(s.image_path)), TransformConfig.eval(64))
-                          for s in samples])
-    tokens = BlipTokenizer()([s.caption for s in samples], max_length=30)
-    return [{"images": images[r * BATCH:(r + 1) * BATCH], "input_ids": tokens.input_ids[r * BATCH:(r + 1) * BATCH],
-             "attention_mask": tokens.attention_mask[r * BATCH:(r + 1) * BATCH]} for r in range(WORLD)]
 
 
-def _close(a, b, what):
-    scale = max(a.abs().max().item(), 1e-12)
-    assert (a - b).abs().max().item() <= 1e-6 * scale, what
 
 
 def test_ddp_step_equals_single_process_on_the_same_batches(synthetic_dir, tmp_path):
-    batches = _batches(synthetic_dir)
-    mp.spawn(_rank_main, args=(_free_port(), synthetic_dir, tmp_path, batches), nprocs=WORLD, join=True)
+    batches = rank_batches(synthetic_dir)
+    mp.spawn(_rank_main, args=(free_port(), synthetic_dir, tmp_path, batches), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     initial = ranks[0]["initial"]
     for name, tensor in ranks[1]["initial"].items():   # DDP gave rank 1 rank 0's weights and queues
@@ -96,7 +70,7 @@ def test_ddp_step_equals_single_process_on_the_same_batches(synthetic_dir, tmp_p
         losses = model(b["images"], b["input_ids"], b["attention_mask"], alpha=0.0, generator=generator)
         stacked = torch.stack([losses[k] for k in ("itc", "itm", "lm")])
         stacked.sum().backward()
-        _close(ranks[rank]["losses"], stacked.detach(), f"rank {rank} losses")
+        assert_rel_close(ranks[rank]["losses"], stacked.detach(), f"rank {rank} losses")
         halves.append(model)
 
     stepped = BlipPretrain(config.model_config())
@@ -115,10 +89,10 @@ def test_ddp_step_equals_single_process_on_the_same_batches(synthetic_dir, tmp_p
         if name.endswith("queue") or name == "queue_ptr":
             continue
         reference = momentum[name] if "_m." in name else expected[name]
-        _close(tensor.float(), reference.float(), name)
+        assert_rel_close(tensor.float(), reference.float(), name)
     assert int(final["queue_ptr"]) == WORLD * BATCH
     for queue in ("image_queue", "text_queue"):
         for rank in range(WORLD):
-            _close(final[queue][:, rank * BATCH:(rank + 1) * BATCH], halves[rank].state_dict()[queue][:, :BATCH],
-                   f"{queue} columns of rank {rank}")
+            assert_rel_close(final[queue][:, rank * BATCH:(rank + 1) * BATCH],
+                             halves[rank].state_dict()[queue][:, :BATCH], f"{queue} columns of rank {rank}")
         assert torch.equal(final[queue][:, WORLD * BATCH:], initial[queue][:, WORLD * BATCH:])

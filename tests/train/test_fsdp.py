@@ -15,13 +15,12 @@ single process's state after the same step, and load back into a new FSDP run un
 """
 
 import os
-import socket
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from train_helpers import tiny_overrides
+from train_helpers import BATCH, WORLD, assert_rel_close, free_port, rank_batches, tiny_overrides
 
 from blip_fast.models.blip_pretrain import BlipPretrain
 from blip_fast.train.checkpointing import latest_checkpoint, load_checkpoint
@@ -29,16 +28,10 @@ from blip_fast.train.config import load_pretrain_config
 from blip_fast.train.optim import build_optimizer, set_learning_rate
 from blip_fast.train.schedule import learning_rate
 
-WORLD = 2
-BATCH = 8
 CLIP = 0.5
 REPLICATED = ("temp", "image_queue", "text_queue", "queue_ptr")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _overrides(synthetic_dir, out):
@@ -84,32 +77,16 @@ def _rank_main(rank, port, synthetic_dir, out, batches):
         trainer.close()
 
 
-def _batches(synthetic_dir):
-    from blip_fast.data.annotations import CaptionAnnotations
-    from blip_fast.data.decode import decode_image, read_image_file
-    from blip_fast.data.transforms import TransformConfig, eval_transform
-    from blip_fast.text import BlipTokenizer
-
-    source = CaptionAnnotations([synthetic_dir / "train.json"], synthetic_dir)
-    samples = [source.sample(i, None) for i in range(WORLD * BATCH)]
-    images = torch.stack([eval_transform(decode_image(read_image_file(s.image_path)), TransformConfig.eval(64))
-                          for s in samples])
-    tokens = BlipTokenizer()([s.caption for s in samples], max_length=30)
-    return [{"images": images[r * BATCH:(r + 1) * BATCH], "input_ids": tokens.input_ids[r * BATCH:(r + 1) * BATCH],
-             "attention_mask": tokens.attention_mask[r * BATCH:(r + 1) * BATCH]} for r in range(WORLD)]
 
 
-def _close(a, b, what):
-    scale = max(a.abs().max().item(), 1e-12)
-    assert (a - b).abs().max().item() <= 1e-6 * scale, what
 
 
 @pytest.fixture(scope="module")
 def fsdp_run(synthetic_dir, tmp_path_factory):
     """The two ranks' step, checkpoint and resume, and the single process's replay of the step."""
     out = tmp_path_factory.mktemp("fsdp")
-    batches = _batches(synthetic_dir)
-    mp.spawn(_rank_main, args=(_free_port(), synthetic_dir, out, batches), nprocs=WORLD, join=True)
+    batches = rank_batches(synthetic_dir)
+    mp.spawn(_rank_main, args=(free_port(), synthetic_dir, out, batches), nprocs=WORLD, join=True)
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
     torch.set_num_threads(1)
@@ -144,7 +121,7 @@ def fsdp_run(synthetic_dir, tmp_path_factory):
 def test_fsdp_step_equals_single_process_on_the_same_batches(fsdp_run):
     ranks, checkpoint = fsdp_run.ranks, fsdp_run.checkpoint
     for rank in range(WORLD):
-        _close(ranks[rank]["losses"], fsdp_run.losses[rank], f"rank {rank} losses")
+        assert_rel_close(ranks[rank]["losses"], fsdp_run.losses[rank], f"rank {rank} losses")
     for name in REPLICATED:  # rank 0's at the start (broadcast before sharding), and equal after the step
         assert torch.equal(ranks[1]["initial_replicated"][name], ranks[0]["initial_replicated"][name]), name
         assert torch.equal(ranks[1]["replicated"][name], ranks[0]["replicated"][name]), name
@@ -152,7 +129,7 @@ def test_fsdp_step_equals_single_process_on_the_same_batches(fsdp_run):
     seen = ranks[0]["gradients"]
     assert seen.keys() == fsdp_run.gradients.keys()
     for name, grad in fsdp_run.gradients.items():
-        _close(seen[name], grad, f"gradient of {name}")
+        assert_rel_close(seen[name], grad, f"gradient of {name}")
 
     final, initial = checkpoint["model"], ranks[0]["initial"]
     expected, momentum = fsdp_run.stepped.state_dict(), fsdp_run.halves[0].state_dict()
@@ -160,11 +137,11 @@ def test_fsdp_step_equals_single_process_on_the_same_batches(fsdp_run):
         if name.endswith("queue") or name == "queue_ptr":
             continue
         reference = momentum[name] if "_m." in name else expected[name]
-        _close(tensor, reference, name)
+        assert_rel_close(tensor, reference, name)
     assert int(final["queue_ptr"]) == WORLD * BATCH
     for queue in ("image_queue", "text_queue"):
         for rank in range(WORLD):
-            _close(final[queue][:, rank * BATCH:(rank + 1) * BATCH],
+            assert_rel_close(final[queue][:, rank * BATCH:(rank + 1) * BATCH],
                    fsdp_run.halves[rank].state_dict()[queue][:, :BATCH], f"{queue} columns of rank {rank}")
         assert torch.equal(final[queue][:, WORLD * BATCH:], initial[queue][:, WORLD * BATCH:])
         assert torch.equal(final[queue], ranks[0]["replicated"][queue])
@@ -183,7 +160,7 @@ def test_fsdp_checkpoint_is_a_single_process_checkpoint(fsdp_run):
     assert saved["state"].keys() == expected["state"].keys()
     for index, state in expected["state"].items():
         for key, value in state.items():
-            _close(saved["state"][index][key], value, f"optimizer {key} of parameter {index}")
+            assert_rel_close(saved["state"][index][key], value, f"optimizer {key} of parameter {index}")
 
     # a new FSDP run resumed from it holds exactly what was saved
     rank0 = fsdp_run.ranks[0]

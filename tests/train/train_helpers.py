@@ -1,7 +1,44 @@
 """Shared by the engine tests."""
 
+import socket
+
+import torch
+
+
 def tiny_overrides(synthetic_dir, out, *extra):
     """The tiny-synthetic config shrunk for tests: batch 8, no workers, no TensorBoard, no evaluation."""
     return [f"data.synthetic_dir={synthetic_dir}", "data.synthetic_n=600", "data.batch_size=8", "data.num_workers=0",
             f"train.out={out}", "train.tensorboard=false", "train.eval_size=0", "train.log_every=2",
             "optim.warmup_steps=3", *extra]
+
+
+WORLD = 2   # processes of the distributed tests
+BATCH = 8   # pairs per rank
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_batches(synthetic_dir):
+    """The first WORLD x BATCH training pairs, evaluation-transformed and tokenized, split into one batch per rank."""
+    from blip_fast.data.annotations import CaptionAnnotations
+    from blip_fast.data.decode import decode_image, read_image_file
+    from blip_fast.data.transforms import TransformConfig, eval_transform
+    from blip_fast.text import BlipTokenizer
+
+    source = CaptionAnnotations([synthetic_dir / "train.json"], synthetic_dir)
+    samples = [source.sample(i, None) for i in range(WORLD * BATCH)]
+    images = torch.stack([eval_transform(decode_image(read_image_file(s.image_path)), TransformConfig.eval(64))
+                          for s in samples])
+    tokens = BlipTokenizer()([s.caption for s in samples], max_length=30)
+    return [{"images": images[r * BATCH:(r + 1) * BATCH], "input_ids": tokens.input_ids[r * BATCH:(r + 1) * BATCH],
+             "attention_mask": tokens.attention_mask[r * BATCH:(r + 1) * BATCH]} for r in range(WORLD)]
+
+
+def assert_rel_close(a, b, what, tolerance=1e-6):
+    """Max |a - b| within ``tolerance`` of max |a| (the distributed tests' bound)."""
+    scale = max(a.abs().max().item(), 1e-12)
+    assert (a - b).abs().max().item() <= tolerance * scale, what
