@@ -50,3 +50,18 @@ def test_report_gathers_results_and_names_bad_files(step_results, tmp_path):
     assert "broken.json: not readable JSON" in report and "partial.json: missing device" in report
     assert (folder / "step-cpu-test-samples_per_s.png").stat().st_size > 1000
     assert "![step-cpu-test-samples_per_s.png]" in report
+
+
+def test_bench_pretrain_writes_run_and_retrieval_records(tmp_path):
+    out = tmp_path / "eval-cpu-test.json"
+    code = _script("bench_pretrain").main([
+        "data.synthetic_n=300", f"data.synthetic_dir={tmp_path / 'data'}", "data.batch_size=8", "data.num_workers=0",
+        "train.max_steps=2", "train.eval_size=12", "train.eval_itm_k=3", "train.tensorboard=false",
+        "--json", str(out)])
+    assert code == 0
+    data = json.loads(out.read_text())
+    assert FORMAT_KEYS <= set(data) and data["suite"] == "eval"
+    metrics = {(r["case"], r["metric"]): r["value"] for r in data["records"]}
+    assert metrics[("pretrain_tiny-synthetic_2x8", "samples_per_s")] > 0
+    assert metrics[("zero_shot_retrieval_12img_itm3", "chance_r1")] == pytest.approx(100 / 12)
+    assert 0 <= metrics[("zero_shot_retrieval_12img_itm3", "img_r10")] <= 100
