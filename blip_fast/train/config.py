@@ -242,7 +242,11 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {text!r} must look like section.key=value")
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({str(error).splitlines()[0]}); quote "
+                          "strings with braces or commas, e.g. 'data.paths=[\"shards/{00000..00099}.tar\"]'") from None
     # YAML 1.1 reads "1e-4" as a string (it needs a dot); numbers are what a user means there
     if isinstance(value, str):
         try:

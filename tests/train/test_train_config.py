@@ -45,6 +45,7 @@ def test_overrides_are_typed_and_nested():
     ("optim.betas=[0.9]", "optim.betas"),
     ("data.paths=a.json", "data.paths must be a list"),
     ("nonsense", "must look like section.key=value"),
+    ("data.paths=[a/{0..3}.tar]", "quote strings with braces"),
 ])
 def test_mistakes_are_named(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):

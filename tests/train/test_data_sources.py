@@ -1,0 +1,48 @@
+"""The engine on the data a user brings: BLIP JSON lists with an evaluation list, tar shards, DALI transforms."""
+
+import json
+
+import pytest
+from train_helpers import tiny_overrides
+
+from blip_fast.data.dali_pipeline import HAS_DALI
+from blip_fast.train.config import load_pretrain_config
+from blip_fast.train.engine import pretrain
+
+
+def _run(overrides, tmp_path):
+    lines = []
+    summary = pretrain(load_pretrain_config(None, overrides), printer=lines.append)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    return summary, records, lines
+
+
+def test_json_lists_with_an_evaluation_list(synthetic_dir, tmp_path):
+    base = [o for o in tiny_overrides(synthetic_dir, tmp_path) if not o.startswith(("data.synthetic", "train.eval"))]
+    summary, records, _ = _run([*base, "data.kind=json", f"data.paths=[{synthetic_dir / 'train.json'}]",
+                                f"data.image_root={synthetic_dir}", f"data.eval_path={synthetic_dir / 'val.json'}",
+                                "train.eval_size=20", "train.eval_itm_k=0", "train.max_steps=3"], tmp_path)
+    assert summary.steps == 3 and summary.retrieval["images"] == 20 and summary.retrieval["itm_k"] == 0
+    assert records[-1]["kind"] == "eval"
+
+
+def test_tar_shards_need_and_use_steps_per_epoch(synthetic_dir, tmp_path):
+    base = [o for o in tiny_overrides(synthetic_dir, tmp_path) if not o.startswith("data.synthetic")]
+    shards = f"data.paths=[\"{synthetic_dir / 'shards' / 'train-{00000..00005}.tar'}\"]"
+    from blip_fast.config import ConfigError
+
+    with pytest.raises(ConfigError, match="data.steps_per_epoch"):
+        _run([*base, "data.kind=shards", shards, "train.max_steps=2"], tmp_path)
+    summary, records, lines = _run([*base, "data.kind=shards", shards, "data.steps_per_epoch=5",
+                                    "train.max_steps=4"], tmp_path)
+    assert summary.steps == 4 and "(5 per epoch)" in lines[0]
+    assert [r["step"] for r in records] == [2, 4]
+
+
+@pytest.mark.skipif(not HAS_DALI, reason="NVIDIA DALI is not installed")
+def test_dali_cpu_pretraining_transform(synthetic_dir, tmp_path):
+    # DALI on the CPU with the original pretraining transform (crops, flips, RandomAugment) feeding the engine
+    overrides = [*tiny_overrides(synthetic_dir, tmp_path), "data.backend=dali", "data.transform.kind=pretrain",
+                 "train.max_steps=2"]
+    summary, _, lines = _run(overrides, tmp_path)
+    assert summary.steps == 2 and "images via dali_cpu" in lines[0]
