@@ -248,6 +248,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         return args.run(args)
+    except KeyboardInterrupt:
+        hint = " (checkpoints are written atomically; continue with --resume)" if args.command == "pretrain" else ""
+        print(f"interrupted{hint}", file=sys.stderr)
+        return 130
     except USER_ERRORS as error:
         if args.verbose:
             raise

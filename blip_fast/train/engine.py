@@ -283,7 +283,13 @@ class Pretrainer:
                        "progress": asdict(self.progress), "data": data, "rng": rng,
                        "config": pretrain_config_to_dict(self.config),
                        "model_config": config_to_dict(self.model_config)}
-            path = save_checkpoint(self.out, self.progress.step, payload, self.config.train.keep_last)
+            try:
+                path = save_checkpoint(self.out, self.progress.step, payload, self.config.train.keep_last)
+            except OSError as error:
+                # a full disk or a lost mount must not end hours of training: the previous checkpoint is intact
+                # (atomic writes) and the next save tries again
+                self.printer(f"warning: could not write the checkpoint of step {self.progress.step} ({error}); "
+                             "the previous checkpoint is intact, training continues")
         barrier(self.ctx)
         return path
 

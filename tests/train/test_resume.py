@@ -70,3 +70,15 @@ def test_checkpoints_keep_last_k_and_refuse_other_models(synthetic_dir, tmp_path
     other = load_pretrain_config(None, tiny_overrides(synthetic_dir, out, "train.max_steps=6", "model.embed_dim=16"))
     with pytest.raises(CheckpointError, match="different model configuration"):
         pretrain(other, resume=True, printer=lambda *_: None)
+
+
+def test_a_checkpoint_that_cannot_be_written_does_not_end_the_run(synthetic_dir, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoints").write_text("a file where the checkpoint folder should be")
+    lines = []
+    summary = pretrain(load_pretrain_config(None, tiny_overrides(synthetic_dir, out, "train.max_steps=3",
+                                                                 "train.checkpoint_every=2")), printer=lines.append)
+    assert summary.steps == 3 and summary.checkpoint is None
+    warnings = [line for line in lines if line.startswith("warning: could not write the checkpoint")]
+    assert len(warnings) == 2 and "step 2" in warnings[0] and "step 3" in warnings[1]
