@@ -102,6 +102,7 @@ class Implementation:
     fn: Callable[..., Any]
     devices: tuple[str, ...]  # device types it runs on ("cpu", "cuda")
     is_available: Callable[[], bool] = lambda: True
+    dtypes: tuple[torch.dtype, ...] | None = None  # input dtypes it accepts (None: any)
 
 
 @dataclass
@@ -119,23 +120,26 @@ class Op:
         fn: Callable[..., Any],
         devices: Sequence[str],
         is_available: Callable[[], bool] = lambda: True,
+        dtypes: Sequence[torch.dtype] | None = None,
     ) -> None:
         if backend not in BACKENDS or backend == "reference":
             raise ValueError(f"cannot register backend {backend!r} for {self.name}")
-        self.impls[backend] = Implementation(backend, fn, tuple(devices), is_available)
+        self.impls[backend] = Implementation(backend, fn, tuple(devices), is_available,
+                                             None if dtypes is None else tuple(dtypes))
 
-    def available(self, device: torch.device) -> list[str]:
-        """Backends that can run on ``device``, reference last."""
+    def available(self, device: torch.device, dtype: torch.dtype | None = None) -> list[str]:
+        """Backends that can run on ``device`` (for inputs of ``dtype``, when given), reference last."""
         names = [
             b
             for b in AUTO_ORDER[:-1]
             if b in self.impls and device.type in self.impls[b].devices and self.impls[b].is_available()
+            and (dtype is None or self.impls[b].dtypes is None or dtype in self.impls[b].dtypes)
         ]
         return names + ["reference"]
 
-    def select(self, device: torch.device) -> str:
+    def select(self, device: torch.device, dtype: torch.dtype | None = None) -> str:
         choice = requested_impl()
-        usable = self.available(device)
+        usable = self.available(device, dtype)
         if choice == "reference":
             picked = "reference"
         elif choice != "auto" and choice in usable:
@@ -154,8 +158,9 @@ class Op:
         return self.reference if backend == "reference" else self.impls[backend].fn
 
     def __call__(self, *args, **kwargs):
-        device = _first_device(args, kwargs)
-        return self.function(self.select(device))(*args, **kwargs)
+        first = _first_tensor(args, kwargs)
+        device = first.device if first is not None else torch.device("cpu")
+        return self.function(self.select(device, first.dtype if first is not None else None))(*args, **kwargs)
 
 
 _logged: set[tuple[str, str, str]] = set()
@@ -170,10 +175,11 @@ def define_op(name: str, reference: Callable[..., Any]) -> Op:
     return op
 
 
-def _first_device(args, kwargs) -> torch.device:
+def _first_tensor(args, kwargs) -> torch.Tensor | None:
+    """The first tensor argument (or first element of a tensor list): its device and dtype pick the backend."""
     for value in list(args) + list(kwargs.values()):
         if isinstance(value, torch.Tensor):
-            return value.device
+            return value
         if isinstance(value, (list, tuple)) and value and isinstance(value[0], torch.Tensor):
-            return value[0].device
-    return torch.device("cpu")
+            return value[0]
+    return None

@@ -52,3 +52,19 @@ def test_choice_is_logged_once(caplog):
 def test_every_op_of_the_issue_is_registered():
     assert {"attention", "itc_loss", "lm_loss", "sample_hard_negatives", "momentum_update",
             "enqueue"} <= set(ops.OPS)
+
+
+def test_inputs_a_kernel_does_not_take_go_to_the_reference():
+    # the hard-negative kernels read fp32/fp16/bf16 logits; fp64 (used by exactness checks) takes the reference
+    # under auto instead of failing inside the kernel
+    op = ops.OPS["sample_hard_negatives"]
+    cpu = torch.device("cpu")
+    assert op.select(cpu, torch.float64) == "reference"
+    assert op.available(cpu, torch.float64) == ["reference"]
+    assert op.select(cpu, torch.float32) == op.available(cpu)[0]
+    sim = torch.randn(6, 9, dtype=torch.float64)
+    uniforms = torch.rand(6)
+    with ops.impl_scope("auto"):
+        picked = ops.sample_hard_negatives(sim, uniforms)
+    with ops.impl_scope("reference"):
+        assert torch.equal(picked, ops.sample_hard_negatives(sim, uniforms))
