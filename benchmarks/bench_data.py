@@ -32,13 +32,11 @@ returns 0, or 1 when no implementation could run here.
 from __future__ import annotations
 
 import argparse
-import datetime
 import io
 import itertools
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,6 +46,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
+from blip_fast.bench_results import device_name, write_results
 from blip_fast.data.batches import CaptionBatches, open_caption_source
 from blip_fast.data.dali_pipeline import HAS_DALI, DaliOptions, DaliTransformLoader, PilTransformLoader
 from blip_fast.data.transforms import TransformConfig
@@ -203,15 +202,6 @@ def print_table(records: list[dict]) -> None:
         print(f"{r['case']:<22} {r['impl']:<9} {setting:<22} {r['value']:>10.1f} {ratio:>12}")
 
 
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent)
-    except OSError:
-        return "unknown"
-    return out.stdout.strip() or "unknown"
-
-
 def _csv(kind, choices=None):
     def parse(text: str):
         items = [kind(item) for item in text.split(",") if item]
@@ -247,25 +237,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print_table(records)
     if args.json:
-        try:
-            import triton
-            triton_version = triton.__version__
-        except ImportError:
-            triton_version = "not installed"
-        result = {
-            "suite": "data",
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "torch": torch.__version__,
-            "triton": triton_version,
-            "dali": _dali_version(),
-            "cpu_cores": os.cpu_count(),
-            "git": _git_commit(),
-            "date": datetime.date.today().isoformat(),
-            "command": " ".join(sys.argv if argv is None else ["benchmarks/bench_data.py", *argv]),
-            "records": records,
-        }
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_results(args.json, "data", device_name(), " ".join(
+            sys.argv if argv is None else ["benchmarks/bench_data.py", *argv]), records, dali=_dali_version(),
+            cpu_cores=os.cpu_count())
         print(f"wrote {args.json}")
     return 0
 

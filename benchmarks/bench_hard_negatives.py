@@ -17,14 +17,12 @@ Times are medians of ``triton.testing.do_bench`` in microseconds; the results fi
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import subprocess
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from blip_fast.bench_results import device_name, triton_version, write_results
 
 CASES = ((96, 96), (288, 288))  # (B, N): BLIP base pretraining batches per GPU, in-batch negatives
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -91,16 +89,6 @@ def print_table(records: list[dict]) -> None:
         print(f"{r['case']:<28} {r['impl']:<10} {r['value']:>10.2f} {speedup:>11.1f}x")
 
 
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
-        )
-    except OSError:
-        return "unknown"
-    return out.stdout.strip() or "unknown"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the logits")
@@ -111,27 +99,15 @@ def main(argv: list[str] | None = None) -> int:
             "bench_hard_negatives: needs a CUDA device (timings are GPU-only); none found.", file=sys.stderr
         )
         return 1
-    try:
-        import triton
-    except ImportError:
+    if triton_version() is None:
         print("bench_hard_negatives: needs triton (pip install triton==3.6.0) for do_bench.", file=sys.stderr)
         return 1
 
     records = run(DTYPES[args.dtype])
     print_table(records)
     if args.json:
-        result = {
-            "suite": "kernels",
-            "device": torch.cuda.get_device_name(),
-            "torch": torch.__version__,
-            "triton": triton.__version__,
-            "git": _git_commit(),
-            "date": datetime.date.today().isoformat(),
-            "command": " ".join(sys.argv if argv is None else ["benchmarks/bench_hard_negatives.py", *argv]),
-            "records": records,
-        }
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_results(args.json, "kernels", device_name("cuda"), " ".join(
+            sys.argv if argv is None else ["benchmarks/bench_hard_negatives.py", *argv]), records)
         print(f"wrote {args.json}")
     return 0
 

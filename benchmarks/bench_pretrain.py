@@ -15,26 +15,16 @@ dataset writing and the evaluation not), total wall seconds, and the evaluation'
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 import torch
 
+from blip_fast.bench_results import device_name, write_results
 from blip_fast.train.config import load_pretrain_config
 from blip_fast.train.engine import pretrain
-
-
-def _git() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,13 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         records += [{"case": eval_case, "impl": "fast", "metric": k, "value": v} for k, v in r["metrics"].items()]
     print("\n".join(f"{x['case']:<40} {x['metric']:<14} {x['value']:.2f}" for x in records))
     if args.json:
-        device = torch.cuda.get_device_name() if config.train.device != "cpu" and torch.cuda.is_available() else "cpu"
-        result = {"suite": "eval", "device": device, "torch": torch.__version__, "triton": None, "git": _git(),
-                  "date": date.today().isoformat(), "threads": torch.get_num_threads(),
-                  "command": "blip-fast bench pretrain " + " ".join(argv if argv is not None else sys.argv[1:]),
-                  "records": records}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        write_results(args.json, "eval", device_name(None if config.train.device == "auto" else config.train.device),
+                      "blip-fast bench pretrain " + " ".join(argv if argv is not None else sys.argv[1:]), records,
+                      threads=torch.get_num_threads())
     return 0
 
 

@@ -40,19 +40,17 @@ import argparse
 import contextlib
 import copy
 import importlib.util
-import json
 import random
 import statistics
-import subprocess
 import sys
 import time
-from datetime import date
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
 from blip_fast import ops
+from blip_fast.bench_results import write_results
 from blip_fast.config import preset
 from blip_fast.data.synthetic import caption, random_scene
 from blip_fast.models.blip_pretrain import BlipPretrain
@@ -64,14 +62,6 @@ from blip_fast.train.optim import build_optimizer
 IMPLS = ("reference", "fast")  # the default; "original" runs only when asked for
 ALL_IMPLS = ("original", *IMPLS)
 ORIGINAL_LR, ORIGINAL_WEIGHT_DECAY = 3e-4, 0.05  # the original configs/pretrain.yaml: init_lr, weight_decay
-
-
-def _git() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def original_blip():
@@ -242,18 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         if faster in speed and slower in speed:
             print(f"speed-up {faster} / {slower}: {speed[faster] / speed[slower]:.2f}x")
     if args.json:
-        try:
-            import triton
-
-            triton_version = triton.__version__
-        except ImportError:
-            triton_version = None
-        result = {"suite": "step", "device": device_name,
-                  "torch": torch.__version__, "triton": triton_version, "git": _git(), "date": date.today().isoformat(),
-                  "command": "blip-fast bench step " + " ".join(argv if argv is not None else sys.argv[1:]),
-                  "records": records}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        write_results(args.json, "step", device_name, "blip-fast bench step " + " ".join(
+            argv if argv is not None else sys.argv[1:]), records)
     return 0
 
 

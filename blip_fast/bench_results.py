@@ -1,0 +1,50 @@
+"""Results files of the benchmark scripts in ``benchmarks/`` (format: shared/BENCHMARKS.md).
+
+Every script writes the same header -- suite, device, library versions, the commit measured, the
+date and the command -- then its records; this module is the one place that header is made.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import subprocess
+from pathlib import Path
+
+import torch
+
+
+def git_commit(where: str | Path = Path(__file__).parent) -> str:
+    """The short hash of the checkout ``where`` is in ("unknown" outside one)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=where)
+    except OSError:
+        return "unknown"
+    return out.stdout.strip() or "unknown"
+
+
+def triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+def device_name(device: torch.device | str | None = None) -> str:
+    """``torch.cuda.get_device_name()`` for a CUDA device, else "cpu"."""
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type != "cuda":
+        return "cpu"
+    return torch.cuda.get_device_name(device) if torch.cuda.is_available() else "cpu"
+
+
+def write_results(path: str | Path, suite: str, device: str, command: str, records: list[dict], **extra) -> Path:
+    """Write one results file; ``extra`` adds fields to the header (e.g. ``dali``, ``threads``)."""
+    result = {"suite": suite, "device": device, "torch": torch.__version__, "triton": triton_version(),
+              "git": git_commit(), "date": datetime.date.today().isoformat(), "command": command, **extra,
+              "records": records}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    return path
