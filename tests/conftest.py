@@ -1,4 +1,4 @@
-"""Shared test set-up: every test is seeded; ``gpu`` tests are skipped without CUDA."""
+"""Shared test set-up: every test is seeded; ``gpu`` tests are skipped without CUDA; ``one_intra_op_thread``."""
 
 import os
 import random
@@ -53,3 +53,14 @@ def _seed_and_reset():
     ops.set_impl(None)
     yield
     ops.set_impl(None)
+
+
+@pytest.fixture(scope="module")
+def one_intra_op_thread():
+    """One intra-op thread while a module's tests run, restored after. Tiny models gain nothing from threads;
+    with other jobs on 2 CPU cores every op would wait for a descheduled worker (~8 ms each); and bitwise
+    comparisons need it: some CPU kernels sum in an order that depends on how the work is split."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

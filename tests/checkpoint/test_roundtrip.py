@@ -29,14 +29,7 @@ RTOL = 1e-5
 CLS, SEP, DEC, ENC = 101, 102, 30522, 30523
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """Tiny models gain nothing from intra-op threads; with other jobs on the 2 CPU cores every op
-    then waits for a descheduled worker (~8 ms each, 5x the whole file's time). Restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 @pytest.fixture(autouse=True)

@@ -26,13 +26,7 @@ RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 CAPTION_LENGTHS = [7, 11, 4, 13, 9, 6]  # tokens per caption, padded to the longest (13); 6 divides the queue
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """Tiny models gain nothing from intra-op threads on the shared 2-core CPU. Restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def captions(lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

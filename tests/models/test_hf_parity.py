@@ -69,14 +69,7 @@ captions end at varied lengths, some before ``max_length`` and some not (with th
 [SEP] would otherwise never win)."""
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """Tiny models gain nothing from intra-op threads; with other jobs on the 2 CPU cores every op
-    then waits for a descheduled worker (~8 ms each, 5x the whole file's time). Restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def rel_err(ours: torch.Tensor, theirs: torch.Tensor) -> float:

@@ -15,19 +15,11 @@ def _losses(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("batch, stop, total, options", [
     (8, 6, 12, []),                                   # 67 steps per epoch: stop mid-epoch
     (32, 16, 20, ["train.checkpoint_every=0"]),       # 16 steps per epoch: stop exactly at the epoch's end,
 ])                                                    # resume into the next epoch; checkpoints at epoch ends
-def test_resume_continues_exactly(synthetic_dir, tmp_path, batch, stop, total, options, one_thread):
+def test_resume_continues_exactly(synthetic_dir, tmp_path, batch, stop, total, options, one_intra_op_thread):
     # fp32 on one CPU thread, so the resumed run must equal the straight one bit for bit (with two threads,
     # two straight runs at batch 32 already differ in the last bits: some CPU kernels' summation order
     # depends on how the work is split)
