@@ -23,7 +23,7 @@ FAILED=()
 for stage in "${STAGES[@]}"; do
     case $stage in
         build) run build pip install -q --no-build-isolation -e ".[test,triton]" ;;
-        tests) run tests python -m pytest tests -q -ra -m gpu ;;
+        tests) run tests env BLIP_FAST_REQUIRE_NATIVE=1 python -m pytest tests -q -ra -m gpu ;;
         parity) run parity blip-fast parity --device cuda --json "$OUT/parity-$DEV-$DAY.json" ;;
         # the original BLIP joins when blip-ci is installed (carry its wheel: pip install --no-deps blip-ci==0.0.5)
         step) ORIGINAL=$(python -c "import blip.models.blip_pretrain" 2>/dev/null && echo "--impl original" || true)

@@ -145,8 +145,8 @@ def adapt_input_conv(in_chans, conv_weight):
         else:
             conv_weight = conv_weight.sum(dim=1, keepdim=True)
     elif in_chans != 3:
-        if in_c != 3:
-            raise NotImplementedError("Weight format not supported by conversion.")
+        if in_c != 3:  # timm refuses this too: no rule maps a non-RGB patch embedding to another channel count
+            raise ValueError(f"adapt_input_conv: cannot adapt a {in_c}-channel patch embedding to {in_chans} channels")
         conv_weight = conv_weight.repeat(1, int(math.ceil(in_chans / 3)), 1, 1)[:, :in_chans] * (3 / float(in_chans))
     return conv_weight.to(dtype)
 
@@ -212,10 +212,18 @@ def invert_attention_mask(self, encoder_attention_mask):
 
 
 def get_head_mask(self, head_mask, num_hidden_layers, is_attention_chunked=False):
-    """transformers 4.15 ``ModuleUtilsMixin.get_head_mask`` for BLIP's only use: no head mask."""
-    if head_mask is not None:
-        raise NotImplementedError("original_blip: head masks are not shimmed (BLIP never passes one)")
-    return [None] * num_hidden_layers
+    """transformers 4.15 ``ModuleUtilsMixin.get_head_mask``: ``None`` per layer, or the mask as
+    (layers, batch, heads, query, key) broadcastable scales -- (heads,) for every layer or (layers, heads)."""
+    if head_mask is None:
+        return [None] * num_hidden_layers
+    if head_mask.dim() == 1:
+        head_mask = head_mask[None, None, :, None, None].expand(num_hidden_layers, -1, -1, -1, -1)
+    elif head_mask.dim() == 2:
+        head_mask = head_mask[:, None, :, None, None]
+    else:
+        raise ValueError(f"head_mask must be (heads,) or (layers, heads); got {tuple(head_mask.shape)}")
+    head_mask = head_mask.to(dtype=self.dtype)
+    return head_mask.unsqueeze(-1) if is_attention_chunked else head_mask
 
 
 def init_weights(self):

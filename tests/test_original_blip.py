@@ -18,6 +18,7 @@ import copy
 import importlib.util
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -172,3 +173,23 @@ def test_original_needs_a_vit_the_original_has():
     with pytest.raises(ValueError, match="ViT-B/16 and ViT-L/16 only"):
         original_blip._vit_name(preset("tiny"))
     assert original_blip._vit_name(preset("base")) == "base" and original_blip._vit_name(preset("large")) == "large"
+
+
+def test_head_mask_shim_broadcasts_like_transformers_4():
+    # transformers 4.15 semantics: (heads,) -> every layer, (layers, heads) -> per layer, as (L, 1, H, 1, 1) scales
+    holder = types.SimpleNamespace(dtype=torch.float32)
+    assert original_blip.get_head_mask(holder, None, 3) == [None, None, None]
+    per_head = original_blip.get_head_mask(holder, torch.tensor([1.0, 0.0]), 3)
+    assert per_head.shape == (3, 1, 2, 1, 1) and per_head[:, 0, 1].eq(0).all() and per_head[:, 0, 0].eq(1).all()
+    per_layer = original_blip.get_head_mask(holder, torch.ones(3, 2), 3, is_attention_chunked=True)
+    assert per_layer.shape == (3, 1, 2, 1, 1, 1)
+    with pytest.raises(ValueError, match="head_mask must be"):
+        original_blip.get_head_mask(holder, torch.ones(1, 1, 2), 3)
+
+
+def test_adapt_input_conv_shim():
+    weight = torch.randn(8, 3, 4, 4)
+    assert torch.allclose(original_blip.adapt_input_conv(1, weight), weight.sum(dim=1, keepdim=True))
+    assert original_blip.adapt_input_conv(6, weight).shape == (8, 6, 4, 4)
+    with pytest.raises(ValueError, match="cannot adapt a 4-channel"):
+        original_blip.adapt_input_conv(6, torch.randn(8, 4, 4, 4))
