@@ -14,10 +14,10 @@ DataLoader workers, captions chosen, cleaned and tokenized, images transformed (
 ``pil``, by DALI for the others), resumable state kept per batch. Its list repeats the JPEG files
 (the page cache serves the repeats) so that one epoch outlasts the timed runs.
 
-Inputs: JPEGs drawn here, 640x480 at quality 90 (about 100 kB each): a smooth colour field, a dozen
-shapes, blur and grain -- photo-like in size and entropy, never all zero. Each timed run transforms
-``--batches`` batches (cycling over the JPEGs) after a warm-up run; the figure is the median of
-``--runs`` runs, in images per second, outputs materialised (GPU: synchronised).
+Inputs: ``photo_like_jpeg`` (blip_fast.data.synthetic), 640x480 at quality 90 (about 100 kB each): a
+smooth colour field, a dozen shapes, blur and grain -- photo-like in size and entropy, never all zero.
+Each timed run transforms ``--batches`` batches (cycling over the JPEGs) after a warm-up run; the
+figure is the median of ``--runs`` runs, in images per second, outputs materialised (GPU: synchronised).
 
     python benchmarks/bench_data.py [ARGS]       or      blip-fast bench data [ARGS]
 
@@ -32,7 +32,6 @@ returns 0, or 1 when no implementation could run here.
 from __future__ import annotations
 
 import argparse
-import io
 import itertools
 import json
 import os
@@ -44,11 +43,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFilter
 
 from blip_fast.bench_results import device_name, write_results
 from blip_fast.data.batches import CaptionBatches, open_caption_source
 from blip_fast.data.dali_pipeline import HAS_DALI, DaliOptions, DaliTransformLoader, PilTransformLoader
+from blip_fast.data.synthetic import photo_like_jpeg
 from blip_fast.data.transforms import TransformConfig
 
 IMPLS = ("fast", "dali_cpu", "pil")
@@ -60,25 +59,6 @@ CAPTION_CASES = {
     "captions_pretrain_224": lambda dtype: TransformConfig.pretrain(224, dtype=dtype),
 }
 
-
-def photo_jpeg(seed: int, width: int = 640, height: int = 480, quality: int = 90) -> bytes:
-    """A photo-like JPEG of about 100 kB at 640x480 (never flat, never all zero)."""
-    rng = np.random.default_rng(seed)
-    field = rng.integers(0, 256, (height // 32 + 2, width // 32 + 2, 3), dtype=np.uint8)
-    image = Image.fromarray(field).resize((width, height), Image.BICUBIC)
-    pen = ImageDraw.Draw(image)
-    for _ in range(12):
-        x, y, r = rng.uniform(0, width), rng.uniform(0, height), rng.uniform(10, 120)
-        color = tuple(int(c) for c in rng.integers(0, 256, 3))
-        if rng.random() < 0.5:
-            pen.ellipse([x - r, y - r, x + r, y + r], fill=color)
-        else:
-            pen.polygon([(x, y - r), (x - r, y + r), (x + r, y + r * rng.uniform(0, 1))], fill=color)
-    pixels = np.asarray(image.filter(ImageFilter.GaussianBlur(1.0))).astype(np.int16)
-    pixels = (pixels + rng.normal(0, 9, pixels.shape)).clip(0, 255).astype(np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, "JPEG", quality=quality)
-    return out.getvalue()
 
 
 def batches(jpegs: list[bytes], batch_size: int):
@@ -155,7 +135,7 @@ def available(impl: str) -> str | None:
 
 
 def run(args) -> list[dict]:
-    jpegs = [photo_jpeg(seed) for seed in range(args.images)]
+    jpegs = [photo_like_jpeg(seed) for seed in range(args.images)]
     print(f"{len(jpegs)} JPEGs, 640x480, mean {np.mean([len(j) for j in jpegs]) / 1e3:.0f} kB")
     records = []
     with tempfile.TemporaryDirectory(prefix="bench_data_") as folder:

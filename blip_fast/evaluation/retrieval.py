@@ -85,7 +85,10 @@ def retrieval_scores(model, images: torch.Tensor, input_ids: torch.Tensor, atten
         scores = []
         for start in range(0, image_rows.shape[0], batch_size):
             i, t = image_rows[start:start + batch_size], text_rows[start:start + batch_size]
-            logits = model.itm_logits(image_embeds[i], enc_ids[t], mask[t])
+            # an image recurs in up to k pairs of a chunk: project its cross-attention keys/values once
+            images, row_of = torch.unique(i, return_inverse=True)
+            image_kv = [(k[row_of], v[row_of]) for k, v in model.image_keys_values(image_embeds[images])]
+            logits = model.itm_logits_from_keys_values(image_kv, enc_ids[t], mask[t])
             scores.append(logits[:, 1].float())
         return torch.cat(scores)
 

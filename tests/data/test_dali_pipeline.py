@@ -22,7 +22,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image
 
 from blip_fast.data import dali_pipeline
 from blip_fast.data.dali_pipeline import (
@@ -32,6 +32,7 @@ from blip_fast.data.dali_pipeline import (
     PilTransformLoader,
     make_transform_pipeline,
 )
+from blip_fast.data.synthetic import photo_like_jpeg
 from blip_fast.data.transforms import (
     GEOMETRIC_AUGMENTS,
     RATIO,
@@ -47,28 +48,13 @@ LEVEL = 1.0 / (255.0 * min(STD))          # one pixel level in normalised units 
 SIZES = [(640, 480), (480, 640), (333, 217), (1000, 750), (384, 384)]
 
 
-def photo_jpeg(seed: int, width: int, height: int, quality: int = 90, subsampling: int = 2, mode: str = "RGB") -> bytes:
-    """A photo-like JPEG: smooth colour field, a dozen shapes, blur and grain (never flat)."""
-    rng = np.random.default_rng(seed)
-    field = rng.integers(0, 256, (height // 32 + 2, width // 32 + 2, 3), dtype=np.uint8)
-    image = Image.fromarray(field).resize((width, height), Image.BICUBIC)
-    pen = ImageDraw.Draw(image)
-    for _ in range(12):
-        x, y, r = rng.uniform(0, width), rng.uniform(0, height), rng.uniform(8, 100)
-        pen.ellipse([x - r, y - r, x + r, y + r], fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
-    pixels = np.asarray(image.filter(ImageFilter.GaussianBlur(1.0))).astype(np.int16)
-    pixels = (pixels + rng.normal(0, 8, pixels.shape)).clip(0, 255).astype(np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels).convert(mode).save(out, "JPEG", quality=quality, subsampling=subsampling)
-    return out.getvalue()
-
 
 @pytest.fixture(scope="module")
 def jpeg_files(tmp_path_factory):
     """Real JPEG files on disk (4:2:0 photos of several shapes, one 4:4:4, one grayscale), read back as bytes."""
     folder = tmp_path_factory.mktemp("jpegs")
-    blobs = [photo_jpeg(i, w, h) for i, (w, h) in enumerate(SIZES)]
-    blobs += [photo_jpeg(10, 500, 375, subsampling=0), photo_jpeg(11, 320, 240, mode="L")]
+    blobs = [photo_like_jpeg(i, w, h) for i, (w, h) in enumerate(SIZES)]
+    blobs += [photo_like_jpeg(10, 500, 375, subsampling=0), photo_like_jpeg(11, 320, 240, mode="L")]
     paths = []
     for i, blob in enumerate(blobs):
         path = folder / f"{i:03d}.jpg"
