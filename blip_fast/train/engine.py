@@ -192,6 +192,7 @@ class Pretrainer:
             self.optimizer = build_optimizer(self.model, config.optim, self.device)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.progress = Progress()
+        self.alpha = 0.0  # the distillation weight of the last step (logged)
         self.resumed_from = self._resume(resume)
         self.parallel_model = wrap_model(self.model, self.ctx)
         self.samples_per_step = config.data.batch_size * self.ctx.world_size * config.optim.grad_accum_steps
@@ -302,9 +303,9 @@ class Pretrainer:
         """One optimizer step at the current progress (learning rate and alpha from the schedules)."""
         p = self.progress
         set_learning_rate(self.optimizer, learning_rate(self.config.optim, p.epoch, p.step_in_epoch))
-        alpha = distillation_alpha(self.model_config.alpha, p.epoch, p.step_in_epoch, self.steps_per_epoch,
-                                   self.config.train.alpha_ramp_epochs)
-        return optimizer_step(self.parallel_model, self.optimizer, micro_batches, alpha, self.generator,
+        self.alpha = distillation_alpha(self.model_config.alpha, p.epoch, p.step_in_epoch, self.steps_per_epoch,
+                                        self.config.train.alpha_ramp_epochs)
+        return optimizer_step(self.parallel_model, self.optimizer, micro_batches, self.alpha, self.generator,
                               self.config.train.precision, self.config.optim.clip_grad_norm)
 
     def run(self) -> RunSummary:
@@ -326,6 +327,7 @@ class Pretrainer:
         started = window_start = time.perf_counter()
         start_samples = p.samples
         runlog.start(p.step)
+        self.model.train()
         with ops.impl_scope(config.train.impl):
             while p.epoch < config.train.epochs and p.step < self.total_steps:
                 self.batches.set_epoch(p.epoch)
@@ -334,7 +336,6 @@ class Pretrainer:
                     pending.append(batch.to(self.device, non_blocking=True))
                     if len(pending) < config.optim.grad_accum_steps:
                         continue
-                    self.model.train()
                     window += self.train_step(pending)
                     pending = []
                     window_steps += 1
@@ -345,9 +346,7 @@ class Pretrainer:
                         last_losses = dict(zip(LOSSES, means, strict=True))
                         now = time.perf_counter()
                         runlog.step({"step": p.step, "epoch": p.epoch, "lr": self.optimizer.param_groups[0]["lr"],
-                                     "alpha": distillation_alpha(self.model_config.alpha, p.epoch, p.step_in_epoch,
-                                                                 self.steps_per_epoch, config.train.alpha_ramp_epochs),
-                                     "temp": float(self.model.temp.detach()), "loss": sum(means),
+                                     "alpha": self.alpha, "temp": float(self.model.temp.detach()), "loss": sum(means),
                                      **{f"loss_{k}": v for k, v in last_losses.items()},
                                      "samples_per_s": window_steps * self.samples_per_step / (now - window_start),
                                      "elapsed_s": now - started, "skipped": self.batches.stats.total_skipped})
@@ -364,11 +363,7 @@ class Pretrainer:
                         self.save()
                         last_saved = p.step
             seconds = time.perf_counter() - started
-            path = None
-            if last_saved != p.step:
-                path = self.save()
-            else:
-                path = latest_checkpoint(self.out)
+            path = self.save() if last_saved != p.step else latest_checkpoint(self.out)
             retrieval = self._evaluate(runlog)
         samples = p.samples - start_samples
         summary = RunSummary(p.step, p.epoch, samples, seconds, samples / seconds if seconds > 0 else math.nan,
