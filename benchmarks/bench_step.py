@@ -12,7 +12,9 @@ exactly as ``blip-fast pretrain`` runs it (``blip_fast.train.engine.optimizer_st
                CUDA, like the original's measured run), captions padded to 30 tokens, AdamW one tensor
                at a time, no compile: the original algorithm, written plainly;
 ``fast``       the fast ops (``auto``), bf16 autocast, every transformer block compiled, torch's fused
-               AdamW, captions padded to the longest of the batch;
+               AdamW, captions padded to the longest of the batch, and on CUDA the whole step replayed as
+               one CUDA graph (``train.cuda_graph``, blip_fast.train.cuda_graph);
+``fast_no_graph`` (only when asked for) ``fast`` without the CUDA graph: what the graph saves;
 ``original``   (only with ``--impl original``) the original code itself, Salesforce ``BLIP_Pretrain`` from the
                ``blip-ci`` package (``pip install --no-deps blip-ci==0.0.5``; loaded offline with import shims by
                ``benchmarks/original_blip.py``), stepped as the original ``pretrain.py`` does: ``zero_grad``,
@@ -59,8 +61,8 @@ from blip_fast.train.config import OptimConfig
 from blip_fast.train.engine import optimizer_step
 from blip_fast.train.optim import build_optimizer
 
-IMPLS = ("reference", "fast")  # the default; "original" runs only when asked for
-ALL_IMPLS = ("original", *IMPLS)
+IMPLS = ("reference", "fast")  # the default; "original" and "fast_no_graph" run only when asked for
+ALL_IMPLS = ("original", "reference", "fast_no_graph", "fast")
 ORIGINAL_LR, ORIGINAL_WEIGHT_DECAY = 3e-4, 0.05  # the original configs/pretrain.yaml: init_lr, weight_decay
 
 
@@ -91,13 +93,23 @@ def _sync(device: torch.device) -> None:
 
 
 def build(impl: str, config, device: torch.device):
+    """(model, run_step): ``run_step(batch)`` is one training step of ``impl``."""
     if impl == "original":
         model = original_blip().build_original_pretrain(config).to(device).train()
         optimizer = torch.optim.AdamW(params=model.parameters(), lr=ORIGINAL_LR, weight_decay=ORIGINAL_WEIGHT_DECAY)
-        return model, optimizer
+        return model, lambda batch: original_step(model, optimizer, batch, 0.4)
     model = BlipPretrain(config).to(device).train()
-    optimizer = build_optimizer(model, OptimConfig(fused="loop" if impl == "reference" else "auto"), device)
-    return model, optimizer
+    generator = torch.Generator(device=device).manual_seed(0)
+    graphed = impl == "fast" and device.type == "cuda"
+    optimizer = build_optimizer(model, OptimConfig(fused="loop" if impl == "reference" else "auto"), device,
+                                capturable=graphed)
+    if graphed:
+        from blip_fast.train.cuda_graph import CudaGraphStep
+
+        graph_step = CudaGraphStep(model, optimizer, generator, "bf16")  # its first step of a shape runs eagerly
+        return model, lambda batch: graph_step(batch, 0.4)
+    precision = "fp32" if impl == "reference" else "bf16"
+    return model, lambda batch: optimizer_step(model, optimizer, [batch], 0.4, generator, precision)
 
 
 def original_step(model, optimizer, batch, alpha: float) -> None:
@@ -107,13 +119,6 @@ def original_step(model, optimizer, batch, alpha: float) -> None:
     loss = loss_ita + loss_itm + loss_lm
     loss.backward()
     optimizer.step()
-
-
-def step(impl: str, model, optimizer, batch, generator) -> None:
-    if impl == "original":
-        original_step(model, optimizer, batch, 0.4)
-    else:
-        optimizer_step(model, optimizer, [batch], 0.4, generator, "fp32" if impl == "reference" else "bf16")
 
 
 def impl_scope(impl: str):
@@ -126,20 +131,57 @@ def impl_scope(impl: str):
 def count_flops(impl: str, config, device, batch) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
-    model, optimizer = build(impl, config, device)
-    generator = torch.Generator(device=device).manual_seed(0)
+    _, run_step = build(impl, config, device)
     with impl_scope(impl), FlopCounterMode(display=False) as counter:
-        step(impl, model, optimizer, batch, generator)
+        run_step(batch)  # (a graphed impl's first step runs eagerly, so the counter sees it)
     return counter.get_total_flops() / batch.images.shape[0]
 
 
-def time_steps(impl: str, config, device, batch, steps: int, warmup: int, compile_blocks: bool) -> dict:
-    model, optimizer = build(impl, config, device)
+def profile_steps(impl: str, run_step, batch, device, steps: int) -> str:
+    """A torch.profiler report of ``steps`` warm steps: wall and kernel time per step, kernel launches, the
+    step's phases (the ``blip.*`` record_function regions) and the kernels that take the most time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    _sync(device)
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            run_step(batch)
+        _sync(device)
+    wall_ms = (time.perf_counter() - start) * 1e3 / steps
+    events = prof.events()
+    regions: dict[str, list[float]] = {}
+    for event in events:
+        if event.device_type == DeviceType.CPU and event.name.startswith("blip."):
+            cpu_ms, gpu_ms = regions.setdefault(event.name, [0.0, 0.0])
+            regions[event.name] = [cpu_ms + event.cpu_time_total / 1e3, gpu_ms + event.device_time_total / 1e3]
+    # device events: kernels, copies and memsets; the GPU-side spans of record_function regions are not work
+    work = [e for e in events if e.device_type == DeviceType.CUDA and not e.name.startswith("blip.")]
+    gpu_ms = sum(e.time_range.elapsed_us() for e in work) / 1e3 / steps
+    lines = [f"{impl}: {steps} profiled steps, batch {batch.images.shape[0]}",
+             f"wall per step: {wall_ms:.1f} ms (under the profiler); device work per step: {gpu_ms:.1f} ms "
+             f"({gpu_ms / wall_ms:.0%} busy); device events per step: {len(work) / steps:.0f}",
+             "",
+             "phase (record_function)        CPU ms/step   device ms/step   (kernels launched from the main thread:",
+             "                                                               backward runs in autograd's own thread)"]
+    for name, (cpu_ms, phase_gpu_ms) in sorted(regions.items(), key=lambda kv: -kv[1][1]):
+        lines.append(f"{name:<30} {cpu_ms / steps:>11.1f} {phase_gpu_ms / steps:>16.1f}")
+    attributed = sum(v[1] for v in regions.values()) / steps
+    lines += [f"{'not in a phase (backward)':<30} {'':>11} {gpu_ms - attributed:>16.1f}", ""]
+    sort_key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    lines.append(prof.key_averages().table(sort_by=sort_key, row_limit=60, max_name_column_width=70))
+    return "\n".join(lines)
+
+
+def time_steps(impl: str, config, device, batch, steps: int, warmup: int, compile_blocks: bool,
+               profile_steps_count: int = 0) -> dict:
+    model, run_step = build(impl, config, device)
     if compile_blocks:
         from blip_fast.models.compile import compile_blocks as compile_model
 
         compile_model(model)
-    generator = torch.Generator(device=device).manual_seed(0)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
@@ -147,14 +189,17 @@ def time_steps(impl: str, config, device, batch, steps: int, warmup: int, compil
         for index in range(warmup + steps):
             _sync(device)
             start = time.perf_counter()
-            step(impl, model, optimizer, batch, generator)
+            run_step(batch)
             _sync(device)
             if index >= warmup:
                 times.append(time.perf_counter() - start)
     result = {"step_s": statistics.median(times), "samples_per_s": batch.images.shape[0] / statistics.median(times)}
     if device.type == "cuda":
         result["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    del model, optimizer
+    if profile_steps_count:
+        with impl_scope(impl):
+            result["profile"] = profile_steps(impl, run_step, batch, device, profile_steps_count)
+    del model, run_step
     return result
 
 
@@ -174,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peak-tflops", type=float, default=798.0,
                         help="bf16 peak for MFU (798: measured on the H100, shared/GPU.md)")
     parser.add_argument("--json", help="write the results file here (format: shared/BENCHMARKS.md)")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="after timing, profile 3 steps of each impl (torch.profiler) into DIR/profile-IMPL.txt")
     args = parser.parse_args(argv)
     if args.batch < 2 or args.steps < 1 or args.warmup < 0:
         parser.error("--batch must be >= 2, --steps >= 1, --warmup >= 0")
@@ -193,11 +240,16 @@ def main(argv: list[str] | None = None) -> int:
     case = f"pretrain_{args.preset}{args.image_size}_b{args.batch}"
     records, rows = [], []
     for impl in impls:
-        padding = "longest" if impl == "fast" else "max_length"  # (the original pads its own tokens to 30)
+        fast = impl.startswith("fast")
+        padding = "longest" if fast else "max_length"  # (the original pads its own tokens to 30)
         batch = make_batch(args.batch, args.image_size, device, padding)
         flops = count_flops(impl, copy.deepcopy(config), device, batch)
         timing = time_steps(impl, copy.deepcopy(config), device, batch, args.steps, args.warmup,
-                            compile_blocks=impl == "fast" and not args.no_compile)
+                            compile_blocks=fast and not args.no_compile,
+                            profile_steps_count=3 if args.profile else 0)
+        if args.profile:
+            Path(args.profile).mkdir(parents=True, exist_ok=True)
+            Path(args.profile, f"profile-{impl}.txt").write_text(timing["profile"] + "\n")
         metrics = {"samples_per_s": timing["samples_per_s"], "gflop_per_sample": flops / 1e9,
                    "tflops": timing["samples_per_s"] * flops / 1e12}
         if "peak_gib" in timing:
@@ -221,14 +273,15 @@ def main(argv: list[str] | None = None) -> int:
 
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{case} on {device_name}, torch {torch.__version__}")
-    print(f"{'impl':<10} {'samples/s':>10} {'GFLOP/sample':>13} {'peak GiB':>9} {'model MFU':>10} {'hw MFU':>8}")
+    print(f"{'impl':<13} {'samples/s':>10} {'GFLOP/sample':>13} {'peak GiB':>9} {'model MFU':>10} {'hw MFU':>8}")
     for impl, m in rows:
         peak = f"{m['peak_gib']:.1f}" if "peak_gib" in m else "-"
         model_mfu = f"{m['model_mfu']:.1%}" if "model_mfu" in m else "-"
-        print(f"{impl:<10} {m['samples_per_s']:>10.1f} {m['gflop_per_sample']:>13.1f} {peak:>9} {model_mfu:>10} "
+        print(f"{impl:<13} {m['samples_per_s']:>10.1f} {m['gflop_per_sample']:>13.1f} {peak:>9} {model_mfu:>10} "
               f"{m['hardware_mfu']:>8.1%}")
     speed = {impl: m["samples_per_s"] for impl, m in rows}
-    for faster, slower in (("fast", "reference"), ("reference", "original"), ("fast", "original")):
+    for faster, slower in (("fast", "reference"), ("fast", "fast_no_graph"), ("reference", "original"),
+                           ("fast", "original")):
         if faster in speed and slower in speed:
             print(f"speed-up {faster} / {slower}: {speed[faster] / speed[slower]:.2f}x")
     if args.json:

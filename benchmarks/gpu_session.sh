@@ -1,34 +1,53 @@
 #!/usr/bin/env bash
 # Everything that waits for a GPU, in one run on the lent machine (shared/GPU.md: torch 2.11 + CUDA 13 there).
 #
-#   bash benchmarks/gpu_session.sh [STAGE ...]     stages: build tests parity step hard_negatives data report
-#                                                  (default: all but data, which needs DALI's wheel carried in)
-# Results files go to $OUT (the device tool brings them back) and are named as shared/BENCHMARKS.md asks;
-# copy the ones to keep into benchmarks/results/ and commit them. Logs: $OUT/<stage>.log.
+#   bash benchmarks/gpu_session.sh [STAGE ...]
+#
+# stages: build tests parity step hard_negatives distributed main data report
+# (default: build tests parity step hard_negatives distributed main; data needs DALI's wheel carried in, and
+# report runs anywhere on the results files). The machine is offline, so `build` installs without dependencies:
+# it has all of them but ruff (shared/GPU.md). Results files go to $OUT (the device tool brings them back),
+# named as shared/BENCHMARKS.md asks; copy the ones to keep into benchmarks/results/ and commit them.
+# Every stage's output is appended to $OUT/session.log (the device tool returns at most 8 files).
 set -euo pipefail
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
 DAY=$(date +%Y%m%d)
 DEV=$(python -c "import torch; n = torch.cuda.get_device_name(); print('h200' if 'H200' in n else 'h100' if 'H100' in n else 'gpu')")
 STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(build tests parity step hard_negatives report)
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(build tests parity step hard_negatives distributed main)
 
-run() {  # run STAGE COMMAND...: log to $OUT/STAGE.log, keep going after a failure, report it at the end
+LOG=$OUT/session.log
+run() {  # run STAGE COMMAND...: append to $LOG, keep going after a failure, report it at the end
     local stage=$1; shift
-    echo "== $stage: $*"
-    if "$@" > "$OUT/$stage.log" 2>&1; then echo "   ok"; else echo "   FAILED (see $OUT/$stage.log)"; FAILED+=("$stage"); fi
-    tail -n 15 "$OUT/$stage.log"
+    echo "== $stage: $*" | tee -a "$LOG"
+    local start=$SECONDS
+    if "$@" > "$OUT/.stage.log" 2>&1; then echo "   ok ($((SECONDS - start)) s)"; else
+        echo "   FAILED ($((SECONDS - start)) s)"; FAILED+=("$stage"); fi
+    cat "$OUT/.stage.log" >> "$LOG"
+    tail -n 25 "$OUT/.stage.log"
+    rm -f "$OUT/.stage.log"
 }
 FAILED=()
 for stage in "${STAGES[@]}"; do
     case $stage in
-        build) run build pip install -q --no-build-isolation -e ".[test,triton]" ;;
+        build) run build env BLIP_FAST_CUDA_ARCHS=9.0 MAX_JOBS=16 python -m pip install -q --no-deps --no-build-isolation -e . ;;
         tests) run tests env BLIP_FAST_REQUIRE_NATIVE=1 python -m pytest tests -q -ra -m gpu ;;
         parity) run parity blip-fast parity --device cuda --json "$OUT/parity-$DEV-$DAY.json" ;;
         # the original BLIP joins when blip-ci is installed (carry its wheel: pip install --no-deps blip-ci==0.0.5)
-        step) ORIGINAL=$(python -c "import blip.models.blip_pretrain" 2>/dev/null && echo "--impl original" || true)
-              run step blip-fast bench step $ORIGINAL --impl reference --impl fast --json "$OUT/step-$DEV-$DAY.json" ;;
+        step) ORIGINAL=$(python -c "import importlib.metadata as m; m.version('blip-ci')" 2>/dev/null \
+                         && echo "--impl original" || true)
+              run step blip-fast bench step $ORIGINAL --impl reference --impl fast_no_graph --impl fast \
+                  --json "$OUT/step-$DEV-$DAY.json" --profile "$OUT" ;;
         hard_negatives) run hard_negatives blip-fast bench hard_negatives --json "$OUT/kernels-$DEV-$DAY.json" ;;
+        # FSDP2 and DDP over NCCL: two ranks sharing the one GPU, a short bf16 run of the built-in default each
+        distributed) for mode in fsdp ddp; do
+                         run "distributed-$mode" torchrun --standalone --nproc_per_node=2 -m blip_fast.cli pretrain \
+                             train.distributed=$mode train.precision=bf16 train.max_steps=40 train.eval_size=200 \
+                             train.out="/tmp/blip-$mode"
+                     done ;;
+        # the main job on the GPU: the built-in default, bf16 and compiled
+        main) run main blip-fast bench pretrain train.precision=bf16 train.compile=true --json "$OUT/eval-$DEV-$DAY.json" ;;
         data) run data blip-fast bench data --workers 1,16 --json "$OUT/data-$DEV-$DAY.json" ;;
         report) run report blip-fast bench report --results "$OUT" ;;
         *) echo "unknown stage $stage"; exit 2 ;;

@@ -15,12 +15,19 @@ import torch
 
 
 def git_commit(where: str | Path = Path(__file__).parent) -> str:
-    """The short hash of the checkout ``where`` is in ("unknown" outside one)."""
+    """The short hash of the checkout ``where`` is in, with ``-dirty`` when tracked files differ from that
+    commit (the code measured is then not exactly it); "unknown" outside a checkout."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=where).stdout.strip()
+
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=where)
+        head = git("rev-parse", "--short", "HEAD")
+        dirty = head and git("status", "--porcelain", "--untracked-files=no")
     except OSError:
         return "unknown"
-    return out.stdout.strip() or "unknown"
+    if not head:
+        return "unknown"
+    return head + ("-dirty" if dirty else "")
 
 
 def triton_version() -> str | None:

@@ -58,7 +58,6 @@ import hashlib
 import io
 import logging
 import os
-import warnings
 import weakref
 from collections import deque
 from collections.abc import Iterator
@@ -71,7 +70,7 @@ from PIL import Image
 from ..text.clean import clean_caption
 from ..text.tokenizer import BlipTokenizer
 from .annotations import CaptionAnnotations, VqaAnnotations
-from .dali_pipeline import HAS_DALI, DaliOptions, DaliTransformLoader, _Feed, _transform_pipeline
+from .dali_pipeline import HAS_DALI, DaliOptions, DaliTransformLoader
 from .decode import JPEG_END_MISSING, decode_image
 from .jpeg import jpeg_scan_complete
 from .loader import ResumableLoader
@@ -208,25 +207,10 @@ class _CollatePairs:
 
 
 class _CheckpointedDaliLoader(DaliTransformLoader):
-    """A :class:`DaliTransformLoader` whose pipeline records its random state and can start from a saved one.
-
-    ``build_dali_pipeline`` takes no checkpoint arguments, so the same graph is built here with them.
-    """
+    """A :class:`DaliTransformLoader` whose pipeline records its random state and can start from a saved one."""
 
     def __init__(self, config: TransformConfig, source, options: DaliOptions, checkpoint: bytes | None):
-        self.config, self.options, self.device = config, options, options.resolved_device()
-        device_id = None
-        if self.device == "gpu":
-            device_id = options.device_id if options.device_id is not None else torch.cuda.current_device()
-        with warnings.catch_warnings():
-            # DALI warns that it cannot record where an iterator source is; the loader state records it
-            warnings.filterwarnings("ignore", message="Checkpointing enabled in a pipeline with external source")
-            self.pipe = _transform_pipeline(config, _Feed(source, options.inputs), options, self.device,
-                                            batch_size=options.batch_size, num_threads=options.num_threads,
-                                            device_id=device_id, seed=options.seed,
-                                            prefetch_queue_depth=options.prefetch_queue_depth,
-                                            enable_checkpointing=True, checkpoint=checkpoint)
-            self.pipe.build()
+        super().__init__(config, source, options, checkpointing=True, checkpoint=checkpoint)
 
     def checkpoint(self) -> bytes:
         """The random state as of the last batch taken out of the pipeline (not the ones prefetched)."""

@@ -52,6 +52,7 @@ from __future__ import annotations
 import itertools
 import logging
 import multiprocessing
+import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -275,12 +276,14 @@ if HAS_DALI:
     _transform_pipeline = pipeline_def(_transform_graph, enable_conditionals=True)
 
 
-def build_dali_pipeline(config: TransformConfig, source: Iterable[Batch], options: DaliOptions | None = None):
+def build_dali_pipeline(config: TransformConfig, source: Iterable[Batch], options: DaliOptions | None = None, *,
+                        checkpointing: bool = False, checkpoint: bytes | None = None):
     """The built ``nvidia.dali.Pipeline`` for ``config``, pulling batches from ``source``.
 
     Each ``run()`` returns ``(images, indices)``: a dense (B, 3, S, S) TensorList (fp16 when
     ``config.dtype == "float16"``, else fp32) and the (B,) int64 indices; it raises ``StopIteration``
-    after the source's last batch.
+    after the source's last batch. With ``checkpointing`` the pipeline records its random state
+    (``pipe.checkpoint()``) and starts from ``checkpoint`` when one is given.
     """
     if not HAS_DALI:
         raise RuntimeError("NVIDIA DALI is not installed (pip install nvidia-dali-cuda130)")
@@ -289,10 +292,15 @@ def build_dali_pipeline(config: TransformConfig, source: Iterable[Batch], option
     device_id = None
     if device == "gpu":
         device_id = options.device_id if options.device_id is not None else torch.cuda.current_device()
-    pipe = _transform_pipeline(config, _Feed(source, options.inputs), options, device,
-                               batch_size=options.batch_size, num_threads=options.num_threads, device_id=device_id,
-                               seed=options.seed, prefetch_queue_depth=options.prefetch_queue_depth)
-    pipe.build()
+    extra = {"enable_checkpointing": True, "checkpoint": checkpoint} if checkpointing else {}
+    with warnings.catch_warnings():
+        # DALI warns that it cannot record where an iterator source is; the caller's loader state records that
+        warnings.filterwarnings("ignore", message="Checkpointing enabled in a pipeline with external source")
+        pipe = _transform_pipeline(config, _Feed(source, options.inputs), options, device,
+                                   batch_size=options.batch_size, num_threads=options.num_threads,
+                                   device_id=device_id, seed=options.seed,
+                                   prefetch_queue_depth=options.prefetch_queue_depth, **extra)
+        pipe.build()
     return pipe
 
 
@@ -305,11 +313,13 @@ class DaliTransformLoader:
 
     backend = "dali"
 
-    def __init__(self, config: TransformConfig, source: Iterable[Batch], options: DaliOptions | None = None):
+    def __init__(self, config: TransformConfig, source: Iterable[Batch], options: DaliOptions | None = None, *,
+                 checkpointing: bool = False, checkpoint: bytes | None = None):
         self.config = config
         self.options = options or DaliOptions()
         self.device = self.options.resolved_device()
-        self.pipe = build_dali_pipeline(config, source, self.options)
+        self.pipe = build_dali_pipeline(config, source, self.options, checkpointing=checkpointing,
+                                        checkpoint=checkpoint)
 
     def _to_torch(self, images) -> torch.Tensor:
         if self.device == "cpu":

@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.profiler import record_function
 
 from .. import ops
 from ..config import BlipConfig
@@ -65,31 +66,38 @@ class BlipPretrain(ImageTextMatchingModel):
         if self.updates_in_forward:
             self.clamp_temperature_()
 
-        image_embeds = self.image_embeds(images)
-        image_feat = self.image_features(image_embeds)
-        text_feat = self.text_features(input_ids, attention_mask)
+        # record_function names the phases in a torch.profiler trace (benchmarks/bench_step.py --profile)
+        with record_function("blip.unimodal"):
+            image_embeds = self.image_embeds(images)
+            image_feat = self.image_features(image_embeds)
+            text_feat = self.text_features(input_ids, attention_mask)
 
         with torch.no_grad():
             if self.updates_in_forward:
-                self.momentum_update()
-            image_feat_m = nn.functional.normalize(self.vision_proj_m(self.visual_encoder_m(images)[:, 0]), dim=-1)
-            text_m = self.text_encoder_m(input_ids, attention_mask)
-            text_feat_m = nn.functional.normalize(self.text_proj_m(text_m[:, 0]), dim=-1)
+                with record_function("blip.momentum_update"):
+                    self.momentum_update()
+            with record_function("blip.momentum_forward"):
+                image_feat_m = nn.functional.normalize(self.vision_proj_m(self.visual_encoder_m(images)[:, 0]), dim=-1)
+                text_m = self.text_encoder_m(input_ids, attention_mask)
+                text_feat_m = nn.functional.normalize(self.text_proj_m(text_m[:, 0]), dim=-1)
 
-        loss_itc, sim_i2t, sim_t2i = ops.itc_loss(image_feat, text_feat, image_feat_m, text_feat_m,
-                                                  self.image_queue, self.text_queue, self.temp, alpha)
-        self.enqueue(image_feat_m, text_feat_m)
+        with record_function("blip.itc"):
+            loss_itc, sim_i2t, sim_t2i = ops.itc_loss(image_feat, text_feat, image_feat_m, text_feat_m,
+                                                      self.image_queue, self.text_queue, self.temp, alpha)
+            self.enqueue(image_feat_m, text_feat_m)
 
-        # one projection of the image tokens for both text passes (the decoder shares the encoder's
-        # cross-attention modules, hence its keys/values)
-        image_kv = self.image_keys_values(image_embeds)  # per layer (k, v), each (B, H, N, D)
-        loss_itm = self.itm_loss(image_kv, input_ids, attention_mask, sim_i2t, sim_t2i, generator)
+        with record_function("blip.itm"):
+            # one projection of the image tokens for both text passes (the decoder shares the encoder's
+            # cross-attention modules, hence its keys/values)
+            image_kv = self.image_keys_values(image_embeds)  # per layer (k, v), each (B, H, N, D)
+            loss_itm = self.itm_loss(image_kv, input_ids, attention_mask, sim_i2t, sim_t2i, generator)
 
-        decoder_ids = input_ids.clone()
-        decoder_ids[:, 0] = self.config.text.bos_token_id
-        targets = decoder_ids.masked_fill(decoder_ids == self.config.text.pad_token_id, ops.IGNORE_INDEX)
-        loss_lm = self.text_decoder.loss(decoder_ids, attention_mask, None, None, targets,
-                                         self.config.label_smoothing, context_kv=image_kv)
+        with record_function("blip.lm"):
+            decoder_ids = input_ids.clone()
+            decoder_ids[:, 0] = self.config.text.bos_token_id
+            targets = decoder_ids.masked_fill(decoder_ids == self.config.text.pad_token_id, ops.IGNORE_INDEX)
+            loss_lm = self.text_decoder.loss(decoder_ids, attention_mask, None, None, targets,
+                                             self.config.label_smoothing, context_kv=image_kv)
         return {"itc": loss_itc, "itm": loss_itm, "lm": loss_lm}
 
     @torch.no_grad()

@@ -118,9 +118,9 @@ def lm_loss(hidden, weight, bias, targets, label_smoothing=0.1, reduction="mean"
 
 def itm_loss(itm_logits: torch.Tensor, batch: int) -> torch.Tensor:
     """ITM cross-entropy: the first ``batch`` rows are positives, the next ``2 * batch`` negatives."""
-    labels = torch.cat(
-        [torch.ones(batch, dtype=torch.long), torch.zeros(itm_logits.shape[0] - batch, dtype=torch.long)]
-    ).to(itm_logits.device)
+    # made on the device: a host-to-device copy would stall the step and cannot be captured in a CUDA graph
+    labels = torch.zeros(itm_logits.shape[0], dtype=torch.long, device=itm_logits.device)
+    labels[:batch] = 1
     return F.cross_entropy(itm_logits.float(), labels)
 
 

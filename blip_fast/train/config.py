@@ -145,6 +145,9 @@ class TrainConfig:
     """``fp32`` or ``bf16`` (autocast; weights, momentum copies and optimizer state stay fp32)."""
     compile: bool = False
     """``torch.compile`` each transformer block (short compile, no recompiles per caption length)."""
+    cuda_graph: bool = False
+    """Replay the whole optimizer step as a CUDA graph (blip_fast.train.cuda_graph): one CUDA process, one
+    micro-batch per step, torch's fused AdamW."""
     activation_checkpointing: bool = False
     """Recompute ViT block activations in backward (memory for compute)."""
     impl: str = "auto"

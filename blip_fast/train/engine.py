@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 from .. import ops
 from ..checkpoint.io import CheckpointError, atomic_write
@@ -102,19 +103,20 @@ def steps_per_epoch(samples: int, rank: int, world: int, roles: int, batch: int,
     return batches // accum
 
 
-def autocast(device: torch.device, precision: str):
+def autocast(device: torch.device, precision: str, cache: bool = True):
     if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache)
     return contextlib.nullcontext()
 
 
-def optimizer_step(model, optimizer: torch.optim.Optimizer, micro_batches, alpha: float,
-                   generator: torch.Generator | None, precision: str = "fp32", clip_grad_norm: float = 0.0
-                   ) -> torch.Tensor:
+def optimizer_step(model, optimizer: torch.optim.Optimizer, micro_batches, alpha: float | torch.Tensor,
+                   generator: torch.Generator | None, precision: str = "fp32", clip_grad_norm: float = 0.0,
+                   autocast_cache: bool = True) -> torch.Tensor:
     """One optimizer step of BLIP pretraining over ``micro_batches`` (objects with ``images``, ``input_ids`` and
     ``attention_mask`` on the model's device). ``model`` is a BlipPretrain, its DDP wrapper, or itself sharded by
     FSDP2. Returns the (3,) losses [itc, itm, lm] averaged over the micro-batches, on the device: nothing here
-    waits for the GPU."""
+    waits for the GPU. ``alpha`` may be a 0-d device tensor and ``autocast_cache`` off, as CUDA graph capture
+    needs (blip_fast.train.cuda_graph)."""
     accum = len(micro_batches)
     device = micro_batches[0].images.device
     totals = torch.zeros(3, device=device)
@@ -125,17 +127,19 @@ def optimizer_step(model, optimizer: torch.optim.Optimizer, micro_batches, alpha
         if sharded:
             fsdp.update_before_forward(model)
         with no_sync(model, skip=index + 1 < accum):
-            with autocast(device, precision):
+            with autocast(device, precision, autocast_cache):
                 losses = model(batch.images, batch.input_ids, batch.attention_mask, alpha=alpha, generator=generator)
                 stacked = torch.stack([losses[k].float() for k in LOSSES])
-            (stacked.sum() / accum).backward()
+            with record_function("blip.backward"):
+                (stacked.sum() / accum).backward()
         totals += stacked.detach() / accum
     if sharded:
         fsdp.average_replicated_gradients(model)
-    if clip_grad_norm:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    with record_function("blip.optimizer"):
+        if clip_grad_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     return totals
 
 
@@ -171,6 +175,8 @@ class Pretrainer:
         self.out = Path(config.train.out)
         self.ctx = init_distributed(config.train.device, config.train.distributed)
         self.device = self.ctx.device
+        if config.train.cuda_graph:
+            self._check_cuda_graph()
         self.model_config = config.model_config()
         if config.train.activation_checkpointing:
             self.model_config.vision.grad_checkpointing = True
@@ -189,8 +195,15 @@ class Pretrainer:
             fsdp.apply_fsdp(self.model, self.device)
             self.optimizer = fsdp.build_sharded_optimizer(self.model, config.optim, self.device)
         else:
-            self.optimizer = build_optimizer(self.model, config.optim, self.device)
+            self.optimizer = build_optimizer(self.model, config.optim, self.device,
+                                             capturable=config.train.cuda_graph)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.graph_step = None
+        if config.train.cuda_graph:
+            from .cuda_graph import CudaGraphStep
+
+            self.graph_step = CudaGraphStep(self.model, self.optimizer, self.generator, config.train.precision,
+                                            config.optim.clip_grad_norm)
         self.progress = Progress()
         self.alpha = 0.0  # the distillation weight of the last step (logged)
         self.resumed_from = self._resume(resume)
@@ -201,6 +214,20 @@ class Pretrainer:
             self.total_steps = min(self.total_steps, config.train.max_steps)
 
     # ------------------------------------------------------------------ set-up
+
+    def _check_cuda_graph(self) -> None:
+        config = self.config
+        problems = []
+        if self.device.type != "cuda":
+            problems.append(f"a CUDA device (this run trains on {self.device})")
+        if self.ctx.active:
+            problems.append(f"one process (this run has {self.ctx.world_size}: collectives stay outside graphs)")
+        if config.optim.grad_accum_steps != 1:
+            problems.append("optim.grad_accum_steps=1")
+        if config.optim.fused not in ("auto", "torch"):
+            problems.append("torch's fused AdamW (optim.fused=auto or torch)")
+        if problems:
+            raise ConfigError("train.cuda_graph=true needs " + "; ".join(problems))
 
     def _build_data(self) -> None:
         config, data = self.config, self.config.data
@@ -305,6 +332,8 @@ class Pretrainer:
         set_learning_rate(self.optimizer, learning_rate(self.config.optim, p.epoch, p.step_in_epoch))
         self.alpha = distillation_alpha(self.model_config.alpha, p.epoch, p.step_in_epoch, self.steps_per_epoch,
                                         self.config.train.alpha_ramp_epochs)
+        if self.graph_step is not None:
+            return self.graph_step(micro_batches[0], self.alpha)
         return optimizer_step(self.parallel_model, self.optimizer, micro_batches, self.alpha, self.generator,
                               self.config.train.precision, self.config.optim.clip_grad_norm)
 
@@ -345,7 +374,8 @@ class Pretrainer:
                         means = (mean_across_ranks(window, self.ctx) / window_steps).tolist()
                         last_losses = dict(zip(LOSSES, means, strict=True))
                         now = time.perf_counter()
-                        runlog.step({"step": p.step, "epoch": p.epoch, "lr": self.optimizer.param_groups[0]["lr"],
+                        lr = float(self.optimizer.param_groups[0]["lr"])
+                        runlog.step({"step": p.step, "epoch": p.epoch, "lr": lr,
                                      "alpha": self.alpha, "temp": float(self.model.temp.detach()), "loss": sum(means),
                                      **{f"loss_{k}": v for k, v in last_losses.items()},
                                      "samples_per_s": window_steps * self.samples_per_step / (now - window_start),

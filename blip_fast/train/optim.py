@@ -53,10 +53,20 @@ def _apex_fused_adam():
     return FusedAdam
 
 
-def build_optimizer(model: nn.Module, config: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, config: OptimConfig, device: torch.device,
+                    capturable: bool = False) -> torch.optim.Optimizer:
+    """AdamW over :func:`parameter_groups`. ``capturable``: torch's fused AdamW with its learning rates as device
+    tensors, which a CUDA graph can replay (blip_fast.train.cuda_graph)."""
     groups = parameter_groups(model, config)
     kwargs = {"lr": config.init_lr, "betas": tuple(config.betas), "eps": config.eps}
     choice = config.fused
+    if capturable:
+        if choice not in ("auto", "torch"):
+            raise ValueError(f"a capturable optimizer is torch's fused AdamW; optim.fused={choice} is not")
+        for group in groups:
+            group["lr"] = torch.tensor(config.init_lr * group["lr_scale"], device=device)
+        log.info("optimizer: torch fused AdamW on %s, capturable", device.type)
+        return torch.optim.AdamW(groups, fused=True, capturable=True, **kwargs)
     if choice in ("auto", "apex") and device.type == "cuda" and _apex_fused_adam() is not None:
         log.info("optimizer: apex FusedAdam (AdamW mode)")
         return _apex_fused_adam()(groups, adam_w_mode=True, **kwargs)
@@ -70,5 +80,17 @@ def build_optimizer(model: nn.Module, config: OptimConfig, device: torch.device)
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Each group's rate: ``lr`` times its ``lr_scale``. A capturable optimizer's rates are device tensors
+    written in place (a captured graph reads them there); one loaded from a checkpoint as a number or on
+    another device becomes such a tensor here, before any capture."""
     for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+        value = lr * group.get("lr_scale", 1.0)
+        current = group["lr"]
+        if not group.get("capturable", False):
+            group["lr"] = float(value)
+            continue
+        device = group["params"][0].device
+        if isinstance(current, torch.Tensor) and current.device == device:
+            current.fill_(value)
+        else:
+            group["lr"] = torch.tensor(value, device=device)

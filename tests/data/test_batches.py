@@ -11,6 +11,8 @@ augmentation, through its pipeline checkpoint); disjoint ranks; clear errors for
 
 import json
 import logging
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -368,3 +370,17 @@ def test_user_mistakes_are_clear_errors(synth64, train_json, tmp_path, monkeypat
     with pytest.raises(ValueError, match="DALI, which is not installed"):
         CaptionBatches(train_json, EVAL, 4, backend="dali")
     assert CaptionBatches(train_json, EVAL, 4, backend="auto").backend == "pil"
+
+
+def test_the_trainer_imports_without_dali():
+    """DALI is optional: with it missing, the data and training modules import and ``auto`` means PIL (a GPU
+    machine without DALI once failed here on a name that only exists when DALI is installed)."""
+    code = ("import sys; sys.modules['nvidia.dali'] = None\n"
+            "import blip_fast.train\n"
+            "from blip_fast.data import batches\n"
+            "from blip_fast.data.dali_pipeline import DaliOptions\n"
+            "assert not batches.HAS_DALI\n"
+            "print(batches._resolve_backend('auto', DaliOptions()))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "pil"

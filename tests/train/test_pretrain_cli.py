@@ -38,6 +38,8 @@ def test_print_config_and_overrides(capsys):
     (["--config", "nope.yaml"], "neither a file nor one of the shipped configs"),
     (["--config", "base"], "needs data.paths"),
     (["--config", "base", "data.paths=[/nonexistent/ann.json]"], "/nonexistent/ann.json"),
+    (["train.cuda_graph=true", "train.device=cpu", "optim.grad_accum_steps=2"],
+     "train.cuda_graph=true needs a CUDA device (this run trains on cpu); optim.grad_accum_steps=1"),
 ])
 def test_mistakes_end_in_one_line(args, message, capsys, tmp_path):
     assert main(["pretrain", f"train.out={tmp_path}", *args]) == 2

@@ -1,0 +1,105 @@
+"""The whole optimizer step replayed as one CUDA graph (``train.cuda_graph``).
+
+Why: at ViT-B/16 224 px, batch 96, the compiled bf16 step launches about 6,000 kernels from Python
+(compiled blocks, autograd, AdamW) and the H100 sits idle for half of the step waiting for them
+(``benchmarks/results/profile-fast-h100-20261122.txt``). Replaying a captured graph launches them all
+at once, so the step costs what the GPU needs and no more.
+
+What capture needs, and how this module gets it:
+
+- the step reads nothing back to the host (``optimizer_step`` never does; tests/train/test_gpu_step.py
+  runs it under ``torch.cuda.set_sync_debug_mode("error")``);
+- everything that changes from step to step lives in device memory: each batch is copied into the
+  graph's input buffers, alpha is a 0-d device tensor, and the learning rates are device tensors of a
+  ``capturable`` AdamW (``build_optimizer(..., capturable=True)``; ``set_learning_rate`` fills them in place);
+- random numbers: dropout draws from torch's default CUDA generator, which every graph registers itself;
+  the hard-negative sampler's generator is registered with each graph, so each replay draws new numbers;
+- one process and one micro-batch per step (collectives and gradient accumulation stay eager);
+- shapes are fixed per graph: captions of a new length run one eager step (on the capture stream, which
+  also compiles and builds cuDNN plans), and are captured the next time that length comes;
+- all graphs allocate from one memory pool. Everything a replay allocates is free again at its end
+  (gradients are set to None inside the step) except the (3,) losses, which are copied out right after
+  each replay, so graphs of different lengths can reuse each other's memory.
+
+Capture does not run the step: the batch that triggers a capture is then trained by replaying it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from types import SimpleNamespace
+
+import torch
+
+from .engine import optimizer_step
+
+
+class CudaGraphStep:
+    """``step(batch, alpha)`` = ``optimizer_step(model, optimizer, [batch], alpha, ...)``, replayed from graphs."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator | None,
+                 precision: str = "bf16", clip_grad_norm: float = 0.0):
+        device = next(model.parameters()).device
+        if device.type != "cuda":
+            raise ValueError(f"CUDA graphs need the model on a CUDA device, not {device}")
+        if not all(group.get("capturable", False) and isinstance(group["lr"], torch.Tensor)
+                   for group in optimizer.param_groups):
+            raise ValueError("CUDA graphs need an AdamW built with capturable=True (device-tensor learning rates)")
+        if generator is not None and not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):
+            raise RuntimeError(f"torch {torch.__version__} cannot register a generator with a CUDA graph "
+                               "(CUDAGraph.register_generator_state); use train.cuda_graph=false")
+        self.model, self.optimizer, self.generator = model, optimizer, generator
+        self.precision, self.clip_grad_norm = precision, clip_grad_norm
+        self.device = device
+        self.alpha = torch.zeros((), device=device)
+        self.stream = torch.cuda.Stream(device)
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[tuple, SimpleNamespace] = {}
+        self.seen: set[tuple] = set()
+
+    @staticmethod
+    def key(batch) -> tuple:
+        return tuple(batch.images.shape), batch.images.dtype, tuple(batch.input_ids.shape)
+
+    def _step(self, batch) -> torch.Tensor:
+        return optimizer_step(self.model, self.optimizer, [batch], self.alpha, self.generator, self.precision,
+                              self.clip_grad_norm, autocast_cache=False)
+
+    @contextlib.contextmanager
+    def _on_side_stream(self):
+        current = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(current)
+        with torch.cuda.stream(self.stream):
+            yield
+        current.wait_stream(self.stream)
+
+    def _capture(self, batch, key: tuple) -> SimpleNamespace:
+        static = SimpleNamespace(images=batch.images.clone(), input_ids=batch.input_ids.clone(),
+                                 attention_mask=batch.attention_mask.clone())
+        graph = torch.cuda.CUDAGraph()
+        if self.generator is not None:
+            graph.register_generator_state(self.generator)
+        torch.cuda.synchronize(self.device)
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
+            losses = self._step(static)
+        captured = SimpleNamespace(graph=graph, inputs=static, losses=losses)
+        self.graphs[key] = captured
+        return captured
+
+    def __call__(self, batch, alpha: float) -> torch.Tensor:
+        """Train on ``batch`` (images, input_ids, attention_mask on the model's device); returns the (3,) losses."""
+        self.alpha.fill_(alpha)
+        key = self.key(batch)
+        captured = self.graphs.get(key)
+        if captured is None:
+            if key not in self.seen:  # first time: an eager step, which also warms this shape up
+                self.seen.add(key)
+                with self._on_side_stream():
+                    losses = self._step(batch)
+                return losses
+            captured = self._capture(batch, key)
+        captured.inputs.images.copy_(batch.images)
+        captured.inputs.input_ids.copy_(batch.input_ids)
+        captured.inputs.attention_mask.copy_(batch.attention_mask)
+        captured.graph.replay()
+        return captured.losses.clone()
