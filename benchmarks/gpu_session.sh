@@ -40,12 +40,14 @@ for stage in "${STAGES[@]}"; do
               run step blip-fast bench step $ORIGINAL --impl reference --impl fast_no_graph --impl fast \
                   --json "$OUT/step-$DEV-$DAY.json" --profile "$OUT" ;;
         hard_negatives) run hard_negatives blip-fast bench hard_negatives --json "$OUT/kernels-$DEV-$DAY.json" ;;
-        # FSDP2 and DDP over NCCL: two ranks sharing the one GPU, a short bf16 run of the built-in default each
-        distributed) for mode in fsdp ddp; do
-                         run "distributed-$mode" torchrun --standalone --nproc_per_node=2 -m blip_fast.cli pretrain \
-                             train.distributed=$mode train.precision=bf16 train.max_steps=40 train.eval_size=200 \
-                             train.out="/tmp/blip-$mode"
-                     done ;;
+        # FSDP2 and DDP over NCCL, one rank per GPU (NCCL refuses two ranks on one device), a short bf16 run each
+        distributed) GPUS=$(python -c "import torch; print(torch.cuda.device_count())")
+                     if [ "$GPUS" -lt 2 ]; then echo "== distributed: skipped, NCCL needs two GPUs (this machine: $GPUS)"
+                     else for mode in fsdp ddp; do
+                         run "distributed-$mode" torchrun --standalone --nproc_per_node="$GPUS" -m blip_fast.cli \
+                             pretrain train.distributed=$mode train.precision=bf16 train.max_steps=40 \
+                             train.eval_size=200 train.out="/tmp/blip-$mode"
+                     done; fi ;;
         # the main job on the GPU: the built-in default, bf16 and compiled
         main) run main blip-fast bench pretrain train.precision=bf16 train.compile=true --json "$OUT/eval-$DEV-$DAY.json" ;;
         data) run data blip-fast bench data --workers 1,16 --json "$OUT/data-$DEV-$DAY.json" ;;

@@ -121,8 +121,10 @@ def build_report(folder: Path, out: Path) -> str:
         lines += [f"## {data['suite']}: {path.name}", "",
                   f"- device: {data['device']}; torch {data['torch']}; triton {data.get('triton')}; "
                   f"commit {data['git']}; date {data['date']}",
-                  f"- command: `{data['command']}`", ""]
-        lines += table(data["records"]) + [""]
+                  f"- command: `{data['command']}`"]
+        if "tree" in data:  # a run on an uncommitted tree says which commit holds the code it measured
+            lines.append(f"- tree: {data['tree']}")
+        lines += [""] + table(data["records"]) + [""]
         plots = plots_for(path, data, out.parent)
         if not plots and any(r["metric"] in ("samples_per_s", "images_per_s", "us") for r in data["records"]):
             plots_missing = True
