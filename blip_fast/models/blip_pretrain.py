@@ -21,12 +21,14 @@ reads anything the forward computes, so the result is the same.
 
 The image tokens reach ITM and LM only through each text layer's cross-attention keys and values,
 and the decoder shares the encoder's cross-attention. So they are projected once, for B images,
-and the 3B ITM rows gather theirs along the batch, where the original projects 3B + B image-token
+and the 3B ITM rows read theirs from those B, where the original projects 3B + B image-token
 rows. With N image tokens of width W, text width C and L layers, one K and one V projection cost
 ``4 N W C`` FLOPs per image and layer forward and twice that backward (input and weight
 gradients). Projecting B rows instead of 4B saves ``3B * 4 N W C * L`` forward and three times
 that in all: ``36 B N W C L`` FLOPs a step, 50 GFLOPs per pair for BLIP base at 224 px (N = 197,
-W = C = 768, L = 12), with the same result up to the summation order of the gradients.
+W = C = 768, L = 12), with the same result up to the summation order of the gradients. Nor are the projected keys and
+values copied per ITM row: the positive and the negative-text rows of an image share its rows
+(``BlockContext``), and only the B negative-image rows are gathered.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from torch.profiler import record_function
 from .. import ops
 from ..config import BlipConfig
 from .blip_matching import ImageTextMatchingModel
-from .med import TextDecoder, share_all_but_self_attention
+from .med import BlockContext, TextDecoder, share_all_but_self_attention
 
 
 class BlipPretrain(ImageTextMatchingModel):
@@ -121,12 +123,14 @@ class BlipPretrain(ImageTextMatchingModel):
         with torch.no_grad():
             neg_image_for_text = ops.sample_hard_negatives(sim_t2i, generator=generator)  # (B,)
             neg_text_for_image = ops.sample_hard_negatives(sim_i2t, generator=generator)  # (B,)
-        # rows: B positives, then B (text, negative image), then B (negative text, image)
-        ids_all = torch.cat([enc_ids, enc_ids, enc_ids[neg_text_for_image]], dim=0)
-        mask_all = torch.cat([attention_mask, attention_mask, attention_mask[neg_text_for_image]], dim=0)
-        # each layer's image keys and values for the same rows: (B, H, N, D) -> (3B, H, N, D)
-        kv_all = [tuple(torch.cat([t, t[neg_image_for_text], t], dim=0) for t in kv) for kv in image_kv]
-        logits = self.itm_logits_from_keys_values(kv_all, ids_all, mask_all)
+        # rows: B positives (text i, image i), B (negative text, image i), then B (text j, negative image)
+        ids_all = torch.cat([enc_ids, enc_ids[neg_text_for_image], enc_ids], dim=0)
+        mask_all = torch.cat([attention_mask, attention_mask[neg_text_for_image], attention_mask], dim=0)
+        # the first 2B rows attend to each image's own keys/values, stacked two to an image (BlockContext),
+        # the last B to the negative images' rows: per layer B + B rows of keys/values instead of 3B copied
+        contexts = [BlockContext(((k, v, 2), (k[neg_image_for_text], v[neg_image_for_text], 1)))
+                    for k, v in image_kv]
+        logits = self.itm_logits_from_keys_values(contexts, ids_all, mask_all)
         return ops.itm_loss(logits, batch)
 
 

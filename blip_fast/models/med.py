@@ -23,6 +23,7 @@ instead of 4B times, and generation keeps them in its ``KVCache``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +60,41 @@ class KVCache:
 
         self.self_kv = [pick(e) for e in self.self_kv]
         self.cross_kv = [pick(e) for e in self.cross_kv]
+
+
+class BlockContext(NamedTuple):
+    """One layer's cross-attention context for rows that come in blocks sharing context rows.
+
+    ``segments``: ``(keys, values, repeats)`` triples, keys/values (C, H, N, D) each; a segment covers
+    the next ``repeats * C`` query rows, in ``repeats`` blocks of C rows, row r of every block
+    attending to context row r. Such a block's queries are stacked along the sequence into one row
+    of ``repeats * L`` queries: with no key mask and no causality each query attends on its own, so
+    the result is the same attention, while the context rows are neither copied nor read more than
+    once. Pretraining's ITM uses it: the positive and the negative-text rows of an image share its
+    keys/values (blip_fast.models.blip_pretrain).
+    """
+
+    segments: tuple[tuple[torch.Tensor, torch.Tensor, int], ...]
+
+    def attend(self, q: torch.Tensor, dropout_p: float) -> torch.Tensor:
+        """Attention of queries ``q`` (sum of repeats * C, H, L, D) to the segments' keys/values."""
+        outputs, start = [], 0
+        for keys, values, repeats in self.segments:
+            rows = keys.shape[0]
+            block = q[start:start + repeats * rows]
+            start += repeats * rows
+            if repeats == 1:
+                outputs.append(ops.attention(block, keys, values, None, False, dropout_p))
+                continue
+            _, heads, length, dim = block.shape
+            stacked = block.reshape(repeats, rows, heads, length, dim).permute(1, 2, 0, 3, 4)
+            out = ops.attention(stacked.reshape(rows, heads, repeats * length, dim), keys, values, None, False,
+                                dropout_p)
+            outputs.append(out.reshape(rows, heads, repeats, length, dim).permute(2, 0, 1, 3, 4)
+                           .reshape(repeats * rows, heads, length, dim))
+        if start != q.shape[0]:
+            raise ValueError(f"the context's segments cover {start} rows, the queries have {q.shape[0]}")
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 
 class TextEmbeddings(nn.Module):
@@ -121,9 +157,14 @@ class TextAttention(nn.Module):
         self.dropout_p = config.attention_dropout
 
     def forward(self, x, key_padding_mask, causal, keys_values) -> torch.Tensor:
+        """``keys_values``: (k, v) each (B, H, N, D), or a :class:`BlockContext` (no mask, not causal)."""
         q = self.self.heads(self.self.query(x))
-        k, v = keys_values
-        out = ops.attention(q, k, v, key_padding_mask, causal, self.dropout_p if self.training else 0.0)
+        dropout_p = self.dropout_p if self.training else 0.0
+        if isinstance(keys_values, BlockContext):
+            out = keys_values.attend(q, dropout_p)
+        else:
+            k, v = keys_values
+            out = ops.attention(q, k, v, key_padding_mask, causal, dropout_p)
         batch, _, length, _ = out.shape
         return self.output(out.transpose(1, 2).reshape(batch, length, -1), x)
 
@@ -140,8 +181,8 @@ class TextLayer(nn.Module):
         self.output.dense = nn.Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x, padding_mask, causal, context_kv=None, context_mask=None, cache=None, index=0):
-        """``context_kv``: this layer's cross-attention keys/values (B, H, N, D), or None for no
-        cross-attention; ``cache`` and ``index`` (this layer's entry) only when decoding."""
+        """``context_kv``: this layer's cross-attention keys/values (B, H, N, D) or :class:`BlockContext`,
+        or None for no cross-attention; ``cache`` and ``index`` (this layer's entry) only when decoding."""
         # self-attention, appending this step's keys/values to the cache when decoding
         k, v = self.attention.self.keys_values(x)
         if cache is not None:
@@ -198,15 +239,16 @@ class TextTransformer(nn.Module):
         encoder_attention_mask: torch.Tensor | None = None,
         causal: bool = False,
         cache: KVCache | None = None,
-        context_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        context_kv: list[tuple[torch.Tensor, torch.Tensor] | BlockContext] | None = None,
     ) -> torch.Tensor:
         """Token ids (B, L) -> hidden states (B, L, hidden).
 
         ``attention_mask`` (B, L_total) marks real tokens (1) and padding (0); with a cache it
         covers the cached tokens too. A context switches the cross-attention on, given either as
         ``encoder_hidden_states`` (B, N, width) or as its per-layer keys/values ``context_kv``
-        (:meth:`context_keys_values`); ``encoder_attention_mask`` (B, N) marks its valid tokens
-        (None: all). A cache keeps the context's keys/values of its first step for the later ones.
+        (:meth:`context_keys_values`), per layer a (k, v) pair or a :class:`BlockContext`;
+        ``encoder_attention_mask`` (B, N) marks its valid tokens (None: all; a BlockContext takes none).
+        A cache keeps the context's keys/values of its first step for the later ones.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, L); got {tuple(input_ids.shape)}")
@@ -217,6 +259,9 @@ class TextTransformer(nn.Module):
             raise ValueError("this text transformer has no cross-attention layers")
         if context_kv is not None and len(context_kv) != len(self.encoder.layer):
             raise ValueError(f"context_kv has {len(context_kv)} entries for {len(self.encoder.layer)} layers")
+        if context_kv is not None and isinstance(context_kv[0], BlockContext) and (
+                encoder_attention_mask is not None or cache is not None):
+            raise ValueError("a BlockContext takes no encoder_attention_mask and no cache")
         if has_context and cache is not None and cache.cross_kv and cache.cross_kv[0] is not None:
             context_kv = cache.cross_kv  # a later decoding step: the first step's (beam-reordered) entries
         else:

@@ -1,12 +1,16 @@
 """Cross-attention keys/values computed once per step: same losses and gradients as recomputing them.
 
 ``BlipPretrain.forward`` projects the image tokens to each text layer's cross-attention keys and
-values once and gathers the 3B ITM rows from them; the LM decoder (which shares the encoder's
+values once and the 3B ITM rows read theirs from them; the LM decoder (which shares the encoder's
 cross-attention) reads them as they are. ``losses_recomputing_kv`` below is the forward as it was
 before: every text pass projects its own (repeated) image tokens, with the all-ones image mask.
 
-Both run on copies of one model with the same dropout seed and hard-negative generator, so they
-differ only in the order in which gradients of the key/value projections are summed. Tolerance,
+The ITM rows come in the order BlipPretrain uses (positives, negative texts, negative images);
+the positive and negative-text rows of an image share its keys/values there, stacked along the
+sequence (``BlockContext``), and each row has its own copy here. Both run on copies of one model
+with the same dropout seed and hard-negative generator, attention dropout off (the stacked rows
+draw the cross-attention's dropout in another layout), so they differ only in the order in which
+gradients of the key/value projections are summed. Tolerance,
 ``max|reuse - recompute| / max|recompute|`` per loss and per parameter gradient: 1e-10 in fp64
 (measured: 1e-15), 1e-5 in fp32 (measured: 6e-7). Key biases, whose gradient vanishes in exact
 arithmetic, are measured against their key weight's gradient instead.
@@ -59,9 +63,9 @@ def losses_recomputing_kv(model: BlipPretrain, images, input_ids, attention_mask
     with torch.no_grad():
         neg_image_for_text = ops.sample_hard_negatives(sim_t2i, generator=generator)
         neg_text_for_image = ops.sample_hard_negatives(sim_i2t, generator=generator)
-    ids_all = torch.cat([enc_ids, enc_ids, enc_ids[neg_text_for_image]], dim=0)
-    mask_all = torch.cat([attention_mask, attention_mask, attention_mask[neg_text_for_image]], dim=0)
-    images_all = torch.cat([image_embeds, image_embeds[neg_image_for_text], image_embeds], dim=0)
+    ids_all = torch.cat([enc_ids, enc_ids[neg_text_for_image], enc_ids], dim=0)
+    mask_all = torch.cat([attention_mask, attention_mask[neg_text_for_image], attention_mask], dim=0)
+    images_all = torch.cat([image_embeds, image_embeds, image_embeds[neg_image_for_text]], dim=0)
     images_mask = torch.ones(images_all.shape[:-1], dtype=torch.long)
     fused = model.text_encoder(ids_all, mask_all, images_all, images_mask)
     loss_itm = ops.itm_loss(model.itm_head(fused[:, 0, :]), batch)
@@ -90,7 +94,10 @@ def run_step(model, step, images, input_ids, attention_mask):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 def test_pretraining_reuse_equals_recomputation(dtype):
-    model = build_model("pretrain", tiny_config()).to(dtype)
+    config = tiny_config()
+    config.text.attention_dropout = 0.0
+    model = build_model("pretrain", config).to(dtype)
+    assert model.training and config.text.hidden_dropout > 0  # hidden dropout still draws, in the same rows
     images = torch.randn(len(CAPTION_LENGTHS), 3, 64, 64, dtype=dtype)
     input_ids, attention_mask = captions(CAPTION_LENGTHS)
     # the native sampler takes fp32/fp16/bf16 similarities; fp64 runs the reference
@@ -151,3 +158,32 @@ def test_generation_with_a_cache_seeded_from_context_kv():
     assert (torch.cat(steps, dim=1) - full).abs().max() < 1e-5
     out = model.generate(torch.randn(2, 3, 64, 64), ids[:, :1], GenerationConfig(max_length=6, min_length=6))
     assert out.shape == (2, 6)
+
+
+@pytest.mark.parametrize("impl", ["reference", "auto"])
+def test_block_context_equals_attention_to_copied_rows(impl):
+    """A BlockContext attends as the same attention with every row's keys/values copied out (fp64 1e-12 in
+    outputs and gradients of queries, keys and values; fp32 for the auto backend, 1e-5)."""
+    from blip_fast.models.med import BlockContext
+
+    dtype = torch.float64 if impl == "reference" else torch.float32
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    gen = torch.Generator().manual_seed(0)
+    rows, heads, length, context, dim = 5, 3, 7, 11, 8
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=dtype).requires_grad_()
+
+    q = rand(3 * rows, heads, length, dim)
+    k, v, k2, v2 = (rand(rows, heads, context, dim) for _ in range(4))
+    with ops.impl_scope(impl):
+        blocked = BlockContext(((k, v, 2), (k2, v2, 1))).attend(q, 0.0)
+        copied = ops.attention(q, torch.cat([k, k, k2]), torch.cat([v, v, v2]), None, False, 0.0)
+    weights = torch.randn(blocked.shape, generator=gen, dtype=dtype)
+    grads = torch.autograd.grad((blocked * weights).sum(), (q, k, v, k2, v2))
+    expected = torch.autograd.grad((copied * weights).sum(), (q, k, v, k2, v2))
+    assert rel_err(blocked, copied) <= tol
+    for got, want, name in zip(grads, expected, ("q", "k", "v", "k2", "v2"), strict=True):
+        assert rel_err(got, want) <= tol, name
+    with pytest.raises(ValueError, match="cover 10 rows"):
+        BlockContext(((k, v, 2),)).attend(q, 0.0)
