@@ -8,7 +8,8 @@
 # report runs anywhere on the results files). The machine is offline, so `build` installs without dependencies:
 # it has all of them but ruff (shared/GPU.md). Results files go to $OUT (the device tool brings them back),
 # named as shared/BENCHMARKS.md asks; copy the ones to keep into benchmarks/results/ and commit them.
-# Every stage's output is appended to $OUT/session.log (the device tool returns at most 8 files).
+# Every stage's output is appended to $OUT/session.log and the step profiles are archived in one file: the
+# device tool returns at most 8 files.
 set -euo pipefail
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
@@ -37,8 +38,11 @@ for stage in "${STAGES[@]}"; do
         # the original BLIP joins when blip-ci is installed (carry its wheel: pip install --no-deps blip-ci==0.0.5)
         step) ORIGINAL=$(python -c "import importlib.metadata as m; m.version('blip-ci')" 2>/dev/null \
                          && echo "--impl original" || true)
+              PROFILES=$(mktemp -d)
               run step blip-fast bench step $ORIGINAL --impl reference --impl fast_no_graph --impl fast \
-                  --json "$OUT/step-$DEV-$DAY.json" --profile "$OUT" ;;
+                  --json "$OUT/step-$DEV-$DAY.json" --profile "$PROFILES"
+              # one archive: the device tool brings back at most 8 files
+              tar -czf "$OUT/profiles-step-$DEV-$DAY.tgz" -C "$PROFILES" . ;;
         hard_negatives) run hard_negatives blip-fast bench hard_negatives --json "$OUT/kernels-$DEV-$DAY.json" ;;
         # FSDP2 and DDP over NCCL, one rank per GPU (NCCL refuses two ranks on one device), a short bf16 run each
         distributed) GPUS=$(python -c "import torch; print(torch.cuda.device_count())")
