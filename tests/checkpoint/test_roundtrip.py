@@ -15,6 +15,7 @@ import copy
 import pytest
 import torch
 import transformers
+from tensor_checks import rel_err
 from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipForQuestionAnswering
 
 from blip_fast.checkpoint import load_checkpoint, load_hf, load_salesforce, save_hf, save_salesforce
@@ -35,10 +36,6 @@ pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 @pytest.fixture(autouse=True)
 def _quiet_transformers():
     transformers.logging.set_verbosity_error()
-
-
-def rel_err(ours: torch.Tensor, theirs: torch.Tensor) -> float:
-    return ((ours.double() - theirs.double()).abs().max() / theirs.double().abs().max()).item()
 
 
 def assert_close(ours: torch.Tensor, theirs: torch.Tensor, what: str) -> None:

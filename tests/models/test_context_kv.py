@@ -20,6 +20,7 @@ import copy
 
 import pytest
 import torch
+from tensor_checks import rel_err
 
 from blip_fast import ops
 from blip_fast.config import tiny_config
@@ -77,10 +78,6 @@ def losses_recomputing_kv(model: BlipPretrain, images, input_ids, attention_mask
     loss_lm = model.text_decoder.loss(decoder_ids, attention_mask, image_embeds, image_mask, targets,
                                       model.config.label_smoothing)
     return {"itc": loss_itc, "itm": loss_itm, "lm": loss_lm}
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual - expected).abs().max() / expected.abs().max()).item()
 
 
 def run_step(model, step, images, input_ids, attention_mask):

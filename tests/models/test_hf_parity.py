@@ -53,6 +53,7 @@ import copy
 import pytest
 import torch
 import transformers
+from tensor_checks import rel_err
 from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipForQuestionAnswering
 
 from blip_fast.checkpoint import load_hf
@@ -70,11 +71,6 @@ captions end at varied lengths, some before ``max_length`` and some not (with th
 
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
-
-
-def rel_err(ours: torch.Tensor, theirs: torch.Tensor) -> float:
-    ours, theirs = ours.double(), theirs.double()
-    return ((ours - theirs).abs().max() / theirs.abs().max()).item()
 
 
 def assert_close(ours: torch.Tensor, theirs: torch.Tensor, what: str) -> None:
