@@ -21,9 +21,19 @@ def _script(name):
 def step_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "step-cpu-test.json"
     code = _script("bench_step").main(["--preset", "tiny", "--image-size", "64", "--batch", "8", "--queue", "96",
-                                       "--steps", "1", "--warmup", "0", "--no-compile", "--json", str(out)])
+                                       "--steps", "1", "--warmup", "0", "--no-compile", "--json", str(out),
+                                       "--profile", str(out.parent / "profiles")])
     assert code == 0
     return out
+
+
+def test_bench_step_profiles_each_impl_by_phase(step_results):
+    for impl in ("reference", "fast"):
+        report = (step_results.parent / "profiles" / f"profile-{impl}.txt").read_text()
+        assert report.startswith(f"{impl}: 3 profiled steps, batch 8")
+        phases = {line.split()[0] for line in report.splitlines() if line.startswith("blip.")}
+        assert {"blip.unimodal", "blip.momentum_update", "blip.momentum_forward", "blip.itc", "blip.itm", "blip.lm",
+                "blip.backward", "blip.optimizer"} <= phases
 
 
 def test_bench_step_writes_the_shared_format(step_results):
