@@ -206,17 +206,6 @@ class _CollatePairs:
                             img_ids)
 
 
-class _CheckpointedDaliLoader(DaliTransformLoader):
-    """A :class:`DaliTransformLoader` whose pipeline records its random state and can start from a saved one."""
-
-    def __init__(self, config: TransformConfig, source, options: DaliOptions, checkpoint: bytes | None):
-        super().__init__(config, source, options, checkpointing=True, checkpoint=checkpoint)
-
-    def checkpoint(self) -> bytes:
-        """The random state as of the last batch taken out of the pipeline (not the ones prefetched)."""
-        return self.pipe.checkpoint()
-
-
 def _resolve_backend(backend: str, dali: DaliOptions) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
@@ -280,7 +269,7 @@ class CaptionBatches:
                                        collate_fn=_CollatePairs(tokenizer or BlipTokenizer(), max_length))
         self._state: dict | None = None          # loader state after the last batch handed out (None: the loader's)
         self._checkpoint: bytes | None = None    # DALI state to build the next pipeline from
-        self._dali_loader: _CheckpointedDaliLoader | None = None   # the pipeline of the last pass, if unfinished
+        self._dali_loader: DaliTransformLoader | None = None   # the pipeline of the last pass, if unfinished
         self._open: weakref.ref | None = None    # the pass under way, if the caller still holds it
         log.info("caption batches: %s, %s %dpx, batch %d, %d workers", self._backend, transform.kind,
                  transform.image_size, batch_size, num_workers)
@@ -396,7 +385,8 @@ class CaptionBatches:
 
         feeder = feed()
         options = dataclasses.replace(self.dali, seed=self._dali_seed(self._loader.epoch))
-        self._dali_loader = _CheckpointedDaliLoader(self.transform, feeder, options, self._checkpoint)
+        self._dali_loader = DaliTransformLoader(self.transform, feeder, options, checkpointing=True,
+                                                 checkpoint=self._checkpoint)
         try:
             for images, indices in self._dali_loader:
                 encoded, state = fed.popleft()

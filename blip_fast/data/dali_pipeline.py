@@ -321,6 +321,11 @@ class DaliTransformLoader:
         self.pipe = build_dali_pipeline(config, source, self.options, checkpointing=checkpointing,
                                         checkpoint=checkpoint)
 
+    def checkpoint(self) -> bytes:
+        """The random state as of the last batch taken out of the pipeline (not the ones prefetched); needs
+        ``checkpointing=True``."""
+        return self.pipe.checkpoint()
+
     def _to_torch(self, images) -> torch.Tensor:
         if self.device == "cpu":
             tensor = torch.from_numpy(images.as_array())          # as_array copies out of DALI's buffer

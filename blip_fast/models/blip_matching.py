@@ -17,7 +17,7 @@ from torch import nn
 
 from .. import ops
 from ..config import BlipConfig
-from .med import TextTransformer
+from .med import BlockContext, TextTransformer
 from .vit import VisionTransformer
 
 
@@ -85,9 +85,10 @@ class ImageTextMatchingModel(nn.Module):
         """ITM logits (B, 2) [no match, match]; ``input_ids`` start with [ENC] (see :meth:`with_enc`)."""
         return self.itm_logits_from_keys_values(self.image_keys_values(image_embeds), input_ids, attention_mask)
 
-    def itm_logits_from_keys_values(self, image_kv: list[tuple[torch.Tensor, torch.Tensor]],
+    def itm_logits_from_keys_values(self, image_kv: list[tuple[torch.Tensor, torch.Tensor] | BlockContext],
                                     input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """:meth:`itm_logits` with the images given by :meth:`image_keys_values` (every image token valid)."""
+        """:meth:`itm_logits` with the images given by :meth:`image_keys_values` (every image token valid), per
+        layer as the rows' (k, v) or as a :class:`~blip_fast.models.med.BlockContext`."""
         fused = self.text_encoder(input_ids, attention_mask, context_kv=image_kv)
         return self.itm_head(fused[:, 0, :])
 

@@ -1,19 +1,18 @@
 """The optimizer step replayed as a CUDA graph (blip_fast.train.cuda_graph) equals the eager step."""
 
 import copy
-import random
-from types import SimpleNamespace
+import json
 
 import pytest
 import torch
+from train_helpers import synthetic_step_batch, tiny_overrides
 
 from blip_fast.config import tiny_config
-from blip_fast.data.synthetic import caption, random_scene
 from blip_fast.models.blip_pretrain import BlipPretrain
-from blip_fast.text import BlipTokenizer
-from blip_fast.train.config import OptimConfig
+from blip_fast.train.checkpointing import list_checkpoints, load_checkpoint
+from blip_fast.train.config import OptimConfig, load_pretrain_config
 from blip_fast.train.cuda_graph import CudaGraphStep
-from blip_fast.train.engine import optimizer_step
+from blip_fast.train.engine import optimizer_step, pretrain
 from blip_fast.train.optim import build_optimizer, set_learning_rate
 
 
@@ -38,15 +37,6 @@ def test_refuses_a_model_off_the_gpu():
         CudaGraphStep(model, optimizer, None)
 
 
-def _batch(size: int, seed: int, device, max_length: int):
-    rng = random.Random(seed)
-    tokens = BlipTokenizer()([caption(random_scene(rng)) for _ in range(size)], max_length=max_length,
-                             padding="longest")
-    images = torch.randn(size, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
-    return SimpleNamespace(images=images.to(device), input_ids=tokens.input_ids.to(device),
-                           attention_mask=tokens.attention_mask.to(device))
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dropout, precision", [(0.0, "fp32"), (0.1, "fp32"), (0.0, "bf16")])
 def test_graph_replay_equals_the_eager_step(dropout, precision):
@@ -69,7 +59,8 @@ def test_graph_replay_equals_the_eager_step(dropout, precision):
     graph_gen = torch.Generator(device=device).manual_seed(1)
     graph_step = CudaGraphStep(graph_model, graph_opt, graph_gen, precision, clip_grad_norm=1.0)
     rtol, atol = (1e-5, 1e-6) if precision == "fp32" else (1e-3, 1e-4)
-    batches = [_batch(8, seed, device, max_length) for seed, max_length in ((0, 30), (1, 12), (2, 30), (3, 12))]
+    batches = [synthetic_step_batch(8, seed, device, max_length) for seed, max_length in ((0, 30), (1, 12), (2, 30),
+                                                                                          (3, 12))]
     assert len({batch.input_ids.shape[1] for batch in batches}) >= 2  # captions of several lengths
     order = [0, 0, 1, 2, 1, 3, 2, 0]
     for index, which in enumerate(order):
@@ -92,14 +83,6 @@ def test_pretraining_with_graphs_equals_eager_and_resumes(synthetic_dir, tmp_pat
     """``blip-fast pretrain`` with ``train.cuda_graph``: 12 steps equal 12 eager steps, and 6 + resume + 6 equal
     12 (fp32 on the GPU; losses logged every 2 steps and final weights within 1e-5 relative). Captions of each
     new length run eagerly once, so the run mixes eager steps, captures and replays."""
-    import json
-
-    from train_helpers import tiny_overrides
-
-    from blip_fast.train.checkpointing import list_checkpoints, load_checkpoint
-    from blip_fast.train.config import load_pretrain_config
-    from blip_fast.train.engine import pretrain
-
     def run(out, steps, graph, resume=False):
         config = load_pretrain_config(None, tiny_overrides(synthetic_dir, out, "train.device=cuda",
                                                            f"train.max_steps={steps}", f"train.cuda_graph={graph}"))

@@ -1,15 +1,11 @@
 """On a GPU, a training step never waits for the device: no host synchronisation inside the step."""
 
-import random
-from types import SimpleNamespace
-
 import pytest
 import torch
+from train_helpers import synthetic_step_batch
 
 from blip_fast.config import tiny_config
-from blip_fast.data.synthetic import caption, random_scene
 from blip_fast.models.blip_pretrain import BlipPretrain
-from blip_fast.text import BlipTokenizer
 from blip_fast.train.config import OptimConfig
 from blip_fast.train.engine import optimizer_step
 from blip_fast.train.optim import build_optimizer
@@ -21,10 +17,7 @@ def test_training_step_never_synchronises(precision):
     device = torch.device("cuda")
     model = BlipPretrain(tiny_config()).to(device).train()
     optimizer = build_optimizer(model, OptimConfig(fused="torch", clip_grad_norm=1.0), device)
-    rng = random.Random(0)
-    tokens = BlipTokenizer()([caption(random_scene(rng)) for _ in range(16)], max_length=30)
-    batch = SimpleNamespace(images=torch.randn(16, 3, 64, 64, device=device), input_ids=tokens.input_ids.to(device),
-                            attention_mask=tokens.attention_mask.to(device))
+    batch = synthetic_step_batch(16, 0, device)
     generator = torch.Generator(device=device).manual_seed(0)
     # the first step may synchronise (lazy optimizer state, library handles); later steps must not
     optimizer_step(model, optimizer, [batch], 0.4, generator, precision, clip_grad_norm=1.0)
