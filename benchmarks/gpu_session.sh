@@ -3,8 +3,8 @@
 #
 #   bash benchmarks/gpu_session.sh [STAGE ...]
 #
-# stages: build tests parity step hard_negatives distributed main data report
-# (default: build tests parity step hard_negatives distributed main; data needs DALI's wheel carried in, and
+# stages: build tests parity step hard_negatives lm_loss distributed main data report
+# (default: build tests parity step hard_negatives lm_loss distributed main; data needs DALI's wheel carried in, and
 # report runs anywhere on the results files). The machine is offline, so `build` installs without dependencies:
 # it has all of them but ruff (shared/GPU.md). Results files go to $OUT (the device tool brings them back),
 # named as shared/BENCHMARKS.md asks; copy the ones to keep into benchmarks/results/ and commit them.
@@ -16,7 +16,7 @@ mkdir -p "$OUT"
 DAY=$(date +%Y%m%d)
 DEV=$(python -c "import torch; n = torch.cuda.get_device_name(); print('h200' if 'H200' in n else 'h100' if 'H100' in n else 'gpu')")
 STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(build tests parity step hard_negatives distributed main)
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(build tests parity step hard_negatives lm_loss distributed main)
 
 LOG=$OUT/session.log
 run() {  # run STAGE COMMAND...: append to $LOG, keep going after a failure, report it at the end
@@ -44,6 +44,7 @@ for stage in "${STAGES[@]}"; do
               # one archive: the device tool brings back at most 8 files
               tar -czf "$OUT/profiles-step-$DEV-$DAY.tgz" -C "$PROFILES" . ;;
         hard_negatives) run hard_negatives blip-fast bench hard_negatives --json "$OUT/kernels-$DEV-$DAY.json" ;;
+        lm_loss) run lm_loss blip-fast bench lm_loss --json "$OUT/losses-$DEV-$DAY.json" ;;
         # FSDP2 and DDP over NCCL, one rank per GPU (NCCL refuses two ranks on one device), a short bf16 run each
         distributed) GPUS=$(python -c "import torch; print(torch.cuda.device_count())")
                      if [ "$GPUS" -lt 2 ]; then echo "== distributed: skipped, NCCL needs two GPUs (this machine: $GPUS)"

@@ -169,11 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.set_defaults(run=cmd_pretrain)
 
-    p = sub.add_parser("bench", help="benchmarks (scripts in benchmarks/): data, step, hard_negatives, pretrain, "
-                       "report",
+    p = sub.add_parser("bench", help="benchmarks (scripts in benchmarks/): data, step, hard_negatives, lm_loss, "
+                       "pretrain, report",
                        description="Run benchmarks/bench_SUITE.py (or report.py) with the remaining arguments; "
                        "results files follow shared/BENCHMARKS.md.")
-    p.add_argument("suite", choices=("data", "step", "hard_negatives", "pretrain", "report"), help="which benchmark")
+    p.add_argument("suite", choices=("data", "step", "hard_negatives", "lm_loss", "pretrain", "report"), help="which benchmark")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the benchmark script (see its --help)")
     p.set_defaults(run=cmd_bench)
 

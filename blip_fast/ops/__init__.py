@@ -6,7 +6,8 @@ see :mod:`blip_fast.ops.registry` for how one is picked (``BLIP_FAST_IMPL`` / :f
 
 from .attention import attention, attention_ref
 from .hard_negatives import sample_hard_negatives
-from .losses import IGNORE_INDEX, itc_loss, itm_loss, lm_loss
+from .lm_loss import IGNORE_INDEX, lm_loss
+from .losses import itc_loss, itm_loss
 from .momentum import enqueue_, momentum_update_
 from .registry import OPS, impl_scope, requested_impl, set_impl
 

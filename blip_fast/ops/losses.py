@@ -6,8 +6,8 @@
   every pair sharing an image id, ``models/blip_retrieval.py``).
 * ITM -- binary cross-entropy over 1 positive and 2 hard negatives per pair (plain
   ``F.cross_entropy``; not a hot op).
-* LM -- next-token cross-entropy of the decoder with label smoothing 0.1, padding ignored
-  (``BertLMHeadModel.forward`` in ``models/med.py``).
+* LM -- next-token cross-entropy of the decoder with label smoothing 0.1, padding ignored: its own
+  module, :mod:`blip_fast.ops.lm_loss`, beside its fused Triton kernel.
 
 The references compute in ``promote_types(dtype, float32)``.
 """
@@ -18,8 +18,6 @@ import torch
 import torch.nn.functional as F
 
 from .registry import ParityCase, define_op
-
-IGNORE_INDEX = -100
 
 
 def _itc_targets(batch: int, queue: int, device, idx: torch.Tensor | None, idx_queue: torch.Tensor | None):
@@ -76,32 +74,7 @@ def itc_loss_ref(
     return loss, sim_i2t[:, :batch].detach(), sim_t2i[:, :batch].detach()
 
 
-def lm_loss_ref(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    label_smoothing: float = 0.1,
-    reduction: str = "mean",
-) -> torch.Tensor:
-    """Linear projection to the vocabulary followed by smoothed cross-entropy.
-
-    ``hidden`` (N, H) are the decoder's transformed hidden states at the positions that predict
-    ``targets`` (N,) (already shifted; ``-100`` = ignored), ``weight`` (V, H) the tied word
-    embeddings, ``bias`` (V,). ``reduction='mean'`` averages over the non-ignored tokens like
-    ``nn.CrossEntropyLoss``; ``'none'`` returns the per-token losses (0 where ignored).
-    """
-    if reduction not in ("mean", "none"):
-        raise ValueError(f"reduction must be 'mean' or 'none'; got {reduction!r}")
-    compute = torch.promote_types(hidden.dtype, torch.float32)
-    logits = F.linear(hidden, weight, bias).to(compute)
-    return F.cross_entropy(
-        logits, targets, ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing, reduction=reduction
-    )
-
-
 itc_loss_op = define_op("itc_loss", itc_loss_ref)
-lm_loss_op = define_op("lm_loss", lm_loss_ref)
 
 
 def itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp, alpha,
@@ -109,11 +82,6 @@ def itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text
     """ITC loss through the selected backend; see :func:`itc_loss_ref`."""
     return itc_loss_op(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp,
                        alpha, idx, idx_queue)
-
-
-def lm_loss(hidden, weight, bias, targets, label_smoothing=0.1, reduction="mean"):
-    """LM loss through the selected backend; see :func:`lm_loss_ref`."""
-    return lm_loss_op(hidden, weight, bias, targets, label_smoothing, reduction)
 
 
 def itm_loss(itm_logits: torch.Tensor, batch: int) -> torch.Tensor:
@@ -148,26 +116,9 @@ def _itc_case(batch: int, queue: int, dim: int, with_idx: bool):
     return make
 
 
-def _lm_case(tokens: int, hidden: int, vocab: int, pad_fraction: float):
-    def make(device, dtype, generator):
-        h = torch.randn(tokens, hidden, generator=generator).to(device, dtype)
-        w = (torch.randn(vocab, hidden, generator=generator) * 0.02).to(device, dtype)
-        b = (torch.randn(vocab, generator=generator) * 0.02).to(device, dtype)
-        t = torch.randint(0, vocab, (tokens,), generator=generator)
-        t[torch.rand(tokens, generator=generator) < pad_fraction] = IGNORE_INDEX
-        return (h, w, b, t.to(device), 0.1, "mean"), {}
-
-    return make
-
-
 for _mode, _b, _q, _idx in [("pretrain", 96, 57600, False), ("retrieval_idx", 32, 4096, True),
                             ("odd", 7, 97, False)]:
     itc_loss_op.parity_cases.append(
         ParityCase(mode=_mode, shape=f"B{_b} Q{_q} D256", make_inputs=_itc_case(_b, _q, 256, _idx),
                    grad_argnums=(0, 1))
-    )
-for _mode, _n, _pad in [("pretrain", 2880, 0.45), ("odd", 97, 0.3)]:
-    lm_loss_op.parity_cases.append(
-        ParityCase(mode=_mode, shape=f"N{_n} H768 V30524", make_inputs=_lm_case(_n, 768, 30524, _pad),
-                   grad_argnums=(0, 1, 2))
     )

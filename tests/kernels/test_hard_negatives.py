@@ -6,21 +6,14 @@ uniform within 1e-5 (relative) of a cdf boundary may pick the neighbouring colum
 compared exactly everywhere else.
 """
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    # Without CUDA the kernel runs in Triton's interpreter, which must be chosen before triton is
-    # imported: effective only if nothing imported it yet (see test_interpreter_subprocess).
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from blip_fast.kernels import hard_negatives as hn  # noqa: E402
-from blip_fast.ops.hard_negatives import hard_negatives_op, sample_hard_negatives  # noqa: E402
+from blip_fast.kernels import hard_negatives as hn
+from blip_fast.ops.hard_negatives import hard_negatives_op, sample_hard_negatives
 
 SHAPES_INTERPRETER = [(2, 2), (7, 7), (13, 40), (96, 96)]
 SHAPES_GPU = [(96, 96), (97, 97), (288, 288), (96, 288)]
@@ -47,45 +40,10 @@ def assert_same_picks(actual, expected, sim, uniforms):
     assert (actual != torch.arange(len(actual))).all(), "an implementation picked the positive"
 
 
-def _interpreter_ready() -> bool:
-    """Whether triton, its language library included, was imported in interpreter mode."""
-    import triton.language.standard as standard
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(standard.cumsum, InterpretedFunction)
-
-
 @pytest.fixture
-def triton_hn():
-    """The kernel module, where its kernel can run: on CUDA, or in the interpreter."""
-    pytest.importorskip("triton")
-    if not torch.cuda.is_available() and not _interpreter_ready():
-        pytest.skip("triton was imported before TRITON_INTERPRET=1; test_interpreter_subprocess runs this")
+def triton_hn(triton_device):
+    """The kernel module, where its kernel can run (see conftest.py)."""
     return hn
-
-
-def test_interpreter_subprocess():
-    """Runs this file's Triton tests in a fresh interpreter when this process cannot.
-
-    TRITON_INTERPRET is read when triton's own @jit functions are decorated, i.e. when triton is
-    first imported; if anything imported it earlier (tests/conftest.py imports blip_fast.ops), the
-    interpreter cannot run here, so a subprocess with the variable set from the start does.
-    """
-    pytest.importorskip("triton")
-    if torch.cuda.is_available() or _interpreter_ready():
-        pytest.skip("the Triton tests run in this process")
-    command = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-m", "not gpu"]
-    command += ["-k", "test_triton_"]
-    result = subprocess.run(
-        command,
-        cwd=Path(__file__).resolve().parents[2],
-        env={**os.environ, "TRITON_INTERPRET": "1"},
-        capture_output=True,
-        text=True,
-    )
-    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
-    assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-2000:]
-    assert "passed" in summary and "skipped" not in summary, summary
 
 
 # -- reference ------------------------------------------------------------------------------------

@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from blip_fast import ops
 from blip_fast.config import tiny_config
 from blip_fast.kernels.hard_negatives import sample_hard_negatives_ref
+from blip_fast.kernels.lm_loss import lm_loss_ref
 from blip_fast.models import BlipPretrain
-from blip_fast.ops.losses import itc_loss_ref, lm_loss_ref
+from blip_fast.ops.losses import itc_loss_ref
 
 
 def rel_err(a, b):

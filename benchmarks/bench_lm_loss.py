@@ -1,0 +1,116 @@
+"""Benchmark of BLIP's LM loss: vocabulary projection + smoothed cross-entropy, forward and backward.
+
+Implementations, each run as the pretraining step runs it (fp32 master weights under bf16 autocast,
+label smoothing 0.1, ~45% of the targets padding, gradients of hidden states, weight and bias):
+
+* ``reference`` -- ``lm_loss_ref``: ``F.linear``, then ``F.cross_entropy`` on an fp32 copy of the logits;
+* ``inductor``  -- the same function under ``torch.compile`` (inductor fuses the cross-entropy);
+* ``fast``      -- the fused linear + cross-entropy (``blip_fast.kernels.lm_loss``, Triton): chunks of
+  logits, the gradient written over them in place.
+
+    python benchmarks/bench_lm_loss.py [--json PATH]
+
+with PATH like ``benchmarks/results/losses-h100-YYYYMMDD.json``. Times are medians of
+``triton.testing.do_bench`` (forward + backward) in microseconds; ``peak_gib`` is the memory the
+call allocates beyond its inputs (``torch.cuda.max_memory_allocated``). Needs a CUDA device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from blip_fast.bench_results import device_name, triton_version, write_results
+
+VOCAB, HIDDEN = 30524, 768
+# (batch, text length): BLIP base pretraining per GPU (captions up to 30 tokens, 35 in fine-tuning)
+CASES = ((96, 30), (96, 35), (288, 30))
+PAD_FRACTION = 0.45  # real captions average ~12-15 tokens of the 30
+
+
+def implementations() -> dict:
+    from blip_fast.kernels.lm_loss import HAS_TRITON, lm_loss_ref
+    from blip_fast.ops.lm_loss import lm_loss_triton
+
+    impls = {"reference": lm_loss_ref, "inductor": torch.compile(lm_loss_ref)}
+    if HAS_TRITON:
+        impls["fast"] = lm_loss_triton
+    return impls
+
+
+def make_inputs(rows: int):
+    """Decoder-like inputs (never all zeros): LayerNorm-scale hidden states, BERT-init weights."""
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(rows, HIDDEN, generator=generator)
+    weight = 0.02 * torch.randn(VOCAB, HIDDEN, generator=generator)
+    bias = 0.02 * torch.randn(VOCAB, generator=generator)
+    targets = torch.randint(0, VOCAB, (rows,), generator=generator)
+    targets[torch.rand(rows, generator=generator) < PAD_FRACTION] = -100
+    return [t.to("cuda") for t in (hidden, weight, bias, targets)]
+
+
+def step(loss_fn, leaves, targets):
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = loss_fn(*leaves, targets, 0.1, "mean")
+    return loss, torch.autograd.grad(loss, leaves)
+
+
+def run() -> list[dict]:
+    import triton.testing
+
+    records = []
+    impls = implementations()
+    for batch, length in CASES:
+        rows = batch * (length - 1)  # position t predicts token t + 1
+        case = f"lm_loss_b{batch}_l{length}_v{VOCAB}"
+        hidden, weight, bias, targets = make_inputs(rows)
+        leaves = [t.requires_grad_() for t in (hidden, weight, bias)]
+        expected, _ = step(impls["reference"], leaves, targets)
+        for impl, fn in impls.items():
+            loss, _ = step(fn, leaves, targets)  # also compiles
+            if not torch.allclose(loss.float(), expected.float(), rtol=1e-2):  # no timing for a wrong answer
+                raise RuntimeError(f"{impl} gives loss {loss.item()} on {case}, the reference {expected.item()}")
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            step(fn, leaves, targets)
+            torch.cuda.synchronize()
+            peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+            median_ms = triton.testing.do_bench(lambda fn=fn: step(fn, leaves, targets), return_mode="median")
+            records.append({"case": case, "impl": impl, "metric": "us", "value": round(median_ms * 1e3, 1)})
+            records.append({"case": case, "impl": impl, "metric": "peak_gib", "value": round(peak, 3)})
+    return records
+
+
+def print_table(records: list[dict]) -> None:
+    print(f"{'case':<30} {'impl':<10} {'us':>10} {'peak GiB':>9} {'vs reference':>13}")
+    times = {(r["case"], r["impl"]): r["value"] for r in records if r["metric"] == "us"}
+    peaks = {(r["case"], r["impl"]): r["value"] for r in records if r["metric"] == "peak_gib"}
+    for (case, impl), us in times.items():
+        speedup = times[(case, "reference")] / us
+        print(f"{case:<30} {impl:<10} {us:>10.1f} {peaks[(case, impl)]:>9.3f} {speedup:>12.2f}x")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", metavar="PATH", help="write the results file (BENCHMARKS.md format) here")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_lm_loss: needs a CUDA device (timings are GPU-only); none found.", file=sys.stderr)
+        return 1
+    if triton_version() is None:
+        print("bench_lm_loss: needs triton (pip install triton==3.6.0) for do_bench.", file=sys.stderr)
+        return 1
+    records = run()
+    print_table(records)
+    if args.json:
+        write_results(args.json, "losses", device_name("cuda"), " ".join(
+            sys.argv if argv is None else ["benchmarks/bench_lm_loss.py", *argv]), records)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
