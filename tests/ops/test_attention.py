@@ -106,3 +106,31 @@ def test_bad_shapes_are_rejected():
         attention_ref(q, k, v, torch.ones(2, 7))
     with pytest.raises(ValueError, match="shapes disagree"):
         attention_ref(q, k[:, :1], v[:, :1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+def test_masked_attention_prefers_the_memory_efficient_kernel_on_gpu(causal):
+    """Padded text runs on the memory-efficient kernel (the faster one there, shared/GPU.md); unmasked calls
+    on torch's choice."""
+    q, k, v, kpm = (t.cuda() for t in make_inputs(32, 12, 35, 35, 64, torch.bfloat16, mask=True))
+    ops_run = {}
+    for name, mask in (("masked", kpm), ("unmasked", None)):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            attention_sdpa(*leaves, mask, causal).float().sum().backward()
+        ops_run[name] = {e.name for e in prof.events() if e.name.startswith("aten::_scaled_dot_product")}
+    assert "aten::_scaled_dot_product_efficient_attention" in ops_run["masked"], ops_run
+    assert ops_run["unmasked"], ops_run
+
+
+@pytest.mark.gpu
+def test_fully_masked_rows_have_zero_output_and_finite_gradients_on_gpu():
+    q, k, v, _ = (t.cuda() if t is not None else None for t in make_inputs(2, 2, 5, 5, 8, torch.bfloat16, False))
+    kpm = torch.ones(2, 5, dtype=torch.bool, device="cuda")
+    kpm[1] = False
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out = attention_sdpa(*leaves, kpm)
+    out.float().sum().backward()
+    assert out[1].abs().max() == 0
+    assert all(torch.isfinite(t.grad).all() for t in leaves)
