@@ -78,7 +78,8 @@ def run() -> list[dict]:
             step(fn, leaves, targets)
             torch.cuda.synchronize()
             peak = (torch.cuda.max_memory_allocated() - base) / 2**30
-            median_ms = triton.testing.do_bench(lambda fn=fn: step(fn, leaves, targets), return_mode="median")
+            median_ms = triton.testing.do_bench(lambda fn=fn, leaves=leaves, targets=targets: step(fn, leaves, targets),
+                                                return_mode="median")
             records.append({"case": case, "impl": impl, "metric": "us", "value": round(median_ms * 1e3, 1)})
             records.append({"case": case, "impl": impl, "metric": "peak_gib", "value": round(peak, 3)})
     return records

@@ -34,6 +34,7 @@ the original code when ``original`` is in the run, else on our reference path, w
 less (it projects the image tokens to cross-attention keys/values once per step, the original once
 for each of the 4B text rows; records say which in ``flops_from``) -- and *hardware* MFU with each
 impl's own count (the fast path executes less: shared keys/values, captions padded to the longest).
+The results file's ``ops`` field names the backend each op took under each impl (blip_fast.ops.registry).
 """
 
 from __future__ import annotations
@@ -238,8 +239,11 @@ def main(argv: list[str] | None = None) -> int:
     config = preset(args.preset, image_size=args.image_size)
     config.queue_size = args.queue
     case = f"pretrain_{args.preset}{args.image_size}_b{args.batch}"
-    records, rows = [], []
+    records, rows, backends = [], [], {}
     for impl in impls:
+        if impl != "original":
+            with impl_scope(impl):  # which backend each op takes here: what a later reader needs to compare runs
+                backends[impl] = {name: op.select(device) for name, op in ops.OPS.items()}
         fast = impl.startswith("fast")
         padding = "longest" if fast else "max_length"  # (the original pads its own tokens to 30)
         batch = make_batch(args.batch, args.image_size, device, padding)
@@ -279,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         model_mfu = f"{m['model_mfu']:.1%}" if "model_mfu" in m else "-"
         print(f"{impl:<13} {m['samples_per_s']:>10.1f} {m['gflop_per_sample']:>13.1f} {peak:>9} {model_mfu:>10} "
               f"{m['hardware_mfu']:>8.1%}")
+    for impl, chosen in backends.items():
+        print(f"ops of {impl}: " + ", ".join(f"{name} {backend}" for name, backend in chosen.items()))
     speed = {impl: m["samples_per_s"] for impl, m in rows}
     for faster, slower in (("fast", "reference"), ("fast", "fast_no_graph"), ("reference", "original"),
                            ("fast", "original")):
@@ -286,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"speed-up {faster} / {slower}: {speed[faster] / speed[slower]:.2f}x")
     if args.json:
         write_results(args.json, "step", device_name, "blip-fast bench step " + " ".join(
-            argv if argv is not None else sys.argv[1:]), records)
+            argv if argv is not None else sys.argv[1:]), records, ops=backends)
     return 0
 
 

@@ -173,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "pretrain, report",
                        description="Run benchmarks/bench_SUITE.py (or report.py) with the remaining arguments; "
                        "results files follow shared/BENCHMARKS.md.")
-    p.add_argument("suite", choices=("data", "step", "hard_negatives", "lm_loss", "pretrain", "report"), help="which benchmark")
+    p.add_argument("suite", choices=("data", "step", "hard_negatives", "lm_loss", "pretrain", "report"),
+                   help="which benchmark")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the benchmark script (see its --help)")
     p.set_defaults(run=cmd_bench)
 

@@ -46,6 +46,9 @@ def test_bench_step_writes_the_shared_format(step_results):
     # the fast path does less work for the same result: captions padded to the longest, not to 30
     assert values[("fast", "gflop_per_sample", None)] < values[("reference", "gflop_per_sample", None)]
     assert {r["case"] for r in data["records"]} == {"pretrain_tiny64_b8"}
+    # which backend each op took: all reference under the reference impl, the fast ones where they exist
+    assert set(data["ops"]["reference"].values()) == {"reference"}
+    assert data["ops"]["fast"]["attention"] == "torch"
 
 
 def test_report_gathers_results_and_names_bad_files(step_results, tmp_path):
