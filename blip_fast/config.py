@@ -136,10 +136,12 @@ class BlipConfig:
             raise ConfigError(f"temp must be in [0.001, 0.5]; got {self.temp}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing must be in [0, 1); got {self.label_smoothing}")
-        from .ops.registry import CHOICES
+        from .ops.registry import validate_impl
 
-        if self.impl not in CHOICES:
-            raise ConfigError(f"impl must be one of {', '.join(CHOICES)}; got {self.impl!r}")
+        try:
+            validate_impl(self.impl, "impl")
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
 
 
 def _positive(obj, *names: str) -> None:

@@ -10,11 +10,11 @@ Salesforce code, plus any number of fast implementations registered by backend n
 * ``cuda``    -- our CUDA C++ kernels (``csrc/``, the optional ``blip_fast._C`` extension).
 
 Which one runs is chosen per call from the tensors' device and one switch: the environment
-variable ``BLIP_FAST_IMPL`` (``auto`` | ``reference`` | ``torch`` | ``triton`` | ``cuda``), which
-:func:`set_impl` overrides (tests, the ``impl`` field of the model config). ``auto`` takes the
-first available of ``cuda``, ``triton``, ``torch``, ``reference``; naming a backend prefers it and
-falls back in the same order where an op has no such implementation. The choice for each
-(op, device) is logged once.
+variable ``BLIP_FAST_IMPL`` (``auto`` | ``reference`` | ``torch`` | ``triton`` | ``cuda``, optionally
+followed by per-op entries: ``auto,lm_loss=reference``), which :func:`set_impl` overrides (tests,
+``train.impl``). ``auto`` takes the first available of ``cuda``, ``triton``, ``torch``,
+``reference``; naming a backend prefers it and falls back in the same order where an op has no
+such implementation. The choice for each (op, device) is logged once.
 
 A fast implementation also brings its parity cases (:class:`ParityCase`): inputs at BLIP shapes on
 which it must match the reference. ``blip-fast parity`` runs them all (:mod:`blip_fast.parity`).
@@ -40,24 +40,50 @@ AUTO_ORDER = ("cuda", "triton", "torch", "reference")
 _override: str | None = None
 
 
-def _validate(choice: str, source: str) -> str:
-    choice = choice.strip().lower()
-    if choice not in CHOICES:
-        raise ValueError(f"{source} must be one of {', '.join(CHOICES)}; got {choice!r}")
-    return choice
+def _parse(spec: str, source: str) -> tuple[str, dict[str, str]]:
+    """``"auto"`` or ``"auto,lm_loss=reference"`` -> (the default backend, {op: backend}), validated."""
+    default, per_op = "auto", {}
+    for part in spec.lower().split(","):
+        name, _, choice = part.rpartition("=")
+        choice, name = choice.strip(), name.strip()
+        if choice not in CHOICES or (not name and "=" in part):
+            raise ValueError(f"{source} must be one of {', '.join(CHOICES)}, or such a default followed by "
+                             f"op=backend entries (e.g. auto,lm_loss=reference); got {spec!r}")
+        if not name:
+            default = choice
+        elif name not in OPS:
+            raise ValueError(f"{source}: no op named {name!r}; the ops are {', '.join(sorted(OPS))}")
+        else:
+            per_op[name] = choice
+    return default, per_op
 
 
-def requested_impl() -> str:
-    """The backend asked for: :func:`set_impl` if called, else ``$BLIP_FAST_IMPL``, else auto."""
+def validate_impl(spec: str, source: str = "impl") -> str:
+    """Raise ValueError unless ``spec`` is a valid backend choice; returns it normalised (configs call this)."""
+    import blip_fast.ops  # noqa: F401  (defines every op, so that op names can be checked)
+
+    _parse(spec, source)
+    return spec.strip().lower()
+
+
+def requested_impl(op: str | None = None) -> str:
+    """The backend asked for ``op`` (or for every op without one of its own): :func:`set_impl` if called, else
+    ``$BLIP_FAST_IMPL``, else auto."""
     if _override is not None:
-        return _override
-    return _validate(os.environ.get("BLIP_FAST_IMPL", "auto"), "BLIP_FAST_IMPL")
+        spec, source = _override, "impl"
+    else:
+        spec, source = os.environ.get("BLIP_FAST_IMPL", "auto"), "BLIP_FAST_IMPL"
+    default, per_op = _parse(spec, source)
+    return per_op.get(op, default)
 
 
 def set_impl(choice: str | None) -> None:
-    """Select the backend for every op (``None`` returns to ``$BLIP_FAST_IMPL``)."""
+    """Select the backends (``None`` returns to ``$BLIP_FAST_IMPL``): a name for every op, optionally followed
+    by ``op=backend`` entries for single ops, e.g. ``"auto,lm_loss=reference"``."""
     global _override
-    _override = None if choice is None else _validate(choice, "impl")
+    if choice is not None:
+        _parse(choice, "impl")
+    _override = choice
     _logged.clear()
 
 
@@ -65,7 +91,8 @@ class impl_scope:
     """Context manager: ``with impl_scope("reference"): ...`` runs a block on one backend."""
 
     def __init__(self, choice: str):
-        self.choice = _validate(choice, "impl")
+        _parse(choice, "impl")
+        self.choice = choice
 
     def __enter__(self):
         self.previous = _override
@@ -138,7 +165,7 @@ class Op:
         return names + ["reference"]
 
     def select(self, device: torch.device, dtype: torch.dtype | None = None) -> str:
-        choice = requested_impl()
+        choice = requested_impl(self.name)
         usable = self.available(device, dtype)
         if choice == "reference":
             picked = "reference"

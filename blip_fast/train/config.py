@@ -151,7 +151,8 @@ class TrainConfig:
     activation_checkpointing: bool = False
     """Recompute ViT block activations in backward (memory for compute)."""
     impl: str = "auto"
-    """Op backends (``blip_fast.ops``): auto | reference | torch | triton | cuda."""
+    """Op backends (``blip_fast.ops``): auto | reference | torch | triton | cuda, optionally followed by
+    entries for single ops, e.g. ``auto,lm_loss=reference``."""
     distributed: str = "auto"
     """Under torchrun: ``ddp`` (``auto``: each rank holds the whole model), ``fsdp`` (FSDP2: weights, gradients
     and AdamW state sharded over ranks, see blip_fast.train.fsdp), or ``none`` to refuse more than one process."""
@@ -181,10 +182,12 @@ class TrainConfig:
             raise ConfigError(f"train.distributed must be auto, ddp, fsdp or none; got {self.distributed!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"train.device must be auto, cpu or cuda; got {self.device!r}")
-        from ..ops.registry import CHOICES
+        from ..ops.registry import validate_impl
 
-        if self.impl not in CHOICES:
-            raise ConfigError(f"train.impl must be one of {', '.join(CHOICES)}; got {self.impl!r}")
+        try:
+            validate_impl(self.impl, "train.impl")
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         for name in ("log_every", "keep_last"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be at least 1; got {getattr(self, name)}")

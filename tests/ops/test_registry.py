@@ -68,3 +68,46 @@ def test_inputs_a_kernel_does_not_take_go_to_the_reference():
         picked = ops.sample_hard_negatives(sim, uniforms)
     with ops.impl_scope("reference"):
         assert torch.equal(picked, ops.sample_hard_negatives(sim, uniforms))
+
+
+def test_single_ops_can_take_their_own_backend(monkeypatch):
+    """``BLIP_FAST_IMPL=auto,lm_loss=reference``: one op opted out of its fast backend, the others unchanged."""
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("BLIP_FAST_IMPL", "auto,attention=reference")
+    assert registry.requested_impl("attention") == "reference" and registry.requested_impl("enqueue") == "auto"
+    assert ops.OPS["attention"].select(cpu) == "reference"
+    assert ops.OPS["momentum_update"].select(cpu) == "torch"
+    ops.set_impl("reference, momentum_update = torch")  # spaces and order are free
+    assert ops.OPS["momentum_update"].select(cpu) == "torch"
+    assert ops.OPS["attention"].select(cpu) == "reference"
+    with ops.impl_scope("auto,momentum_update=reference"):
+        assert ops.OPS["momentum_update"].select(cpu) == "reference"
+        assert ops.OPS["attention"].select(cpu) == "torch"
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("auto,lm=reference", "no op named 'lm'; the ops are"),
+    ("auto,lm_loss=fastest", "must be one of"),
+    ("auto,=torch", "must be one of"),
+    ("fastest,lm_loss=reference", "must be one of"),
+])
+def test_bad_per_op_choices_are_clear_errors(spec, message):
+    with pytest.raises(ValueError, match=message):
+        ops.set_impl(spec)
+    from blip_fast.config import ConfigError
+    from blip_fast.train.config import TrainConfig
+
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(impl=spec)
+
+
+def test_per_op_choice_holds_inside_a_compiled_graph():
+    q, k, v = (torch.randn(2, 3, 7, 8) for _ in range(3))
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[1, 4:] = False
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *args: ops.attention(*args), fullgraph=True, backend="eager")
+    with ops.impl_scope("torch,attention=reference"):
+        out = compiled(q, k, v, mask)
+    torch._dynamo.reset()
+    assert torch.equal(out, ops.attention_ref(q, k, v, mask))
