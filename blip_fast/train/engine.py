@@ -192,7 +192,7 @@ class Pretrainer:
         if self.ctx.sharded:  # shard in place, then the optimizer over the shards, then load them
             from . import fsdp
 
-            fsdp.apply_fsdp(self.model, self.device)
+            fsdp.apply_fsdp(self.model, self.device, config.train.precision)
             self.optimizer = fsdp.build_sharded_optimizer(self.model, config.optim, self.device)
         else:
             self.optimizer = build_optimizer(self.model, config.optim, self.device,

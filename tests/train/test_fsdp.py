@@ -173,3 +173,52 @@ def test_fsdp_checkpoint_is_a_single_process_checkpoint(fsdp_run):
     for index, state in saved["state"].items():
         for key, value in state.items():
             assert torch.equal(rank0["resumed_optimizer"]["state"][index][key], value), (index, key)
+
+
+# -- bf16: FSDP2's MixedPrecisionPolicy ------------------------------------------------------------------------
+
+BF16_STEPS = 3
+
+
+def _bf16_rank_main(rank, port, synthetic_dir, out, batches, distributed):
+    """Three bf16 steps on this rank's batch; under FSDP also the dtypes a block's weights have in its forward."""
+    from blip_fast.train.engine import Pretrainer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    config = load_pretrain_config(None, tiny_overrides(
+        synthetic_dir, out, "optim.warmup_steps=0", "train.device=cpu", f"train.distributed={distributed}",
+        "optim.temp_lr=null", "train.precision=bf16"))
+    trainer = Pretrainer(config, printer=lambda *_: None)
+    try:
+        seen = {}
+        block = getattr(trainer.model, "module", trainer.model).visual_encoder.blocks[0]  # DDP may wrap it
+
+        def record_weight_dtype(module, _inputs):  # returns None: a pre-hook's result would replace the inputs
+            seen.setdefault("forward", module.attn.qkv.weight.dtype)
+
+        block.register_forward_pre_hook(record_weight_dtype)
+        losses = [trainer.train_step([SimpleNamespace(**batches[rank])]) for _ in range(BF16_STEPS)]
+        seen["stored"] = block.attn.qkv.weight.dtype  # what AdamW steps on
+        torch.save({"losses": torch.stack(losses), "dtypes": seen}, out / f"{distributed}{rank}.pt")
+    finally:
+        trainer.close()
+
+
+def test_fsdp_bf16_gathers_bf16_weights_and_tracks_ddp(synthetic_dir, tmp_path):
+    """``train.precision=bf16`` under FSDP2: blocks gather and compute with bf16 weights (half the all-gather
+    traffic) while AdamW keeps fp32 shards, and its losses follow DDP's bf16 autocast run on the same batches.
+    Tolerance 2e-2 relative: the two round the same matmul inputs to bf16, but FSDP also rounds the LayerNorm
+    and embedding weights (bf16 has an 8-bit mantissa, 4e-3 per rounding), and three steps compound it."""
+    batches = rank_batches(synthetic_dir)
+    runs = {}
+    for distributed in ("ddp", "fsdp"):
+        mp.spawn(_bf16_rank_main, args=(free_port(), synthetic_dir, tmp_path, batches, distributed), nprocs=WORLD,
+                 join=True)
+        runs[distributed] = [torch.load(tmp_path / f"{distributed}{r}.pt", weights_only=True) for r in range(WORLD)]
+    for rank in range(WORLD):
+        fsdp_rank, ddp_rank = runs["fsdp"][rank], runs["ddp"][rank]
+        assert fsdp_rank["dtypes"] == {"forward": torch.bfloat16, "stored": torch.float32}
+        assert ddp_rank["dtypes"] == {"forward": torch.float32, "stored": torch.float32}  # autocast casts per op
+        assert_rel_close(fsdp_rank["losses"], ddp_rank["losses"], f"rank {rank} bf16 losses", tolerance=2e-2)
