@@ -21,15 +21,17 @@ def test_recall_at_k_by_hand():
     assert m["r_mean"] == pytest.approx((50 + 100 + 100 + 50 + 100 + 100) / 6)
 
 
-def test_itm_reranking_scores_equal_scoring_each_pair_alone():
-    # the evaluation shares each image's cross-attention keys/values among its candidate pairs; fp32, 1e-5
+@pytest.mark.parametrize("batch_size", [4, 7, 64])  # 1, 2 (then a partial chunk) and all 5 images per chunk
+def test_itm_reranking_scores_equal_scoring_each_pair_alone(batch_size):
+    # the evaluation shares each image's cross-attention keys/values among its candidate pairs (stacked
+    # queries for the texts of an image, gathered rows for the images of a text); fp32, 1e-5
     model = BlipPretrain(tiny_config()).eval()
     images = torch.randn(5, 3, 64, 64)
     ids = torch.randint(1000, 2000, (7, 9))
     ids[:, 0] = 101
     mask = torch.ones_like(ids)
     mask[2, 6:] = 0
-    score_i2t, score_t2i = retrieval_scores(model, images, ids, mask, itm_k=3, batch_size=4)
+    score_i2t, score_t2i = retrieval_scores(model, images, ids, mask, itm_k=3, batch_size=batch_size)
     with torch.no_grad():
         embeds = model.image_embeds(images)
         sim = model.image_features(embeds) @ model.text_features(ids, mask).t()

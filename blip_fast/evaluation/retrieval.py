@@ -21,6 +21,7 @@ from ..data.annotations import RetrievalAnnotations
 from ..data.decode import decode_image, read_image_file
 from ..data.sample import BadSample
 from ..data.transforms import TransformConfig, eval_transform
+from ..models.med import BlockContext
 from ..text import BlipTokenizer, clean_caption
 
 KS = (1, 5, 10)
@@ -92,11 +93,27 @@ def retrieval_scores(model, images: torch.Tensor, input_ids: torch.Tensor, atten
             scores.append(logits[:, 1].float())
         return torch.cat(scores)
 
+    def itm_of_candidates(top_text: torch.Tensor) -> torch.Tensor:
+        """ITM match logits (images, k) of each image with its k candidate texts ``top_text`` (images, k).
+
+        An image's k texts attend to its keys/values stacked along the sequence (``BlockContext``): exact, as
+        cross-attention has no key mask, and no image's keys/values are copied k times.
+        """
+        scores, k = [], top_text.shape[1]
+        per_chunk = max(1, batch_size // k)
+        for start in range(0, top_text.shape[0], per_chunk):
+            candidates = top_text[start:start + per_chunk]  # (C, k)
+            contexts = [BlockContext(((keys, values, k),))
+                        for keys, values in model.image_keys_values(image_embeds[start:start + per_chunk])]
+            texts = candidates.t().reshape(-1)  # (k * C,): block j holds every image's j-th candidate
+            logits = model.itm_logits_from_keys_values(contexts, enc_ids[texts], mask[texts])[:, 1].float()
+            scores.append(logits.view(k, -1).t())  # (C, k)
+        return torch.cat(scores)
+
     k_text, k_image = min(itm_k, sim.shape[1]), min(itm_k, sim.shape[0])
     score_i2t = torch.full_like(sim, -100.0)
     top_sim, top_text = sim.topk(k_text, dim=1)
-    rows = torch.arange(sim.shape[0], device=device).repeat_interleave(k_text)
-    score_i2t[rows, top_text.reshape(-1)] = itm(rows, top_text.reshape(-1)) + top_sim.reshape(-1)
+    score_i2t.scatter_(1, top_text, itm_of_candidates(top_text) + top_sim)
     score_t2i = torch.full_like(sim.t(), -100.0)
     top_sim, top_image = sim.t().topk(k_image, dim=1)
     rows = torch.arange(sim.shape[1], device=device).repeat_interleave(k_image)
