@@ -4,13 +4,15 @@
 #   bash benchmarks/gpu_session.sh [STAGE ...]
 #
 # stages: build tests parity step hard_negatives lm_loss distributed main data report
-# (default: build tests parity step hard_negatives lm_loss distributed main; data needs DALI's wheel carried in, and
-# report runs anywhere on the results files). The machine is offline, so `build` installs without dependencies:
-# it has all of them but ruff (shared/GPU.md). Results files go to $OUT (the device tool brings them back),
+# (default: build tests parity step hard_negatives lm_loss distributed main; data needs DALI carried in first with
+# benchmarks/dali_carry.sh, and report runs anywhere on the results files). The machine is offline, so `build`
+# installs without dependencies: it has all of them but ruff (shared/GPU.md). Results files go to $OUT (the device tool brings them back),
 # named as shared/BENCHMARKS.md asks; copy the ones to keep into benchmarks/results/ and commit them.
 # Every stage's output is appended to $OUT/session.log and the step profiles are archived in one file: the
 # device tool returns at most 8 files.
 set -euo pipefail
+# DALI, when benchmarks/dali_carry.sh installed it on this machine
+[ -d /tmp/site/nvidia/dali ] && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
 DAY=$(date +%Y%m%d)
