@@ -35,6 +35,8 @@ less (it projects the image tokens to cross-attention keys/values once per step,
 for each of the 4B text rows; records say which in ``flops_from``) -- and *hardware* MFU with each
 impl's own count (the fast path executes less: shared keys/values, captions padded to the longest).
 The results file's ``ops`` field names the backend each op took under each impl (blip_fast.ops.registry).
+``--variant NAME:SPEC`` adds impls: the ``fast`` step with other op backends (``variants`` in the file), to
+weigh one fast op within the whole step.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ import contextlib
 import copy
 import importlib.util
 import random
+import re
 import statistics
 import sys
 import time
@@ -64,6 +67,9 @@ from blip_fast.train.optim import build_optimizer
 
 IMPLS = ("reference", "fast")  # the default; "original" and "fast_no_graph" run only when asked for
 ALL_IMPLS = ("original", "reference", "fast_no_graph", "fast")
+# --variant NAME:SPEC: ``fast`` (graphed, compiled, bf16) with the op backends of SPEC, e.g.
+# ``lm_loss_ref:auto,lm_loss=reference`` -- what one fast op is worth in the whole step
+VARIANTS: dict[str, str] = {}
 ORIGINAL_LR, ORIGINAL_WEIGHT_DECAY = 3e-4, 0.05  # the original configs/pretrain.yaml: init_lr, weight_decay
 
 
@@ -101,7 +107,7 @@ def build(impl: str, config, device: torch.device):
         return model, lambda batch: original_step(model, optimizer, batch, 0.4)
     model = BlipPretrain(config).to(device).train()
     generator = torch.Generator(device=device).manual_seed(0)
-    graphed = impl == "fast" and device.type == "cuda"
+    graphed = (impl == "fast" or impl in VARIANTS) and device.type == "cuda"
     optimizer = build_optimizer(model, OptimConfig(fused="loop" if impl == "reference" else "auto"), device,
                                 capturable=graphed)
     if graphed:
@@ -126,7 +132,7 @@ def impl_scope(impl: str):
     """blip_fast's op backend for ``impl`` (the original uses none of blip_fast's ops)."""
     if impl == "original":
         return contextlib.nullcontext()
-    return ops.impl_scope("reference" if impl == "reference" else "auto")
+    return ops.impl_scope(VARIANTS.get(impl, "reference" if impl == "reference" else "auto"))
 
 
 def count_flops(impl: str, config, device, batch) -> float:
@@ -215,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--impl", action="append", choices=ALL_IMPLS,
                         help="only these impls, in this order (default: reference and fast); original: the original "
                              "BLIP code (needs the blip-ci package)")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME:SPEC",
+                        help="also run the fast step with the op backends SPEC (BLIP_FAST_IMPL syntax), reported as "
+                             "NAME; e.g. lm_loss_ref:auto,lm_loss=reference")
     parser.add_argument("--no-compile", action="store_true", help="fast path without torch.compile")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--peak-tflops", type=float, default=798.0,
@@ -226,6 +235,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch < 2 or args.steps < 1 or args.warmup < 0:
         parser.error("--batch must be >= 2, --steps >= 1, --warmup >= 0")
     impls = list(dict.fromkeys(args.impl or IMPLS))
+    for variant in args.variant:
+        name, _, spec = variant.partition(":")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in ALL_IMPLS or not spec:
+            parser.error(f"--variant {variant!r}: NAME:SPEC with a new NAME of letters, digits, '.', '_', '-'")
+        try:
+            VARIANTS[name] = ops.registry.validate_impl(spec, f"--variant {name}")
+        except ValueError as error:
+            parser.error(str(error))
+        impls.append(name)
     if "original" in impls:
         original = original_blip()
         if not original.is_available():
@@ -244,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         if impl != "original":
             with impl_scope(impl):  # which backend each op takes here: what a later reader needs to compare runs
                 backends[impl] = {name: op.select(device) for name, op in ops.OPS.items()}
-        fast = impl.startswith("fast")
+        fast = impl.startswith("fast") or impl in VARIANTS
         padding = "longest" if fast else "max_length"  # (the original pads its own tokens to 30)
         batch = make_batch(args.batch, args.image_size, device, padding)
         flops = count_flops(impl, copy.deepcopy(config), device, batch)
@@ -287,12 +305,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ops of {impl}: " + ", ".join(f"{name} {backend}" for name, backend in chosen.items()))
     speed = {impl: m["samples_per_s"] for impl, m in rows}
     for faster, slower in (("fast", "reference"), ("fast", "fast_no_graph"), ("reference", "original"),
-                           ("fast", "original")):
+                           ("fast", "original"), *(("fast", name) for name in VARIANTS)):
         if faster in speed and slower in speed:
             print(f"speed-up {faster} / {slower}: {speed[faster] / speed[slower]:.2f}x")
     if args.json:
         write_results(args.json, "step", device_name, "blip-fast bench step " + " ".join(
-            argv if argv is not None else sys.argv[1:]), records, ops=backends)
+            argv if argv is not None else sys.argv[1:]), records, ops=backends, variants=VARIANTS)
     return 0
 
 

@@ -22,6 +22,7 @@ def step_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "step-cpu-test.json"
     code = _script("bench_step").main(["--preset", "tiny", "--image-size", "64", "--batch", "8", "--queue", "96",
                                        "--steps", "1", "--warmup", "0", "--no-compile", "--json", str(out),
+                                       "--variant", "itc_ref:auto,itc_loss=reference,attention=reference",
                                        "--profile", str(out.parent / "profiles")])
     assert code == 0
     return out
@@ -49,6 +50,18 @@ def test_bench_step_writes_the_shared_format(step_results):
     # which backend each op took: all reference under the reference impl, the fast ones where they exist
     assert set(data["ops"]["reference"].values()) == {"reference"}
     assert data["ops"]["fast"]["attention"] == "torch"
+    # a variant: the fast step with the backends it names, reported under its own name
+    assert data["variants"] == {"itc_ref": "auto,itc_loss=reference,attention=reference"}
+    assert data["ops"]["itc_ref"]["attention"] == "reference"
+    assert data["ops"]["itc_ref"]["momentum_update"] == data["ops"]["fast"]["momentum_update"]
+    assert values[("itc_ref", "samples_per_s", None)] > 0
+
+
+def test_bench_step_refuses_bad_variants(capsys):
+    for variant in ("fast:auto", "bad name:auto", "x:auto,nosuch=reference", "y"):
+        with pytest.raises(SystemExit):
+            _script("bench_step").main(["--preset", "tiny", "--variant", variant])
+        assert "--variant" in capsys.readouterr().err
 
 
 def test_report_gathers_results_and_names_bad_files(step_results, tmp_path):
