@@ -153,7 +153,7 @@ def profile_steps(impl: str, run_step, batch, device, steps: int) -> str:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     _sync(device)
     start = time.perf_counter()
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=True) as prof:
         for _ in range(steps):
             run_step(batch)
         _sync(device)
@@ -179,6 +179,12 @@ def profile_steps(impl: str, run_step, batch, device, steps: int) -> str:
     lines += [f"{'not in a phase (backward)':<30} {'':>11} {gpu_ms - attributed:>16.1f}", ""]
     sort_key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     lines.append(prof.key_averages().table(sort_by=sort_key, row_limit=60, max_name_column_width=70))
+    # Which op, at which shapes, launched the time: what attributes a kernel of the table above to a line of the
+    # model. Empty for a CUDA-graph replay, which launches its kernels without ops: profile fast_no_graph for it.
+    lines += ["", "ops by input shape (device time includes the kernels each op launched)"]
+    lines.append(prof.key_averages(group_by_input_shape=True).table(
+        sort_by="device_time_total" if device.type == "cuda" else "cpu_time_total", row_limit=40,
+        max_name_column_width=50, max_shapes_column_width=90))
     return "\n".join(lines)
 
 

@@ -35,6 +35,9 @@ def test_bench_step_profiles_each_impl_by_phase(step_results):
         phases = {line.split()[0] for line in report.splitlines() if line.startswith("blip.")}
         assert {"blip.unimodal", "blip.momentum_update", "blip.momentum_forward", "blip.itc", "blip.itm", "blip.lm",
                 "blip.backward", "blip.optimizer"} <= phases
+        # and the ops with their input shapes, e.g. the text encoder's linear layers at batch 8
+        by_shape = report[report.index("ops by input shape"):]
+        assert "Input Shapes" in by_shape and "aten::linear" in by_shape and "[8, " in by_shape
 
 
 def test_bench_step_writes_the_shared_format(step_results):
