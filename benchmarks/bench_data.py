@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from blip_fast.bench_results import device_name, write_results
+from blip_fast.bench_results import command_line, device_name, write_results
 from blip_fast.data.batches import CaptionBatches, open_caption_source
 from blip_fast.data.dali_pipeline import HAS_DALI, DaliOptions, DaliTransformLoader, PilTransformLoader
 from blip_fast.data.synthetic import photo_like_jpeg
@@ -217,9 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print_table(records)
     if args.json:
-        write_results(args.json, "data", device_name(), " ".join(
-            sys.argv if argv is None else ["benchmarks/bench_data.py", *argv]), records, dali=_dali_version(),
-            cpu_cores=os.cpu_count())
+        write_results(args.json, "data", device_name(), command_line("data", argv), records, dali=_dali_version(),
+                      cpu_cores=os.cpu_count())
         print(f"wrote {args.json}")
     return 0
 

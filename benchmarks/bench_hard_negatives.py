@@ -22,7 +22,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from blip_fast.bench_results import device_name, triton_version, write_results
+from blip_fast.bench_results import command_line, device_name, gpu_timing_unavailable, write_results
 
 CASES = ((96, 96), (288, 288))  # (B, N): BLIP base pretraining batches per GPU, in-batch negatives
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -94,20 +94,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the logits")
     parser.add_argument("--json", metavar="PATH", help="write the results file (BENCHMARKS.md format) here")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print(
-            "bench_hard_negatives: needs a CUDA device (timings are GPU-only); none found.", file=sys.stderr
-        )
-        return 1
-    if triton_version() is None:
-        print("bench_hard_negatives: needs triton (pip install triton==3.6.0) for do_bench.", file=sys.stderr)
+    unavailable = gpu_timing_unavailable("hard_negatives")
+    if unavailable:
+        print(unavailable, file=sys.stderr)
         return 1
 
     records = run(DTYPES[args.dtype])
     print_table(records)
     if args.json:
-        write_results(args.json, "kernels", device_name("cuda"), " ".join(
-            sys.argv if argv is None else ["benchmarks/bench_hard_negatives.py", *argv]), records)
+        write_results(args.json, "kernels", device_name("cuda"), command_line("hard_negatives", argv), records)
         print(f"wrote {args.json}")
     return 0
 

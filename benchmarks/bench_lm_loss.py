@@ -22,7 +22,7 @@ import sys
 
 import torch
 
-from blip_fast.bench_results import device_name, triton_version, write_results
+from blip_fast.bench_results import command_line, device_name, gpu_timing_unavailable, write_results
 
 VOCAB, HIDDEN = 30524, 768
 # (batch, text length): BLIP base pretraining per GPU (captions up to 30 tokens, 35 in fine-tuning)
@@ -98,17 +98,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", metavar="PATH", help="write the results file (BENCHMARKS.md format) here")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_lm_loss: needs a CUDA device (timings are GPU-only); none found.", file=sys.stderr)
-        return 1
-    if triton_version() is None:
-        print("bench_lm_loss: needs triton (pip install triton==3.6.0) for do_bench.", file=sys.stderr)
+    unavailable = gpu_timing_unavailable("lm_loss")
+    if unavailable:
+        print(unavailable, file=sys.stderr)
         return 1
     records = run()
     print_table(records)
     if args.json:
-        write_results(args.json, "losses", device_name("cuda"), " ".join(
-            sys.argv if argv is None else ["benchmarks/bench_lm_loss.py", *argv]), records)
+        write_results(args.json, "losses", device_name("cuda"), command_line("lm_loss", argv), records)
         print(f"wrote {args.json}")
     return 0
 

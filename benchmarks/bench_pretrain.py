@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from blip_fast.bench_results import device_name, write_results
+from blip_fast.bench_results import command_line, device_name, write_results
 from blip_fast.train.config import load_pretrain_config
 from blip_fast.train.engine import pretrain
 
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(f"{x['case']:<40} {x['metric']:<14} {x['value']:.2f}" for x in records))
     if args.json:
         write_results(args.json, "eval", device_name(None if config.train.device == "auto" else config.train.device),
-                      "blip-fast bench pretrain " + " ".join(argv if argv is not None else sys.argv[1:]), records,
+                      command_line("pretrain", argv), records,
                       threads=torch.get_num_threads())
     return 0
 

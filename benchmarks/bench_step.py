@@ -56,7 +56,7 @@ from types import SimpleNamespace
 import torch
 
 from blip_fast import ops
-from blip_fast.bench_results import write_results
+from blip_fast.bench_results import command_line, write_results
 from blip_fast.config import preset
 from blip_fast.data.synthetic import caption, random_scene
 from blip_fast.models.blip_pretrain import BlipPretrain
@@ -241,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch < 2 or args.steps < 1 or args.warmup < 0:
         parser.error("--batch must be >= 2, --steps >= 1, --warmup >= 0")
     impls = list(dict.fromkeys(args.impl or IMPLS))
+    VARIANTS.clear()  # this call's, not an earlier call's in the same process
     for variant in args.variant:
         name, _, spec = variant.partition(":")
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in ALL_IMPLS or not spec:
@@ -315,8 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         if faster in speed and slower in speed:
             print(f"speed-up {faster} / {slower}: {speed[faster] / speed[slower]:.2f}x")
     if args.json:
-        write_results(args.json, "step", device_name, "blip-fast bench step " + " ".join(
-            argv if argv is not None else sys.argv[1:]), records, ops=backends, variants=VARIANTS)
+        write_results(args.json, "step", device_name, command_line("step", argv), records, ops=backends,
+                      variants=VARIANTS)
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -36,6 +37,21 @@ def triton_version() -> str | None:
     except ImportError:
         return None
     return triton.__version__
+
+
+def command_line(suite: str, argv: list[str] | None) -> str:
+    """The command that made a results file, as ``blip-fast bench SUITE ARGS`` (what the script's ``main`` got,
+    or the command line when it runs as a script)."""
+    return " ".join(["blip-fast bench", suite, *(sys.argv[1:] if argv is None else argv)])
+
+
+def gpu_timing_unavailable(suite: str) -> str | None:
+    """Why a benchmark timed on the GPU with ``triton.testing.do_bench`` cannot run here, or None."""
+    if not torch.cuda.is_available():
+        return f"bench {suite}: needs a CUDA device (timings are GPU-only); none found."
+    if triton_version() is None:
+        return f"bench {suite}: needs triton (pip install triton==3.6.0) for do_bench."
+    return None
 
 
 def device_name(device: torch.device | str | None = None) -> str:

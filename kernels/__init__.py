@@ -9,3 +9,8 @@ reference, these kernels and the native extension (``csrc/``).
 Every module here imports without triton installed: each guards its ``import triton`` and exposes
 ``HAS_TRITON``, so that the package and its CPU tests work on machines without a GPU stack.
 """
+
+import torch
+
+# The dtypes the kernels read (fp32 accumulation inside); fp64, which exactness checks use, takes the references.
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

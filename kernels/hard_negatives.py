@@ -32,6 +32,8 @@ import contextlib
 
 import torch
 
+from . import KERNEL_DTYPES
+
 try:
     import triton
     import triton.language as tl
@@ -45,7 +47,6 @@ WEIGHT_FLOOR = 1e-4
 # Rows longer than this are processed in several column blocks; BLIP's in-batch rows (N = B, a few
 # hundred) fit in one.
 MAX_BLOCK_N = 4096
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def check_inputs(sim: torch.Tensor, uniforms: torch.Tensor, allow_float64: bool = False) -> None:
@@ -61,7 +62,7 @@ def check_inputs(sim: torch.Tensor, uniforms: torch.Tensor, allow_float64: bool 
     if sim.dim() != 2:
         raise ValueError(f"{where}: sim must be 2-D [B, N], got shape {tuple(sim.shape)}")
     wide = allow_float64 and sim.dtype == torch.float64
-    if sim.dtype not in _DTYPES and not wide:
+    if sim.dtype not in KERNEL_DTYPES and not wide:
         raise ValueError(f"{where}: sim must be float32, float16 or bfloat16, got {sim.dtype}")
     rows, cols = sim.shape
     if cols < 2:

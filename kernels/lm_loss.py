@@ -35,6 +35,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from . import KERNEL_DTYPES
+
 try:
     import triton
     import triton.language as tl
@@ -49,7 +51,6 @@ IGNORE_INDEX = -100
 LOGITS_PER_CHUNK = 1 << 25
 # Columns a program reads at a time; BLIP's vocabulary takes 8 blocks.
 MAX_BLOCK_V = 4096
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def check_inputs(hidden, weight, bias, targets, label_smoothing, allow_float64: bool = False) -> None:
@@ -63,7 +64,7 @@ def check_inputs(hidden, weight, bias, targets, label_smoothing, allow_float64: 
     if targets.shape != (hidden.shape[0],) or targets.dtype != torch.long:
         raise ValueError(f"{where}: targets must be int64 (N,) = ({hidden.shape[0]},); "
                          f"got {targets.dtype} {tuple(targets.shape)}")
-    dtypes = _DTYPES + ((torch.float64,) if allow_float64 else ())
+    dtypes = KERNEL_DTYPES + ((torch.float64,) if allow_float64 else ())
     floats = [hidden, weight] + ([bias] if bias is not None else [])
     if any(t.dtype != hidden.dtype for t in floats) or hidden.dtype not in dtypes:
         raise ValueError(f"{where}: hidden, weight and bias must share one of "

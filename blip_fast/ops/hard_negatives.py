@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from blip_fast.kernels import KERNEL_DTYPES
 from blip_fast.kernels.hard_negatives import (
     HAS_TRITON,
     check_inputs,
@@ -57,16 +58,8 @@ def _sample_hard_negatives_fake(sim: torch.Tensor, uniforms: torch.Tensor) -> to
     return sim.new_empty(sim.shape[0], dtype=torch.long)
 
 
-# the kernels read ITC logits in these dtypes; others (fp64 checks) take the reference
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 hard_negatives_op = define_op("sample_hard_negatives", sample_hard_negatives_ref)
-hard_negatives_op.register(
-    "triton",
-    sample_hard_negatives_triton_op,
-    devices=("cuda",),
-    is_available=lambda: HAS_TRITON and torch.cuda.is_available(),
-    dtypes=KERNEL_DTYPES,
-)
+hard_negatives_op.register_triton(sample_hard_negatives_triton_op, HAS_TRITON, dtypes=KERNEL_DTYPES)
 if native.HAS_NATIVE:
     # The CPU twin is always compiled; the CUDA kernel only when the extension was built with CUDA.
     _native_devices = ("cpu", "cuda") if native._C.built_with_cuda() else ("cpu",)

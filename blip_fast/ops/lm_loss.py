@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
+from blip_fast.kernels import KERNEL_DTYPES
 from blip_fast.kernels.lm_loss import (
     HAS_TRITON,
     IGNORE_INDEX,
@@ -144,13 +145,7 @@ def lm_loss_triton(hidden, weight, bias, targets, label_smoothing=0.1, reduction
 
 
 lm_loss_op = define_op("lm_loss", lm_loss_ref)
-lm_loss_op.register(
-    "triton",
-    lm_loss_triton,
-    devices=("cuda",),
-    is_available=lambda: HAS_TRITON and torch.cuda.is_available(),
-    dtypes=(torch.float32, torch.float16, torch.bfloat16),
-)
+lm_loss_op.register_triton(lm_loss_triton, HAS_TRITON, dtypes=KERNEL_DTYPES)
 
 
 def lm_loss(hidden, weight, bias, targets, label_smoothing=0.1, reduction="mean"):

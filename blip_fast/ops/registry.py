@@ -154,6 +154,12 @@ class Op:
         self.impls[backend] = Implementation(backend, fn, tuple(devices), is_available,
                                              None if dtypes is None else tuple(dtypes))
 
+    def register_triton(self, fn: Callable[..., Any], has_triton: bool,
+                        dtypes: Sequence[torch.dtype] | None = None) -> None:
+        """A Triton kernel of ``blip_fast.kernels``: CUDA tensors, where triton is installed and a GPU is present."""
+        self.register("triton", fn, devices=("cuda",), is_available=lambda: has_triton and torch.cuda.is_available(),
+                      dtypes=dtypes)
+
     def available(self, device: torch.device, dtype: torch.dtype | None = None) -> list[str]:
         """Backends that can run on ``device`` (for inputs of ``dtype``, when given), reference last."""
         names = [

@@ -2,7 +2,7 @@
 
 tests/conftest.py sets ``TRITON_INTERPRET=1`` before anything imports triton. The interpreter runs
 fp32 and fp16 but cannot hold bf16, so bf16 parity is a GPU test. If triton was imported before the
-variable was set, ``test_interpreter.py`` runs the Triton tests in a fresh process instead.
+variable was set, these tests skip and ``test_interpreter.py`` runs them in a fresh process instead.
 """
 
 import pytest
@@ -17,5 +17,5 @@ def triton_device() -> str:
     if torch.cuda.is_available():
         return "cuda"
     if not interpreter_ready():
-        pytest.skip("triton was imported before TRITON_INTERPRET=1; test_interpreter.py runs this")
+        pytest.skip("triton was imported before TRITON_INTERPRET=1; test_interpreter.py runs them in a subprocess")
     return "cpu"
