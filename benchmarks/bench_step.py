@@ -12,9 +12,13 @@ exactly as ``blip-fast pretrain`` runs it (``blip_fast.train.engine.optimizer_st
                CUDA, like the original's measured run), captions padded to 30 tokens, AdamW one tensor
                at a time, no compile: the original algorithm, written plainly;
 ``fast``       the fast ops (``auto``), bf16 autocast, every transformer block compiled, torch's fused
-               AdamW, captions padded to the longest of the batch, and on CUDA the whole step replayed as
-               one CUDA graph (``train.cuda_graph``, blip_fast.train.cuda_graph);
+               AdamW, the captions' real tokens packed without padding (``train.pack_text``,
+               blip_fast.models.packing; their count rounded up to 64 as the trainer does for graphs), and
+               on CUDA the whole step replayed as one CUDA graph (``train.cuda_graph``,
+               blip_fast.train.cuda_graph);
 ``fast_no_graph`` (only when asked for) ``fast`` without the CUDA graph: what the graph saves;
+``fast_padded`` (only when asked for) ``fast`` with the captions padded to the longest of the batch instead of
+               packed: what packing saves;
 ``original``   (only with ``--impl original``) the original code itself, Salesforce ``BLIP_Pretrain`` from the
                ``blip-ci`` package (``pip install --no-deps blip-ci==0.0.5``; loaded offline with import shims by
                ``benchmarks/original_blip.py``), stepped as the original ``pretrain.py`` does: ``zero_grad``,
@@ -60,13 +64,14 @@ from blip_fast.bench_results import command_line, write_results
 from blip_fast.config import preset
 from blip_fast.data.synthetic import caption, random_scene
 from blip_fast.models.blip_pretrain import BlipPretrain
+from blip_fast.models.packing import PackedText
 from blip_fast.text import BlipTokenizer
 from blip_fast.train.config import OptimConfig
-from blip_fast.train.engine import optimizer_step
+from blip_fast.train.engine import PACKED_TOKENS_MULTIPLE, PACKED_TOKENS_MULTIPLE_GRAPHED, optimizer_step
 from blip_fast.train.optim import build_optimizer
 
-IMPLS = ("reference", "fast")  # the default; "original" and "fast_no_graph" run only when asked for
-ALL_IMPLS = ("original", "reference", "fast_no_graph", "fast")
+IMPLS = ("reference", "fast")  # the default; "original", "fast_no_graph" and "fast_padded" run only when asked for
+ALL_IMPLS = ("original", "reference", "fast_no_graph", "fast_padded", "fast")
 # --variant NAME:SPEC: ``fast`` (graphed, compiled, bf16) with the op backends of SPEC, e.g.
 # ``lm_loss_ref:auto,lm_loss=reference`` -- what one fast op is worth in the whole step
 VARIANTS: dict[str, str] = {}
@@ -84,14 +89,21 @@ def original_blip():
     return sys.modules[name]
 
 
-def make_batch(batch: int, image_size: int, device: torch.device, padding: str, seed: int = 0):
-    """Images, the captions as strings (``texts``, what the original tokenizes itself) and tokenized."""
+def make_batch(batch: int, image_size: int, device: torch.device, padding: str, seed: int = 0,
+               pack_multiple: int | None = None):
+    """Images, the captions as strings (``texts``, what the original tokenizes itself) and tokenized; with
+    ``pack_multiple``, also the captions' packing (token count rounded up to it), as the trainer makes it."""
     rng = random.Random(seed)
     texts = [caption(random_scene(rng)) for _ in range(batch)]
     tokens = BlipTokenizer()(texts, max_length=30, padding=padding)
     images = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(seed))
+    packing = None if pack_multiple is None else PackedText.from_mask(tokens.attention_mask, pack_multiple).to(device)
     return SimpleNamespace(images=images.to(device), texts=texts, input_ids=tokens.input_ids.to(device),
-                           attention_mask=tokens.attention_mask.to(device))
+                           attention_mask=tokens.attention_mask.to(device), packing=packing)
+
+
+def graphed(impl: str, device: torch.device) -> bool:
+    return (impl in ("fast", "fast_padded") or impl in VARIANTS) and device.type == "cuda"
 
 
 def _sync(device: torch.device) -> None:
@@ -107,10 +119,10 @@ def build(impl: str, config, device: torch.device):
         return model, lambda batch: original_step(model, optimizer, batch, 0.4)
     model = BlipPretrain(config).to(device).train()
     generator = torch.Generator(device=device).manual_seed(0)
-    graphed = (impl == "fast" or impl in VARIANTS) and device.type == "cuda"
+    capture = graphed(impl, device)
     optimizer = build_optimizer(model, OptimConfig(fused="loop" if impl == "reference" else "auto"), device,
-                                capturable=graphed)
-    if graphed:
+                                capturable=capture)
+    if capture:
         from blip_fast.train.cuda_graph import CudaGraphStep
 
         graph_step = CudaGraphStep(model, optimizer, generator, "bf16")  # its first step of a shape runs eagerly
@@ -271,7 +283,10 @@ def main(argv: list[str] | None = None) -> int:
                 backends[impl] = {name: op.select(device) for name, op in ops.OPS.items()}
         fast = impl.startswith("fast") or impl in VARIANTS
         padding = "longest" if fast else "max_length"  # (the original pads its own tokens to 30)
-        batch = make_batch(args.batch, args.image_size, device, padding)
+        pack_multiple = None
+        if fast and impl != "fast_padded":
+            pack_multiple = PACKED_TOKENS_MULTIPLE_GRAPHED if graphed(impl, device) else PACKED_TOKENS_MULTIPLE
+        batch = make_batch(args.batch, args.image_size, device, padding, pack_multiple=pack_multiple)
         flops = count_flops(impl, copy.deepcopy(config), device, batch)
         timing = time_steps(impl, copy.deepcopy(config), device, batch, args.steps, args.warmup,
                             compile_blocks=fast and not args.no_compile,
@@ -311,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     for impl, chosen in backends.items():
         print(f"ops of {impl}: " + ", ".join(f"{name} {backend}" for name, backend in chosen.items()))
     speed = {impl: m["samples_per_s"] for impl, m in rows}
-    for faster, slower in (("fast", "reference"), ("fast", "fast_no_graph"), ("reference", "original"),
+    for faster, slower in (("fast", "reference"), ("fast", "fast_no_graph"), ("fast", "fast_padded"),
+                           ("reference", "original"),
                            ("fast", "original"), *(("fast", name) for name in VARIANTS)):
         if faster in speed and slower in speed:
             print(f"speed-up {faster} / {slower}: {speed[faster] / speed[slower]:.2f}x")

@@ -41,8 +41,8 @@ for stage in "${STAGES[@]}"; do
         step) ORIGINAL=$(python -c "import importlib.metadata as m; m.version('blip-ci')" 2>/dev/null \
                          && echo "--impl original" || true)
               PROFILES=$(mktemp -d)
-              # the variant weighs the fused LM loss within the graphed step
-              run step blip-fast bench step $ORIGINAL --impl reference --impl fast_no_graph --impl fast \
+              # fast_padded weighs packed captions, the variant the fused LM loss, within the graphed step
+              run step blip-fast bench step $ORIGINAL --impl reference --impl fast_no_graph --impl fast_padded --impl fast \
                   --variant lm_loss_ref:auto,lm_loss=reference --json "$OUT/step-$DEV-$DAY.json" --profile "$PROFILES"
               # one archive: the device tool brings back at most 8 files
               tar -czf "$OUT/profiles-step-$DEV-$DAY.tgz" -C "$PROFILES" . ;;

@@ -22,7 +22,7 @@ def step_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "step-cpu-test.json"
     code = _script("bench_step").main(["--preset", "tiny", "--image-size", "64", "--batch", "8", "--queue", "96",
                                        "--steps", "1", "--warmup", "0", "--no-compile", "--json", str(out),
-                                       "--variant", "itc_ref:auto,itc_loss=reference,attention=reference",
+                                       "--impl", "reference", "--impl", "fast_padded", "--impl", "fast", "--variant", "itc_ref:auto,itc_loss=reference,attention=reference",
                                        "--profile", str(out.parent / "profiles")])
     assert code == 0
     return out
@@ -47,8 +47,9 @@ def test_bench_step_writes_the_shared_format(step_results):
     for impl in ("reference", "fast"):
         assert values[(impl, "samples_per_s", None)] > 0
         assert values[(impl, "mfu", "hardware")] > 0
-    # the fast path does less work for the same result: captions padded to the longest, not to 30
-    assert values[("fast", "gflop_per_sample", None)] < values[("reference", "gflop_per_sample", None)]
+    # the fast path does less work for the same result: captions padded to the longest, not to 30, and packed
+    assert (values[("fast", "gflop_per_sample", None)] < values[("fast_padded", "gflop_per_sample", None)]
+            < values[("reference", "gflop_per_sample", None)])
     assert {r["case"] for r in data["records"]} == {"pretrain_tiny64_b8"}
     # which backend each op took: all reference under the reference impl, the fast ones where they exist
     assert set(data["ops"]["reference"].values()) == {"reference"}

@@ -62,6 +62,7 @@ import weakref
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -78,6 +79,9 @@ from .sample import CORRUPT_IMAGE, NO_CAPTION, BadSample, DataStats, Sample
 from .shards import TarShards
 from .stream import SampleStream
 from .transforms import PilTransform, TransformConfig
+
+if TYPE_CHECKING:
+    from ..models.packing import PackedText
 
 log = logging.getLogger("blip_fast.data")
 
@@ -102,13 +106,15 @@ class CaptionBatch:
     img_ids: torch.Tensor | None = None
     """(B,) long: the consecutive image id of a Karpathy training list (``coco_karpathy_train``'s third
     output, what retrieval fine-tuning treats as positives); None unless every sample has one."""
+    packing: PackedText | None = None
+    """Where the captions' real tokens go when packed (set by the trainer with ``train.pack_text``)."""
 
     def to(self, device, non_blocking: bool = False) -> CaptionBatch:
         def move(tensor):
             return None if tensor is None else tensor.to(device, non_blocking=non_blocking)
 
         return CaptionBatch(move(self.images), move(self.input_ids), move(self.attention_mask), self.keys,
-                            move(self.img_ids))
+                            move(self.img_ids), move(self.packing))
 
     def __len__(self) -> int:
         return len(self.keys)

@@ -18,6 +18,7 @@ from torch import nn
 from .. import ops
 from ..config import BlipConfig
 from .med import BlockContext, TextTransformer
+from .packing import PackedText
 from .vit import VisionTransformer
 
 
@@ -67,10 +68,10 @@ class ImageTextMatchingModel(nn.Module):
         """Normalised ITC image features (B, embed_dim) from the image tokens."""
         return F.normalize(self.vision_proj(image_embeds[:, 0, :]), dim=-1)
 
-    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      packing: PackedText | None = None) -> torch.Tensor:
         """Normalised ITC text features (B, embed_dim) from the unimodal encoder ([CLS] first)."""
-        text = self.text_encoder(input_ids, attention_mask)
-        return F.normalize(self.text_proj(text[:, 0, :]), dim=-1)
+        return F.normalize(self.text_proj(first_states(self.text_encoder, input_ids, attention_mask, packing)), dim=-1)
 
     def image_keys_values(self, image_embeds: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each text layer's cross-attention keys and values (B, H, N, D) of the image tokens.
@@ -86,17 +87,24 @@ class ImageTextMatchingModel(nn.Module):
         return self.itm_logits_from_keys_values(self.image_keys_values(image_embeds), input_ids, attention_mask)
 
     def itm_logits_from_keys_values(self, image_kv: list[tuple[torch.Tensor, torch.Tensor] | BlockContext],
-                                    input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+                                    input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                                    packing: PackedText | None = None) -> torch.Tensor:
         """:meth:`itm_logits` with the images given by :meth:`image_keys_values` (every image token valid), per
         layer as the rows' (k, v) or as a :class:`~blip_fast.models.med.BlockContext`."""
-        fused = self.text_encoder(input_ids, attention_mask, context_kv=image_kv)
-        return self.itm_head(fused[:, 0, :])
+        return self.itm_head(first_states(self.text_encoder, input_ids, attention_mask, packing, context_kv=image_kv))
 
     def with_enc(self, input_ids: torch.Tensor) -> torch.Tensor:
         """A copy of tokenized captions with [ENC] in place of [CLS]."""
         ids = input_ids.clone()
         ids[:, 0] = self.config.text.enc_token_id
         return ids
+
+
+def first_states(encoder: TextTransformer, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 packing: PackedText | None = None, **context) -> torch.Tensor:
+    """The last hidden state (B, hidden) of each caption's first token ([CLS] / [ENC]), padded or packed."""
+    states = encoder(input_ids, attention_mask, packing=packing, **context)
+    return states[:, 0, :] if packing is None else packing.first_rows(states)
 
 
 def momentum_copy(module: nn.Module) -> nn.Module:

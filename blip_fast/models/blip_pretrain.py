@@ -40,8 +40,9 @@ from torch.profiler import record_function
 
 from .. import ops
 from ..config import BlipConfig
-from .blip_matching import ImageTextMatchingModel
+from .blip_matching import ImageTextMatchingModel, first_states
 from .med import BlockContext, TextDecoder, share_all_but_self_attention
+from .packing import PackedText
 
 
 class BlipPretrain(ImageTextMatchingModel):
@@ -59,8 +60,13 @@ class BlipPretrain(ImageTextMatchingModel):
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                alpha: float, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """Returns ``{"itc": ..., "itm": ..., "lm": ...}`` for a batch of images and captions."""
+                alpha: float, generator: torch.Generator | None = None,
+                packing: PackedText | None = None) -> dict[str, torch.Tensor]:
+        """Returns ``{"itc": ..., "itm": ..., "lm": ...}`` for a batch of images and captions.
+
+        ``packing`` (:meth:`PackedText.from_mask` of ``attention_mask``, made on the host) runs the text passes
+        on the captions' real tokens only; the losses are the same.
+        """
         if input_ids.shape[0] != images.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {input_ids.shape[0]} captions")
         if images.shape[0] < 2:
@@ -72,7 +78,7 @@ class BlipPretrain(ImageTextMatchingModel):
         with record_function("blip.unimodal"):
             image_embeds = self.image_embeds(images)
             image_feat = self.image_features(image_embeds)
-            text_feat = self.text_features(input_ids, attention_mask)
+            text_feat = self.text_features(input_ids, attention_mask, packing)
 
         with torch.no_grad():
             if self.updates_in_forward:
@@ -80,8 +86,8 @@ class BlipPretrain(ImageTextMatchingModel):
                     self.momentum_update()
             with record_function("blip.momentum_forward"):
                 image_feat_m = nn.functional.normalize(self.vision_proj_m(self.visual_encoder_m(images)[:, 0]), dim=-1)
-                text_m = self.text_encoder_m(input_ids, attention_mask)
-                text_feat_m = nn.functional.normalize(self.text_proj_m(text_m[:, 0]), dim=-1)
+                text_m = first_states(self.text_encoder_m, input_ids, attention_mask, packing)
+                text_feat_m = nn.functional.normalize(self.text_proj_m(text_m), dim=-1)
 
         with record_function("blip.itc"):
             loss_itc, sim_i2t, sim_t2i = ops.itc_loss(image_feat, text_feat, image_feat_m, text_feat_m,
@@ -92,14 +98,14 @@ class BlipPretrain(ImageTextMatchingModel):
             # one projection of the image tokens for both text passes (the decoder shares the encoder's
             # cross-attention modules, hence its keys/values)
             image_kv = self.image_keys_values(image_embeds)  # per layer (k, v), each (B, H, N, D)
-            loss_itm = self.itm_loss(image_kv, input_ids, attention_mask, sim_i2t, sim_t2i, generator)
+            loss_itm = self.itm_loss(image_kv, input_ids, attention_mask, sim_i2t, sim_t2i, generator, packing)
 
         with record_function("blip.lm"):
             decoder_ids = input_ids.clone()
             decoder_ids[:, 0] = self.config.text.bos_token_id
             targets = decoder_ids.masked_fill(decoder_ids == self.config.text.pad_token_id, ops.IGNORE_INDEX)
             loss_lm = self.text_decoder.loss(decoder_ids, attention_mask, None, None, targets,
-                                             self.config.label_smoothing, context_kv=image_kv)
+                                             self.config.label_smoothing, context_kv=image_kv, packing=packing)
         return {"itc": loss_itc, "itm": loss_itm, "lm": loss_lm}
 
     @torch.no_grad()
@@ -116,7 +122,8 @@ class BlipPretrain(ImageTextMatchingModel):
         ops.enqueue_(self.image_queue, ptr, image_feat_m)
         ops.enqueue_(self.text_queue, self.queue_ptr, text_feat_m)
 
-    def itm_loss(self, image_kv, input_ids, attention_mask, sim_i2t, sim_t2i, generator) -> torch.Tensor:
+    def itm_loss(self, image_kv, input_ids, attention_mask, sim_i2t, sim_t2i, generator,
+                 packing: PackedText | None = None) -> torch.Tensor:
         """ITM loss over 3B rows; the images as their per-layer keys/values (:meth:`image_keys_values`)."""
         batch = input_ids.shape[0]
         enc_ids = self.with_enc(input_ids)
@@ -130,7 +137,12 @@ class BlipPretrain(ImageTextMatchingModel):
         # the last B to the negative images' rows: per layer B + B rows of keys/values instead of 3B copied
         contexts = [BlockContext(((k, v, 2), (k[neg_image_for_text], v[neg_image_for_text], 1)))
                     for k, v in image_kv]
-        logits = self.itm_logits_from_keys_values(contexts, ids_all, mask_all)
+        if packing is not None:
+            # the negative texts are drawn on the device, so the host cannot count their tokens: their rows keep
+            # their padding (every position a token); the positive and negative-image rows are packed
+            dense = PackedText.dense(batch, input_ids.shape[1], input_ids.device)
+            packing = PackedText.concat([packing, dense, packing])
+        logits = self.itm_logits_from_keys_values(contexts, ids_all, mask_all, packing)
         return ops.itm_loss(logits, batch)
 
 

@@ -18,6 +18,10 @@ transformer only through each layer's cross-attention keys and values. They can 
 (``TextTransformer.context_keys_values``) and handed to several passes over the same context
 (``context_kv=``): pretraining projects the image tokens once for its 3B ITM rows and B LM rows
 instead of 4B times, and generation keeps them in its ``KVCache``.
+
+The hidden states can also travel without the captions' padding (``packing=``, a
+:class:`~blip_fast.models.packing.PackedText`): (T, hidden) for the T real tokens, unpacked to
+(B, L) only around attention. Pretraining's fast path runs its text passes that way.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from torch import nn
 
 from .. import ops
 from ..config import TextConfig
+from .packing import PackedText
 
 
 @dataclass
@@ -108,13 +113,17 @@ class TextEmbeddings(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout)
         self.max_positions = config.max_position_embeddings
 
-    def forward(self, input_ids: torch.Tensor, past_length: int = 0) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, past_length: int = 0, packing: PackedText | None = None) -> torch.Tensor:
+        """(B, L) ids -> (B, L, hidden); with ``packing``, (T, hidden) for its packed tokens."""
         length = input_ids.shape[1]
         if past_length + length > self.max_positions:
             raise ValueError(f"text of {past_length + length} tokens exceeds the {self.max_positions} "
                              "position embeddings")
-        positions = torch.arange(past_length, past_length + length, device=input_ids.device)
-        x = self.word_embeddings(input_ids) + self.position_embeddings(positions)[None]
+        if packing is not None:
+            x = self.word_embeddings(packing.pack(input_ids)) + self.position_embeddings(packing.positions)
+        else:
+            positions = torch.arange(past_length, past_length + length, device=input_ids.device)
+            x = self.word_embeddings(input_ids) + self.position_embeddings(positions)[None]
         return self.dropout(self.LayerNorm(x))
 
 
@@ -128,12 +137,16 @@ class SelfAttentionProjections(nn.Module):
         self.key = nn.Linear(kv_width, config.hidden_size)
         self.value = nn.Linear(kv_width, config.hidden_size)
 
-    def heads(self, x: torch.Tensor) -> torch.Tensor:
+    def heads(self, x: torch.Tensor, packing: PackedText | None = None) -> torch.Tensor:
+        """(B, L, width), or packed (T, width) with its ``packing``, -> (B, H, L, D)."""
+        if packing is not None:
+            x = packing.unpack(x)
         batch, length, width = x.shape
-        return x.view(batch, length, self.num_heads, width // self.num_heads).transpose(1, 2)  # (B, H, L, D)
+        return x.view(batch, length, self.num_heads, width // self.num_heads).transpose(1, 2)
 
-    def keys_values(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.heads(self.key(context)), self.heads(self.value(context))
+    def keys_values(self, context: torch.Tensor,
+                    packing: PackedText | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.heads(self.key(context), packing), self.heads(self.value(context), packing)
 
 
 class AttentionOutput(nn.Module):
@@ -156,9 +169,10 @@ class TextAttention(nn.Module):
         self.output = AttentionOutput(config)
         self.dropout_p = config.attention_dropout
 
-    def forward(self, x, key_padding_mask, causal, keys_values) -> torch.Tensor:
-        """``keys_values``: (k, v) each (B, H, N, D), or a :class:`BlockContext` (no mask, not causal)."""
-        q = self.self.heads(self.self.query(x))
+    def forward(self, x, key_padding_mask, causal, keys_values, packing: PackedText | None = None) -> torch.Tensor:
+        """``keys_values``: (k, v) each (B, H, N, D), or a :class:`BlockContext` (no mask, not causal);
+        ``x`` (B, L, hidden), or packed (T, hidden) with its ``packing``."""
+        q = self.self.heads(self.self.query(x), packing)
         dropout_p = self.dropout_p if self.training else 0.0
         if isinstance(keys_values, BlockContext):
             out = keys_values.attend(q, dropout_p)
@@ -166,7 +180,10 @@ class TextAttention(nn.Module):
             k, v = keys_values
             out = ops.attention(q, k, v, key_padding_mask, causal, dropout_p)
         batch, _, length, _ = out.shape
-        return self.output(out.transpose(1, 2).reshape(batch, length, -1), x)
+        out = out.transpose(1, 2).reshape(batch, length, -1)
+        if packing is not None:
+            out = packing.pack(out)
+        return self.output(out, x)
 
 
 class TextLayer(nn.Module):
@@ -180,20 +197,22 @@ class TextLayer(nn.Module):
         self.output = AttentionOutput(config)
         self.output.dense = nn.Linear(config.intermediate_size, config.hidden_size)
 
-    def forward(self, x, padding_mask, causal, context_kv=None, context_mask=None, cache=None, index=0):
+    def forward(self, x, padding_mask, causal, context_kv=None, context_mask=None, cache=None, index=0,
+                packing: PackedText | None = None):
         """``context_kv``: this layer's cross-attention keys/values (B, H, N, D) or :class:`BlockContext`,
-        or None for no cross-attention; ``cache`` and ``index`` (this layer's entry) only when decoding."""
+        or None for no cross-attention; ``cache`` and ``index`` (this layer's entry) only when decoding;
+        ``packing``: ``x`` is packed (T, hidden), see :class:`~blip_fast.models.packing.PackedText`."""
         # self-attention, appending this step's keys/values to the cache when decoding
-        k, v = self.attention.self.keys_values(x)
+        k, v = self.attention.self.keys_values(x, packing)
         if cache is not None:
             past = cache.self_kv[index]
             if past is not None:
                 k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
             cache.self_kv[index] = (k, v)
             causal = causal and k.shape[2] == x.shape[1]  # one new query sees every cached key
-        x = self.attention(x, padding_mask, causal, (k, v))
+        x = self.attention(x, padding_mask, causal, (k, v), packing)
         if context_kv is not None:
-            x = self.crossattention(x, context_mask, False, context_kv)
+            x = self.crossattention(x, context_mask, False, context_kv, packing)
         hidden = F.gelu(self.intermediate.dense(x))
         return self.output(hidden, x)
 
@@ -240,8 +259,10 @@ class TextTransformer(nn.Module):
         causal: bool = False,
         cache: KVCache | None = None,
         context_kv: list[tuple[torch.Tensor, torch.Tensor] | BlockContext] | None = None,
+        packing: PackedText | None = None,
     ) -> torch.Tensor:
-        """Token ids (B, L) -> hidden states (B, L, hidden).
+        """Token ids (B, L) -> hidden states (B, L, hidden); with ``packing`` (the captions' real tokens, see
+        :class:`~blip_fast.models.packing.PackedText`), (T, hidden) for its packed tokens.
 
         ``attention_mask`` (B, L_total) marks real tokens (1) and padding (0); with a cache it
         covers the cached tokens too. A context switches the cross-attention on, given either as
@@ -262,6 +283,10 @@ class TextTransformer(nn.Module):
         if context_kv is not None and isinstance(context_kv[0], BlockContext) and (
                 encoder_attention_mask is not None or cache is not None):
             raise ValueError("a BlockContext takes no encoder_attention_mask and no cache")
+        if packing is not None and (cache is not None or attention_mask is None
+                                    or packing.inverse.shape != input_ids.shape):
+            raise ValueError(f"packing needs the attention mask of its {tuple(packing.inverse.shape)} captions "
+                             f"(input_ids {tuple(input_ids.shape)}) and no cache")
         if has_context and cache is not None and cache.cross_kv and cache.cross_kv[0] is not None:
             context_kv = cache.cross_kv  # a later decoding step: the first step's (beam-reordered) entries
         else:
@@ -270,12 +295,12 @@ class TextTransformer(nn.Module):
             if cache is not None and context_kv is not None:
                 cache.cross_kv = list(context_kv)
         past = cache.length if cache is not None else 0
-        x = self.embeddings(input_ids, past)
+        x = self.embeddings(input_ids, past, packing)
         padding_mask = None if attention_mask is None else attention_mask.bool()
         context_mask = None if encoder_attention_mask is None else encoder_attention_mask.bool()
         for index, layer in enumerate(self.encoder.layer):
             layer_kv = None if context_kv is None else context_kv[index]
-            x = layer(x, padding_mask, causal, layer_kv, context_mask, cache, index)
+            x = layer(x, padding_mask, causal, layer_kv, context_mask, cache, index, packing)
         return x
 
 
@@ -309,34 +334,43 @@ class TextDecoder(nn.Module):
         self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
 
     def hidden_states(self, input_ids, attention_mask, encoder_hidden_states, encoder_attention_mask=None,
-                      cache=None, context_kv=None) -> torch.Tensor:
-        """Transformed hidden states (B, L, hidden), the input of the vocabulary projection; the
-        context as ``encoder_hidden_states`` or ``context_kv`` (see :meth:`TextTransformer.forward`)."""
+                      cache=None, context_kv=None, packing: PackedText | None = None) -> torch.Tensor:
+        """Transformed hidden states (B, L, hidden), or (T, hidden) with ``packing``, the input of the
+        vocabulary projection; the context as ``encoder_hidden_states`` or ``context_kv`` (see
+        :meth:`TextTransformer.forward`)."""
         x = self.bert(input_ids, attention_mask, encoder_hidden_states, encoder_attention_mask, causal=True,
-                      cache=cache, context_kv=context_kv)
+                      cache=cache, context_kv=context_kv, packing=packing)
         return self.cls.predictions.hidden(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.cls.predictions.decoder(hidden)
 
     def loss(self, input_ids, attention_mask, encoder_hidden_states, encoder_attention_mask, targets,
-             label_smoothing: float = 0.1, reduction: str = "mean", context_kv=None) -> torch.Tensor:
-        """Next-token loss: position t predicts ``targets[:, t + 1]`` (``-100`` ignored).
+             label_smoothing: float = 0.1, reduction: str = "mean", context_kv=None,
+             packing: PackedText | None = None) -> torch.Tensor:
+        """Next-token loss: position t predicts ``targets[:, t + 1]`` (``-100`` ignored, as it must be on
+        padding).
 
         ``reduction='mean'`` averages over every predicted token of the batch; ``'sum_per_sample'``
-        returns each sequence's summed loss (VQA weights answers per sample).
+        returns each sequence's summed loss (VQA weights answers per sample). With ``packing`` only the
+        real tokens go through the decoder and the vocabulary projection, and the loss is the same.
         """
+        if reduction not in ("mean", "sum_per_sample"):
+            raise ValueError(f"reduction must be 'mean' or 'sum_per_sample'; got {reduction!r}")
         hidden = self.hidden_states(input_ids, attention_mask, encoder_hidden_states, encoder_attention_mask,
-                                    context_kv=context_kv)
-        hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B*(L-1), hidden)
-        shifted = targets[:, 1:].reshape(-1)
+                                    context_kv=context_kv, packing=packing)
+        if packing is not None:
+            shifted = packing.next_token_targets(targets)  # (T,)
+        else:
+            hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B*(L-1), hidden)
+            shifted = targets[:, 1:].reshape(-1)
         head = self.cls.predictions
         if reduction == "mean":
             return ops.lm_loss(hidden, head.decoder.weight, head.bias, shifted, label_smoothing, "mean")
-        if reduction == "sum_per_sample":
-            per_token = ops.lm_loss(hidden, head.decoder.weight, head.bias, shifted, label_smoothing, "none")
-            return per_token.view(targets.shape[0], -1).sum(dim=1)
-        raise ValueError(f"reduction must be 'mean' or 'sum_per_sample'; got {reduction!r}")
+        per_token = ops.lm_loss(hidden, head.decoder.weight, head.bias, shifted, label_smoothing, "none")
+        if packing is not None:
+            return per_token.new_zeros(targets.shape[0]).index_add_(0, packing.rows(), per_token)
+        return per_token.view(targets.shape[0], -1).sum(dim=1)
 
 
 def share_all_but_self_attention(encoder: TextTransformer, decoder: TextDecoder) -> None:

@@ -148,6 +148,9 @@ class TrainConfig:
     cuda_graph: bool = False
     """Replay the whole optimizer step as a CUDA graph (blip_fast.train.cuda_graph): one CUDA process, one
     micro-batch per step, torch's fused AdamW."""
+    pack_text: bool = True
+    """Run the text passes on the captions' real tokens only, without their padding (blip_fast.models.packing):
+    the same losses with fewer FLOPs. ``false``: every caption padded to the longest of its batch."""
     activation_checkpointing: bool = False
     """Recompute ViT block activations in backward (memory for compute)."""
     impl: str = "auto"

@@ -15,8 +15,9 @@ What capture needs, and how this module gets it:
 - random numbers: dropout draws from torch's default CUDA generator, which every graph registers itself;
   the hard-negative sampler's generator is registered with each graph, so each replay draws new numbers;
 - one process and one micro-batch per step (collectives and gradient accumulation stay eager);
-- shapes are fixed per graph: captions of a new length run one eager step (on the capture stream, which
-  also compiles and builds cuDNN plans), and are captured the next time that length comes;
+- shapes are fixed per graph: captions of a new length (or, packed, a new token count, rounded up to 64 by the
+  trainer) run one eager step (on the capture stream, which also compiles and builds cuDNN plans), and are
+  captured the next time that shape comes;
 - all graphs allocate from one memory pool. Everything a replay allocates is free again at its end
   (gradients are set to None inside the step) except the (3,) losses, which are copied out right after
   each replay, so graphs of different lengths can reuse each other's memory.
@@ -59,7 +60,9 @@ class CudaGraphStep:
 
     @staticmethod
     def key(batch) -> tuple:
-        return tuple(batch.images.shape), batch.images.dtype, tuple(batch.input_ids.shape)
+        packing = getattr(batch, "packing", None)
+        tokens = None if packing is None else packing.tokens
+        return tuple(batch.images.shape), batch.images.dtype, tuple(batch.input_ids.shape), tokens
 
     def _step(self, batch) -> torch.Tensor:
         return optimizer_step(self.model, self.optimizer, [batch], self.alpha, self.generator, self.precision,
@@ -74,8 +77,10 @@ class CudaGraphStep:
         current.wait_stream(self.stream)
 
     def _capture(self, batch, key: tuple) -> SimpleNamespace:
+        packing = getattr(batch, "packing", None)
         static = SimpleNamespace(images=batch.images.clone(), input_ids=batch.input_ids.clone(),
-                                 attention_mask=batch.attention_mask.clone())
+                                 attention_mask=batch.attention_mask.clone(),
+                                 packing=None if packing is None else type(packing)(*(t.clone() for t in packing)))
         graph = torch.cuda.CUDAGraph()
         if self.generator is not None:
             graph.register_generator_state(self.generator)
@@ -87,7 +92,8 @@ class CudaGraphStep:
         return captured
 
     def __call__(self, batch, alpha: float) -> torch.Tensor:
-        """Train on ``batch`` (images, input_ids, attention_mask on the model's device); returns the (3,) losses."""
+        """Train on ``batch`` (images, input_ids, attention_mask and optionally packing, on the model's device);
+        returns the (3,) losses."""
         self.alpha.fill_(alpha)
         key = self.key(batch)
         captured = self.graphs.get(key)
@@ -101,5 +107,8 @@ class CudaGraphStep:
         captured.inputs.images.copy_(batch.images)
         captured.inputs.input_ids.copy_(batch.input_ids)
         captured.inputs.attention_mask.copy_(batch.attention_mask)
+        if captured.inputs.packing is not None:
+            for static, new in zip(captured.inputs.packing, batch.packing, strict=True):
+                static.copy_(new)
         captured.graph.replay()
         return captured.losses.clone()

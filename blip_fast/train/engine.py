@@ -44,6 +44,7 @@ from ..data.batches import CaptionBatches, open_caption_source
 from ..data.synth import write_synthetic_dataset
 from ..evaluation.retrieval import RetrievalResult, evaluate_retrieval
 from ..models.blip_pretrain import BlipPretrain
+from ..models.packing import PackedText
 from .checkpointing import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import PretrainConfig, pretrain_config_to_dict
 from .distributed import (
@@ -62,6 +63,9 @@ from .schedule import distillation_alpha, learning_rate
 log = logging.getLogger("blip_fast.train")
 
 LOSSES = ("itc", "itm", "lm")
+# packed captions' token counts are rounded up to these (blip_fast.models.packing): a multiple of 8 keeps GEMM rows
+# aligned; under CUDA graphs, where each count is a graph of its own, 64 bounds the graphs a run captures
+PACKED_TOKENS_MULTIPLE, PACKED_TOKENS_MULTIPLE_GRAPHED = 8, 64
 
 
 @dataclass
@@ -113,10 +117,10 @@ def optimizer_step(model, optimizer: torch.optim.Optimizer, micro_batches, alpha
                    generator: torch.Generator | None, precision: str = "fp32", clip_grad_norm: float = 0.0,
                    autocast_cache: bool = True) -> torch.Tensor:
     """One optimizer step of BLIP pretraining over ``micro_batches`` (objects with ``images``, ``input_ids`` and
-    ``attention_mask`` on the model's device). ``model`` is a BlipPretrain, its DDP wrapper, or itself sharded by
-    FSDP2. Returns the (3,) losses [itc, itm, lm] averaged over the micro-batches, on the device: nothing here
-    waits for the GPU. ``alpha`` may be a 0-d device tensor and ``autocast_cache`` off, as CUDA graph capture
-    needs (blip_fast.train.cuda_graph)."""
+    ``attention_mask`` on the model's device, and optionally the captions' ``packing``). ``model`` is a
+    BlipPretrain, its DDP wrapper, or itself sharded by FSDP2. Returns the (3,) losses [itc, itm, lm] averaged over
+    the micro-batches, on the device: nothing here waits for the GPU. ``alpha`` may be a 0-d device tensor and
+    ``autocast_cache`` off, as CUDA graph capture needs (blip_fast.train.cuda_graph)."""
     accum = len(micro_batches)
     device = micro_batches[0].images.device
     totals = torch.zeros(3, device=device)
@@ -128,7 +132,8 @@ def optimizer_step(model, optimizer: torch.optim.Optimizer, micro_batches, alpha
             fsdp.update_before_forward(model)
         with no_sync(model, skip=index + 1 < accum):
             with autocast(device, precision, autocast_cache):
-                losses = model(batch.images, batch.input_ids, batch.attention_mask, alpha=alpha, generator=generator)
+                losses = model(batch.images, batch.input_ids, batch.attention_mask, alpha=alpha, generator=generator,
+                               packing=getattr(batch, "packing", None))
                 stacked = torch.stack([losses[k].float() for k in LOSSES])
             with record_function("blip.backward"):
                 (stacked.sum() / accum).backward()
@@ -198,6 +203,8 @@ class Pretrainer:
             self.optimizer = build_optimizer(self.model, config.optim, self.device,
                                              capturable=config.train.cuda_graph)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        # a captured graph has one token count: rounding it up to 64 bounds the number of graphs
+        self.pack_multiple = PACKED_TOKENS_MULTIPLE_GRAPHED if config.train.cuda_graph else PACKED_TOKENS_MULTIPLE
         self.graph_step = None
         if config.train.cuda_graph:
             from .cuda_graph import CudaGraphStep
@@ -362,6 +369,8 @@ class Pretrainer:
                 self.batches.set_epoch(p.epoch)
                 pending = []
                 for batch in self.batches:
+                    if config.train.pack_text:  # counted on the host, from the tokenizer's mask
+                        batch.packing = PackedText.from_mask(batch.attention_mask, self.pack_multiple)
                     pending.append(batch.to(self.device, non_blocking=True))
                     if len(pending) < config.optim.grad_accum_steps:
                         continue

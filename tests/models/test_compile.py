@@ -19,6 +19,7 @@ from blip_fast.config import tiny_config
 from blip_fast.models import BlipPretrain
 from blip_fast.models.compile import compile_blocks
 from blip_fast.models.med import TextTransformer
+from blip_fast.models.packing import PackedText
 
 RTOL = 1e-5
 
@@ -51,9 +52,10 @@ def batch(lengths: list[int]):
     return torch.randn(len(lengths), 3, 64, 64), ids, (ids != 0).long()
 
 
-def step(model, images, input_ids, attention_mask):
+def step(model, images, input_ids, attention_mask, packed: bool = False):
     """Losses and parameter gradients of one pretraining step (the gradients are then cleared)."""
-    losses = model(images, input_ids, attention_mask, 0.4, torch.Generator().manual_seed(0))
+    packing = PackedText.from_mask(attention_mask, multiple=8) if packed else None
+    losses = model(images, input_ids, attention_mask, 0.4, torch.Generator().manual_seed(0), packing=packing)
     sum(losses.values()).backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
@@ -70,7 +72,8 @@ def assert_close(actual: dict, expected: dict, what: str):
         assert err <= RTOL, f"{what} {name}: rel err {err:.3g} > {RTOL}"
 
 
-def test_compiled_pretraining_matches_eager_across_caption_lengths():
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_compiled_pretraining_matches_eager_across_caption_lengths(packed):
     eager = BlipPretrain(config_without_dropout())
     compiled = copy.deepcopy(eager)
     # 2 ViT blocks and 2 text layers, each online and momentum, and the decoder's 2 layers
@@ -79,22 +82,23 @@ def test_compiled_pretraining_matches_eager_across_caption_lengths():
 
     for lengths in ([7, 3, 9, 5], [4, 12, 6, 11]):
         images, input_ids, attention_mask = batch(lengths)
-        expected_losses, expected_grads = step(eager, images, input_ids, attention_mask)
-        losses, grads = step(compiled, images, input_ids, attention_mask)
+        expected_losses, expected_grads = step(eager, images, input_ids, attention_mask, packed)
+        losses, grads = step(compiled, images, input_ids, attention_mask, packed)
         assert_close(losses, expected_losses, f"L={max(lengths)} loss")
         assert_close(grads, expected_grads, f"L={max(lengths)} gradient of")
     for name, buffer in eager.named_buffers():  # queues and their pointer, written by the eager code
         assert torch.equal(buffer, compiled.state_dict()[name]), name
 
-    # the second length made the text layers' length symbolic: a third one compiles nothing
+    # the second length (and token count) made the text layers' shapes symbolic: a third one compiles nothing
     graphs = counters["stats"]["unique_graphs"]
-    step(compiled, *batch([5, 8, 3, 10]))
+    step(compiled, *batch([5, 8, 3, 10]), packed)
     assert counters["stats"]["unique_graphs"] == graphs
 
 
-def test_inductor_text_layer_matches_eager():
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_inductor_text_layer_matches_eager(packed):
     """One ITM-style text layer (padding mask, cross-attention to image keys/values), through
-    inductor with symbolic shapes from the start, forward and backward."""
+    inductor with symbolic shapes from the start, forward and backward; padded or packed."""
     config = config_without_dropout().text
     config.num_layers = 1
     eager = TextTransformer(config, encoder_width=64)
@@ -108,7 +112,10 @@ def test_inductor_text_layer_matches_eager():
         results = []
         for model in (eager, compiled):
             image_in = image.clone().requires_grad_()
-            out = model(input_ids, attention_mask, context_kv=model.context_keys_values(image_in))
+            packing = PackedText.from_mask(attention_mask, multiple=4) if packed else None
+            out = model(input_ids, attention_mask, context_kv=model.context_keys_values(image_in), packing=packing)
+            if packed:
+                out = packing.unpack(out) * attention_mask[..., None]
             (out * readout).sum().backward()
             grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
             model.zero_grad(set_to_none=True)

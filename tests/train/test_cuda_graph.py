@@ -38,14 +38,15 @@ def test_refuses_a_model_off_the_gpu():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dropout, precision", [(0.0, "fp32"), (0.1, "fp32"), (0.0, "bf16")])
-def test_graph_replay_equals_the_eager_step(dropout, precision):
-    """Eight steps over batches of two caption lengths (one eager step, a capture, then replays for each), with a
-    changing learning rate and alpha: losses each step and all weights, momentum weights and queues at the end
-    equal those of eager steps (same kernels: fp32 within 1e-5 relative, 1e-6 absolute; bf16 autocast, whose
-    cache is off in the graph and on eagerly -- the same casts either way -- within 1e-3 relative, 1e-4
-    absolute). With dropout on, the default generator's random numbers must also advance per replay as they
-    do eagerly."""
+@pytest.mark.parametrize("dropout, precision, packed", [(0.0, "fp32", False), (0.1, "fp32", False),
+                                                        (0.0, "bf16", False), (0.0, "fp32", True), (0.1, "bf16", True)])
+def test_graph_replay_equals_the_eager_step(dropout, precision, packed):
+    """Eight steps over batches of two caption lengths (one eager step, a capture, then replays for each; packed, each
+    with its own token count too), with a changing learning rate and alpha: losses each step and all weights,
+    momentum weights and queues at the end equal those of eager steps (same kernels: fp32 within 1e-5 relative, 1e-6
+    absolute; bf16 autocast, whose cache is off in the graph and on eagerly -- the same casts either way -- within
+    1e-3 relative, 1e-4 absolute). With dropout on, the default generator's random numbers must also advance per
+    replay as they do eagerly."""
     device = torch.device("cuda")
     config = tiny_config()
     config.text.hidden_dropout = config.text.attention_dropout = dropout
@@ -59,8 +60,8 @@ def test_graph_replay_equals_the_eager_step(dropout, precision):
     graph_gen = torch.Generator(device=device).manual_seed(1)
     graph_step = CudaGraphStep(graph_model, graph_opt, graph_gen, precision, clip_grad_norm=1.0)
     rtol, atol = (1e-5, 1e-6) if precision == "fp32" else (1e-3, 1e-4)
-    batches = [synthetic_step_batch(8, seed, device, max_length) for seed, max_length in ((0, 30), (1, 12), (2, 30),
-                                                                                          (3, 12))]
+    batches = [synthetic_step_batch(8, seed, device, max_length, pack_multiple=8 if packed else None)
+               for seed, max_length in ((0, 30), (1, 12), (2, 30), (3, 12))]
     assert len({batch.input_ids.shape[1] for batch in batches}) >= 2  # captions of several lengths
     order = [0, 0, 1, 2, 1, 3, 2, 0]
     for index, which in enumerate(order):

@@ -13,11 +13,12 @@ from blip_fast.train.optim import build_optimizer
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_training_step_never_synchronises(precision):
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_training_step_never_synchronises(precision, packed):
     device = torch.device("cuda")
     model = BlipPretrain(tiny_config()).to(device).train()
     optimizer = build_optimizer(model, OptimConfig(fused="torch", clip_grad_norm=1.0), device)
-    batch = synthetic_step_batch(16, 0, device)
+    batch = synthetic_step_batch(16, 0, device, pack_multiple=8 if packed else None)
     generator = torch.Generator(device=device).manual_seed(0)
     # the first step may synchronise (lazy optimizer state, library handles); later steps must not
     optimizer_step(model, optimizer, [batch], 0.4, generator, precision, clip_grad_norm=1.0)

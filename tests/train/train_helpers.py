@@ -44,17 +44,20 @@ def assert_rel_close(a, b, what, tolerance=1e-6):
     assert (a - b).abs().max().item() <= tolerance * scale, what
 
 
-def synthetic_step_batch(size: int, seed: int, device, max_length: int = 30, image_size: int = 64):
+def synthetic_step_batch(size: int, seed: int, device, max_length: int = 30, image_size: int = 64,
+                         pack_multiple: int | None = None):
     """One training batch as the step takes it: Gaussian-noise images and tokenized synthetic captions (padded to
-    the longest), on ``device``."""
+    the longest; with ``pack_multiple``, also their packing), on ``device``."""
     import random
     from types import SimpleNamespace
 
     from blip_fast.data.synthetic import caption, random_scene
+    from blip_fast.models.packing import PackedText
     from blip_fast.text import BlipTokenizer
 
     rng = random.Random(seed)
     tokens = BlipTokenizer()([caption(random_scene(rng)) for _ in range(size)], max_length=max_length)
     images = torch.randn(size, 3, image_size, image_size, generator=torch.Generator().manual_seed(seed))
+    packing = None if pack_multiple is None else PackedText.from_mask(tokens.attention_mask, pack_multiple).to(device)
     return SimpleNamespace(images=images.to(device), input_ids=tokens.input_ids.to(device),
-                           attention_mask=tokens.attention_mask.to(device))
+                           attention_mask=tokens.attention_mask.to(device), packing=packing)
