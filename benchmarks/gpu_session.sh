@@ -3,8 +3,8 @@
 #
 #   bash benchmarks/gpu_session.sh [STAGE ...]
 #
-# stages: build tests parity step hard_negatives lm_loss distributed main data report
-# (default: build tests parity step hard_negatives lm_loss distributed main; data needs DALI carried in first with
+# stages: build tests parity step step_variants hard_negatives lm_loss distributed main data report
+# (default: build tests parity step step_variants hard_negatives lm_loss distributed main; data needs DALI carried in first with
 # benchmarks/dali_carry.sh, and report runs anywhere on the results files). The machine is offline, so `build`
 # installs without dependencies: it has all of them but ruff (shared/GPU.md). Results files go to $OUT (the device tool brings them back),
 # named as shared/BENCHMARKS.md asks; copy the ones to keep into benchmarks/results/ and commit them.
@@ -18,7 +18,7 @@ mkdir -p "$OUT"
 DAY=$(date +%Y%m%d)
 DEV=$(python -c "import torch; n = torch.cuda.get_device_name(); print('h200' if 'H200' in n else 'h100' if 'H100' in n else 'gpu')")
 STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(build tests parity step hard_negatives lm_loss distributed main)
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(build tests parity step step_variants hard_negatives lm_loss distributed main)
 
 LOG=$OUT/session.log
 run() {  # run STAGE COMMAND...: append to $LOG, keep going after a failure, report it at the end
@@ -41,11 +41,15 @@ for stage in "${STAGES[@]}"; do
         step) ORIGINAL=$(python -c "import importlib.metadata as m; m.version('blip-ci')" 2>/dev/null \
                          && echo "--impl original" || true)
               PROFILES=$(mktemp -d)
-              # fast_padded weighs packed captions, the variant the fused LM loss, within the graphed step
-              run step blip-fast bench step $ORIGINAL --impl reference --impl fast_no_graph --impl fast_padded --impl fast \
-                  --variant lm_loss_ref:auto,lm_loss=reference --json "$OUT/step-$DEV-$DAY.json" --profile "$PROFILES"
+              run step blip-fast bench step $ORIGINAL --impl reference --impl fast_no_graph --impl fast \
+                  --json "$OUT/step-$DEV-$DAY.json" --profile "$PROFILES"
               # one archive: the device tool brings back at most 8 files
               tar -czf "$OUT/profiles-step-$DEV-$DAY.tgz" -C "$PROFILES" . ;;
+        # what single techniques are worth within the graphed step, in a run of their own (each impl compiles and
+        # captures anew, and one call to the machine lasts 10 minutes): fast_padded weighs packed captions, the
+        # variant the fused LM loss. Commit the file under benchmarks/results/runs/.
+        step_variants) run step_variants blip-fast bench step --impl fast --impl fast_padded \
+                           --variant lm_loss_ref:auto,lm_loss=reference --json "$OUT/step-$DEV-$DAY-variants.json" ;;
         hard_negatives) run hard_negatives blip-fast bench hard_negatives --json "$OUT/kernels-$DEV-$DAY.json" ;;
         lm_loss) run lm_loss blip-fast bench lm_loss --json "$OUT/losses-$DEV-$DAY.json" ;;
         # FSDP2 and DDP over NCCL, one rank per GPU (NCCL refuses two ranks on one device), a short bf16 run each

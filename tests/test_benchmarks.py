@@ -22,7 +22,8 @@ def step_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "step-cpu-test.json"
     code = _script("bench_step").main(["--preset", "tiny", "--image-size", "64", "--batch", "8", "--queue", "96",
                                        "--steps", "1", "--warmup", "0", "--no-compile", "--json", str(out),
-                                       "--impl", "reference", "--impl", "fast_padded", "--impl", "fast", "--variant", "itc_ref:auto,itc_loss=reference,attention=reference",
+                                       "--impl", "reference", "--impl", "fast_padded", "--impl", "fast",
+                                       "--variant", "itc_ref:auto,itc_loss=reference,attention=reference",
                                        "--profile", str(out.parent / "profiles")])
     assert code == 0
     return out
