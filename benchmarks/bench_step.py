@@ -40,7 +40,9 @@ for each of the 4B text rows; records say which in ``flops_from``) -- and *hardw
 impl's own count (the fast path executes less: shared keys/values, captions padded to the longest).
 The results file's ``ops`` field names the backend each op took under each impl (blip_fast.ops.registry).
 ``--variant NAME:SPEC`` adds impls: the ``fast`` step with other op backends (``variants`` in the file), to
-weigh one fast op within the whole step.
+weigh one fast op within the whole step. ``--flops-only`` times nothing: it counts each impl's FLOPs per sample
+on meta tensors, in seconds on any machine (a CPU too), with the captions packed as the graphed GPU step packs
+them.
 """
 
 from __future__ import annotations
@@ -156,6 +158,25 @@ def count_flops(impl: str, config, device, batch) -> float:
     return counter.get_total_flops() / batch.images.shape[0]
 
 
+def count_flops_on_meta(impl: str, config, batch) -> float:
+    """FLOPs per sample of ``impl``'s forward and backward, counted on meta tensors: shapes only, no memory and
+    no time, so the ViT-B batch of 96 counts in seconds on any machine. Meta tensors have no backend of their own,
+    so every op runs its reference (attention as two matmuls, whose backward counts four: a fused kernel's
+    recomputation is not counted). The queue write is left out: it has no FLOPs, and the reference reads the
+    queue pointer on the host, which a meta tensor cannot give."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    meta = torch.device("meta")
+    model = BlipPretrain(config).train().to(meta)
+    model.enqueue = lambda *features: None
+    packing = None if batch.packing is None else batch.packing.to(meta)
+    with impl_scope(impl), FlopCounterMode(display=False) as counter:
+        losses = model(batch.images.to(meta), batch.input_ids.to(meta), batch.attention_mask.to(meta), 0.4,
+                       packing=packing)
+        sum(losses.values()).backward()
+    return counter.get_total_flops() / batch.images.shape[0]
+
+
 def profile_steps(impl: str, run_step, batch, device, steps: int) -> str:
     """A torch.profiler report of ``steps`` warm steps: wall and kernel time per step, kernel launches, the
     step's phases (the ``blip.*`` record_function regions) and the kernels that take the most time."""
@@ -247,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peak-tflops", type=float, default=798.0,
                         help="bf16 peak for MFU (798: measured on the H100, shared/GPU.md)")
     parser.add_argument("--json", help="write the results file here (format: shared/BENCHMARKS.md)")
+    parser.add_argument("--flops-only", action="store_true",
+                        help="only count each impl's FLOPs per sample, on meta tensors (seconds, any machine; the "
+                             "captions packed as the graphed GPU step packs them)")
     parser.add_argument("--profile", metavar="DIR",
                         help="after timing, profile 3 steps of each impl (torch.profiler) into DIR/profile-IMPL.txt")
     args = parser.parse_args(argv)
@@ -263,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as error:
             parser.error(str(error))
         impls.append(name)
+    if args.flops_only and ("original" in impls or args.profile):
+        parser.error("--flops-only counts blip_fast's impls only (not original) and profiles nothing")
     if "original" in impls:
         original = original_blip()
         if not original.is_available():
@@ -285,8 +311,14 @@ def main(argv: list[str] | None = None) -> int:
         padding = "longest" if fast else "max_length"  # (the original pads its own tokens to 30)
         pack_multiple = None
         if fast and impl != "fast_padded":
-            pack_multiple = PACKED_TOKENS_MULTIPLE_GRAPHED if graphed(impl, device) else PACKED_TOKENS_MULTIPLE
+            steps_on = torch.device("cuda") if args.flops_only else device
+            pack_multiple = PACKED_TOKENS_MULTIPLE_GRAPHED if graphed(impl, steps_on) else PACKED_TOKENS_MULTIPLE
         batch = make_batch(args.batch, args.image_size, device, padding, pack_multiple=pack_multiple)
+        if args.flops_only:
+            flops = count_flops_on_meta(impl, copy.deepcopy(config), batch)
+            records.append({"case": case, "impl": impl, "metric": "gflop_per_sample", "value": flops / 1e9})
+            rows.append((impl, {"gflop_per_sample": flops / 1e9}))
+            continue
         flops = count_flops(impl, copy.deepcopy(config), device, batch)
         timing = time_steps(impl, copy.deepcopy(config), device, batch, args.steps, args.warmup,
                             compile_blocks=fast and not args.no_compile,
@@ -300,6 +332,14 @@ def main(argv: list[str] | None = None) -> int:
             metrics["peak_gib"] = timing["peak_gib"]
         records += [{"case": case, "impl": impl, "metric": k, "value": v} for k, v in metrics.items()]
         rows.append((impl, metrics))
+    if args.flops_only:
+        print(f"{case}: FLOPs per sample of forward + backward, counted on meta tensors, torch {torch.__version__}")
+        for impl, metrics in rows:
+            print(f"{impl:<13} {metrics['gflop_per_sample']:>8.1f} GFLOP")
+        if args.json:
+            write_results(args.json, "step", "cpu", command_line("step", argv), records, flops_counted_on="meta",
+                          variants=VARIANTS)
+        return 0
     # model FLOPs: the original algorithm's count, from the original code when it ran, else from our reference
     # path (which already shares the image keys/values across ITM and LM, so it counts a little less)
     counted = dict(rows)

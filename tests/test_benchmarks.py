@@ -62,6 +62,26 @@ def test_bench_step_writes_the_shared_format(step_results):
     assert values[("itc_ref", "samples_per_s", None)] > 0
 
 
+def test_bench_step_counts_flops_on_meta_tensors(step_results, tmp_path):
+    out = tmp_path / "step-cpu-flops.json"
+    code = _script("bench_step").main(["--preset", "tiny", "--image-size", "64", "--batch", "8", "--queue", "96",
+                                       "--flops-only", "--impl", "reference", "--impl", "fast_padded", "--impl", "fast",
+                                       "--json", str(out)])
+    assert code == 0
+    data = json.loads(out.read_text())
+    assert FORMAT_KEYS <= set(data) and data["flops_counted_on"] == "meta"
+    flops = {r["impl"]: r["value"] for r in data["records"]}
+    assert {r["metric"] for r in data["records"]} == {"gflop_per_sample"}
+    # padded to 30, to the longest, packed: less work each time
+    assert flops["fast"] < flops["fast_padded"] < flops["reference"]
+    # and the reference (the same ops either way) counts what its real step counted
+    real = {r["impl"]: r["value"] for r in json.loads(step_results.read_text())["records"]
+            if r["metric"] == "gflop_per_sample"}
+    assert flops["reference"] == pytest.approx(real["reference"], rel=1e-9)
+    with pytest.raises(SystemExit):
+        _script("bench_step").main(["--preset", "base", "--flops-only", "--impl", "original"])
+
+
 def test_bench_step_refuses_bad_variants(capsys):
     for variant in ("fast:auto", "bad name:auto", "x:auto,nosuch=reference", "y"):
         with pytest.raises(SystemExit):
