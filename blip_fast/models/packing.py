@@ -18,7 +18,11 @@ padding after that token, which the LM loss ignores.
 
 Padded positions unpack to a copy of some real row: keys there are masked, and the outputs of
 queries there are dropped when packing again, so their values never matter, and their gradients are
-exact zeros.
+exact zeros. Nothing reads a filler row back either, so its gradient is an exact zero too. That is
+why packing and unpacking can both take their gradients with a gather (:class:`_GatherRows`) rather
+than autograd's scatter-add: each real row or position takes the gradient of its one counterpart, and
+the rows whose gradient is zero are zeroed, instead of being summed into a zeroed buffer with atomic
+adds. The result is the same, is deterministic, and reads and writes less.
 """
 
 from __future__ import annotations
@@ -41,6 +45,10 @@ class PackedText(NamedTuple):
     """(B,) packed row of each caption's first token ([CLS] / [ENC] / [DEC])."""
     positions: torch.Tensor
     """(T,) position of each packed token in its caption (the position embedding's index)."""
+    real: torch.Tensor
+    """(T,) bool: the packed row is a caption's token (False: filler)."""
+    valid: torch.Tensor
+    """(B, L) bool: the padded position holds a token (False: padding)."""
 
     @classmethod
     def from_mask(cls, attention_mask: torch.Tensor, multiple: int = 1) -> PackedText:
@@ -65,7 +73,8 @@ class PackedText(NamedTuple):
         padding = torch.nonzero(~mask.flatten()).squeeze(1)
         inverse[padding] = torch.arange(padding.numel()) % tokens  # spread, so that no one row gathers them all
         first = torch.cumsum(lengths, 0) - lengths
-        return cls(index, inverse.view(batch, length), first, index % length)
+        return cls(index, inverse.view(batch, length), first, index % length, torch.arange(index.numel()) < tokens,
+                   mask)
 
     @classmethod
     def dense(cls, batch: int, length: int, device: torch.device | str) -> PackedText:
@@ -73,7 +82,9 @@ class PackedText(NamedTuple):
         host does not know (pretraining's hard-negative texts, gathered on the device)."""
         flat = torch.arange(batch * length, device=device)
         return cls(flat, flat.view(batch, length), torch.arange(batch, device=device) * length,
-                   torch.arange(length, device=device).repeat(batch))
+                   torch.arange(length, device=device).repeat(batch),
+                   torch.ones(batch * length, dtype=torch.bool, device=device),
+                   torch.ones(batch, length, dtype=torch.bool, device=device))
 
     @classmethod
     def concat(cls, parts: list[PackedText]) -> PackedText:
@@ -89,7 +100,8 @@ class PackedText(NamedTuple):
             first.append(part.first + tokens)
             rows += part.batch
             tokens += part.tokens
-        return cls(torch.cat(index), torch.cat(inverse), torch.cat(first), torch.cat([p.positions for p in parts]))
+        return cls(torch.cat(index), torch.cat(inverse), torch.cat(first), torch.cat([p.positions for p in parts]),
+                   torch.cat([p.real for p in parts]), torch.cat([p.valid for p in parts]))
 
     @property
     def batch(self) -> int:
@@ -108,12 +120,14 @@ class PackedText(NamedTuple):
         return PackedText(*(t.to(device, non_blocking=non_blocking) for t in self))
 
     def pack(self, padded: torch.Tensor) -> torch.Tensor:
-        """(B, L, ...) -> (T, ...)."""
-        return padded.flatten(0, 1).index_select(0, self.index)
+        """(B, L, ...) -> (T, ...). Its gradient leaves padding positions at zero (see the module docstring)."""
+        return _GatherRows.apply(padded.flatten(0, 1), self.index, self.inverse.flatten(), self.valid.flatten())
 
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
-        """(T, ...) -> (B, L, ...); a padding position holds a copy of some real row."""
-        return packed.index_select(0, self.inverse.flatten()).view(*self.inverse.shape, *packed.shape[1:])
+        """(T, ...) -> (B, L, ...); a padding position holds a copy of some real row. Its gradient leaves filler
+        rows at zero (see the module docstring)."""
+        padded = _GatherRows.apply(packed, self.inverse.flatten(), self.index, self.real)
+        return padded.view(*self.inverse.shape, *packed.shape[1:])
 
     def first_rows(self, packed: torch.Tensor) -> torch.Tensor:
         """(T, ...) -> (B, ...): each caption's first token."""
@@ -128,3 +142,23 @@ class PackedText(NamedTuple):
     def rows(self) -> torch.Tensor:
         """(T,) the caption (row of the batch) of each packed token."""
         return torch.div(self.index, self.length, rounding_mode="floor")
+
+
+class _GatherRows(torch.autograd.Function):
+    """``source.index_select(0, index)``, whose gradient is gathered back: ``grad.index_select(0, grad_index)``,
+    zero where ``grad_keep`` is False.
+
+    Right where ``index`` and ``grad_index`` are inverse to each other on the kept rows, and every row of ``source``
+    not kept has, exactly, no gradient to receive (packing and unpacking, see the module docstring).
+    """
+
+    @staticmethod
+    def forward(ctx, source, index, grad_index, grad_keep):
+        ctx.save_for_backward(grad_index, grad_keep)
+        return source.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_index, grad_keep = ctx.saved_tensors
+        keep = grad_keep.view(-1, *([1] * (grad.dim() - 1)))
+        return torch.where(keep, grad.index_select(0, grad_index), 0), None, None, None

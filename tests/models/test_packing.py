@@ -50,6 +50,7 @@ def test_packing_layout(multiple):
     real = sum(CAPTION_LENGTHS)
     assert packing.tokens % multiple == 0 and real <= packing.tokens < real + multiple
     assert (packing.batch, packing.length) == mask.shape
+    assert torch.equal(packing.real, torch.arange(packing.tokens) < real) and torch.equal(packing.valid, mask.bool())
     packed_ids = packing.pack(ids)
     assert torch.equal(packed_ids[:real], ids[mask.bool()])  # captions in order, padding left out
     assert torch.equal(packing.positions[:real], torch.cat([torch.arange(n) for n in CAPTION_LENGTHS]))
@@ -81,12 +82,31 @@ def test_dense_and_concat_equal_the_packing_of_the_whole():
     whole_mask = torch.cat([mask, torch.ones(2, 13, dtype=torch.long), mask]).bool()
     whole = PackedText.from_mask(whole_mask)
     joined = PackedText.concat([part, dense, part])
-    for name in ("index", "first", "positions"):
+    for name in ("index", "first", "positions", "real", "valid"):
         assert torch.equal(getattr(joined, name), getattr(whole, name)), name
     # padding positions may point at any real row
     assert torch.equal(joined.inverse[whole_mask], whole.inverse[whole_mask])
     with pytest.raises(ValueError, match="lengths"):
         PackedText.concat([part, PackedText.dense(2, 5, "cpu")])
+
+
+def test_pack_and_unpack_gradients_equal_autograds_scatter():
+    """The gathered gradients of pack/unpack equal index_select's scatter-add wherever the upstream gradient is
+    zero on the rows nothing reads (padding positions after unpack, filler rows after pack), as in the model."""
+    _, mask = captions(CAPTION_LENGTHS)
+    packing = PackedText.from_mask(mask, multiple=16)
+    packed = torch.randn(packing.tokens, 5, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(6, 13, 5, dtype=torch.float64) * mask[..., None]  # nothing reads padding positions
+    (grad,) = torch.autograd.grad((packing.unpack(packed) * upstream).sum(), packed)
+    (expected,) = torch.autograd.grad(
+        (packed.index_select(0, packing.inverse.flatten()).view(6, 13, 5) * upstream).sum(), packed)
+    assert torch.equal(grad, expected)
+    padded = torch.randn(6, 13, 5, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(packing.tokens, 5, dtype=torch.float64) * packing.real[:, None]  # nor filler rows
+    (grad,) = torch.autograd.grad((packing.pack(padded) * upstream).sum(), padded)
+    (expected,) = torch.autograd.grad((padded.flatten(0, 1).index_select(0, packing.index) * upstream).sum(), padded)
+    assert torch.equal(grad, expected)
+    assert not packing.real.all() and not packing.valid.all()  # both kinds of rows were there to zero
 
 
 @pytest.mark.parametrize("mask, message", [
