@@ -2,8 +2,9 @@
 
 ``momentum_update_`` moves every momentum parameter towards its online twin,
 ``p_m <- m * p_m + (1 - m) * p``. The original walks the parameters in a Python loop, one small
-kernel pair per tensor (64 ms of a 380 ms step on an H100); the ``torch`` backend does the same
-arithmetic with one multi-tensor ``_foreach`` launch per chunk of tensors.
+kernel pair per tensor (64 ms of a 380 ms step on an H100); the ``torch`` backend writes the same
+update as a linear interpolation, ``p_m + (1 - m) (p - m)``, with one multi-tensor ``_foreach_lerp_``
+launch per chunk of tensors (equal up to one rounding).
 
 ``enqueue_`` writes the momentum features of the current batch into the queue at its pointer and
 advances the pointer (``_dequeue_and_enqueue``). The original reads the pointer to the host
@@ -31,8 +32,9 @@ def momentum_update_foreach(params_m: Sequence[torch.Tensor], params: Sequence[t
     params_m, params = list(params_m), list(params)
     if len(params_m) != len(params):
         raise ValueError(f"momentum update: {len(params_m)} momentum tensors for {len(params)} online tensors")
-    torch._foreach_mul_(params_m, momentum)
-    torch._foreach_add_(params_m, params, alpha=1.0 - momentum)
+    # m + (1 - momentum) (p - m): one pass that reads both lists and writes the momentum copies once, where a
+    # multiply then an add reads and writes the copies twice (~0.6 ms a step less traffic at ViT-B, estimated)
+    torch._foreach_lerp_(params_m, params, 1.0 - momentum)
 
 
 @torch.no_grad()

@@ -1,7 +1,7 @@
 """Momentum update and queue: the torch backends against the original's arithmetic.
 
-Tolerances: momentum update |err| <= tol * (1 + |x|) with tol 1e-6 in fp32 (same formula,
-different kernel), 2e-3 fp16, 2e-2 bf16 (one rounding to the dtype); the queue is a copy: exact.
+Tolerances: momentum update |err| <= tol * (1 + |x|) with tol 1e-6 in fp32 (the same update written
+as a lerp, another kernel), 2e-3 fp16, 2e-2 bf16 (one rounding to the dtype); the queue is a copy: exact.
 """
 
 import pytest
