@@ -14,6 +14,7 @@ the tolerance below (1e-6 relative) only absorbs DDP's bucketed all-reduce.
 import os
 from types import SimpleNamespace
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 from train_helpers import BATCH, WORLD, assert_rel_close, free_port, rank_batches, tiny_overrides
@@ -49,8 +50,9 @@ def _rank_main(rank, port, synthetic_dir, out, batches):
 
 
 
-def test_ddp_step_equals_single_process_on_the_same_batches(synthetic_dir, tmp_path):
-    batches = rank_batches(synthetic_dir)
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
+def test_ddp_step_equals_single_process_on_the_same_batches(synthetic_dir, tmp_path, packed):
+    batches = rank_batches(synthetic_dir, packed)
     mp.spawn(_rank_main, args=(free_port(), synthetic_dir, tmp_path, batches), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     initial = ranks[0]["initial"]
@@ -67,7 +69,8 @@ def test_ddp_step_equals_single_process_on_the_same_batches(synthetic_dir, tmp_p
         model.load_state_dict(initial)
         generator = torch.Generator().set_state(ranks[rank]["generator"])
         b = batches[rank]
-        losses = model(b["images"], b["input_ids"], b["attention_mask"], alpha=0.0, generator=generator)
+        losses = model(b["images"], b["input_ids"], b["attention_mask"], alpha=0.0, generator=generator,
+                       packing=b["packing"])
         stacked = torch.stack([losses[k] for k in ("itc", "itm", "lm")])
         stacked.sum().backward()
         assert_rel_close(ranks[rank]["losses"], stacked.detach(), f"rank {rank} losses")

@@ -97,7 +97,8 @@ def fsdp_run(synthetic_dir, tmp_path_factory):
         model.load_state_dict(ranks[0]["initial"])
         generator = torch.Generator().set_state(ranks[rank]["generator"])
         b = batches[rank]
-        output = model(b["images"], b["input_ids"], b["attention_mask"], alpha=0.0, generator=generator)
+        output = model(b["images"], b["input_ids"], b["attention_mask"], alpha=0.0, generator=generator,
+                       packing=b["packing"])
         stacked = torch.stack([output[k] for k in ("itc", "itm", "lm")])
         stacked.sum().backward()
         halves.append(model)

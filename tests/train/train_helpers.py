@@ -22,8 +22,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def rank_batches(synthetic_dir):
-    """The first WORLD x BATCH training pairs, evaluation-transformed and tokenized, split into one batch per rank."""
+def rank_batches(synthetic_dir, packed: bool = True):
+    """The first WORLD x BATCH training pairs, evaluation-transformed and tokenized, split into one batch per rank;
+    ``packed``: with the captions' packing, as the trainer makes it by default."""
     from blip_fast.data.annotations import CaptionAnnotations
     from blip_fast.data.decode import decode_image, read_image_file
     from blip_fast.data.transforms import TransformConfig, eval_transform
@@ -33,9 +34,17 @@ def rank_batches(synthetic_dir):
     samples = [source.sample(i, None) for i in range(WORLD * BATCH)]
     images = torch.stack([eval_transform(decode_image(read_image_file(s.image_path)), TransformConfig.eval(64))
                           for s in samples])
+    from blip_fast.models.packing import PackedText
+    from blip_fast.train.engine import PACKED_TOKENS_MULTIPLE
+
     tokens = BlipTokenizer()([s.caption for s in samples], max_length=30)
-    return [{"images": images[r * BATCH:(r + 1) * BATCH], "input_ids": tokens.input_ids[r * BATCH:(r + 1) * BATCH],
-             "attention_mask": tokens.attention_mask[r * BATCH:(r + 1) * BATCH]} for r in range(WORLD)]
+    batches = []
+    for r in range(WORLD):
+        rows = slice(r * BATCH, (r + 1) * BATCH)
+        mask = tokens.attention_mask[rows]
+        batches.append({"images": images[rows], "input_ids": tokens.input_ids[rows], "attention_mask": mask,
+                        "packing": PackedText.from_mask(mask, PACKED_TOKENS_MULTIPLE) if packed else None})
+    return batches
 
 
 def assert_rel_close(a, b, what, tolerance=1e-6):
