@@ -74,13 +74,17 @@ def test_training_options_run(synthetic_dir, tmp_path, options):
 
 
 def test_ctrl_c_ends_with_a_hint_not_a_traceback(synthetic_dir, tmp_path):
+    import os
     import signal
     import subprocess
     import sys
 
+    # a run far longer than the test (it must still be training when interrupted), its lines unbuffered so that
+    # "step 2/" arrives when it is printed, not when a pipe buffer fills
     command = [sys.executable, "-m", "blip_fast.cli", "pretrain", *tiny_overrides(synthetic_dir, tmp_path),
-               "train.log_every=1", "train.checkpoint_every=1"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               "train.log_every=1", "train.checkpoint_every=1", "train.epochs=1000"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
     for line in process.stdout:     # wait until training runs
         if line.startswith("step 2/"):
             break
