@@ -125,6 +125,33 @@ def test_pretraining_reuse_equals_recomputation(dtype):
     assert cross_kv in errors, "the shared key projection must get a gradient"
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_stacked_context_projection_equals_each_layers_own(dtype):
+    """context_keys_values projects for every layer in one GEMM: the keys, values and the gradients of the context
+    and of every key/value weight and bias equal each layer's own projection (fp64 1e-12, fp32 1e-5)."""
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    model = build_model("pretrain", tiny_config()).to(dtype)
+    encoder = model.text_encoder
+    context = torch.randn(3, 17, 64, dtype=dtype, requires_grad=True)
+    stacked = encoder.context_keys_values(context)
+    each = [layer.crossattention.self.keys_values(context) for layer in encoder.encoder.layer]
+    assert len(stacked) == len(each) == 2
+    weights = [torch.randn_like(t) for pair in each for t in pair]
+    params = [context] + [p for layer in encoder.encoder.layer
+                          for p in (*layer.crossattention.self.key.parameters(),
+                                    *layer.crossattention.self.value.parameters())]
+
+    def grads(pairs):
+        total = sum((t * w).sum() for t, w in zip([t for pair in pairs for t in pair], weights, strict=True))
+        return torch.autograd.grad(total, params)
+
+    for (k, v), (k_want, v_want) in zip(stacked, each, strict=True):
+        assert k.shape == k_want.shape == (3, 4, 17, 16)
+        assert rel_err(k, k_want) <= tol and rel_err(v, v_want) <= tol
+    for got, want in zip(grads(stacked), grads(each), strict=True):
+        assert rel_err(got, want) <= tol
+
+
 def test_context_kv_equals_hidden_states_and_rejects_both():
     model = build_model("pretrain", tiny_config()).eval()
     image_embeds = model.image_embeds(torch.randn(3, 3, 64, 64))
