@@ -80,16 +80,21 @@ def test_ctrl_c_ends_with_a_hint_not_a_traceback(synthetic_dir, tmp_path):
     import sys
 
     # a run far longer than the test (it must still be training when interrupted), its lines unbuffered so that
-    # "step 2/" arrives when it is printed, not when a pipe buffer fills
+    # "step 2/" arrives when it is printed, not when a pipe buffer fills; and Ctrl-C's default handling, which a
+    # suite started in the background by a shell without job control inherits as "ignored"
     command = [sys.executable, "-m", "blip_fast.cli", "pretrain", *tiny_overrides(synthetic_dir, tmp_path),
                "train.log_every=1", "train.checkpoint_every=1", "train.epochs=1000"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in process.stdout:     # wait until training runs
         if line.startswith("step 2/"):
             break
     process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=120)
+    try:
+        _, err = process.communicate(timeout=120)
+    finally:
+        process.kill()  # a run that ignored the interrupt must not outlive the test
     assert process.returncode == 130
     assert "interrupted (checkpoints are written atomically; continue with --resume)" in err
     assert "Traceback" not in err
