@@ -134,7 +134,8 @@ def test_stacked_context_projection_equals_each_layers_own(dtype):
     encoder = model.text_encoder
     context = torch.randn(3, 17, 64, dtype=dtype, requires_grad=True)
     stacked = encoder.context_keys_values(context)
-    each = [layer.crossattention.self.keys_values(context) for layer in encoder.encoder.layer]
+    each = [(p.heads(p.key(context)), p.heads(p.value(context)))
+            for p in (layer.crossattention.self for layer in encoder.encoder.layer)]
     assert len(stacked) == len(each) == 2
     weights = [torch.randn_like(t) for pair in each for t in pair]
     params = [context] + [p for layer in encoder.encoder.layer
@@ -211,3 +212,28 @@ def test_block_context_equals_attention_to_copied_rows(impl):
         assert rel_err(got, want) <= tol, name
     with pytest.raises(ValueError, match="cover 10 rows"):
         BlockContext(((k, v, 2),)).attend(q, 0.0)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_stacked_self_attention_projection_equals_three(packed):
+    """Self-attention's query/key/value projections in one GEMM equal three separate ones: outputs and the gradients
+    of the input and of every weight and bias (fp64 1e-12), padded or packed."""
+    from blip_fast.models.packing import PackedText
+
+    projections = build_model("pretrain", tiny_config()).double().text_encoder.encoder.layer[0].attention.self
+    ids, mask = captions([5, 8, 3])
+    packing = PackedText.from_mask(mask, multiple=8) if packed else None
+    x = torch.randn(packing.tokens if packed else 3, *(() if packed else (8,)), 64, dtype=torch.float64,
+                    requires_grad=True)
+    stacked = projections.queries_keys_values(x, packing)
+    each = [projections.heads(linear(x), packing) for linear in (projections.query, projections.key, projections.value)]
+    weights = [torch.randn_like(t) * mask[:, None, :, None] for t in each]  # padding positions are not read
+    params = [x, *projections.parameters()]
+
+    def grads(outputs):
+        return torch.autograd.grad(sum((t * w).sum() for t, w in zip(outputs, weights, strict=True)), params)
+
+    for got, want in zip(stacked, each, strict=True):
+        assert got.shape == want.shape == (3, 4, 8, 16) and rel_err(got, want) <= 1e-12
+    for got, want in zip(grads(stacked), grads(each), strict=True):
+        assert rel_err(got, want) <= 1e-12
