@@ -221,7 +221,12 @@ class TextLayer(nn.Module):
                 k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
             cache.self_kv[index] = (k, v)
             causal = causal and k.shape[2] == x.shape[1]  # one new query sees every cached key
-        x = self.attention(x, padding_mask, causal, (k, v), packing, queries=q)
+        # Packed captions are right-padded (PackedText.from_mask checks it), so under causal masking no real token
+        # sees a padding key: the padding mask would only shape rows that are never read, and without it SDPA takes
+        # its unmasked causal kernels (cuDNN 253 against 269 us for the masked memory-efficient one at B96 L35,
+        # shared/GPU.md).
+        self_mask = None if causal and packing is not None and cache is None else padding_mask
+        x = self.attention(x, self_mask, causal, (k, v), packing, queries=q)
         if context_kv is not None:
             x = self.crossattention(x, context_mask, False, context_kv, packing)
         hidden = F.gelu(self.intermediate.dense(x))
