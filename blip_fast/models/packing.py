@@ -36,7 +36,7 @@ from ..ops import IGNORE_INDEX
 
 
 class PackedText(NamedTuple):
-    """Where the T packed tokens of a (B, L) caption batch live. All tensors long, on one device."""
+    """Where the T packed tokens of a (B, L) caption batch live: index tensors long, masks bool, on one device."""
 
     index: torch.Tensor
     """(T,) flat position ``b * L + t`` of each packed token: every caption's tokens in order, then filler."""
@@ -71,8 +71,7 @@ class PackedText(NamedTuple):
         index = torch.cat([real, last[torch.arange(filler_count) % batch]])
         inverse = torch.empty(batch * length, dtype=torch.long)
         inverse[real] = torch.arange(tokens)
-        padding = torch.nonzero(~mask.flatten()).squeeze(1)
-        inverse[padding] = torch.arange(padding.numel()) % tokens  # spread, so that no one row gathers them all
+        inverse[~mask.flatten()] = 0  # any real row: what a padding position holds is never read
         first = torch.cumsum(lengths, 0) - lengths
         return cls(index, inverse.view(batch, length), first, index % length, torch.arange(index.numel()) < tokens,
                    mask)
