@@ -60,8 +60,7 @@ class CudaGraphStep:
 
     @staticmethod
     def key(batch) -> tuple:
-        packing = getattr(batch, "packing", None)
-        tokens = None if packing is None else packing.tokens
+        tokens = None if batch.packing is None else batch.packing.tokens
         return tuple(batch.images.shape), batch.images.dtype, tuple(batch.input_ids.shape), tokens
 
     def _step(self, batch) -> torch.Tensor:
@@ -77,7 +76,7 @@ class CudaGraphStep:
         current.wait_stream(self.stream)
 
     def _capture(self, batch, key: tuple) -> SimpleNamespace:
-        packing = getattr(batch, "packing", None)
+        packing = batch.packing
         static = SimpleNamespace(images=batch.images.clone(), input_ids=batch.input_ids.clone(),
                                  attention_mask=batch.attention_mask.clone(),
                                  packing=None if packing is None else type(packing)(*(t.clone() for t in packing)))
@@ -92,7 +91,7 @@ class CudaGraphStep:
         return captured
 
     def __call__(self, batch, alpha: float) -> torch.Tensor:
-        """Train on ``batch`` (images, input_ids, attention_mask and optionally packing, on the model's device);
+        """Train on ``batch`` (images, input_ids, attention_mask and packing or None, on the model's device);
         returns the (3,) losses."""
         self.alpha.fill_(alpha)
         key = self.key(batch)

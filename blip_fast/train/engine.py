@@ -117,7 +117,7 @@ def optimizer_step(model, optimizer: torch.optim.Optimizer, micro_batches, alpha
                    generator: torch.Generator | None, precision: str = "fp32", clip_grad_norm: float = 0.0,
                    autocast_cache: bool = True) -> torch.Tensor:
     """One optimizer step of BLIP pretraining over ``micro_batches`` (objects with ``images``, ``input_ids`` and
-    ``attention_mask`` on the model's device, and optionally the captions' ``packing``). ``model`` is a
+    ``attention_mask`` on the model's device, and the captions' ``packing``, None when they are padded). ``model`` is a
     BlipPretrain, its DDP wrapper, or itself sharded by FSDP2. Returns the (3,) losses [itc, itm, lm] averaged over
     the micro-batches, on the device: nothing here waits for the GPU. ``alpha`` may be a 0-d device tensor and
     ``autocast_cache`` off, as CUDA graph capture needs (blip_fast.train.cuda_graph)."""
@@ -133,7 +133,7 @@ def optimizer_step(model, optimizer: torch.optim.Optimizer, micro_batches, alpha
         with no_sync(model, skip=index + 1 < accum):
             with autocast(device, precision, autocast_cache):
                 losses = model(batch.images, batch.input_ids, batch.attention_mask, alpha=alpha, generator=generator,
-                               packing=getattr(batch, "packing", None))
+                               packing=batch.packing)
                 stacked = torch.stack([losses[k].float() for k in LOSSES])
             with record_function("blip.backward"):
                 (stacked.sum() / accum).backward()
