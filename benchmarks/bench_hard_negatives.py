@@ -16,13 +16,12 @@ Times are medians of ``triton.testing.do_bench`` in microseconds; the results fi
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
 import torch.nn.functional as F
 
-from blip_fast.bench_results import command_line, device_name, gpu_timing_unavailable, write_results
+from blip_fast.bench_results import benchmark_arguments, run_gpu_benchmark
 
 CASES = ((96, 96), (288, 288))  # (B, N): BLIP base pretraining batches per GPU, in-batch negatives
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -90,21 +89,11 @@ def print_table(records: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = benchmark_arguments(__doc__)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the logits")
-    parser.add_argument("--json", metavar="PATH", help="write the results file (BENCHMARKS.md format) here")
     args = parser.parse_args(argv)
-    unavailable = gpu_timing_unavailable("hard_negatives")
-    if unavailable:
-        print(unavailable, file=sys.stderr)
-        return 1
-
-    records = run(DTYPES[args.dtype])
-    print_table(records)
-    if args.json:
-        write_results(args.json, "kernels", device_name("cuda"), command_line("hard_negatives", argv), records)
-        print(f"wrote {args.json}")
-    return 0
+    return run_gpu_benchmark("hard_negatives", "kernels", argv, args.json, lambda: run(DTYPES[args.dtype]),
+                             print_table)
 
 
 if __name__ == "__main__":

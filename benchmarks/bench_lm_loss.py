@@ -17,12 +17,11 @@ call allocates beyond its inputs (``torch.cuda.max_memory_allocated``). Needs a 
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
 
-from blip_fast.bench_results import command_line, device_name, gpu_timing_unavailable, write_results
+from blip_fast.bench_results import benchmark_arguments, run_gpu_benchmark
 
 VOCAB, HIDDEN = 30524, 768
 # (batch, text length): BLIP base pretraining per GPU (captions up to 30 tokens, 35 in fine-tuning)
@@ -95,19 +94,8 @@ def print_table(records: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", metavar="PATH", help="write the results file (BENCHMARKS.md format) here")
-    args = parser.parse_args(argv)
-    unavailable = gpu_timing_unavailable("lm_loss")
-    if unavailable:
-        print(unavailable, file=sys.stderr)
-        return 1
-    records = run()
-    print_table(records)
-    if args.json:
-        write_results(args.json, "losses", device_name("cuda"), command_line("lm_loss", argv), records)
-        print(f"wrote {args.json}")
-    return 0
+    args = benchmark_arguments(__doc__).parse_args(argv)
+    return run_gpu_benchmark("lm_loss", "losses", argv, args.json, run, print_table)
 
 
 if __name__ == "__main__":

@@ -6,10 +6,12 @@ date and the command -- then its records; this module is the one place that head
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -52,6 +54,29 @@ def gpu_timing_unavailable(suite: str) -> str | None:
     if triton_version() is None:
         return f"bench {suite}: needs triton (pip install triton==3.6.0) for do_bench."
     return None
+
+
+def benchmark_arguments(doc: str) -> argparse.ArgumentParser:
+    """A benchmark script's argument parser: its docstring's first paragraph, and ``--json PATH``."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--json", metavar="PATH", help="write the results file (BENCHMARKS.md format) here")
+    return parser
+
+
+def run_gpu_benchmark(suite: str, kind: str, argv: list[str] | None, json_path: str | None,
+                      run: Callable[[], list[dict]], print_table: Callable[[list[dict]], None]) -> int:
+    """The end of a GPU microbenchmark's ``main``: say why it cannot run here (exit 1), or run it, print its table
+    and write its results file (``kind`` is the file's suite name in BENCHMARKS.md: kernels, losses ...)."""
+    unavailable = gpu_timing_unavailable(suite)
+    if unavailable:
+        print(unavailable, file=sys.stderr)
+        return 1
+    records = run()
+    print_table(records)
+    if json_path:
+        write_results(json_path, kind, device_name("cuda"), command_line(suite, argv), records)
+        print(f"wrote {json_path}")
+    return 0
 
 
 def device_name(device: torch.device | str | None = None) -> str:

@@ -170,10 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_pretrain)
 
     p = sub.add_parser("bench", help="benchmarks (scripts in benchmarks/): data, step, hard_negatives, lm_loss, "
-                       "pretrain, report",
+                       "varlen_attention, pretrain, report",
                        description="Run benchmarks/bench_SUITE.py (or report.py) with the remaining arguments; "
                        "results files follow shared/BENCHMARKS.md.")
-    p.add_argument("suite", choices=("data", "step", "hard_negatives", "lm_loss", "pretrain", "report"),
+    p.add_argument("suite", choices=("data", "step", "hard_negatives", "lm_loss", "varlen_attention", "pretrain",
+                                     "report"),
                    help="which benchmark")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the benchmark script (see its --help)")
     p.set_defaults(run=cmd_bench)

@@ -18,6 +18,10 @@ from blip_fast import ops  # noqa: E402
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
     config.addinivalue_line("markers", "slow: base-size models; still part of the CPU suite")
+    # Triton 3.6's interpreter turns each loop bound read from memory (1-element arrays) into an int the way NumPy
+    # deprecated; NumPy < 2.4 (pinned by the test extra) still does it, and says so thousands of times
+    config.addinivalue_line("filterwarnings",
+                            "ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning")
 
 
 def pytest_collection_modifyitems(config, items):

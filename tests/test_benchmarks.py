@@ -118,9 +118,10 @@ def test_bench_pretrain_writes_run_and_retrieval_records(tmp_path):
     assert 0 <= metrics[("zero_shot_retrieval_12img_itm3", "img_r10")] <= 100
 
 
-def test_bench_lm_loss_needs_a_gpu_and_says_so(capsys, monkeypatch):
+@pytest.mark.parametrize("suite", ["lm_loss", "hard_negatives", "varlen_attention"])
+def test_gpu_microbenchmarks_need_a_gpu_and_say_so(capsys, monkeypatch, suite):
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a machine without CUDA, here or on a GPU
-    assert _script("bench_lm_loss").main([]) == 1
-    assert "needs a CUDA device" in capsys.readouterr().err
+    assert _script(f"bench_{suite}").main([]) == 1
+    assert f"bench {suite}: needs a CUDA device" in capsys.readouterr().err

@@ -103,7 +103,7 @@ def retrieval_scores(model, images: torch.Tensor, input_ids: torch.Tensor, atten
         per_chunk = max(1, batch_size // k)
         for start in range(0, top_text.shape[0], per_chunk):
             candidates = top_text[start:start + per_chunk]  # (C, k)
-            contexts = [BlockContext(((keys, values, k),))
+            contexts = [BlockContext(((keys, values, k, None),))
                         for keys, values in model.image_keys_values(image_embeds[start:start + per_chunk])]
             texts = candidates.t().reshape(-1)  # (k * C,): block j holds every image's j-th candidate
             logits = model.itm_logits_from_keys_values(contexts, enc_ids[texts], mask[texts])[:, 1].float()

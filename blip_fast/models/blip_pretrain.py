@@ -135,7 +135,7 @@ class BlipPretrain(ImageTextMatchingModel):
         mask_all = torch.cat([attention_mask, attention_mask[neg_text_for_image], attention_mask], dim=0)
         # the first 2B rows attend to each image's own keys/values, stacked two to an image (BlockContext),
         # the last B to the negative images' rows: per layer B + B rows of keys/values instead of 3B copied
-        contexts = [BlockContext(((k, v, 2), (k[neg_image_for_text], v[neg_image_for_text], 1)))
+        contexts = [BlockContext(((k, v, 2, None), (k, v, 1, neg_image_for_text)))
                     for k, v in image_kv]
         if packing is not None:
             # the negative texts are drawn on the device, so the host cannot count their tokens: their rows keep

@@ -21,7 +21,10 @@ instead of 4B times, and generation keeps them in its ``KVCache``.
 
 The hidden states can also travel without the captions' padding (``packing=``, a
 :class:`~blip_fast.models.packing.PackedText`): (T, hidden) for the T real tokens, unpacked to
-(B, L) only around attention. Pretraining's fast path runs its text passes that way.
+(B, L) only around attention. Pretraining's fast path runs its text passes that way. Where the
+packed attention kernel is the selected backend (:func:`~blip_fast.ops.varlen_attention`, opt-in
+until timed on a GPU), attention too reads the packed rows, and nothing is unpacked
+(:class:`PackedAttention`).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from torch import nn
 
 from .. import ops
 from ..config import TextConfig
+from ..ops import AttentionSequences
 from .packing import PackedText
 
 
@@ -70,36 +74,99 @@ class KVCache:
 class BlockContext(NamedTuple):
     """One layer's cross-attention context for rows that come in blocks sharing context rows.
 
-    ``segments``: ``(keys, values, repeats)`` triples, keys/values (C, H, N, D) each; a segment covers
-    the next ``repeats * C`` query rows, in ``repeats`` blocks of C rows, row r of every block
-    attending to context row r. Such a block's queries are stacked along the sequence into one row
-    of ``repeats * L`` queries: with no key mask and no causality each query attends on its own, so
-    the result is the same attention, while the context rows are neither copied nor read more than
-    once. Pretraining's ITM uses it: the positive and the negative-text rows of an image share its
-    keys/values (blip_fast.models.blip_pretrain).
+    ``segments``: ``(keys, values, repeats, rows)``, keys/values (C, H, N, D) each and ``rows`` None or a (R,)
+    index of their rows, whose picked rows (all C for None) are the segment's context rows; a segment covers the
+    next ``repeats * R`` query rows, in ``repeats`` blocks of R rows, row r of every block attending to context
+    row r. Such a block's queries are stacked along the sequence into one row of ``repeats * L`` queries: with no
+    key mask and no causality each query attends on its own, so the result is the same attention, while the
+    context rows are neither copied nor read more than once. Pretraining's ITM uses it: the positive and the
+    negative-text rows of an image share its keys/values, and the negative-image rows pick theirs
+    (blip_fast.models.blip_pretrain). Packed attention (:func:`~blip_fast.ops.varlen_attention`) reads the picked
+    rows where they are, without gathering them, when every segment shares one keys tensor.
     """
 
-    segments: tuple[tuple[torch.Tensor, torch.Tensor, int], ...]
+    segments: tuple[tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None], ...]
 
     def attend(self, q: torch.Tensor, dropout_p: float) -> torch.Tensor:
-        """Attention of queries ``q`` (sum of repeats * C, H, L, D) to the segments' keys/values."""
+        """Attention of queries ``q`` (sum of repeats * R, H, L, D) to the segments' keys/values."""
         outputs, start = [], 0
-        for keys, values, repeats in self.segments:
-            rows = keys.shape[0]
-            block = q[start:start + repeats * rows]
-            start += repeats * rows
+        for keys, values, repeats, rows in self.segments:
+            if rows is not None:
+                keys, values = keys[rows], values[rows]
+            count = keys.shape[0]
+            block = q[start:start + repeats * count]
+            start += repeats * count
             if repeats == 1:
                 outputs.append(ops.attention(block, keys, values, None, False, dropout_p))
                 continue
             _, heads, length, dim = block.shape
-            stacked = block.reshape(repeats, rows, heads, length, dim).permute(1, 2, 0, 3, 4)
-            out = ops.attention(stacked.reshape(rows, heads, repeats * length, dim), keys, values, None, False,
+            stacked = block.reshape(repeats, count, heads, length, dim).permute(1, 2, 0, 3, 4)
+            out = ops.attention(stacked.reshape(count, heads, repeats * length, dim), keys, values, None, False,
                                 dropout_p)
-            outputs.append(out.reshape(rows, heads, repeats, length, dim).permute(2, 0, 1, 3, 4)
-                           .reshape(repeats * rows, heads, length, dim))
+            outputs.append(out.reshape(count, heads, repeats, length, dim).permute(2, 0, 1, 3, 4)
+                           .reshape(repeats * count, heads, length, dim))
         if start != q.shape[0]:
             raise ValueError(f"the context's segments cover {start} rows, the queries have {q.shape[0]}")
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+    def context_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(keys, values, the keys' row of each query row) when every segment reads one keys tensor, else None."""
+        keys, values = self.segments[0][:2]
+        if any(segment[0] is not keys or segment[1] is not values for segment in self.segments):
+            return None
+        picked = [torch.arange(keys.shape[0], device=keys.device) if rows is None else rows
+                  for _, _, _, rows in self.segments]
+        return keys, values, torch.cat([rows.repeat(repeats) for rows, (_, _, repeats, _) in
+                                        zip(picked, self.segments, strict=True)])
+
+
+class PackedAttention(NamedTuple):
+    """The sequence tables with which one packed text pass attends on its packed rows (no unpacking), made once per
+    pass (:meth:`plan`) and used by every layer: its self-attention's, and its cross-attention's (or None)."""
+
+    self_attention: AttentionSequences
+    cross_attention: AttentionSequences | None
+
+    @classmethod
+    def plan(cls, packing: PackedText, padding_mask: torch.Tensor, causal: bool, context_kv, context_mask
+             ) -> PackedAttention | None:
+        """The tables of a pass over ``packing``'s rows, or None where the context is not one a table can describe
+        (a padded context, or a :class:`BlockContext` whose segments read different keys): that pass unpacks.
+
+        Self-attention: row b's queries are its packed tokens (all L positions of a dense row), its keys its real
+        tokens (``padding_mask``). Cross-attention: row b's queries attend to every token of its context row, which
+        is row b of a (k, v) pair or the row a :class:`BlockContext` picks for it, read where it lies.
+        All of it is computed on the device: no synchronisation.
+        """
+        q_len = packing.valid.sum(dim=1)
+        kv_len = q_len if causal else padding_mask.sum(dim=1)
+        self_attention = AttentionSequences.self_attention(packing.first, q_len, kv_len, packing.length)
+        if context_kv is None:
+            return cls(self_attention, None)
+        if context_mask is not None:
+            return None
+        first = context_kv[0]
+        if isinstance(first, BlockContext):
+            picked = first.context_rows()
+            if picked is None:
+                return None
+            keys, _, kv_group = picked
+        else:
+            keys, kv_group = first[0], torch.arange(packing.batch, device=q_len.device)
+            if keys.shape[0] != packing.batch:
+                return None
+        contexts, tokens = keys.shape[0], keys.shape[2]
+        kv_start = torch.arange(contexts, device=q_len.device) * tokens
+        cross = AttentionSequences.grouped(packing.first, q_len, kv_group, kv_start, torch.full_like(kv_start, tokens),
+                                           packing.length, tokens)
+        return cls(self_attention, cross)
+
+
+def _packed_context(keys_values) -> tuple[torch.Tensor, torch.Tensor]:
+    """A cross-attention context's keys and values as rows (C * N, H, D) (views where their layout allows)."""
+    if isinstance(keys_values, BlockContext):
+        keys_values = keys_values.context_rows()[:2]
+    return tuple(t.transpose(1, 2).flatten(0, 1) for t in keys_values)
 
 
 class TextEmbeddings(nn.Module):
@@ -150,12 +217,19 @@ class SelfAttentionProjections(nn.Module):
         One GEMM over the three weights stacked: the same products as three, but ``x`` is read once and its
         gradient is that GEMM's sum instead of three gradients added; packed, one unpack instead of three.
         """
-        weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])
-        bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])
-        qkv = F.linear(x, weight, bias)
+        qkv = self._stacked(x)
         if packing is not None:
             qkv = packing.unpack(qkv)
         return tuple(self.heads(t) for t in qkv.split(self.query.out_features, dim=-1))
+
+    def packed_queries_keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(q, k, v), each (T, H, D), of packed ``x`` (T, hidden): views of the one GEMM's output, not unpacked."""
+        return self._stacked(x).unflatten(-1, (3, self.num_heads, -1)).unbind(-3)
+
+    def _stacked(self, x: torch.Tensor) -> torch.Tensor:
+        weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])
+        bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])
+        return F.linear(x, weight, bias)
 
 
 class AttentionOutput(nn.Module):
@@ -179,12 +253,20 @@ class TextAttention(nn.Module):
         self.dropout_p = config.attention_dropout
 
     def forward(self, x, key_padding_mask, causal, keys_values, packing: PackedText | None = None,
-                queries: torch.Tensor | None = None) -> torch.Tensor:
+                queries: torch.Tensor | None = None, sequences: AttentionSequences | None = None) -> torch.Tensor:
         """``keys_values``: (k, v) each (B, H, N, D), or a :class:`BlockContext` (no mask, not causal);
         ``x`` (B, L, hidden), or packed (T, hidden) with its ``packing``; ``queries`` (B, H, L, D) when already
-        projected (self-attention projects them with its keys and values)."""
-        q = self.self.heads(self.self.query(x), packing) if queries is None else queries
+        projected (self-attention projects them with its keys and values).
+
+        With ``sequences`` (a table of :class:`PackedAttention`) the packed rows attend where they are
+        (:func:`~blip_fast.ops.varlen_attention`): ``queries`` and self-attention's keys/values are then (T, H, D)
+        and the table holds the masking (``key_padding_mask`` unused)."""
         dropout_p = self.dropout_p if self.training else 0.0
+        if sequences is not None:
+            q = self.self.query(x).unflatten(-1, (self.self.num_heads, -1)) if queries is None else queries
+            k, v = keys_values if queries is not None else _packed_context(keys_values)
+            return self.output(ops.varlen_attention(q, k, v, sequences, causal, dropout_p).flatten(1), x)
+        q = self.self.heads(self.self.query(x), packing) if queries is None else queries
         if isinstance(keys_values, BlockContext):
             out = keys_values.attend(q, dropout_p)
         else:
@@ -209,10 +291,17 @@ class TextLayer(nn.Module):
         self.output.dense = nn.Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x, padding_mask, causal, context_kv=None, context_mask=None, cache=None, index=0,
-                packing: PackedText | None = None):
+                packing: PackedText | None = None, plan: PackedAttention | None = None):
         """``context_kv``: this layer's cross-attention keys/values (B, H, N, D) or :class:`BlockContext`,
         or None for no cross-attention; ``cache`` and ``index`` (this layer's entry) only when decoding;
-        ``packing``: ``x`` is packed (T, hidden), see :class:`~blip_fast.models.packing.PackedText`."""
+        ``packing``: ``x`` is packed (T, hidden), see :class:`~blip_fast.models.packing.PackedText`; ``plan``: its
+        rows attend packed, see :class:`PackedAttention`."""
+        if plan is not None:
+            q, k, v = self.attention.self.packed_queries_keys_values(x)
+            x = self.attention(x, None, causal, (k, v), packing, queries=q, sequences=plan.self_attention)
+            if context_kv is not None:
+                x = self.crossattention(x, None, False, context_kv, packing, sequences=plan.cross_attention)
+            return self.output(F.gelu(self.intermediate.dense(x)), x)
         # self-attention, appending this step's keys/values to the cache when decoding
         q, k, v = self.attention.self.queries_keys_values(x, packing)
         if cache is not None:
@@ -323,9 +412,12 @@ class TextTransformer(nn.Module):
         x = self.embeddings(input_ids, past, packing)
         padding_mask = None if attention_mask is None else attention_mask.bool()
         context_mask = None if encoder_attention_mask is None else encoder_attention_mask.bool()
+        plan = None
+        if packing is not None and ops.packed_attention_on(x):
+            plan = PackedAttention.plan(packing, padding_mask, causal, context_kv, context_mask)
         for index, layer in enumerate(self.encoder.layer):
             layer_kv = None if context_kv is None else context_kv[index]
-            x = layer(x, padding_mask, causal, layer_kv, context_mask, cache, index, packing)
+            x = layer(x, padding_mask, causal, layer_kv, context_mask, cache, index, packing, plan)
         return x
 
 

@@ -10,8 +10,10 @@ from .lm_loss import IGNORE_INDEX, lm_loss
 from .losses import itc_loss, itm_loss
 from .momentum import enqueue_, momentum_update_
 from .registry import OPS, impl_scope, requested_impl, set_impl
+from .varlen_attention import AttentionSequences, packed_attention_on, varlen_attention
 
 __all__ = [
+    "AttentionSequences",
     "IGNORE_INDEX",
     "OPS",
     "attention",
@@ -22,7 +24,9 @@ __all__ = [
     "itm_loss",
     "lm_loss",
     "momentum_update_",
+    "packed_attention_on",
     "requested_impl",
     "sample_hard_negatives",
     "set_impl",
+    "varlen_attention",
 ]

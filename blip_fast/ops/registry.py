@@ -14,7 +14,8 @@ variable ``BLIP_FAST_IMPL`` (``auto`` | ``reference`` | ``torch`` | ``triton`` |
 followed by per-op entries: ``auto,lm_loss=reference``), which :func:`set_impl` overrides (tests,
 ``train.impl``). ``auto`` takes the first available of ``cuda``, ``triton``, ``torch``,
 ``reference``; naming a backend prefers it and falls back in the same order where an op has no
-such implementation. The choice for each (op, device) is logged once.
+such implementation. The choice for each (op, device) is logged once. An implementation registered with
+``auto=False`` runs only where it is named: ``auto`` passes it over until a GPU measurement shows it faster.
 
 A fast implementation also brings its parity cases (:class:`ParityCase`): inputs at BLIP shapes on
 which it must match the reference. ``blip-fast parity`` runs them all (:mod:`blip_fast.parity`).
@@ -130,6 +131,7 @@ class Implementation:
     devices: tuple[str, ...]  # device types it runs on ("cpu", "cuda")
     is_available: Callable[[], bool] = lambda: True
     dtypes: tuple[torch.dtype, ...] | None = None  # input dtypes it accepts (None: any)
+    auto: bool = True  # whether ``auto`` may pick it (False: only when named)
 
 
 @dataclass
@@ -148,17 +150,18 @@ class Op:
         devices: Sequence[str],
         is_available: Callable[[], bool] = lambda: True,
         dtypes: Sequence[torch.dtype] | None = None,
+        auto: bool = True,
     ) -> None:
         if backend not in BACKENDS or backend == "reference":
             raise ValueError(f"cannot register backend {backend!r} for {self.name}")
         self.impls[backend] = Implementation(backend, fn, tuple(devices), is_available,
-                                             None if dtypes is None else tuple(dtypes))
+                                             None if dtypes is None else tuple(dtypes), auto)
 
     def register_triton(self, fn: Callable[..., Any], has_triton: bool,
-                        dtypes: Sequence[torch.dtype] | None = None) -> None:
+                        dtypes: Sequence[torch.dtype] | None = None, auto: bool = True) -> None:
         """A Triton kernel of ``blip_fast.kernels``: CUDA tensors, where triton is installed and a GPU is present."""
         self.register("triton", fn, devices=("cuda",), is_available=lambda: has_triton and torch.cuda.is_available(),
-                      dtypes=dtypes)
+                      dtypes=dtypes, auto=auto)
 
     def available(self, device: torch.device, dtype: torch.dtype | None = None) -> list[str]:
         """Backends that can run on ``device`` (for inputs of ``dtype``, when given), reference last."""
@@ -178,7 +181,7 @@ class Op:
         elif choice != "auto" and choice in usable:
             picked = choice
         else:
-            picked = usable[0]
+            picked = next(b for b in usable if b == "reference" or self.impls[b].auto)
         key = (self.name, device.type, choice)
         # Dynamo cannot trace a logger call (it would break a fullgraph compile), so only eager calls
         # log; tracing picks the same way.

@@ -12,7 +12,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from blip_fast.kernels import hard_negatives, lm_loss
+from blip_fast.kernels import hard_negatives, lm_loss, varlen_attention
 
 DTYPES = ("bf16", "fp16", "fp32")
 
@@ -30,6 +30,40 @@ def specs():
                     "stride_row": "i32", "stride_scale": "i32", "V": "i32", "smoothing": "fp32",
                     "BLOCK_V": "constexpr", "NUM_BLOCKS": "constexpr", "WRITE_GRAD": "constexpr"},
                    {"BLOCK_V": lm_loss.MAX_BLOCK_V, "NUM_BLOCKS": 8, "WRITE_GRAD": write_grad}, 8)
+        yield from varlen_attention_specs(dtype)
+
+
+def varlen_attention_specs(dtype: str):
+    """The packed attention's kernels, causal and with dropout (the largest variants), at BERT-base's head size."""
+    blocks = {"BLOCK_M": varlen_attention.BLOCK_M, "BLOCK_N": varlen_attention.BLOCK_N, "BLOCK_D": 64}
+    flags = {"CAUSAL": True, "DROPOUT": True, "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
+    table = {"q_start_ptr": "*i32", "q_len_ptr": "*i32"}
+    sizes = {"heads": "i32", "total_q": "i32", "max_kv_len": "i32", "head_dim": "i32", "scale": "fp32",
+             "dropout_p": "fp32"}
+    constexprs = {name: "constexpr" for name in [*flags, *blocks]}
+
+    def strides(*names):
+        return {f"stride_{n}{axis}": "i32" for n in names for axis in ("t", "h")}
+
+    yield (f"varlen_attention forward {dtype}", varlen_attention._forward_kernel,
+           {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "out_ptr": f"*{dtype}",
+            "lse_ptr": "*fp32", "seed_ptr": "*i64", **table, "kv_group_ptr": "*i32", "kv_start_ptr": "*i32",
+            "kv_len_ptr": "*i32", **strides("q", "k", "v", "o"), **sizes, **constexprs}, {**flags, **blocks}, 4)
+    yield (f"varlen_attention delta {dtype}", varlen_attention._delta_kernel,
+           {"out_ptr": f"*{dtype}", "grad_ptr": f"*{dtype}", "delta_ptr": "*fp32", **strides("o", "g"),
+            "heads": "i32", "total_q": "i32", "head_dim": "i32", "BLOCK_M": "constexpr", "BLOCK_D": "constexpr"},
+           {"BLOCK_M": blocks["BLOCK_M"], "BLOCK_D": 64}, 4)
+    yield (f"varlen_attention grad_kv {dtype}", varlen_attention._grad_kv_kernel,
+           {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "grad_ptr": f"*{dtype}",
+            "lse_ptr": "*fp32", "delta_ptr": "*fp32", "dk_ptr": f"*{dtype}", "dv_ptr": f"*{dtype}", "seed_ptr": "*i64",
+            **table, "kv_start_ptr": "*i32", "kv_len_ptr": "*i32", "group_sequences_ptr": "*i32",
+            "group_offsets_ptr": "*i32", **strides("q", "k", "v", "g", "dk", "dv"), **sizes, **constexprs},
+           {**flags, **blocks}, 4)
+    yield (f"varlen_attention grad_q {dtype}", varlen_attention._grad_q_kernel,
+           {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "grad_ptr": f"*{dtype}",
+            "lse_ptr": "*fp32", "delta_ptr": "*fp32", "dq_ptr": f"*{dtype}", "seed_ptr": "*i64", **table,
+            "kv_group_ptr": "*i32", "kv_start_ptr": "*i32", "kv_len_ptr": "*i32", **strides("q", "k", "v", "g", "dq"),
+            **sizes, **constexprs}, {**flags, **blocks}, 4)
 
 
 def main(arch: int) -> None:

@@ -201,9 +201,10 @@ def test_block_context_equals_attention_to_copied_rows(impl):
 
     q = rand(3 * rows, heads, length, dim)
     k, v, k2, v2 = (rand(rows, heads, context, dim) for _ in range(4))
+    picked = torch.tensor([4, 0, 0, 2, 1])  # the last segment's rows, picked from k2/v2 (as ITM's negative images)
     with ops.impl_scope(impl):
-        blocked = BlockContext(((k, v, 2), (k2, v2, 1))).attend(q, 0.0)
-        copied = ops.attention(q, torch.cat([k, k, k2]), torch.cat([v, v, v2]), None, False, 0.0)
+        blocked = BlockContext(((k, v, 2, None), (k2, v2, 1, picked))).attend(q, 0.0)
+        copied = ops.attention(q, torch.cat([k, k, k2[picked]]), torch.cat([v, v, v2[picked]]), None, False, 0.0)
     weights = torch.randn(blocked.shape, generator=gen, dtype=dtype)
     grads = torch.autograd.grad((blocked * weights).sum(), (q, k, v, k2, v2))
     expected = torch.autograd.grad((copied * weights).sum(), (q, k, v, k2, v2))
@@ -211,7 +212,7 @@ def test_block_context_equals_attention_to_copied_rows(impl):
     for got, want, name in zip(grads, expected, ("q", "k", "v", "k2", "v2"), strict=True):
         assert rel_err(got, want) <= tol, name
     with pytest.raises(ValueError, match="cover 10 rows"):
-        BlockContext(((k, v, 2),)).attend(q, 0.0)
+        BlockContext(((k, v, 2, None),)).attend(q, 0.0)
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])

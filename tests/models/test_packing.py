@@ -11,6 +11,7 @@ import copy
 
 import pytest
 import torch
+from packing_checks import CAPTION_LENGTHS, assert_grads_match, captions, no_dropout_config
 from tensor_checks import rel_err
 
 from blip_fast import ops
@@ -20,24 +21,8 @@ from blip_fast.models.med import BlockContext
 from blip_fast.models.packing import PackedText
 
 RTOL = {torch.float64: 1e-12, torch.float32: 1e-5}
-CAPTION_LENGTHS = [7, 11, 4, 13, 9, 6]  # padded to 13; 6 divides the tiny queue
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
-
-
-def captions(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
-    for row, length in enumerate(lengths):
-        ids[row, :length] = torch.randint(1000, 5000, (length,), generator=gen)
-        ids[row, 0], ids[row, length - 1] = 101, 102
-    return ids, (ids != 0).long()
-
-
-def no_dropout_config():
-    config = tiny_config()
-    config.text.attention_dropout = config.text.hidden_dropout = 0.0
-    return config
 
 
 # ---------------------------------------------------------------------------------------------- the layout
@@ -134,20 +119,6 @@ def test_text_transformer_refuses_a_packing_of_other_captions():
 # ---------------------------------------------------------------------------------------------- the model
 
 
-def assert_grads_match(grads: dict, expected: dict, rtol: float) -> None:
-    assert grads.keys() == expected.keys()
-    assert [n for n, g in expected.items() if g is None] == [], "parameters without gradient"
-    errors = {}
-    for name, want in expected.items():
-        if name.endswith("attention.self.key.bias"):  # a vanishing gradient: on the key weight's scale
-            scale = expected[name[: -len("bias")] + "weight"].abs().max()
-            errors[name] = ((grads[name] - want).abs().max() / scale).item()
-        else:
-            errors[name] = rel_err(grads[name], want)
-    worst = max(errors, key=errors.get)
-    assert errors[worst] <= rtol, f"{len(errors)} gradients; worst {worst}: rel err {errors[worst]:.3g} > {rtol}"
-
-
 @pytest.mark.parametrize("mode", ["encoder", "decoder", "cross", "block_context"])
 def test_text_transformer_packed_equals_padded(mode):
     """States of the real tokens and every gradient (fp64), in each way pretraining runs the text."""
@@ -165,7 +136,7 @@ def test_text_transformer_packed_equals_padded(mode):
         if mode in ("cross", "block_context"):
             kv = encoder.context_keys_values(image_embeds)
             if mode == "block_context":  # rows 0-2 and rows 3-5 attend to images 0-2, stacked two to an image
-                kv = [BlockContext(((k[:3], v[:3], 2),)) for k, v in kv]
+                kv = [BlockContext(((k[:3], v[:3], 2, None),)) for k, v in kv]
             kwargs["context_kv"] = kv
         with ops.impl_scope("reference"):
             states = encoder(ids, mask, **kwargs)

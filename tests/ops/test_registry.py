@@ -111,3 +111,16 @@ def test_per_op_choice_holds_inside_a_compiled_graph():
         out = compiled(q, k, v, mask)
     torch._dynamo.reset()
     assert torch.equal(out, ops.attention_ref(q, k, v, mask))
+
+
+def test_a_backend_left_out_of_auto_runs_only_when_named():
+    """``register(..., auto=False)``: a kernel not yet timed (the packed attention) is passed over by ``auto`` and
+    picked where it is named, alone or per op."""
+    op = registry.Op("probe", lambda x: x)
+    op.register("torch", lambda x: x + 1, devices=("cpu",), auto=False)
+    cpu = torch.device("cpu")
+    assert op.available(cpu) == ["torch", "reference"]
+    with ops.impl_scope("auto"):
+        assert op.select(cpu) == "reference"
+    with ops.impl_scope("torch"):
+        assert op.select(cpu) == "torch"

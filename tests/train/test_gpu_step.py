@@ -4,6 +4,7 @@ import pytest
 import torch
 from train_helpers import synthetic_step_batch
 
+from blip_fast import ops
 from blip_fast.config import tiny_config
 from blip_fast.models.blip_pretrain import BlipPretrain
 from blip_fast.train.config import OptimConfig
@@ -13,8 +14,14 @@ from blip_fast.train.optim import build_optimizer
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-def test_training_step_never_synchronises(precision, packed):
+@pytest.mark.parametrize("packed, impl", [(False, "auto"), (True, "auto"), (True, "auto,varlen_attention=triton")],
+                         ids=["padded", "packed", "packed_attention_kernel"])
+def test_training_step_never_synchronises(precision, packed, impl):
+    with ops.impl_scope(impl):
+        step_without_synchronising(precision, packed)
+
+
+def step_without_synchronising(precision, packed):
     device = torch.device("cuda")
     model = BlipPretrain(tiny_config()).to(device).train()
     optimizer = build_optimizer(model, OptimConfig(fused="torch", clip_grad_norm=1.0), device)

@@ -1,0 +1,131 @@
+"""Benchmark of text attention over packed captions: the packed attention kernel against unpacking around SDPA.
+
+Pretraining's text passes carry packed captions (T, 768). Each attention either
+
+* ``padded`` -- unpacks its queries/keys/values into (B, L), runs torch's SDPA (the memory-efficient kernel
+  first where there is a padding mask, ``blip_fast.ops.attention``) and packs the output: what ``auto`` runs; or
+* ``fast``   -- attends on the packed rows with the Triton kernels of ``blip_fast.kernels.varlen_attention``
+  (``BLIP_FAST_IMPL=auto,varlen_attention=triton``).
+
+Both run forward + backward in bf16 with dropout 0.1, as in training, at BLIP-base shapes (12 heads of 64) on
+the captions of a pretraining batch (96 of 8 to 35 tokens): the unimodal encoder's self-attention, the decoder's
+causal self-attention, and ITM's cross-attention of its 3 x 96 rows to the 197 tokens of their images (the
+negative-image rows picking theirs). Before timing, outputs without dropout are compared (2e-2 relative).
+
+    python benchmarks/bench_varlen_attention.py [--json PATH]
+
+with PATH like ``benchmarks/results/kernels-h100-YYYYMMDD-attention.json``. Times are medians of
+``triton.testing.do_bench`` in microseconds. Needs a CUDA device.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from blip_fast import ops
+from blip_fast.bench_results import benchmark_arguments, run_gpu_benchmark
+
+HEADS, DIM, BATCH, IMAGE_TOKENS, DROPOUT = 12, 64, 96, 197, 0.1
+
+
+def caption_mask(rows: int, generator: torch.Generator) -> torch.Tensor:
+    lengths = torch.randint(8, 36, (rows,), generator=generator)
+    return torch.arange(35)[None, :] < lengths[:, None]
+
+
+def cases():
+    """(name, padded fn, packed fn, leaves): each fn maps the leaves to the attention's packed output."""
+    from blip_fast.models.med import BlockContext, PackedAttention
+    from blip_fast.models.packing import PackedText
+
+    generator = torch.Generator().manual_seed(0)
+    mask = caption_mask(BATCH, generator)
+    packing = PackedText.from_mask(mask).to("cuda")
+    mask = mask.cuda()
+
+    def rand(*shape):
+        return (torch.randn(*shape, generator=generator) * 0.5).to("cuda", torch.bfloat16).requires_grad_()
+
+    def heads(t):
+        return t.view(*t.shape[:-1], HEADS, DIM).transpose(-3, -2)
+
+    for causal in (False, True):
+        qkv = rand(packing.tokens, 3 * HEADS * DIM)
+        plan = PackedAttention.plan(packing, mask, causal, None, None)
+
+        def padded(qkv, dropout_p, causal=causal):
+            q, k, v = (heads(t) for t in packing.unpack(qkv).split(HEADS * DIM, dim=-1))
+            out = ops.attention(q, k, v, None if causal else mask, causal, dropout_p)
+            return packing.pack(out.transpose(1, 2).flatten(2))
+
+        def packed(qkv, dropout_p, causal=causal, plan=plan):
+            q, k, v = qkv.unflatten(-1, (3, HEADS, DIM)).unbind(-3)
+            return ops.varlen_attention(q, k, v, plan.self_attention, causal, dropout_p).flatten(1)
+
+        yield f"text_{'causal' if causal else 'bidirectional'}_b{BATCH}_t{packing.tokens}", padded, packed, [qkv]
+
+    # ITM: B positive rows, B rows of drawn negative texts (padding kept: their lengths live on the device), B rows
+    # of negative images
+    itm = PackedText.concat([packing, PackedText.dense(BATCH, 35, "cuda"), packing])
+    itm_mask = torch.cat([mask, mask[torch.randperm(BATCH, device="cuda")], mask])
+    neg_image = torch.randint(0, BATCH, (BATCH,), generator=generator).cuda()
+    queries, keys, values = rand(itm.tokens, HEADS * DIM), rand(BATCH, IMAGE_TOKENS, HEADS * DIM), \
+        rand(BATCH, IMAGE_TOKENS, HEADS * DIM)
+
+    def context(keys, values):  # one view of each: the packed plan reads segments that share their keys tensor
+        keys, values = heads(keys), heads(values)
+        return BlockContext(((keys, values, 2, None), (keys, values, 1, neg_image)))
+
+    def itm_padded(queries, keys, values, dropout_p):
+        out = context(keys, values).attend(heads(itm.unpack(queries)), dropout_p)
+        return itm.pack(out.transpose(1, 2).flatten(2))
+
+    def itm_packed(queries, keys, values, dropout_p):
+        kv = context(keys, values)
+        plan = PackedAttention.plan(itm, itm_mask, False, [kv], None)
+        keys_rows, values_rows = (t.flatten(0, 1).unflatten(-1, (HEADS, DIM)) for t in (keys, values))
+        return ops.varlen_attention(queries.unflatten(-1, (HEADS, DIM)), keys_rows, values_rows, plan.cross_attention,
+                                    False, dropout_p).flatten(1)
+
+    yield f"itm_cross_b{3 * BATCH}_t{itm.tokens}_n{IMAGE_TOKENS}", itm_padded, itm_packed, [queries, keys, values]
+
+
+def run() -> list[dict]:
+    import triton.testing
+
+    records = []
+    for case, padded, packed, leaves in cases():
+        grad = torch.randn_like(padded(*leaves, 0.0))
+        with ops.impl_scope("auto,varlen_attention=triton"):
+            got = packed(*leaves, 0.0)
+        want = padded(*leaves, 0.0)
+        error = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+        if error > 2e-2:  # no timing for a wrong answer
+            raise RuntimeError(f"packed attention differs from padded on {case}: relative error {error:.2e}")
+        for impl, fn, spec in (("padded", padded, "auto"), ("fast", packed, "auto,varlen_attention=triton")):
+            def step(fn=fn, spec=spec, leaves=leaves, grad=grad):
+                with ops.impl_scope(spec):
+                    out = fn(*leaves, DROPOUT)
+                return torch.autograd.grad(out, leaves, grad)
+
+            median_ms = triton.testing.do_bench(step, return_mode="median")
+            records.append({"case": case, "impl": impl, "metric": "us", "value": round(median_ms * 1e3, 1)})
+    return records
+
+
+def print_table(records: list[dict]) -> None:
+    print(f"{'case':<40} {'impl':<8} {'us':>9} {'vs padded':>10}")
+    times = {(r["case"], r["impl"]): r["value"] for r in records}
+    for (case, impl), us in times.items():
+        print(f"{case:<40} {impl:<8} {us:>9.1f} {times[(case, 'padded')] / us:>9.2f}x")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = benchmark_arguments(__doc__).parse_args(argv)
+    return run_gpu_benchmark("varlen_attention", "kernels", argv, args.json, run, print_table)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

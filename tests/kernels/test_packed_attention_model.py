@@ -1,0 +1,172 @@
+"""The model with its packed rows attending through the packed attention kernel (no unpacking) against the model
+unpacking around the reference attention: the same states, losses and gradients.
+
+The kernel runs where ``varlen_attention=triton`` is asked for; without a GPU these tests let it run on CPU
+tensors in Triton's interpreter. fp32, dropout off (its masks differ between the two), tolerance 1e-5 relative
+(key biases, whose gradient vanishes in exact arithmetic, on their key weight's scale, as test_packing.py).
+"""
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+from packing_checks import CAPTION_LENGTHS, assert_grads_match, captions, no_dropout_config
+from tensor_checks import rel_err
+
+from blip_fast import ops
+from blip_fast.models import build_model
+from blip_fast.models.med import BlockContext, PackedAttention
+from blip_fast.models.packing import PackedText
+from blip_fast.ops.varlen_attention import varlen_attention_op
+
+RTOL = 1e-5
+
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+
+
+@pytest.fixture
+def kernel_here(triton_device, monkeypatch):
+    """Let the kernel run where the Triton tests run (on CPU tensors too, in the interpreter) when it is asked for."""
+    impl = varlen_attention_op.impls["triton"]
+    monkeypatch.setitem(varlen_attention_op.impls, "triton",
+                        dataclasses.replace(impl, devices=(triton_device,), is_available=lambda: True))
+
+
+@pytest.fixture
+def kernel_calls(kernel_here, monkeypatch):
+    """:func:`kernel_here`, counting the kernel's calls (eager code only: dynamo would guard on the list)."""
+    impl = varlen_attention_op.impls["triton"]
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args[3].q_start.shape[0])
+        return impl.fn(*args, **kwargs)
+
+    monkeypatch.setitem(varlen_attention_op.impls, "triton", dataclasses.replace(impl, fn=counted))
+    return calls
+
+
+@pytest.mark.parametrize("mode", ["encoder", "decoder", "cross", "block_context_picked_rows", "dense_rows"])
+def test_triton_text_transformer_kernel_equals_unpacked(kernel_calls, mode):
+    """States of the real tokens and every gradient (the context's too), in each way pretraining runs the text."""
+    model = build_model("pretrain", no_dropout_config())
+    ids, mask = captions(CAPTION_LENGTHS)
+    image_embeds = torch.randn(6, 17, 64)
+    packing = PackedText.from_mask(mask, multiple=16)
+    rows = 6
+    if mode == "dense_rows":  # ITM's layout: packed rows, rows that keep their padding, packed rows
+        ids, mask = torch.cat([ids, ids.flip(0), ids]), torch.cat([mask, mask.flip(0), mask])
+        packing = PackedText.concat([packing, PackedText.dense(6, ids.shape[1], "cpu"), packing])
+        rows = 18
+    weights = torch.randn(rows, ids.shape[1], 64)
+
+    def run(impl: str):
+        encoder = copy.deepcopy(model.text_encoder)
+        context = image_embeds.clone().requires_grad_()
+        kwargs = {"packing": packing}
+        if mode == "decoder":
+            kwargs["causal"] = True
+        if mode in ("cross", "block_context_picked_rows", "dense_rows"):
+            kv = encoder.context_keys_values(context)
+            if mode == "block_context_picked_rows":  # images 0-5 twice, then images picked out of order
+                picked = torch.tensor([3, 3, 0, 5, 1, 3])
+                kv = [BlockContext(((k, v, 1, None), (k, v, 1, picked))) for k, v in kv]
+                ids_, mask_ = torch.cat([ids, ids]), torch.cat([mask, mask])
+                kwargs["packing"] = PackedText.concat([packing, packing])
+            if mode == "dense_rows":  # every image attended by three rows
+                kv = [BlockContext(((k, v, 3, None),)) for k, v in kv]
+            kwargs["context_kv"] = kv
+        run_ids, run_mask = (ids_, mask_) if mode == "block_context_picked_rows" else (ids, mask)
+        with ops.impl_scope(impl):
+            states = encoder(run_ids, run_mask, **kwargs)
+        states = kwargs["packing"].unpack(states) * run_mask[..., None]  # padding positions are not outputs
+        (states * torch.cat([weights] * (states.shape[0] // rows))).sum().backward()
+        grads = {n: p.grad for n, p in encoder.named_parameters()}
+        grads["context"] = context.grad
+        return states.detach(), grads
+
+    kernel = run("auto,varlen_attention=triton")
+    assert kernel_calls and len(kernel_calls) == 2 * (1 + (mode != "encoder" and mode != "decoder"))  # 2 layers
+    unpacked = run("reference")
+    assert rel_err(kernel[0], unpacked[0]) <= RTOL
+    expected = {n: g for n, g in unpacked[1].items() if g is not None}
+    assert_grads_match({n: kernel[1][n] for n in expected}, expected, RTOL)
+
+
+def test_triton_pretraining_kernel_equals_unpacked(kernel_calls):
+    """BlipPretrain's three losses and every gradient: ITM's hard negatives read their images' rows in place."""
+    model = build_model("pretrain", no_dropout_config())
+    images = torch.randn(6, 3, 64, 64)
+    ids, mask = captions(CAPTION_LENGTHS)
+    packing = PackedText.from_mask(mask, multiple=16)
+
+    def run(impl: str):
+        twin = copy.deepcopy(model)
+        with ops.impl_scope(impl):
+            losses = twin(images, ids, mask, 0.4, torch.Generator().manual_seed(2), packing=packing)
+        sum(losses.values()).backward()
+        return ({k: v.detach() for k, v in losses.items()},
+                {n: p.grad for n, p in twin.named_parameters() if p.requires_grad})
+
+    kernel = run("auto,varlen_attention=triton")
+    # unimodal encoder, momentum encoder, ITM (self + cross), LM (self + cross): 2 layers each
+    assert len(kernel_calls) == 2 * 6
+    unpacked = run("reference")
+    for name, want in unpacked[0].items():
+        assert rel_err(kernel[0][name], want) <= RTOL, name
+    assert_grads_match(kernel[1], unpacked[1], RTOL)
+
+
+def test_plan_falls_back_where_a_table_cannot_describe_the_context():
+    """A padded context, or segments reading different keys, keep the unpacked path (plan None)."""
+    ids, mask = captions(CAPTION_LENGTHS)
+    packing = PackedText.from_mask(mask)
+    k = torch.randn(6, 2, 5, 8)
+    padding = mask.bool()
+    assert PackedAttention.plan(packing, padding, False, [(k, k)], torch.ones(6, 5, dtype=torch.bool)) is None
+    other = k.clone()
+    two_keys = BlockContext(((k[:3], k[:3], 1, None), (other[:3], other[:3], 1, None)))
+    assert PackedAttention.plan(packing, padding, False, [two_keys], None) is None
+    plan = PackedAttention.plan(packing, padding, False, [BlockContext(((k, k, 1, None),))], None)
+    assert plan is not None and torch.equal(plan.cross_attention.kv_group, torch.arange(6, dtype=torch.int32))
+
+
+def test_triton_compiled_blocks_with_the_kernel_match_eager(kernel_here):
+    """The kernel's custom ops inside block-compiled text layers (``aot_eager``, fullgraph: dynamo and AOTAutograd trace
+    their fake and autograd registrations) give the eager losses and gradients, and a third caption length compiles
+    nothing more (the tables' lengths and token counts are symbolic after the second)."""
+    from torch._dynamo.utils import counters
+
+    from blip_fast.models.compile import compile_blocks
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager = build_model("pretrain", no_dropout_config())
+    compiled = copy.deepcopy(eager)
+    # the layers of the text passes with cross-attention (ITM's picked rows, the decoder's causal self-attention);
+    # the unimodal pass runs the encoder's layers too. The ViT and the momentum copies stay eager: less to trace.
+    assert compile_blocks(compiled.text_encoder, backend="aot_eager", fullgraph=True) == 2
+    assert compile_blocks(compiled.text_decoder, backend="aot_eager", fullgraph=True) == 2
+
+    def run(model, lengths):
+        ids, mask = captions(lengths, seed=len(lengths))
+        with ops.impl_scope("auto,varlen_attention=triton"):
+            losses = model(torch.randn(len(lengths), 3, 64, 64, generator=torch.Generator().manual_seed(1)), ids,
+                           mask, 0.4, torch.Generator().manual_seed(2), packing=PackedText.from_mask(mask, 8))
+        sum(losses.values()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return {k: v.detach() for k, v in losses.items()}, grads
+
+    try:
+        want, got = run(eager, [7, 3, 9, 5]), run(compiled, [7, 3, 9, 5])
+        for name, value in want[0].items():
+            assert rel_err(got[0][name], value) <= RTOL, name
+        assert_grads_match(got[1], want[1], RTOL)
+        run(compiled, [4, 12, 6, 11])  # a second length: the layers recompile with symbolic lengths
+        graphs = counters["stats"]["unique_graphs"]
+        run(compiled, [5, 8, 3, 10])
+        assert counters["stats"]["unique_graphs"] == graphs
+    finally:
+        torch._dynamo.reset()

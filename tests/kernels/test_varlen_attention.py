@@ -1,0 +1,209 @@
+"""Packed variable-length attention (Triton) against its reference, forward and gradients.
+
+Layouts: packed captions (bidirectional and causal; lengths 1, odd, past one block; a sequence with no query
+and a key group with no key), dense rows whose keys stop before their queries (ITM's negative texts), and
+cross-attention where groups are shared by several sequences, by one, or by none (ITM's image rows), plus
+rows outside every sequence (packing's filler). q, k and v are strided views of one tensor, as the model
+passes them. Blocks of 16 rows so that small shapes span several blocks; dropout 0 and 0.25 (the reference
+applies the kernels' own mask, :func:`dropout_keep`).
+
+Tolerances, against the reference evaluated in fp64 on the same inputs (and mask):
+
+* fp32: relative error (max |diff| / max |ref|) <= 1e-5 for the output and the three gradients;
+* fp16: flash-attention's rule, as ``blip-fast parity``: at most twice the error of the reference evaluated in
+  fp16 itself, plus ``2e-3 * max |ref|`` for summation order;
+* bf16: the same rule with a floor of ``1.6e-2``, on the GPU only (the interpreter cannot hold bf16).
+"""
+
+import pytest
+import torch
+from tensor_checks import rel_err
+
+from blip_fast import ops
+from blip_fast.kernels import varlen_attention as kernel
+from blip_fast.kernels.varlen_attention import AttentionSequences
+from blip_fast.ops.varlen_attention import varlen_attention_op, varlen_attention_triton
+
+FLOOR = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+HEADS, DIM, BLOCK = 2, 24, 16  # DIM 24: the head dimension is padded to a block of 32 and masked
+
+
+def layout(name: str):
+    """(table, query rows, key rows, causal) of a named layout."""
+    if name in ("bidirectional", "causal"):
+        q_len = torch.tensor([5, 1, 19, 0, 40, 16])
+        q_start = torch.cumsum(q_len, 0) - q_len
+        seqs = AttentionSequences.self_attention(q_start, q_len, q_len, 40)
+        return seqs, int(q_len.sum()) + 3, int(q_len.sum()) + 3, name == "causal"  # + 3 filler rows
+    if name == "dense_rows":
+        q_len = torch.full((4,), 21)
+        kv_len = torch.tensor([21, 3, 17, 1])
+        seqs = AttentionSequences.self_attention(torch.arange(4) * 21, q_len, kv_len, 21)
+        return seqs, 84, 84, False
+    if name == "cross_shared":
+        # 7 sequences over 4 groups: group 0 by three, 1 by none, 2 by three, 3 (no keys) by one; out of order
+        q_len = torch.tensor([5, 1, 19, 40, 3, 17, 2])
+        kv_group = torch.tensor([2, 0, 3, 0, 2, 0, 2])
+        kv_len = torch.tensor([33, 7, 50, 0])
+        seqs = AttentionSequences.grouped(torch.cumsum(q_len, 0) - q_len, q_len, kv_group,
+                                          torch.cumsum(kv_len, 0) - kv_len, kv_len, 40, 50)
+        return seqs, int(q_len.sum()) + 2, int(kv_len.sum()), False
+    raise ValueError(name)
+
+
+LAYOUTS = ["bidirectional", "causal", "dense_rows", "cross_shared"]
+
+
+def inputs(seqs, total_q, total_kv, device, dtype=torch.float64, seed=0):
+    """q, k, v as strided views (one (T, 3, H, D) tensor for self-attention, (T, 2, H, D) for keys/values), fp64."""
+    gen = torch.Generator().manual_seed(seed)
+    q_block = torch.randn(total_q, 3, HEADS, DIM, generator=gen, dtype=torch.float64)
+    kv_block = q_block[:, 1:] if total_q == total_kv else torch.randn(total_kv, 2, HEADS, DIM, generator=gen,
+                                                                      dtype=torch.float64)
+    grad = torch.randn(total_q, HEADS, DIM, generator=gen, dtype=torch.float64)
+    q_block, kv_block = q_block.to(device, dtype), kv_block.to(device, dtype)
+    table = AttentionSequences(*(t.to(device) for t in seqs.tensors), seqs.max_q_len, seqs.max_kv_len)
+    return q_block[:, 0], kv_block[:, 0], kv_block[:, 1], grad.to(device, dtype), table
+
+
+def reference(q, k, v, grad, seqs, causal, dropout_p, keep):
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = kernel.varlen_attention_ref(*leaves, seqs, causal, dropout_p, keep)
+    return (out.detach(), *torch.autograd.grad(out, leaves, grad))
+
+
+def assert_close(actual, truth, low, dtype, what):
+    actual, truth = actual.detach().double().cpu(), truth.detach().double().cpu()
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    err, scale = (actual - truth).abs().max().item(), truth.abs().max().item()
+    if dtype == torch.float32:
+        assert err <= 1e-5 * scale, f"{what}: relative error {err / scale:.2e} > 1e-5"
+        return
+    bound = 2 * (low.detach().double().cpu() - truth).abs().max().item() + FLOOR[dtype] * scale
+    assert err <= bound, f"{what}: error {err:.2e} > bound {bound:.2e}"
+
+
+def check(device, dtype, name, dropout_p, block=BLOCK):
+    seqs, total_q, total_kv, causal = layout(name)
+    q, k, v, grad, seqs = inputs(seqs, total_q, total_kv, device)
+    seed = torch.tensor([1234], device=device)
+    keep = kernel.dropout_keep(seqs, HEADS, total_q, dropout_p, seed) if dropout_p else None
+    truth = reference(q, k, v, grad, seqs, causal, dropout_p, keep)
+    low_inputs = [t.to(dtype) for t in (q, k, v, grad)]
+    low = reference(*low_inputs, seqs, causal, dropout_p, keep)
+    out, lse = kernel.varlen_attention_forward(*low_inputs[:3], seqs, causal, dropout_p, seed, block, block)
+    grads = kernel.varlen_attention_backward(low_inputs[3], *low_inputs[:3], out, lse, seqs, causal, dropout_p, seed,
+                                             block, block)
+    for what, got, want, want_low in zip(("output", "dq", "dk", "dv"), (out, *grads), truth, low, strict=True):
+        assert got.dtype == dtype
+        assert_close(got, want, want_low, dtype, what)
+    return out, grads
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+@pytest.mark.parametrize("name", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_kernels_match_reference(triton_device, dtype, name, dropout_p):
+    check(triton_device, dtype, name, dropout_p)
+
+
+def test_triton_rows_outside_sequences_and_empty_groups_are_zero(triton_device):
+    """Filler rows (no sequence) get zero output and zero gradients; a group without keys gives zero output."""
+    seqs, total_q, total_kv, _ = layout("cross_shared")
+    out, (dq, dk, dv) = check(triton_device, torch.float32, "cross_shared", 0.0)
+    covered = int(seqs.q_len.sum())
+    assert out[covered:].abs().max() == 0 and dq[covered:].abs().max() == 0
+    rows_of_group_3 = slice(int(seqs.q_start[2]), int(seqs.q_start[2] + seqs.q_len[2]))  # sequence 2 -> group 3
+    assert out[rows_of_group_3].abs().max() == 0
+    assert dk[33:40].abs().max() == 0 and dv[33:40].abs().max() == 0  # group 1's keys: no sequence reads them
+
+
+def test_triton_one_block_covers_caption_lengths(triton_device):
+    """The GPU's block sizes (64 rows), the layouts fitting one block or spanning a few."""
+    for name in ("causal", "cross_shared"):
+        check(triton_device, torch.float32, name, 0.25, block=None)
+
+
+def test_triton_dropout_mask_is_random_and_reproducible(triton_device):
+    seqs, total_q, _, _ = layout("dense_rows")
+    seqs = AttentionSequences(*(t.to(triton_device) for t in seqs.tensors), seqs.max_q_len, seqs.max_kv_len)
+    seed = torch.tensor([7], device=triton_device)
+    keep = kernel.dropout_keep(seqs, HEADS, total_q, 0.25, seed)
+    assert abs(keep.float().mean().item() - 0.75) < 0.02  # 7,056 draws: 4 standard deviations is 0.021
+    assert torch.equal(keep, kernel.dropout_keep(seqs, HEADS, total_q, 0.25, seed))
+    other = kernel.dropout_keep(seqs, HEADS, total_q, 0.25, torch.tensor([8], device=triton_device))
+    assert (keep != other).float().mean() > 0.2
+    assert not torch.equal(keep[:, 0], keep[:, 1])  # heads draw their own
+
+
+def test_triton_gradients_are_deterministic(triton_device):
+    seqs, total_q, total_kv, _ = layout("cross_shared")
+    q, k, v, grad, seqs = inputs(seqs, total_q, total_kv, triton_device, torch.float32)
+    seed = torch.tensor([3], device=triton_device)
+    runs = []
+    for _ in range(2):
+        out, lse = kernel.varlen_attention_forward(q, k, v, seqs, False, 0.25, seed, BLOCK, BLOCK)
+        runs.append(kernel.varlen_attention_backward(grad, q, k, v, out, lse, seqs, False, 0.25, seed, BLOCK, BLOCK))
+    for first, second in zip(*runs, strict=True):
+        assert torch.equal(first, second)
+
+
+def test_triton_op_autograd_and_autocast(triton_device):
+    """The registered entry: autograd through the custom ops (fp32), and under autocast fp16 the kernels read fp16
+    (the dropout seed is drawn from torch's generator: same seed, same result)."""
+    seqs, total_q, total_kv, causal = layout("causal")
+    q, k, v, grad, seqs = inputs(seqs, total_q, total_kv, triton_device, torch.float32)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = varlen_attention_triton(*leaves, seqs, causal, 0.0)
+    got = (out, *torch.autograd.grad(out, leaves, grad))
+    for a, b in zip(got, reference(q, k, v, grad, seqs, causal, 0.0, None), strict=True):
+        assert rel_err(a, b) <= 1e-5
+    torch.manual_seed(0)
+    first = varlen_attention_triton(q, k, v, seqs, causal, 0.25)
+    torch.manual_seed(0)
+    assert torch.equal(first, varlen_attention_triton(q, k, v, seqs, causal, 0.25))
+    with torch.autocast(triton_device, dtype=torch.float16):
+        assert varlen_attention_triton(q, k, v, seqs, causal, 0.0).dtype == torch.float16
+
+
+def test_triton_opcheck(triton_device):
+    seqs, total_q, total_kv, causal = layout("cross_shared")
+    q, k, v, _, seqs = inputs(seqs, total_q, total_kv, triton_device, torch.float32)
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), *seqs.tensors, seqs.max_q_len,
+            seqs.max_kv_len, causal, 0.0, torch.zeros(1, dtype=torch.int64, device=triton_device))
+    torch.library.opcheck(torch.ops.blip_fast.varlen_attention_triton.default, args)
+
+
+def test_bad_inputs_are_named():
+    seqs, total_q, total_kv, _ = layout("bidirectional")
+    q = torch.zeros(total_q, HEADS, DIM)
+    with pytest.raises(ValueError, match=r"\(T, H, D\)"):
+        kernel.check_inputs(q[None], q, q, seqs, 0.0)
+    with pytest.raises(ValueError, match="share one of"):
+        kernel.check_inputs(q.half(), q, q, seqs, 0.0)
+    with pytest.raises(ValueError, match="dropout_p"):
+        kernel.check_inputs(q, q, q, seqs, 1.0)
+    with pytest.raises(ValueError, match="head dimension"):
+        kernel.check_inputs(q.transpose(0, 2).contiguous().transpose(0, 2), q, q, seqs, 0.0)
+    with pytest.raises(ValueError, match="table shapes"):
+        kernel.check_inputs(q, q, q, seqs._replace(kv_len=seqs.kv_len[:2]), 0.0)
+
+
+def test_auto_does_not_pick_the_kernel_until_timed():
+    """``auto`` passes the kernel over (not yet timed on a GPU); naming it selects it where it can run."""
+    cuda = torch.device("cuda")
+    if "triton" not in varlen_attention_op.available(cuda, torch.bfloat16):
+        pytest.skip("the kernel cannot run here (no GPU or no triton): nothing for auto to pass over")
+    assert varlen_attention_op.select(cuda, torch.bfloat16) == "reference"
+    with ops.impl_scope("auto,varlen_attention=triton"):
+        assert varlen_attention_op.select(cuda, torch.bfloat16) == "triton"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_triton_kernels_match_reference_bf16(name, dropout_p):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    check("cuda", torch.bfloat16, name, dropout_p)
+    check("cuda", torch.bfloat16, name, dropout_p, block=None)
