@@ -131,7 +131,8 @@ class PackedAttention(NamedTuple):
     def plan(cls, packing: PackedText, padding_mask: torch.Tensor, causal: bool, context_kv, context_mask
              ) -> PackedAttention | None:
         """The tables of a pass over ``packing``'s rows, or None where the context is not one a table can describe
-        (a padded context, or a :class:`BlockContext` whose segments read different keys): that pass unpacks.
+        (a padded context, a :class:`BlockContext` whose segments read different keys, or layers whose contexts pick
+        different rows; one table serves every layer): that pass unpacks.
 
         Self-attention: row b's queries are its packed tokens (all L positions of a dense row), its keys its real
         tokens (``padding_mask``). Cross-attention: row b's queries attend to every token of its context row, which
@@ -148,7 +149,12 @@ class PackedAttention(NamedTuple):
         first = context_kv[0]
         if isinstance(first, BlockContext):
             picked = first.context_rows()
-            if picked is None:
+            layout = [(repeats, rows) for _, _, repeats, rows in first.segments]
+            if picked is None or any(
+                    not isinstance(layer, BlockContext) or layer.context_rows() is None
+                    or len(layer.segments) != len(layout)
+                    or any(repeats != r or rows is not p for (_, _, repeats, rows), (r, p) in
+                           zip(layer.segments, layout, strict=True)) for layer in context_kv[1:]):
                 return None
             keys, _, kv_group = picked
         else:
@@ -485,8 +491,8 @@ class TextDecoder(nn.Module):
         if reduction == "mean":
             return ops.lm_loss(hidden, head.decoder.weight, head.bias, shifted, label_smoothing, "mean")
         per_token = ops.lm_loss(hidden, head.decoder.weight, head.bias, shifted, label_smoothing, "none")
-        if packing is not None:
-            return per_token.new_zeros(targets.shape[0]).index_add_(0, packing.rows(), per_token)
+        if packing is not None:  # back to (B, L) by a gather, then summed: no atomics, deterministic
+            return (packing.unpack(per_token) * packing.valid).sum(dim=1)
         return per_token.view(targets.shape[0], -1).sum(dim=1)
 
 

@@ -139,10 +139,6 @@ class PackedText(NamedTuple):
         ignore = targets.new_full((targets.shape[0], 1), IGNORE_INDEX)
         return self.pack(torch.cat([targets[:, 1:], ignore], dim=1))
 
-    def rows(self) -> torch.Tensor:
-        """(T,) the caption (row of the batch) of each packed token."""
-        return torch.div(self.index, self.length, rounding_mode="floor")
-
 
 class _GatherRows(torch.autograd.Function):
     """``source.index_select(0, index)``, whose gradient is gathered back: ``grad.index_select(0, grad_index)``,

@@ -119,7 +119,8 @@ def test_triton_pretraining_kernel_equals_unpacked(kernel_calls):
 
 
 def test_plan_falls_back_where_a_table_cannot_describe_the_context():
-    """A padded context, or segments reading different keys, keep the unpacked path (plan None)."""
+    """A padded context, segments reading different keys, or layers picking other rows (by identity: comparing
+    values would wait for the device) keep the unpacked path (plan None)."""
     ids, mask = captions(CAPTION_LENGTHS)
     packing = PackedText.from_mask(mask)
     k = torch.randn(6, 2, 5, 8)
@@ -128,6 +129,9 @@ def test_plan_falls_back_where_a_table_cannot_describe_the_context():
     other = k.clone()
     two_keys = BlockContext(((k[:3], k[:3], 1, None), (other[:3], other[:3], 1, None)))
     assert PackedAttention.plan(packing, padding, False, [two_keys], None) is None
+    picked, same = torch.tensor([2, 0, 1, 5, 4, 3]), torch.tensor([2, 0, 1, 5, 4, 3])
+    other_rows = [BlockContext(((k, k, 1, picked),)), BlockContext(((other, other, 1, same),))]
+    assert PackedAttention.plan(packing, padding, False, other_rows, None) is None  # one table must serve each layer
     plan = PackedAttention.plan(packing, padding, False, [BlockContext(((k, k, 1, None),))], None)
     assert plan is not None and torch.equal(plan.cross_attention.kv_group, torch.arange(6, dtype=torch.int32))
 

@@ -15,6 +15,8 @@ Tolerances, against the reference evaluated in fp64 on the same inputs (and mask
 * bf16: the same rule with a floor of ``1.6e-2``, on the GPU only (the interpreter cannot hold bf16).
 """
 
+import dataclasses
+
 import pytest
 import torch
 from tensor_checks import rel_err
@@ -189,14 +191,19 @@ def test_bad_inputs_are_named():
         kernel.check_inputs(q, q, q, seqs._replace(kv_len=seqs.kv_len[:2]), 0.0)
 
 
-def test_auto_does_not_pick_the_kernel_until_timed():
-    """``auto`` passes the kernel over (not yet timed on a GPU); naming it selects it where it can run."""
-    cuda = torch.device("cuda")
-    if "triton" not in varlen_attention_op.available(cuda, torch.bfloat16):
-        pytest.skip("the kernel cannot run here (no GPU or no triton): nothing for auto to pass over")
-    assert varlen_attention_op.select(cuda, torch.bfloat16) == "reference"
+def test_auto_does_not_pick_the_kernel_until_timed(monkeypatch):
+    """``auto`` passes the kernel over (not yet timed on a GPU); naming it selects it where it can run (here: let it
+    run on the CPU, as the interpreter does)."""
+    impl = varlen_attention_op.impls["triton"]
+    assert impl.auto is False and impl.devices == ("cuda",)
+    monkeypatch.setitem(varlen_attention_op.impls, "triton",
+                        dataclasses.replace(impl, devices=("cpu",), is_available=lambda: True))
+    cpu = torch.device("cpu")
+    with ops.impl_scope("auto"):
+        assert varlen_attention_op.select(cpu, torch.float32) == "reference"
     with ops.impl_scope("auto,varlen_attention=triton"):
-        assert varlen_attention_op.select(cuda, torch.bfloat16) == "triton"
+        assert varlen_attention_op.select(cpu, torch.float32) == "triton"
+        assert varlen_attention_op.select(cpu, torch.float64) == "reference"  # a dtype it does not take
 
 
 @pytest.mark.gpu

@@ -40,10 +40,11 @@ def test_packing_layout(multiple):
     assert torch.equal(packed_ids[:real], ids[mask.bool()])  # captions in order, padding left out
     assert torch.equal(packing.positions[:real], torch.cat([torch.arange(n) for n in CAPTION_LENGTHS]))
     assert torch.equal(packing.first_rows(packed_ids), ids[:, 0])
-    assert torch.equal(packing.rows()[:real], torch.repeat_interleave(torch.arange(6), torch.tensor(CAPTION_LENGTHS)))
+    rows = packing.index // packing.length  # the caption of each packed token
+    assert torch.equal(rows[:real], torch.repeat_interleave(torch.arange(6), torch.tensor(CAPTION_LENGTHS)))
     # filler rows copy the last token of captions
     last = mask.sum(1) - 1
-    assert all(int(packing.positions[j]) == int(last[int(packing.rows()[j])]) for j in range(real, packing.tokens))
+    assert all(int(packing.positions[j]) == int(last[int(rows[j])]) for j in range(real, packing.tokens))
     # unpack puts every real token back; padding positions hold some real row
     states = torch.randn(packing.tokens, 5)
     unpacked = packing.unpack(states)
