@@ -12,14 +12,16 @@ the captions of a pretraining batch (96 of 8 to 35 tokens): the unimodal encoder
 causal self-attention, and ITM's cross-attention of its 3 x 96 rows to the 197 tokens of their images (the
 negative-image rows picking theirs). Before timing, outputs without dropout are compared (2e-2 relative).
 
-    python benchmarks/bench_varlen_attention.py [--json PATH]
+    python benchmarks/bench_varlen_attention.py [--blocks 32x32,64x64,...] [--json PATH]
 
 with PATH like ``benchmarks/results/kernels-h100-YYYYMMDD-attention.json``. Times are medians of
-``triton.testing.do_bench`` in microseconds. Needs a CUDA device.
+``triton.testing.do_bench`` in microseconds; ``fast`` runs the kernels' default blocks (64 x 64), and
+``fast_mM_nN`` the other blocks asked for: the data to tune them with. Needs a CUDA device.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 import torch
@@ -92,39 +94,71 @@ def cases():
     yield f"itm_cross_b{3 * BATCH}_t{itm.tokens}_n{IMAGE_TOKENS}", itm_padded, itm_packed, [queries, keys, values]
 
 
-def run() -> list[dict]:
-    import triton.testing
+def run(blocks: list[tuple[int, int]]) -> list[dict]:
+    """Times per case: ``padded``, ``fast`` (the kernels' default blocks) and ``fast_mM_nN`` for other blocks."""
+    from blip_fast.kernels import varlen_attention as kernel
 
+    default = (kernel.BLOCK_M, kernel.BLOCK_N)
     records = []
-    for case, padded, packed, leaves in cases():
-        grad = torch.randn_like(padded(*leaves, 0.0))
-        with ops.impl_scope("auto,varlen_attention=triton"):
-            got = packed(*leaves, 0.0)
-        want = padded(*leaves, 0.0)
-        error = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
-        if error > 2e-2:  # no timing for a wrong answer
-            raise RuntimeError(f"packed attention differs from padded on {case}: relative error {error:.2e}")
-        for impl, fn, spec in (("padded", padded, "auto"), ("fast", packed, "auto,varlen_attention=triton")):
-            def step(fn=fn, spec=spec, leaves=leaves, grad=grad):
-                with ops.impl_scope(spec):
-                    out = fn(*leaves, DROPOUT)
-                return torch.autograd.grad(out, leaves, grad)
-
-            median_ms = triton.testing.do_bench(step, return_mode="median")
-            records.append({"case": case, "impl": impl, "metric": "us", "value": round(median_ms * 1e3, 1)})
+    try:
+        for case, padded, packed, leaves in cases():
+            timed = [("padded", padded, "auto", default)] + [
+                ("fast" if block == default else f"fast_m{block[0]}_n{block[1]}", packed,
+                 "auto,varlen_attention=triton", block) for block in [default] + [b for b in blocks if b != default]]
+            records += time_case(case, leaves, timed, kernel)
+    finally:
+        kernel.BLOCK_M, kernel.BLOCK_N = default
     return records
 
 
+def time_case(case: str, leaves: list[torch.Tensor], timed: list, kernel) -> list[dict]:
+    import triton.testing
+
+    records = []
+    want = timed[0][1](*leaves, 0.0)
+    grad = torch.randn_like(want)
+    for impl, fn, spec, block in timed:
+        kernel.BLOCK_M, kernel.BLOCK_N = block  # the kernels read their blocks at each call
+        with ops.impl_scope(spec):
+            got = fn(*leaves, 0.0)
+        error = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+        if error > 2e-2:  # no timing for a wrong answer
+            raise RuntimeError(f"{impl} differs from the padded attention on {case}: relative error {error:.2e}")
+
+        def step(fn=fn, spec=spec):
+            with ops.impl_scope(spec):
+                out = fn(*leaves, DROPOUT)
+            return torch.autograd.grad(out, leaves, grad)
+
+        median_ms = triton.testing.do_bench(step, return_mode="median")
+        records.append({"case": case, "impl": impl, "metric": "us", "value": round(median_ms * 1e3, 1)})
+    return records
+
+
+def parse_blocks(text: str) -> list[tuple[int, int]]:
+    """``"64x64,32x64"`` -> [(64, 64), (32, 64)]: query x key rows per block, powers of two from 16."""
+    blocks = []
+    for item in filter(None, text.split(",")):
+        m, _, n = item.partition("x")
+        if not (m.isdigit() and n.isdigit()) or any(v < 16 or v & (v - 1) for v in (int(m), int(n))):
+            raise argparse.ArgumentTypeError(f"blocks are MxN with powers of two from 16, e.g. 64x64; got {item!r}")
+        blocks.append((int(m), int(n)))
+    return blocks
+
+
 def print_table(records: list[dict]) -> None:
-    print(f"{'case':<40} {'impl':<8} {'us':>9} {'vs padded':>10}")
+    print(f"{'case':<40} {'impl':<16} {'us':>9} {'vs padded':>10}")
     times = {(r["case"], r["impl"]): r["value"] for r in records}
     for (case, impl), us in times.items():
-        print(f"{case:<40} {impl:<8} {us:>9.1f} {times[(case, 'padded')] / us:>9.2f}x")
+        print(f"{case:<40} {impl:<16} {us:>9.1f} {times[(case, 'padded')] / us:>9.2f}x")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = benchmark_arguments(__doc__).parse_args(argv)
-    return run_gpu_benchmark("varlen_attention", "kernels", argv, args.json, run, print_table)
+    parser = benchmark_arguments(__doc__)
+    parser.add_argument("--blocks", type=parse_blocks, default=parse_blocks("32x32,32x64,64x32,128x64"),
+                        help="other query x key blocks to time the kernels with (default 32x32,32x64,64x32,128x64)")
+    args = parser.parse_args(argv)
+    return run_gpu_benchmark("varlen_attention", "kernels", argv, args.json, lambda: run(args.blocks), print_table)
 
 
 if __name__ == "__main__":
