@@ -174,6 +174,10 @@ def test_triton_opcheck(triton_device):
     args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), *seqs.tensors, seqs.max_q_len,
             seqs.max_kv_len, causal, 0.0, torch.zeros(1, dtype=torch.int64, device=triton_device))
     torch.library.opcheck(torch.ops.blip_fast.varlen_attention_triton.default, args)
+    with torch.no_grad():  # the backward op is not differentiable itself
+        out, lse = torch.ops.blip_fast.varlen_attention_triton(*args)
+    backward_args = (torch.randn_like(out), *(t.detach() for t in args[:3]), out, lse, *args[3:])
+    torch.library.opcheck(torch.ops.blip_fast.varlen_attention_backward_triton.default, backward_args)
 
 
 def test_bad_inputs_are_named():
