@@ -3,9 +3,9 @@
 #
 #   bash benchmarks/gpu_session.sh [STAGE ...]
 #
-# stages: build tests parity step step_variants hard_negatives lm_loss attention distributed main data report
-# (default: build tests parity step step_variants hard_negatives lm_loss attention distributed main; data needs DALI carried in first with
-# benchmarks/dali_carry.sh, and report runs anywhere on the results files). The machine is offline, so `build`
+# stages: build tests parity step step_variants hard_negatives lm_loss attention step_attention distributed main data
+# report (default: all but data and report; data needs DALI carried in first with benchmarks/dali_carry.sh, and
+# report runs anywhere on the results files). The machine is offline, so `build`
 # installs without dependencies: it has all of them but ruff (shared/GPU.md). Results files go to $OUT (the device tool brings them back),
 # named as shared/BENCHMARKS.md asks; copy the ones to keep into benchmarks/results/ and commit them.
 # Every stage's output is appended to $OUT/session.log and the step profiles are archived in one file: the
@@ -18,7 +18,8 @@ mkdir -p "$OUT"
 DAY=$(date +%Y%m%d)
 DEV=$(python -c "import torch; n = torch.cuda.get_device_name(); print('h200' if 'H200' in n else 'h100' if 'H100' in n else 'gpu')")
 STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(build tests parity step step_variants hard_negatives lm_loss attention distributed main)
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(build tests parity step step_variants hard_negatives lm_loss attention step_attention distributed
+                                   main)
 
 LOG=$OUT/session.log
 run() {  # run STAGE COMMAND...: append to $LOG, keep going after a failure, report it at the end
@@ -47,12 +48,14 @@ for stage in "${STAGES[@]}"; do
               tar -czf "$OUT/profiles-step-$DEV-$DAY.tgz" -C "$PROFILES" . ;;
         # what single techniques are worth within the graphed step, in a run of their own (each impl compiles and
         # captures anew, and one call to the machine lasts 10 minutes): fast_padded weighs packed captions, the
-        # variants the fused LM loss (lm_loss_ref: without it) and the packed attention kernel (packed_attention: with
-        # it; auto leaves it out until this run times it). Commit the file under benchmarks/results/runs/.
+        # variant the fused LM loss (lm_loss_ref: without it). Commit the file under benchmarks/results/runs/.
         step_variants) run step_variants blip-fast bench step --impl fast --impl fast_padded \
-                           --variant lm_loss_ref:auto,lm_loss=reference \
-                           --variant packed_attention:auto,varlen_attention=triton \
-                           --json "$OUT/step-$DEV-$DAY-variants.json" ;;
+                           --variant lm_loss_ref:auto,lm_loss=reference --json "$OUT/step-$DEV-$DAY-variants.json" ;;
+        # the packed attention kernel in the graphed step against fast, in a run of its own (auto leaves the kernel
+        # out until this run times it); also under benchmarks/results/runs/
+        step_attention) run step_attention blip-fast bench step --impl fast \
+                            --variant packed_attention:auto,varlen_attention=triton \
+                            --json "$OUT/step-$DEV-$DAY-packed-attention.json" ;;
         hard_negatives) run hard_negatives blip-fast bench hard_negatives --json "$OUT/kernels-$DEV-$DAY.json" ;;
         lm_loss) run lm_loss blip-fast bench lm_loss --json "$OUT/losses-$DEV-$DAY.json" ;;
         # the packed attention kernel against unpacking around SDPA, per attention of the text passes
