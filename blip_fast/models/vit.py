@@ -75,12 +75,27 @@ class Block(nn.Module):
 
 
 class PatchEmbed(nn.Module):
+    """The patch embedding: timm's ``Conv2d(3, width, kernel_size=P, stride=P)``, computed as one GEMM.
+
+    A convolution whose stride is its kernel size maps each non-overlapping P x P patch linearly: the same products
+    are the unfolded patches (B, N, 3 P^2) times the kernel viewed as (width, 3 P^2). On the H100 the bf16
+    convolution took 531 us a call plus cuDNN's NCHW -> NHWC transposes (``profile-step-fast-h100-20261122.txt``;
+    two calls a step, online and momentum ViT), several times what a GEMM of its FLOPs takes. The parameter stays the
+    ``Conv2d``'s (names and checkpoints unchanged); ``tests/models/test_models.py`` compares it with the convolution.
+    """
+
     def __init__(self, patch_size: int, width: int):
         super().__init__()
         self.proj = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.proj(images).flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, N, width)
+        """(B, 3, H, W), H and W multiples of P -> (B, H/P * W/P, width), patches in row-major order."""
+        batch, channels, height, width = images.shape
+        size = self.proj.kernel_size[0]
+        rows, cols = height // size, width // size
+        patches = (images.reshape(batch, channels, rows, size, cols, size).permute(0, 2, 4, 1, 3, 5)
+                   .reshape(batch, rows * cols, channels * size * size))  # each patch's (channel, y, x) values
+        return F.linear(patches, self.proj.weight.flatten(1), self.proj.bias)
 
 
 class VisionTransformer(nn.Module):

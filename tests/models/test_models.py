@@ -101,6 +101,27 @@ def test_position_embedding_resampling():
     assert torch.equal(back, pos)
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("patch, height, width", [(16, 64, 48), (4, 12, 20), (1, 3, 5)])
+def test_patch_embedding_gemm_equals_the_convolution(dtype, tol, patch, height, width):
+    """The patch embedding as one GEMM over unfolded patches equals timm's strided convolution: tokens (row-major
+    patch order) and the gradients of the images, the kernel and the bias (max |diff| / max |conv| <= tol)."""
+    from tensor_checks import rel_err
+
+    from blip_fast.models.vit import PatchEmbed
+
+    embed = PatchEmbed(patch, 24).to(dtype)
+    images = torch.randn(3, 3, height, width, dtype=dtype, requires_grad=True)
+    weights = torch.randn(3, (height // patch) * (width // patch), 24, dtype=dtype)
+    leaves = (images, embed.proj.weight, embed.proj.bias)
+    gemm = embed(images)
+    conv = embed.proj(images).flatten(2).transpose(1, 2)
+    assert gemm.shape == conv.shape and rel_err(gemm, conv) <= tol
+    for got, want in zip(torch.autograd.grad((gemm * weights).sum(), leaves),
+                         torch.autograd.grad((conv * weights).sum(), leaves), strict=True):
+        assert rel_err(got, want) <= tol
+
+
 def test_vit_runs_at_other_resolutions():
     vit = build_model("caption", tiny_config()).visual_encoder
     assert vit(torch.randn(1, 3, 96, 48)).shape == (1, 1 + 6 * 3, 64)
