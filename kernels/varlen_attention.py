@@ -174,8 +174,9 @@ if HAS_TRITON:
 
     @triton.jit
     def _tile(ptr, rows, stride_t, h, stride_h, d_offs):
-        """Pointers to head h of ``rows`` (a block of row indices) of a (T, H, D) tensor: (rows, BLOCK_D)."""
-        return ptr + rows[:, None] * stride_t + h * stride_h + d_offs[None, :]
+        """Pointers to head h of ``rows`` (a block of row indices) of a (T, H, D) tensor: (rows, BLOCK_D). The row
+        offset is 64-bit: the image keys of a large batch (rows x row stride) pass 2^31 elements."""
+        return ptr + rows.to(tl.int64)[:, None] * stride_t + h * stride_h + d_offs[None, :]
 
     @triton.jit
     def _query_block(seq, pid_m, q_len, q_start_ptr, kv_group_ptr, kv_start_ptr, kv_len_ptr, head_dim,
