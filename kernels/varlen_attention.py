@@ -26,7 +26,7 @@ with a new seed each step, drawn by torch's generator) and the offset ``(h * T_q
 max_kv_len + key position``; the backward draws the same ones. :func:`dropout_keep` writes that mask
 out in the padded layout for tests.
 
-All three kernels read q, k, v in their dtype (fp32, fp16, bf16), multiply in it with fp32 accumulation
+The kernels read q, k, v in their dtype (fp32, fp16, bf16), multiply in it with fp32 accumulation
 (fp32 inputs in IEEE precision, not TF32) and keep the softmax statistics in fp32.
 """
 
