@@ -179,10 +179,14 @@ if HAS_TRITON:
         return ptr + rows.to(tl.int64)[:, None] * stride_t + h * stride_h + d_offs[None, :]
 
     @triton.jit
-    def _query_block(seq, pid_m, q_len, q_start_ptr, kv_group_ptr, kv_start_ptr, kv_len_ptr, head_dim,
+    def _query_block(heads, q_start_ptr, q_len_ptr, kv_group_ptr, kv_start_ptr, kv_len_ptr, head_dim,
                      CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-        """Query block ``pid_m`` of sequence ``seq``: positions in the sequence, their mask, rows, the head columns
-        and their mask, and its group's keys: first row, count, and the end of those it may see (causal)."""
+        """The query block of a program over (query block, sequence x head): its head, whether the block holds any
+        query of the sequence, positions in the sequence, their mask, rows, the head columns and their mask, and
+        its group's keys: first row, count, and the end of those it may see (causal)."""
+        pid_m = tl.program_id(0)
+        seq = tl.program_id(1) // heads
+        q_len = tl.load(q_len_ptr + seq)
         group = tl.load(kv_group_ptr + seq)
         kv_len = tl.load(kv_len_ptr + group)
         m_offs = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -190,8 +194,9 @@ if HAS_TRITON:
         kv_end = kv_len
         if CAUSAL:
             kv_end = tl.minimum(kv_len, (pid_m + 1) * BLOCK_M)
-        return (m_offs, m_offs < q_len, tl.load(q_start_ptr + seq) + m_offs, d_offs, d_offs < head_dim,
-                tl.load(kv_start_ptr + group), kv_len, kv_end)
+        return (tl.program_id(1) % heads, pid_m * BLOCK_M < q_len, m_offs, m_offs < q_len,
+                tl.load(q_start_ptr + seq) + m_offs, d_offs, d_offs < head_dim, tl.load(kv_start_ptr + group), kv_len,
+                kv_end)
 
     @triton.jit
     def _scores(q, k_ptrs, n_offs, kv_len, m_offs, scale, CAUSAL: tl.constexpr, D_MASK, PRECISION: tl.constexpr):
@@ -214,14 +219,9 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """One program per (query block, sequence x head): online softmax over the group's key blocks."""
-        pid_m = tl.program_id(0)
-        seq = tl.program_id(1) // heads
-        h = tl.program_id(1) % heads
-        q_len = tl.load(q_len_ptr + seq)
-        if pid_m * BLOCK_M < q_len:
-            m_offs, m_mask, q_rows, d_offs, d_mask, kv_start, kv_len, kv_end = _query_block(
-                seq, pid_m, q_len, q_start_ptr, kv_group_ptr, kv_start_ptr, kv_len_ptr, head_dim, CAUSAL, BLOCK_M,
-                BLOCK_D)
+        h, active, m_offs, m_mask, q_rows, d_offs, d_mask, kv_start, kv_len, kv_end = _query_block(
+            heads, q_start_ptr, q_len_ptr, kv_group_ptr, kv_start_ptr, kv_len_ptr, head_dim, CAUSAL, BLOCK_M, BLOCK_D)
+        if active:
             q = tl.load(_tile(q_ptr, q_rows, stride_qt, h, stride_qh, d_offs), mask=m_mask[:, None] & d_mask[None, :],
                         other=0.0)
             row_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -348,14 +348,9 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """One program per (query block, sequence x head): dQ over the group's key blocks."""
-        pid_m = tl.program_id(0)
-        seq = tl.program_id(1) // heads
-        h = tl.program_id(1) % heads
-        q_len = tl.load(q_len_ptr + seq)
-        if pid_m * BLOCK_M < q_len:
-            m_offs, m_mask, q_rows, d_offs, d_mask, kv_start, kv_len, kv_end = _query_block(
-                seq, pid_m, q_len, q_start_ptr, kv_group_ptr, kv_start_ptr, kv_len_ptr, head_dim, CAUSAL, BLOCK_M,
-                BLOCK_D)
+        h, active, m_offs, m_mask, q_rows, d_offs, d_mask, kv_start, kv_len, kv_end = _query_block(
+            heads, q_start_ptr, q_len_ptr, kv_group_ptr, kv_start_ptr, kv_len_ptr, head_dim, CAUSAL, BLOCK_M, BLOCK_D)
+        if active:
             q_tile = m_mask[:, None] & d_mask[None, :]
             q = tl.load(_tile(q_ptr, q_rows, stride_qt, h, stride_qh, d_offs), mask=q_tile, other=0.0)
             g = tl.load(_tile(grad_ptr, q_rows, stride_gt, h, stride_gh, d_offs), mask=q_tile, other=0.0)

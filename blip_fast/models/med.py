@@ -109,15 +109,25 @@ class BlockContext(NamedTuple):
             raise ValueError(f"the context's segments cover {start} rows, the queries have {q.shape[0]}")
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
-    def context_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """(keys, values, the keys' row of each query row) when every segment reads one keys tensor, else None."""
+    def shared_keys_values(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(keys, values) when every segment reads the same ones (packed attention then reads them in place)."""
         keys, values = self.segments[0][:2]
-        if any(segment[0] is not keys or segment[1] is not values for segment in self.segments):
+        if any(k is not keys or v is not values for k, v, _, _ in self.segments):
             return None
-        picked = [torch.arange(keys.shape[0], device=keys.device) if rows is None else rows
-                  for _, _, _, rows in self.segments]
-        return keys, values, torch.cat([rows.repeat(repeats) for rows, (_, _, repeats, _) in
-                                        zip(picked, self.segments, strict=True)])
+        return keys, values
+
+    def picks_like(self, other: BlockContext) -> bool:
+        """Whether the segments repeat and pick the very same rows as ``other``'s (by identity: comparing values
+        would wait for the device)."""
+        return len(self.segments) == len(other.segments) and all(
+            mine[2] == theirs[2] and mine[3] is theirs[3]
+            for mine, theirs in zip(self.segments, other.segments, strict=True))
+
+    def context_rows(self) -> torch.Tensor:
+        """The row of the (shared) keys that each query row attends to."""
+        count = self.segments[0][0].shape[0]
+        return torch.cat([(torch.arange(count, device=keys.device) if rows is None else rows).repeat(repeats)
+                          for keys, _, repeats, rows in self.segments])
 
 
 class PackedAttention(NamedTuple):
@@ -148,15 +158,10 @@ class PackedAttention(NamedTuple):
             return None
         first = context_kv[0]
         if isinstance(first, BlockContext):
-            picked = first.context_rows()
-            layout = [(repeats, rows) for _, _, repeats, rows in first.segments]
-            if picked is None or any(
-                    not isinstance(layer, BlockContext) or layer.context_rows() is None
-                    or len(layer.segments) != len(layout)
-                    or any(repeats != r or rows is not p for (_, _, repeats, rows), (r, p) in
-                           zip(layer.segments, layout, strict=True)) for layer in context_kv[1:]):
+            if any(not isinstance(layer, BlockContext) or layer.shared_keys_values() is None
+                   or not layer.picks_like(first) for layer in context_kv):
                 return None
-            keys, _, kv_group = picked
+            keys, kv_group = first.segments[0][0], first.context_rows()
         else:
             keys, kv_group = first[0], torch.arange(packing.batch, device=q_len.device)
             if keys.shape[0] != packing.batch:
@@ -169,9 +174,10 @@ class PackedAttention(NamedTuple):
 
 
 def _packed_context(keys_values) -> tuple[torch.Tensor, torch.Tensor]:
-    """A cross-attention context's keys and values as rows (C * N, H, D) (views where their layout allows)."""
+    """A cross-attention context's keys and values as rows (C * N, H, D) (views where their layout allows); a
+    :class:`BlockContext`'s shared ones, which :meth:`PackedAttention.plan` checked."""
     if isinstance(keys_values, BlockContext):
-        keys_values = keys_values.context_rows()[:2]
+        keys_values = keys_values.shared_keys_values()
     return tuple(t.transpose(1, 2).flatten(0, 1) for t in keys_values)
 
 
@@ -265,12 +271,12 @@ class TextAttention(nn.Module):
         projected (self-attention projects them with its keys and values).
 
         With ``sequences`` (a table of :class:`PackedAttention`) the packed rows attend where they are
-        (:func:`~blip_fast.ops.varlen_attention`): ``queries`` and self-attention's keys/values are then (T, H, D)
-        and the table holds the masking (``key_padding_mask`` unused)."""
+        (:func:`~blip_fast.ops.varlen_attention`): ``queries`` and ``keys_values`` are then rows (T, H, D) and the
+        table holds the masking (``key_padding_mask`` unused)."""
         dropout_p = self.dropout_p if self.training else 0.0
         if sequences is not None:
             q = self.self.query(x).unflatten(-1, (self.self.num_heads, -1)) if queries is None else queries
-            k, v = keys_values if queries is not None else _packed_context(keys_values)
+            k, v = keys_values
             return self.output(ops.varlen_attention(q, k, v, sequences, causal, dropout_p).flatten(1), x)
         q = self.self.heads(self.self.query(x), packing) if queries is None else queries
         if isinstance(keys_values, BlockContext):
@@ -306,7 +312,8 @@ class TextLayer(nn.Module):
             q, k, v = self.attention.self.packed_queries_keys_values(x)
             x = self.attention(x, None, causal, (k, v), packing, queries=q, sequences=plan.self_attention)
             if context_kv is not None:
-                x = self.crossattention(x, None, False, context_kv, packing, sequences=plan.cross_attention)
+                x = self.crossattention(x, None, False, _packed_context(context_kv), packing,
+                                        sequences=plan.cross_attention)
             return self.output(F.gelu(self.intermediate.dense(x)), x)
         # self-attention, appending this step's keys/values to the cache when decoding
         q, k, v = self.attention.self.queries_keys_values(x, packing)

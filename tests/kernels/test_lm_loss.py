@@ -16,6 +16,7 @@ import dataclasses
 
 import pytest
 import torch
+from tensor_checks import assert_close_to_truth as assert_close
 from tensor_checks import rel_err
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -34,7 +35,6 @@ from blip_fast.parity import check_case
 
 # (rows, hidden, vocab, chunk_rows): None = the default chunking (one chunk at these sizes)
 SHAPES = [(1, 8, 3, None), (7, 16, 97, 3), (35, 24, 1000, 16), (97, 32, 5003, 40), (13, 8, 97, 1)]
-FLOOR = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 def make_inputs(rows, hidden, vocab, pad="some", bias=True, dtype=torch.float64, device="cpu"):
@@ -58,21 +58,6 @@ def reference(h, w, b, t, smoothing, reduction, cotangent=None):
     present = [x for x in leaves if x is not None]
     grads = torch.autograd.grad(loss, present, cotangent)
     return loss.detach(), list(grads)
-
-
-def assert_close(actual, truth, low=None, dtype=torch.float32, what=""):
-    """fp32: relative error <= 1e-5; half: at most twice the reference's own error in that dtype, plus a floor."""
-    actual, truth = actual.detach().double().cpu(), truth.detach().double().cpu()
-    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
-    err = (actual - truth).abs().max().item()
-    scale = truth.abs().max().item()
-    if dtype == torch.float32:
-        assert err <= 1e-5 * scale, f"{what}: relative error {err / scale:.2e} > 1e-5"
-        return
-    err_low = (low.detach().double().cpu() - truth).abs().max().item()
-    bound = 2 * err_low + FLOOR[dtype] * scale
-    mismatches = int(((actual - truth).abs() > bound).sum())
-    assert err <= bound, f"{what}: error {err:.2e} > bound {bound:.2e} ({mismatches} of {actual.numel()} elements)"
 
 
 def check_mean(device, dtype, shape, smoothing, pad, bias):
