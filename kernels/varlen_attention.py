@@ -102,7 +102,9 @@ class AttentionSequences(NamedTuple):
 
 
 def _int32(t: torch.Tensor) -> torch.Tensor:
-    return t if t.dtype == torch.int32 else t.to(torch.int32)
+    """The kernels read the table's entries at ``pointer + index``: contiguous int32 (a view of a wider table, e.g. a
+    column, would be read at the wrong places)."""
+    return t.to(torch.int32).contiguous()
 
 
 def check_inputs(q, k, v, seqs: AttentionSequences, dropout_p: float, allow_float64: bool = False) -> None:
@@ -126,16 +128,21 @@ def check_inputs(q, k, v, seqs: AttentionSequences, dropout_p: float, allow_floa
         raise ValueError(f"{where}: sequence table shapes {shapes} do not fit {sequences} sequences, {groups} groups")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{where}: dropout_p must be in [0, 1); got {dropout_p}")
-    if q.shape[1] * max(q.shape[0], 1) * max(seqs.max_kv_len, 1) >= 2**31:
+    if any(not t.is_contiguous() or t.dtype != torch.int32 for t in seqs.tensors):
+        raise ValueError(f"{where}: the sequence table must hold contiguous int32 tensors (AttentionSequences' "
+                         "constructors make them)")
+    if dropout_p > 0.0 and q.shape[1] * max(q.shape[0], 1) * max(seqs.max_kv_len, 1) >= 2**31:
         raise ValueError(f"{where}: dropout offsets of {q.shape[1]} heads x {q.shape[0]} rows x {seqs.max_kv_len} keys "
                          "exceed 32 bits")
 
 
-def _dense_index(start: torch.Tensor, length: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(S, max_len) row index of each padded position and whether it is inside its sequence."""
+def _dense_index(start: torch.Tensor, length: torch.Tensor, max_len: int, outside: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S, max_len) row index of each padded position (``outside`` past its sequence's end) and whether it is inside
+    its sequence."""
     positions = torch.arange(max_len, device=start.device)
     inside = positions[None, :] < length[:, None].long()
-    return (start[:, None].long() + positions[None, :]) * inside, inside
+    return torch.where(inside, start[:, None].long() + positions[None, :], outside), inside
 
 
 def varlen_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: AttentionSequences,
@@ -146,10 +153,12 @@ def varlen_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs
     pass the kernels' own, :func:`dropout_keep`); without it dropout draws from torch's generator."""
     check_inputs(q, k, v, seqs, dropout_p, allow_float64=True)
     compute = torch.promote_types(q.dtype, torch.float32)
-    q_rows, q_inside = _dense_index(seqs.q_start, seqs.q_len, seqs.max_q_len)
+    # positions past a sequence's end read an appended zero row (there is one even where q or k has no rows)
+    q_rows, q_inside = _dense_index(seqs.q_start, seqs.q_len, seqs.max_q_len, q.shape[0])
     group = seqs.kv_group.long()
-    k_rows, k_inside = _dense_index(seqs.kv_start[group], seqs.kv_len[group], seqs.max_kv_len)
-    qd, kd, vd = (t.to(compute)[rows].transpose(1, 2) for t, rows in ((q, q_rows), (k, k_rows), (v, k_rows)))
+    k_rows, k_inside = _dense_index(seqs.kv_start[group], seqs.kv_len[group], seqs.max_kv_len, k.shape[0])
+    qd, kd, vd = (torch.cat([t.to(compute), t.new_zeros(1, *t.shape[1:], dtype=compute)])[rows].transpose(1, 2)
+                  for t, rows in ((q, q_rows), (k, k_rows), (v, k_rows)))
     scores = torch.matmul(qd, kd.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # (S, H, Lq, Lk)
     visible = k_inside[:, None, None, :]
     if causal:

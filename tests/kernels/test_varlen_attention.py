@@ -68,6 +68,12 @@ def inputs(seqs, total_q, total_kv, device, dtype=torch.float64, seed=0):
     return q_block[:, 0], kv_block[:, 0], kv_block[:, 1], grad.to(device, dtype), table
 
 
+def cast_keeping_layout(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype`` with ``t``'s strides (``t.to(dtype)`` would make a strided view contiguous)."""
+    out = torch.empty_strided(t.shape, t.stride(), dtype=dtype, device=t.device)
+    return out.copy_(t)
+
+
 def reference(q, k, v, grad, seqs, causal, dropout_p, keep):
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     out = kernel.varlen_attention_ref(*leaves, seqs, causal, dropout_p, keep)
@@ -80,11 +86,12 @@ def check(device, dtype, name, dropout_p, block=BLOCK):
     seed = torch.tensor([1234], device=device)
     keep = kernel.dropout_keep(seqs, HEADS, total_q, dropout_p, seed) if dropout_p else None
     truth = reference(q, k, v, grad, seqs, causal, dropout_p, keep)
-    low_inputs = [t.to(dtype) for t in (q, k, v, grad)]
+    low_inputs = [cast_keeping_layout(t, dtype) for t in (q, k, v, grad)]
     low = reference(*low_inputs, seqs, causal, dropout_p, keep)
     out, lse = kernel.varlen_attention_forward(*low_inputs[:3], seqs, causal, dropout_p, seed, block, block)
     grads = kernel.varlen_attention_backward(low_inputs[3], *low_inputs[:3], out, lse, seqs, causal, dropout_p, seed,
                                              block, block)
+    assert not any(t.is_contiguous() for t in low_inputs[:3])  # strided views reach the kernels
     for what, got, want, want_low in zip(("output", "dq", "dk", "dv"), (out, *grads), truth, low, strict=True):
         assert got.dtype == dtype
         assert_close(got, want, want_low, dtype, what)
@@ -153,6 +160,7 @@ def test_triton_op_autograd_and_autocast(triton_device):
     first = varlen_attention_triton(q, k, v, seqs, causal, 0.25)
     torch.manual_seed(0)
     assert torch.equal(first, varlen_attention_triton(q, k, v, seqs, causal, 0.25))
+    assert not torch.allclose(first, out)  # dropout reached the kernels
     with torch.autocast(triton_device, dtype=torch.float16):
         assert varlen_attention_triton(q, k, v, seqs, causal, 0.0).dtype == torch.float16
 
@@ -169,6 +177,21 @@ def test_triton_opcheck(triton_device):
     torch.library.opcheck(torch.ops.blip_fast.varlen_attention_backward_triton.default, backward_args)
 
 
+def test_triton_no_keys_at_all(triton_device):
+    """Groups without keys over an empty key tensor (a table's max_kv_len still positive): zero output and gradients,
+    as the reference gives."""
+    seqs = AttentionSequences.grouped(torch.tensor([0, 3]), torch.tensor([3, 2]), torch.tensor([0, 1]),
+                                      torch.tensor([0, 0]), torch.tensor([0, 0]), 3, 4)
+    q, _, _, grad, seqs = inputs(seqs, 5, 1, triton_device, torch.float32)
+    empty = torch.zeros(0, HEADS, DIM, device=triton_device)
+    want = reference(q, empty, empty, grad, seqs, False, 0.0, None)
+    seed = torch.tensor([0], device=triton_device)
+    out, lse = kernel.varlen_attention_forward(q, empty, empty, seqs, False, 0.0, seed, BLOCK, BLOCK)
+    grads = kernel.varlen_attention_backward(grad, q, empty, empty, out, lse, seqs, False, 0.0, seed, BLOCK, BLOCK)
+    for got, expected in zip((out, *grads), want, strict=True):
+        assert got.shape == expected.shape and not got.any() and not expected.any()
+
+
 def test_bad_inputs_are_named():
     seqs, total_q, total_kv, _ = layout("bidirectional")
     q = torch.zeros(total_q, HEADS, DIM)
@@ -182,6 +205,18 @@ def test_bad_inputs_are_named():
         kernel.check_inputs(q.transpose(0, 2).contiguous().transpose(0, 2), q, q, seqs, 0.0)
     with pytest.raises(ValueError, match="table shapes"):
         kernel.check_inputs(q, q, q, seqs._replace(kv_len=seqs.kv_len[:2]), 0.0)
+    # the kernels read entries at pointer + index: a column of a wider table, or int64, would be misread
+    column = torch.stack([seqs.q_len, seqs.q_len], dim=1)[:, 0]
+    for table in (seqs._replace(q_len=column), seqs._replace(q_start=seqs.q_start.long())):
+        with pytest.raises(ValueError, match="contiguous int32"):
+            kernel.check_inputs(q, q, q, table, 0.0)
+    assert AttentionSequences.self_attention(column, column, column, 40).q_len.is_contiguous()
+    # dropout offsets are 32-bit: 8 heads x 2^20 rows x 512 keys is refused with dropout only (shapes on meta)
+    meta = seqs._replace(**{name: getattr(seqs, name).to("meta") for name in seqs._fields[:7]}, max_kv_len=512)
+    big = torch.empty(2**20, 8, DIM, device="meta")
+    kernel.check_inputs(big, big, big, meta, 0.0)
+    with pytest.raises(ValueError, match="exceed 32 bits"):
+        kernel.check_inputs(big, big, big, meta, 0.1)
 
 
 def test_auto_does_not_pick_the_kernel_until_timed(monkeypatch):
