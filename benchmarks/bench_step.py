@@ -10,15 +10,19 @@ exactly as ``blip-fast pretrain`` runs it (``blip_fast.train.engine.optimizer_st
 
 ``reference``  the pure-PyTorch reference ops (``BLIP_FAST_IMPL=reference``), fp32 (TF32 matmuls on
                CUDA, like the original's measured run), captions padded to 30 tokens, AdamW one tensor
-               at a time, no compile: the original algorithm, written plainly;
+               at a time, no compile, the text passes one after the other: the original algorithm, written
+               plainly;
 ``fast``       the fast ops (``auto``), bf16 autocast, every transformer block compiled, torch's fused
                AdamW, the captions' real tokens packed without padding (``train.pack_text``,
-               blip_fast.models.packing; their count rounded up to 64 as the trainer does for graphs), and
+               blip_fast.models.packing; their count rounded up to 64 as the trainer does for graphs), ITM's
+               and LM's text passes layer by layer together (``train.joint_grounded_passes``), and
                on CUDA the whole step replayed as one CUDA graph (``train.cuda_graph``,
                blip_fast.train.cuda_graph);
 ``fast_no_graph`` (only when asked for) ``fast`` without the CUDA graph: what the graph saves;
 ``fast_padded`` (only when asked for) ``fast`` with the captions padded to the longest of the batch instead of
                packed: what packing saves;
+``fast_separate`` (only when asked for) ``fast`` with ITM's and LM's text passes one after the other instead of
+               layer by layer together (``train.joint_grounded_passes``): what the joint passes save;
 ``original``   (only with ``--impl original``) the original code itself, Salesforce ``BLIP_Pretrain`` from the
                ``blip-ci`` package (``pip install --no-deps blip-ci==0.0.5``; loaded offline with import shims by
                ``benchmarks/original_blip.py``), stepped as the original ``pretrain.py`` does: ``zero_grad``,
@@ -72,8 +76,8 @@ from blip_fast.train.config import OptimConfig
 from blip_fast.train.engine import PACKED_TOKENS_MULTIPLE, PACKED_TOKENS_MULTIPLE_GRAPHED, optimizer_step
 from blip_fast.train.optim import build_optimizer
 
-IMPLS = ("reference", "fast")  # the default; "original", "fast_no_graph" and "fast_padded" run only when asked for
-ALL_IMPLS = ("original", "reference", "fast_no_graph", "fast_padded", "fast")
+IMPLS = ("reference", "fast")  # the default; the others run only when asked for
+ALL_IMPLS = ("original", "reference", "fast_no_graph", "fast_padded", "fast_separate", "fast")
 # --variant NAME:SPEC: ``fast`` (graphed, compiled, bf16) with the op backends of SPEC, e.g.
 # ``lm_loss_ref:auto,lm_loss=reference`` -- what one fast op is worth in the whole step
 VARIANTS: dict[str, str] = {}
@@ -105,7 +109,14 @@ def make_batch(batch: int, image_size: int, device: torch.device, padding: str, 
 
 
 def graphed(impl: str, device: torch.device) -> bool:
-    return (impl in ("fast", "fast_padded") or impl in VARIANTS) and device.type == "cuda"
+    return (impl in ("fast", "fast_padded", "fast_separate") or impl in VARIANTS) and device.type == "cuda"
+
+
+def new_model(impl: str, config) -> BlipPretrain:
+    """blip_fast's pretraining model as ``impl`` runs it (on the CPU, in training mode)."""
+    model = BlipPretrain(config).train()
+    model.joint_grounded_passes = impl not in ("reference", "fast_separate")
+    return model
 
 
 def _sync(device: torch.device) -> None:
@@ -119,7 +130,7 @@ def build(impl: str, config, device: torch.device):
         model = original_blip().build_original_pretrain(config).to(device).train()
         optimizer = torch.optim.AdamW(params=model.parameters(), lr=ORIGINAL_LR, weight_decay=ORIGINAL_WEIGHT_DECAY)
         return model, lambda batch: original_step(model, optimizer, batch, 0.4)
-    model = BlipPretrain(config).to(device).train()
+    model = new_model(impl, config).to(device)
     generator = torch.Generator(device=device).manual_seed(0)
     capture = graphed(impl, device)
     optimizer = build_optimizer(model, OptimConfig(fused="loop" if impl == "reference" else "auto"), device,
@@ -167,7 +178,7 @@ def count_flops_on_meta(impl: str, config, batch) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     meta = torch.device("meta")
-    model = BlipPretrain(config).train().to(meta)
+    model = new_model(impl, config).to(meta)
     model.enqueue = lambda *features: None
     packing = None if batch.packing is None else batch.packing.to(meta)
     with impl_scope(impl), FlopCounterMode(display=False) as counter:
@@ -367,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ops of {impl}: " + ", ".join(f"{name} {backend}" for name, backend in chosen.items()))
     speed = {impl: m["samples_per_s"] for impl, m in rows}
     for faster, slower in (("fast", "reference"), ("fast", "fast_no_graph"), ("fast", "fast_padded"),
+                           ("fast", "fast_separate"),
                            ("reference", "original"),
                            ("fast", "original"), *(("fast", name) for name in VARIANTS)):
         if faster in speed and slower in speed:

@@ -52,8 +52,9 @@ for stage in "${STAGES[@]}"; do
         step_variants) run step_variants blip-fast bench step --impl fast --impl fast_padded \
                            --variant lm_loss_ref:auto,lm_loss=reference --json "$OUT/step-$DEV-$DAY-variants.json" ;;
         # the packed attention kernel in the graphed step against fast, in a run of its own (auto leaves the kernel
-        # out until this run times it); also under benchmarks/results/runs/
-        step_attention) run step_attention blip-fast bench step --impl fast \
+        # out until this run times it), and fast_separate: ITM's and LM's text passes one after the other instead of
+        # layer by layer together; also under benchmarks/results/runs/
+        step_attention) run step_attention blip-fast bench step --impl fast --impl fast_separate \
                             --variant packed_attention:auto,varlen_attention=triton \
                             --json "$OUT/step-$DEV-$DAY-packed-attention.json" ;;
         hard_negatives) run hard_negatives blip-fast bench hard_negatives --json "$OUT/kernels-$DEV-$DAY.json" ;;

@@ -103,7 +103,11 @@ class ImageTextMatchingModel(nn.Module):
 def first_states(encoder: TextTransformer, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  packing: PackedText | None = None, **context) -> torch.Tensor:
     """The last hidden state (B, hidden) of each caption's first token ([CLS] / [ENC]), padded or packed."""
-    states = encoder(input_ids, attention_mask, packing=packing, **context)
+    return first_rows(encoder(input_ids, attention_mask, packing=packing, **context), packing)
+
+
+def first_rows(states: torch.Tensor, packing: PackedText | None = None) -> torch.Tensor:
+    """Each caption's first state (B, hidden) of a text transformer's output, padded (B, L, hidden) or packed."""
     return states[:, 0, :] if packing is None else packing.first_rows(states)
 
 

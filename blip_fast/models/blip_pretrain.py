@@ -11,6 +11,10 @@ Order of one step, as the original:
    hard-negative text, sampled from the in-batch ITC similarities; 3B rows through the head;
 6. LM: the decoder reads the caption with [DEC] first, cross-attending to the image tokens.
 
+Steps 5 and 6 run their text passes layer by layer together by default (``joint_grounded_passes``,
+:func:`~blip_fast.models.med.joint_text_passes`): the same losses, with the ITM and LM rows through each weight
+the encoder and decoder share as one batch.
+
 Captions arrive tokenized (``input_ids`` starting with [CLS], ``attention_mask``), so no host
 work happens inside the forward.
 
@@ -33,6 +37,8 @@ values copied per ITM row: the positive and the negative-text rows of an image s
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -40,8 +46,8 @@ from torch.profiler import record_function
 
 from .. import ops
 from ..config import BlipConfig
-from .blip_matching import ImageTextMatchingModel, first_states
-from .med import BlockContext, TextDecoder, share_all_but_self_attention
+from .blip_matching import ImageTextMatchingModel, first_rows, first_states
+from .med import BlockContext, TextDecoder, TextPass, joint_text_passes, share_all_but_self_attention
 from .packing import PackedText
 
 
@@ -50,6 +56,9 @@ class BlipPretrain(ImageTextMatchingModel):
     updates_in_forward = True
     """Clamp the temperature and run the momentum update inside :meth:`forward`, as the original
     (False: the caller does both before each forward, see the module docstring)."""
+    joint_grounded_passes = True
+    """Run ITM's and LM's text passes layer by layer together (:func:`~blip_fast.models.med.joint_text_passes`):
+    the same losses; False: one after the other, as the original."""
 
     def __init__(self, config: BlipConfig):
         super().__init__(config)
@@ -71,6 +80,7 @@ class BlipPretrain(ImageTextMatchingModel):
             raise ValueError(f"{images.shape[0]} images but {input_ids.shape[0]} captions")
         if images.shape[0] < 2:
             raise ValueError("pretraining needs at least 2 pairs per batch to draw hard negatives")
+        batch = images.shape[0]
         if self.updates_in_forward:
             self.clamp_temperature_()
 
@@ -95,15 +105,28 @@ class BlipPretrain(ImageTextMatchingModel):
             self.enqueue(image_feat_m, text_feat_m)
 
         with record_function("blip.itm"):
-            # one projection of the image tokens for both text passes (the decoder shares the encoder's
+            # one projection of the image tokens for both image-grounded passes (the decoder shares the encoder's
             # cross-attention modules, hence its keys/values)
             image_kv = self.image_keys_values(image_embeds)  # per layer (k, v), each (B, H, N, D)
-            loss_itm = self.itm_loss(image_kv, input_ids, attention_mask, sim_i2t, sim_t2i, generator, packing)
-
+            itm = self.itm_rows(image_kv, input_ids, attention_mask, sim_i2t, sim_t2i, generator, packing)
+        decoder_ids = input_ids.clone()
+        decoder_ids[:, 0] = self.config.text.bos_token_id
+        lm = TextPass(self.text_decoder.bert, decoder_ids, attention_mask, True, packing)
+        targets = decoder_ids.masked_fill(decoder_ids == self.config.text.pad_token_id, ops.IGNORE_INDEX)
+        if self.joint_grounded_passes:
+            with record_function("blip.itm_lm"):
+                # the last B rows, the LM's captions, attend to their own images
+                contexts = [BlockContext(context.segments + ((k, v, 1, None),))
+                            for context, (k, v) in zip(itm.contexts, image_kv, strict=True)]
+                itm_states, lm_states = joint_text_passes([itm.text, lm], contexts)
+                loss_itm = ops.itm_loss(self.itm_head(first_rows(itm_states, itm.text.packing)), batch)
+                loss_lm = self.text_decoder.loss_of_hidden(self.text_decoder.cls.predictions.hidden(lm_states),
+                                                           targets, self.config.label_smoothing, packing=packing)
+            return {"itc": loss_itc, "itm": loss_itm, "lm": loss_lm}
+        with record_function("blip.itm"):
+            loss_itm = ops.itm_loss(self.itm_logits_from_keys_values(itm.contexts, itm.text.input_ids,
+                                                                     itm.text.attention_mask, itm.text.packing), batch)
         with record_function("blip.lm"):
-            decoder_ids = input_ids.clone()
-            decoder_ids[:, 0] = self.config.text.bos_token_id
-            targets = decoder_ids.masked_fill(decoder_ids == self.config.text.pad_token_id, ops.IGNORE_INDEX)
             loss_lm = self.text_decoder.loss(decoder_ids, attention_mask, None, None, targets,
                                              self.config.label_smoothing, context_kv=image_kv, packing=packing)
         return {"itc": loss_itc, "itm": loss_itm, "lm": loss_lm}
@@ -122,15 +145,16 @@ class BlipPretrain(ImageTextMatchingModel):
         ops.enqueue_(self.image_queue, ptr, image_feat_m)
         ops.enqueue_(self.text_queue, self.queue_ptr, text_feat_m)
 
-    def itm_loss(self, image_kv, input_ids, attention_mask, sim_i2t, sim_t2i, generator,
-                 packing: PackedText | None = None) -> torch.Tensor:
-        """ITM loss over 3B rows; the images as their per-layer keys/values (:meth:`image_keys_values`)."""
+    def itm_rows(self, image_kv, input_ids, attention_mask, sim_i2t, sim_t2i, generator,
+                 packing: PackedText | None = None) -> ItmRows:
+        """ITM's 3B rows: B positives (text i, image i), B (negative text, image i), then B (text j, negative
+        image), the negatives drawn from the in-batch ITC similarities; the images as their per-layer keys/values
+        (:meth:`image_keys_values`)."""
         batch = input_ids.shape[0]
         enc_ids = self.with_enc(input_ids)
         with torch.no_grad():
             neg_image_for_text = ops.sample_hard_negatives(sim_t2i, generator=generator)  # (B,)
             neg_text_for_image = ops.sample_hard_negatives(sim_i2t, generator=generator)  # (B,)
-        # rows: B positives (text i, image i), B (negative text, image i), then B (text j, negative image)
         ids_all = torch.cat([enc_ids, enc_ids[neg_text_for_image], enc_ids], dim=0)
         mask_all = torch.cat([attention_mask, attention_mask[neg_text_for_image], attention_mask], dim=0)
         # the first 2B rows attend to each image's own keys/values, stacked two to an image (BlockContext),
@@ -142,8 +166,14 @@ class BlipPretrain(ImageTextMatchingModel):
             # their padding (every position a token); the positive and negative-image rows are packed
             dense = PackedText.dense(batch, input_ids.shape[1], input_ids.device)
             packing = PackedText.concat([packing, dense, packing])
-        logits = self.itm_logits_from_keys_values(contexts, ids_all, mask_all, packing)
-        return ops.itm_loss(logits, batch)
+        return ItmRows(TextPass(self.text_encoder, ids_all, mask_all, False, packing), contexts)
+
+
+class ItmRows(NamedTuple):
+    """ITM's text pass over its 3B rows (:meth:`BlipPretrain.itm_rows`) and each layer's context of them."""
+
+    text: TextPass
+    contexts: list[BlockContext]
 
 
 def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,9 @@ The context (image tokens, or the question's states for VQA's answer decoder) en
 transformer only through each layer's cross-attention keys and values. They can be computed once
 (``TextTransformer.context_keys_values``) and handed to several passes over the same context
 (``context_kv=``): pretraining projects the image tokens once for its 3B ITM rows and B LM rows
-instead of 4B times, and generation keeps them in its ``KVCache``.
+instead of 4B times, and generation keeps them in its ``KVCache``. Passes over transformers that share all but
+their self-attention (pretraining's ITM encoder and LM decoder) can run layer by layer together
+(:func:`joint_text_passes`): the rows of both through each shared weight at once.
 
 The hidden states can also travel without the captions' padding (``packing=``, a
 :class:`~blip_fast.models.packing.PackedText`): (T, hidden) for the T real tokens, unpacked to
@@ -29,6 +31,7 @@ until timed on a GPU), attention too reads the packed rows, and nothing is unpac
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -290,6 +293,47 @@ class TextAttention(nn.Module):
             out = packing.pack(out)
         return self.output(out, x)
 
+    def attend_self(self, x, padding_mask, causal, packing: PackedText | None = None,
+                    sequences: AttentionSequences | None = None, cache: KVCache | None = None, index: int = 0
+                    ) -> torch.Tensor:
+        """The self-attention sublayer on ``x`` (B, L, hidden), or packed (T, hidden) with its ``packing``;
+        ``sequences``: its packed rows attend where they are (a self-attention table of :class:`PackedAttention`);
+        ``cache`` and ``index`` (this layer's entry) only when decoding."""
+        if sequences is not None:
+            q, k, v = self.self.packed_queries_keys_values(x)
+            return self(x, None, causal, (k, v), packing, queries=q, sequences=sequences)
+        q, k, v = self.self.queries_keys_values(x, packing)
+        if cache is not None:  # append this step's keys/values
+            past = cache.self_kv[index]
+            if past is not None:
+                k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+            cache.self_kv[index] = (k, v)
+            causal = causal and k.shape[2] == x.shape[1]  # one new query sees every cached key
+        # Packed captions are right-padded (PackedText.from_mask checks it), so under causal masking no real token
+        # sees a padding key: the padding mask would only shape rows that are never read, and without it SDPA takes
+        # its unmasked causal kernels (cuDNN 253 against 269 us for the masked memory-efficient one at B96 L35,
+        # shared/GPU.md).
+        self_mask = None if causal and packing is not None and cache is None else padding_mask
+        return self(x, self_mask, causal, (k, v), packing, queries=q)
+
+
+class SelfAttentionRows(NamedTuple):
+    """Rows of a joint layer call (:meth:`TextLayer.forward`'s ``groups``, :func:`joint_text_passes`) that
+    attend among themselves with their own self-attention sublayer, as the text pass they belong to would."""
+
+    attention: TextAttention
+    padding_mask: torch.Tensor
+    """(B, L) of the pass's captions."""
+    causal: bool
+    packing: PackedText | None
+    sequences: AttentionSequences | None
+    """Their self-attention table when the joint call attends packed (:class:`PackedAttention`), else None."""
+
+    @property
+    def rows(self) -> int:
+        """Rows of ``x`` they take: packed tokens, or captions (a tensor's size, so symbolic under compile)."""
+        return self.padding_mask.shape[0] if self.packing is None else self.packing.tokens
+
 
 class TextLayer(nn.Module):
     def __init__(self, config: TextConfig, encoder_width: int | None):
@@ -303,34 +347,30 @@ class TextLayer(nn.Module):
         self.output.dense = nn.Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x, padding_mask, causal, context_kv=None, context_mask=None, cache=None, index=0,
-                packing: PackedText | None = None, plan: PackedAttention | None = None):
+                packing: PackedText | None = None, plan: PackedAttention | None = None,
+                groups: tuple[SelfAttentionRows, ...] | None = None):
         """``context_kv``: this layer's cross-attention keys/values (B, H, N, D) or :class:`BlockContext`,
         or None for no cross-attention; ``cache`` and ``index`` (this layer's entry) only when decoding;
         ``packing``: ``x`` is packed (T, hidden), see :class:`~blip_fast.models.packing.PackedText`; ``plan``: its
-        rows attend packed, see :class:`PackedAttention`."""
-        if plan is not None:
-            q, k, v = self.attention.self.packed_queries_keys_values(x)
-            x = self.attention(x, None, causal, (k, v), packing, queries=q, sequences=plan.self_attention)
-            if context_kv is not None:
+        rows attend packed, see :class:`PackedAttention`.
+
+        ``groups``: ``x`` holds the rows of several text passes, one after the other, each self-attending with its
+        own sublayer (:class:`SelfAttentionRows`; ``padding_mask``, ``causal`` and the plan's self-attention table
+        then unused); the cross-attention and feed-forward, which the passes share, take all rows at once
+        (:func:`joint_text_passes`)."""
+        if groups is None:
+            x = self.attention.attend_self(x, padding_mask, causal, packing,
+                                           None if plan is None else plan.self_attention, cache, index)
+        else:
+            x = torch.cat([group.attention.attend_self(rows, group.padding_mask, group.causal, group.packing,
+                                                       group.sequences)
+                           for group, rows in zip(groups, x.split([group.rows for group in groups]), strict=True)])
+        if context_kv is not None:
+            if plan is not None:
                 x = self.crossattention(x, None, False, _packed_context(context_kv), packing,
                                         sequences=plan.cross_attention)
-            return self.output(F.gelu(self.intermediate.dense(x)), x)
-        # self-attention, appending this step's keys/values to the cache when decoding
-        q, k, v = self.attention.self.queries_keys_values(x, packing)
-        if cache is not None:
-            past = cache.self_kv[index]
-            if past is not None:
-                k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-            cache.self_kv[index] = (k, v)
-            causal = causal and k.shape[2] == x.shape[1]  # one new query sees every cached key
-        # Packed captions are right-padded (PackedText.from_mask checks it), so under causal masking no real token
-        # sees a padding key: the padding mask would only shape rows that are never read, and without it SDPA takes
-        # its unmasked causal kernels (cuDNN 253 against 269 us for the masked memory-efficient one at B96 L35,
-        # shared/GPU.md).
-        self_mask = None if causal and packing is not None and cache is None else padding_mask
-        x = self.attention(x, self_mask, causal, (k, v), packing, queries=q)
-        if context_kv is not None:
-            x = self.crossattention(x, context_mask, False, context_kv, packing)
+            else:
+                x = self.crossattention(x, context_mask, False, context_kv, packing)
         hidden = F.gelu(self.intermediate.dense(x))
         return self.output(hidden, x)
 
@@ -434,6 +474,68 @@ class TextTransformer(nn.Module):
         return x
 
 
+class TextPass(NamedTuple):
+    """One text pass of :func:`joint_text_passes`: what ``transformer(input_ids, attention_mask, causal=causal,
+    packing=packing, context_kv=...)`` computes."""
+
+    transformer: TextTransformer
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    causal: bool
+    packing: PackedText | None
+
+
+def joint_text_passes(passes: Sequence[TextPass], context_kv: list) -> list[torch.Tensor]:
+    """The last hidden states of text passes over transformers that share all but their self-attention
+    (pretraining's image-grounded encoder and decoder, :func:`share_all_but_self_attention`), computed layer by
+    layer together; per pass, what its :class:`TextPass` says.
+
+    The rows of all passes go through the shared sublayers (embeddings, cross-attention, feed-forward) as one
+    batch. Each shared weight then takes part in one GEMM per layer instead of one per pass and receives one
+    gradient, where separate passes give it one each for autograd to add (a kernel per weight and extra pass), and
+    each layer is one call of its compiled block. Rows are independent outside attention, and each pass's rows
+    self-attend apart, so the results are those of separate passes up to the summation order of the weight
+    gradients (and dropout draws its masks in another order).
+
+    ``context_kv``: per layer the cross-attention context of all the passes' rows in order, a (k, v) pair or a
+    :class:`BlockContext`. The passes' captions share one length and are all packed or all padded.
+    """
+    first = passes[0].transformer
+    shared = all(other.transformer.embeddings is first.embeddings
+                 and len(other.transformer.encoder.layer) == len(first.encoder.layer)
+                 and all(_shares_all_but_self_attention(mine, theirs)
+                         for mine, theirs in zip(first.encoder.layer, other.transformer.encoder.layer, strict=True))
+                 for other in passes[1:])
+    if not shared or not hasattr(first.encoder.layer[0], "crossattention"):
+        raise ValueError("joint text passes need transformers with cross-attention that share all but their "
+                         "self-attention")
+    if len(context_kv) != len(first.encoder.layer):
+        raise ValueError(f"context_kv has {len(context_kv)} entries for {len(first.encoder.layer)} layers")
+    lengths = {p.input_ids.shape[1] for p in passes}
+    if len(lengths) != 1 or len({p.packing is None for p in passes}) != 1:
+        raise ValueError(f"joint text passes need captions of one length (got {sorted(lengths)}), all packed or all "
+                         "padded")
+    for p in passes:
+        if p.attention_mask.shape != p.input_ids.shape or (
+                p.packing is not None and p.packing.inverse.shape != p.input_ids.shape):
+            raise ValueError(f"input_ids {tuple(p.input_ids.shape)} need an attention mask and a packing of their "
+                             "shape")
+    masks = [p.attention_mask.bool() for p in passes]
+    padding_mask = torch.cat(masks)
+    packing = None if passes[0].packing is None else PackedText.concat([p.packing for p in passes])
+    x = first.embeddings(torch.cat([p.input_ids for p in passes]), 0, packing)
+    plan = None
+    if packing is not None and ops.packed_attention_on(x):
+        plan = PackedAttention.plan(packing, padding_mask, False, context_kv, None)
+    tables = [None if plan is None else PackedAttention.plan(p.packing, mask, p.causal, None, None).self_attention
+              for p, mask in zip(passes, masks, strict=True)]
+    for index, layers in enumerate(zip(*(p.transformer.encoder.layer for p in passes), strict=True)):
+        groups = tuple(SelfAttentionRows(layer.attention, mask, p.causal, p.packing, table)
+                       for layer, p, mask, table in zip(layers, passes, masks, tables, strict=True))
+        x = layers[0](x, padding_mask, False, context_kv[index], None, None, index, packing, plan, groups)
+    return list(x.split([group.rows for group in groups]))
+
+
 class LMPredictionHead(nn.Module):
     """``cls.predictions``: dense + GELU + LayerNorm, then the vocabulary projection (tied)."""
 
@@ -485,10 +587,16 @@ class TextDecoder(nn.Module):
         returns each sequence's summed loss (VQA weights answers per sample). With ``packing`` only the
         real tokens go through the decoder and the vocabulary projection, and the loss is the same.
         """
-        if reduction not in ("mean", "sum_per_sample"):
-            raise ValueError(f"reduction must be 'mean' or 'sum_per_sample'; got {reduction!r}")
         hidden = self.hidden_states(input_ids, attention_mask, encoder_hidden_states, encoder_attention_mask,
                                     context_kv=context_kv, packing=packing)
+        return self.loss_of_hidden(hidden, targets, label_smoothing, reduction, packing)
+
+    def loss_of_hidden(self, hidden: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.1,
+                       reduction: str = "mean", packing: PackedText | None = None) -> torch.Tensor:
+        """:meth:`loss` from the transformed hidden states (:meth:`hidden_states`, or ``cls.predictions.hidden`` of
+        the transformer's output) of the captions whose ``targets`` these are."""
+        if reduction not in ("mean", "sum_per_sample"):
+            raise ValueError(f"reduction must be 'mean' or 'sum_per_sample'; got {reduction!r}")
         if packing is not None:
             shifted = packing.next_token_targets(targets)  # (T,)
         else:
@@ -501,6 +609,11 @@ class TextDecoder(nn.Module):
         if packing is not None:  # back to (B, L) by a gather, then summed: no atomics, deterministic
             return (packing.unpack(per_token) * packing.valid).sum(dim=1)
         return per_token.view(targets.shape[0], -1).sum(dim=1)
+
+
+def _shares_all_but_self_attention(layer: TextLayer, other: TextLayer) -> bool:
+    return all(getattr(layer, name, None) is getattr(other, name, False)
+               for name in ("crossattention", "intermediate", "output"))
 
 
 def share_all_but_self_attention(encoder: TextTransformer, decoder: TextDecoder) -> None:

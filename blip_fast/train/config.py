@@ -151,6 +151,10 @@ class TrainConfig:
     pack_text: bool = True
     """Run the text passes on the captions' real tokens only, without their padding (blip_fast.models.packing):
     the same losses with fewer FLOPs. ``false``: every caption padded to the longest of its batch."""
+    joint_grounded_passes: bool = True
+    """Run ITM's and LM's text passes layer by layer together, the rows of both through each shared weight at once
+    (blip_fast.models.med.joint_text_passes): the same losses with fewer, larger kernels and one gradient per
+    shared weight. ``false``: one pass after the other, as the original."""
     activation_checkpointing: bool = False
     """Recompute ViT block activations in backward (memory for compute)."""
     impl: str = "auto"

@@ -189,6 +189,7 @@ class Pretrainer:
         torch.manual_seed(seed)
         self._build_data()
         self.model = BlipPretrain(self.model_config).to(self.device)
+        self.model.joint_grounded_passes = config.train.joint_grounded_passes
         if config.train.compile:
             from ..models.compile import compile_blocks
 

@@ -5,7 +5,9 @@ values once and the 3B ITM rows read theirs from them; the LM decoder (which sha
 cross-attention) reads them as they are. ``losses_recomputing_kv`` below is the forward as it was
 before: every text pass projects its own (repeated) image tokens, with the all-ones image mask.
 
-The ITM rows come in the order BlipPretrain uses (positives, negative texts, negative images);
+The ITM and LM passes run one after the other here (``joint_grounded_passes = False``), as in the recomputing
+forward, so that dropout draws its masks in the same rows; tests/models/test_joint_text_passes.py shows the joint
+passes equal to these. The ITM rows come in the order BlipPretrain uses (positives, negative texts, negative images);
 the positive and negative-text rows of an image share its keys/values there, stacked along the
 sequence (``BlockContext``), and each row has its own copy here. Both run on copies of one model
 with the same dropout seed and hard-negative generator, attention dropout off (the stacked rows
@@ -99,7 +101,9 @@ def test_pretraining_reuse_equals_recomputation(dtype):
     input_ids, attention_mask = captions(CAPTION_LENGTHS)
     # the native sampler takes fp32/fp16/bf16 similarities; fp64 runs the reference
     with ops.impl_scope("reference" if dtype == torch.float64 else "auto"):
-        reused = run_step(copy.deepcopy(model), BlipPretrain.forward, images, input_ids, attention_mask)
+        separate = copy.deepcopy(model)
+        separate.joint_grounded_passes = False
+        reused = run_step(separate, BlipPretrain.forward, images, input_ids, attention_mask)
         recomputed = run_step(copy.deepcopy(model), losses_recomputing_kv, images, input_ids, attention_mask)
 
     rtol = RTOL[dtype]

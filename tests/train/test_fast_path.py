@@ -72,17 +72,19 @@ def test_loss_curves_track(synthetic_dir, tmp_path, steps):
     assert fast[-1]["loss_lm"] < fast[0]["loss_lm"] - 1.0
 
 
-def test_packed_and_padded_captions_train_alike(synthetic_dir, tmp_path):
-    # train.pack_text runs the text passes on the captions' real tokens only: the same math (the tiny config has no
-    # dropout), so 30 steps with and without it give the same losses up to fp32 rounding of GEMMs over other row
-    # counts. Observed on a 2-core x86 CPU (torch 2.13): 1.9e-7 relative at most; the bound is 1e-4.
+@pytest.mark.parametrize("option", ["pack_text", "joint_grounded_passes"])
+def test_exact_speed_options_train_alike(synthetic_dir, tmp_path, option):
+    # train.pack_text runs the text passes on the captions' real tokens only, train.joint_grounded_passes ITM's and
+    # LM's passes layer by layer together: the same math (the tiny config has no dropout), so 30 steps with and
+    # without either give the same losses up to fp32 rounding of GEMMs over other row counts. Observed on a 2-core
+    # x86 CPU (torch 2.13): 1.9e-7 (pack_text) and 2.4e-7 (joint_grounded_passes) relative at most; the bound is 1e-4.
     curves = {}
-    for packed in ("true", "false"):
-        out = tmp_path / packed
+    for on in ("true", "false"):
+        out = tmp_path / on
         pretrain(load_pretrain_config(None, tiny_overrides(synthetic_dir, out, "train.max_steps=30",
-                                                           f"train.pack_text={packed}", "train.checkpoint_every=0")),
+                                                           f"train.{option}={on}", "train.checkpoint_every=0")),
                  printer=lambda *_: None)
-        curves[packed] = _curve(out)
+        curves[on] = _curve(out)
     assert len(curves["true"]) == 15
     for a, b in zip(curves["true"], curves["false"], strict=True):
         for key in ("loss_itc", "loss_itm", "loss_lm"):
