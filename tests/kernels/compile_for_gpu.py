@@ -34,9 +34,17 @@ def specs():
 
 
 def varlen_attention_specs(dtype: str):
-    """The packed attention's kernels, causal and with dropout (the largest variants), at BERT-base's head size."""
+    """The packed attention's kernels at BERT-base's head size: every causal x dropout variant in bf16 (the dtype the
+    training step runs), the largest (causal, with dropout) in the other dtypes."""
+    variants = [(True, True)] if dtype != "bf16" else [(True, True), (True, False), (False, True), (False, False)]
+    for causal, dropout in variants:
+        yield from _varlen_attention_variant(dtype, causal, dropout)
+
+
+def _varlen_attention_variant(dtype: str, causal: bool, dropout: bool):
     blocks = {"BLOCK_M": varlen_attention.BLOCK_M, "BLOCK_N": varlen_attention.BLOCK_N, "BLOCK_D": 64}
-    flags = {"CAUSAL": True, "DROPOUT": True, "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
+    flags = {"CAUSAL": causal, "DROPOUT": dropout, "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
+    variant = f"{dtype} causal={causal} dropout={dropout}"
     table = {"q_start_ptr": "*i32", "q_len_ptr": "*i32"}
     sizes = {"heads": "i32", "total_q": "i32", "max_kv_len": "i32", "head_dim": "i32", "scale": "fp32",
              "dropout_p": "fp32"}
@@ -45,21 +53,22 @@ def varlen_attention_specs(dtype: str):
     def strides(*names):
         return {f"stride_{n}{axis}": "i32" for n in names for axis in ("t", "h")}
 
-    yield (f"varlen_attention forward {dtype}", varlen_attention._forward_kernel,
+    yield (f"varlen_attention forward {variant}", varlen_attention._forward_kernel,
            {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "out_ptr": f"*{dtype}",
             "lse_ptr": "*fp32", "seed_ptr": "*i64", **table, "kv_group_ptr": "*i32", "kv_start_ptr": "*i32",
             "kv_len_ptr": "*i32", **strides("q", "k", "v", "o"), **sizes, **constexprs}, {**flags, **blocks}, 4)
-    yield (f"varlen_attention delta {dtype}", varlen_attention._delta_kernel,
-           {"out_ptr": f"*{dtype}", "grad_ptr": f"*{dtype}", "delta_ptr": "*fp32", **strides("o", "g"),
-            "heads": "i32", "total_q": "i32", "head_dim": "i32", "BLOCK_M": "constexpr", "BLOCK_D": "constexpr"},
-           {"BLOCK_M": blocks["BLOCK_M"], "BLOCK_D": 64}, 4)
-    yield (f"varlen_attention grad_kv {dtype}", varlen_attention._grad_kv_kernel,
+    if causal and dropout:  # no flags: one variant
+        yield (f"varlen_attention delta {dtype}", varlen_attention._delta_kernel,
+               {"out_ptr": f"*{dtype}", "grad_ptr": f"*{dtype}", "delta_ptr": "*fp32", **strides("o", "g"),
+                "heads": "i32", "total_q": "i32", "head_dim": "i32", "BLOCK_M": "constexpr", "BLOCK_D": "constexpr"},
+               {"BLOCK_M": blocks["BLOCK_M"], "BLOCK_D": 64}, 4)
+    yield (f"varlen_attention grad_kv {variant}", varlen_attention._grad_kv_kernel,
            {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "grad_ptr": f"*{dtype}",
             "lse_ptr": "*fp32", "delta_ptr": "*fp32", "dk_ptr": f"*{dtype}", "dv_ptr": f"*{dtype}", "seed_ptr": "*i64",
             **table, "kv_start_ptr": "*i32", "kv_len_ptr": "*i32", "group_sequences_ptr": "*i32",
             "group_offsets_ptr": "*i32", **strides("q", "k", "v", "g", "dk", "dv"), **sizes, **constexprs},
            {**flags, **blocks}, 4)
-    yield (f"varlen_attention grad_q {dtype}", varlen_attention._grad_q_kernel,
+    yield (f"varlen_attention grad_q {variant}", varlen_attention._grad_q_kernel,
            {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "grad_ptr": f"*{dtype}",
             "lse_ptr": "*fp32", "delta_ptr": "*fp32", "dq_ptr": f"*{dtype}", "seed_ptr": "*i64", **table,
             "kv_group_ptr": "*i32", "kv_start_ptr": "*i32", "kv_len_ptr": "*i32", **strides("q", "k", "v", "g", "dq"),
