@@ -186,9 +186,13 @@ def _smoothed_cross_entropy_(logits, targets, loss_rows, scale, label_smoothing,
         )
 
 
-def _chunked(hidden, weight, bias, targets, label_smoothing, scale, write_grad, chunk_rows):
+def _chunked(hidden, weight, bias, targets, label_smoothing, scale, write_grad, chunk_rows, total_scale=None):
     """The chunk loop shared by forward and backward: per-row losses and, with ``write_grad``, the
-    gradients of ``sum(scale * loss_rows)`` with respect to hidden, weight and bias."""
+    gradients of ``total_scale * sum(scale * loss_rows)`` with respect to hidden, weight and bias.
+
+    ``scale`` multiplies the logits' gradient where the kernel writes it, in the inputs' dtype; ``total_scale``
+    (0-d fp32) the gradients afterwards, in fp32. The mean's 1 / count goes there: folded into an fp16 logit
+    gradient, (softmax - target) / count would fall below fp16's normal range at a few thousand rows."""
     if not HAS_TRITON:
         raise RuntimeError("lm_loss: triton is not installed")
     hidden, weight, targets = hidden.contiguous(), weight.contiguous(), targets.contiguous()
@@ -218,6 +222,10 @@ def _chunked(hidden, weight, bias, targets, label_smoothing, scale, write_grad, 
         if grad_bias is not None:
             grad_bias += logits.sum(dim=0, dtype=torch.float32)
     if write_grad:
+        if total_scale is not None:
+            grad_hidden = grad_hidden.mul_(total_scale)
+            grad_weight = grad_weight.mul_(total_scale)
+            grad_bias = None if grad_bias is None else grad_bias.mul_(total_scale)
         grad_weight = grad_weight.to(weight.dtype)
         grad_bias = None if grad_bias is None else grad_bias.to(bias.dtype)
     return loss_rows, grad_hidden, grad_weight, grad_bias
@@ -234,7 +242,10 @@ def linear_cross_entropy_mean(hidden, weight, bias, targets, label_smoothing=0.1
     check_inputs(hidden, weight, bias, targets, label_smoothing)
     count = (targets != IGNORE_INDEX).sum()
     scale = count.reciprocal().to(torch.float32)  # inf when every row is ignored: the loss is then NaN
-    loss_rows, *grads = _chunked(hidden, weight, bias, targets, label_smoothing, scale, compute_grads, chunk_rows)
+    # every row's gradient is 0 then too (ignored rows write 0), and stays 0 rather than 0 * inf
+    grad_scale = torch.where(count > 0, scale, 0.0)
+    loss_rows, *grads = _chunked(hidden, weight, bias, targets, label_smoothing, torch.ones_like(scale),
+                                 compute_grads, chunk_rows, total_scale=grad_scale)
     return (loss_rows.sum() * scale, *grads)
 
 

@@ -4,7 +4,7 @@ import torch
 
 from blip_fast import ops
 from blip_fast.cli import main
-from blip_fast.parity import check_case, format_table, run_parity
+from blip_fast.parity import _compare, check_case, format_table, run_parity
 
 
 def test_cpu_parity_passes_for_the_registered_backends():
@@ -35,6 +35,16 @@ def test_a_wrong_fast_implementation_is_caught():
         assert main(["parity", "--device", "cpu", "--op", "momentum_update", "--dtype", "fp32"]) == 1
     finally:
         op.impls["torch"] = original
+
+
+def test_the_floor_scales_with_the_values_compared():
+    """Gradients far below 1 (the LM loss's are ~1e-4): the reference's own bf16 rounding passes, zeros do not (an
+    absolute floor of 1.6e-2 would have passed them)."""
+    truth = torch.randn(1000, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 1e-3
+    low = truth.to(torch.bfloat16)
+    assert _compare(low, low, truth, torch.bfloat16, exact=False)[3]
+    assert not _compare(torch.zeros_like(low), low, truth, torch.bfloat16, exact=False)[3]
+    assert not _compare(low * 1.1, low, truth, torch.bfloat16, exact=False)[3]
 
 
 def test_cli_parity_exit_status_and_json(tmp_path, capsys):

@@ -59,8 +59,9 @@ def _lm_loss_mean_fake(hidden, weight, bias, targets, label_smoothing, compute_g
     loss = hidden.new_empty((), dtype=torch.float32)
     if not compute_grads:
         return loss, hidden.new_empty(0), weight.new_empty(0), weight.new_empty(0)
-    grad_bias = weight.new_empty(0) if bias is None else torch.empty_like(bias)
-    return loss, torch.empty_like(hidden), torch.empty_like(weight), grad_bias
+    # the kernels make their inputs contiguous, so the gradients are contiguous whatever the inputs' strides
+    grad_bias = weight.new_empty(0) if bias is None else bias.new_empty(bias.shape)
+    return loss, hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), grad_bias
 
 
 def _setup_mean(ctx, inputs, output):
@@ -107,8 +108,8 @@ def lm_loss_rows_backward_triton_op(
 @lm_loss_rows_backward_triton_op.register_fake
 def _lm_loss_rows_backward_fake(hidden, weight, bias, targets, label_smoothing, grad_rows):
     check_inputs(hidden, weight, bias, targets, label_smoothing)
-    grad_bias = weight.new_empty(0) if bias is None else torch.empty_like(bias)
-    return torch.empty_like(hidden), torch.empty_like(weight), grad_bias
+    grad_bias = weight.new_empty(0) if bias is None else bias.new_empty(bias.shape)
+    return hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), grad_bias
 
 
 def _setup_rows(ctx, inputs, output):

@@ -145,6 +145,23 @@ def test_triton_every_target_ignored(triton_device):
     assert torch.all(kernel.linear_cross_entropy_rows(h, w, b, t, 0.1) == 0)
 
 
+def test_triton_fp16_mean_gradients_under_a_loss_scale(triton_device):
+    """fp16 with a large incoming gradient (a GradScaler's 65536): the mean's 1 / count is applied in fp32 after the
+    GEMMs, not folded into the fp16 logit gradient, where (softmax - target) / count at 2,000 rows and 4,096 classes
+    falls below fp16's normal range (folded, the hidden states' gradient missed the bound by 1.5x). The fp16 rule of
+    this file against the fp64 truth."""
+    h, w, b, t = make_inputs(2000, 16, 4096, "none", True, torch.float64, "cpu")
+    scale = torch.tensor(65536.0, dtype=torch.float64)
+    _, truth = reference(h, w, b, t, 0.1, "mean", scale)
+    low = [x.to(triton_device, torch.float16) for x in (h, w, b)]
+    t = t.to(triton_device)
+    _, low_grads = reference(*low, t, 0.1, "mean", scale.to(triton_device, torch.float32))
+    leaves = [x.clone().requires_grad_() for x in low]
+    grads = torch.autograd.grad(lm_loss_triton(*leaves, t, 0.1, "mean") * 65536.0, leaves)
+    for name, g, want, want_low in zip(("hidden", "weight", "bias"), grads, truth, low_grads, strict=True):
+        assert_close(g, want, want_low, torch.float16, f"grad {name}")
+
+
 def test_triton_autocast_casts_like_linear(triton_device):
     """Under autocast the entry casts to the autocast dtype as F.linear does; fp32 leaves get fp32 gradients."""
     h, w, b, t = make_inputs(35, 24, 1000, "some", True, torch.float32, triton_device)
@@ -186,6 +203,12 @@ def test_triton_ops_pass_opcheck(triton_device):
     torch.library.opcheck(lm_loss_mean_triton_op, (h.detach(), w.detach(), None, t, 0.0, False))
     torch.library.opcheck(lm_loss_rows_triton_op, (h, w, b, t, 0.1))
     torch.library.opcheck(lm_loss_rows_backward_triton_op, (h.detach(), w.detach(), None, t, 0.1,
+                                                            torch.randn(7, device=triton_device)))
+    # transposed views: the kernels make them contiguous, and the fake implementations say so (compile needs it)
+    h_t, w_t = (x.detach().t().contiguous().t().requires_grad_() for x in (h, w))
+    assert not h_t.is_contiguous() and not w_t.is_contiguous()
+    torch.library.opcheck(lm_loss_mean_triton_op, (h_t, w_t, b, t, 0.1, True))
+    torch.library.opcheck(lm_loss_rows_backward_triton_op, (h_t.detach(), w_t.detach(), b.detach(), t, 0.1,
                                                             torch.randn(7, device=triton_device)))
 
 
