@@ -39,7 +39,15 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
 
 
 def save_torch(obj: Any, path: str | Path) -> Path:
-    return atomic_write(path, lambda temp: torch.save(obj, temp))
+    """``torch.save`` through :func:`atomic_write`. A failed write (a full disk, a quota) is an OSError, as from any
+    other file write: torch.save reports it as a RuntimeError of its zip writer."""
+    def write(temp: str) -> None:
+        try:
+            torch.save(obj, temp)
+        except RuntimeError as error:
+            raise OSError(f"writing {path} failed: {str(error).splitlines()[0]}") from error
+
+    return atomic_write(path, write)
 
 
 def load_torch(path: str | Path) -> Any:

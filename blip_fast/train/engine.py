@@ -57,7 +57,7 @@ from .distributed import (
     wrap_model,
 )
 from .metrics import RunLog
-from .optim import build_optimizer, set_learning_rate
+from .optim import build_optimizer, load_optimizer_state, set_learning_rate
 from .schedule import distillation_alpha, learning_rate
 
 log = logging.getLogger("blip_fast.train")
@@ -258,8 +258,11 @@ class Pretrainer:
             self.steps_per_epoch = steps_per_epoch(len(source), self.ctx.rank, self.ctx.world_size,
                                                    max(1, data.num_workers), data.batch_size,
                                                    config.optim.grad_accum_steps)
-        elif data.steps_per_epoch is not None:
-            self.steps_per_epoch = data.steps_per_epoch
+        elif data.steps_per_epoch is not None:  # batches per rank: optimizer steps take grad_accum_steps each
+            self.steps_per_epoch = data.steps_per_epoch // config.optim.grad_accum_steps
+            if self.steps_per_epoch < 1:
+                raise ConfigError(f"data.steps_per_epoch={data.steps_per_epoch} batches give no optimizer step of "
+                                  f"optim.grad_accum_steps={config.optim.grad_accum_steps}")
         else:
             raise ConfigError("data.kind=shards: set data.steps_per_epoch (batches per epoch per rank), which the "
                               "alpha ramp and the ETA need; shards do not say how many samples they hold")
@@ -285,10 +288,13 @@ class Pretrainer:
         if self.ctx.sharded:
             from . import fsdp
 
-            fsdp.load_full_state_dicts(self.model, self.optimizer, payload["model"], payload["optimizer"])
+            def load_shards(optimizer_state: dict) -> None:
+                fsdp.load_full_state_dicts(self.model, self.optimizer, payload["model"], optimizer_state)
+
+            load_optimizer_state(self.optimizer, payload["optimizer"], load_shards)
         else:
             self.model.load_state_dict(payload["model"])
-            self.optimizer.load_state_dict(payload["optimizer"])
+            load_optimizer_state(self.optimizer, payload["optimizer"])
         self.progress = Progress(**payload["progress"])
         self.batches.load_state_dict(payload["data"][self.ctx.rank])
         set_rng_state(payload["rng"][self.ctx.rank], self.generator)

@@ -14,6 +14,7 @@ torch 2.0, kept as the reference).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -77,6 +78,41 @@ def build_optimizer(model: nn.Module, config: OptimConfig, device: torch.device,
         return torch.optim.AdamW(groups, fused=True, **kwargs)
     log.info("optimizer: torch AdamW (%s)", choice)
     return torch.optim.AdamW(groups, foreach=choice == "foreach", **kwargs)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict,
+                         load: Callable[[dict], None] | None = None) -> None:
+    """Load a checkpoint's AdamW moments and step counts into ``optimizer``, keeping this run's settings.
+
+    ``Optimizer.load_state_dict`` would also bring back the saved groups' settings: the checkpoint's weight
+    decay, betas, eps and learning-rate scales over the run's config (which config.json then misreports), and
+    its ``capturable`` / ``fused`` flags and plain-number learning rates over a CUDA graph's device tensors (whose
+    capture then fails). Step counts move to where this optimizer keeps them: torch's AdamW per parameter, apex's
+    FusedAdam per group. Raises CheckpointError when the groups do not match (another
+    ``optim.decay_norms_and_biases`` or ``optim.temp_lr``). ``load``: what loads the state (default
+    ``optimizer.load_state_dict``; FSDP2 loads full states into its shards, blip_fast.train.fsdp)."""
+    from ..checkpoint.io import CheckpointError
+
+    saved_groups, saved_state = state["param_groups"], state["state"]
+    if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in optimizer.param_groups]:
+        raise CheckpointError(
+            f"the checkpoint's optimizer has parameter groups of {[len(g['params']) for g in saved_groups]} tensors, "
+            f"this run's {[len(g['params']) for g in optimizer.param_groups]}: resume with the checkpoint's "
+            "optim.decay_norms_and_biases and optim.temp_lr")
+    steps_in_groups = not isinstance(optimizer, torch.optim.AdamW)  # apex's FusedAdam
+    state = {"param_groups": [dict(g) for g in saved_groups], "state": {k: dict(v) for k, v in saved_state.items()}}
+    for group in state["param_groups"]:
+        per_param = [state["state"][i] for i in group["params"] if i in state["state"]]
+        if steps_in_groups and "step" not in group and per_param and "step" in per_param[0]:
+            group["step"] = int(per_param[0]["step"])
+        elif not steps_in_groups and "step" in group:
+            step = group.pop("step")
+            for entry in per_param:
+                entry.setdefault("step", torch.tensor(float(step)))
+    settings = [{k: v for k, v in g.items() if k not in ("params", "step")} for g in optimizer.param_groups]
+    (load or optimizer.load_state_dict)(state)
+    for group, mine in zip(optimizer.param_groups, settings, strict=True):
+        group.update(mine)
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -37,6 +37,13 @@ def test_tar_shards_need_and_use_steps_per_epoch(synthetic_dir, tmp_path):
                                     "train.max_steps=4"], tmp_path)
     assert summary.steps == 4 and "(5 per epoch)" in lines[0]
     assert [r["step"] for r in records] == [2, 4]
+    # steps_per_epoch counts batches per rank; with 2 micro-batches per optimizer step an epoch is 5 // 2 = 2 steps,
+    # so the alpha ramp (over 2 epochs) reaches alpha * 3/4 at the last step of the second epoch
+    summary, records, lines = _run([*base, "data.kind=shards", shards, "data.steps_per_epoch=5",
+                                    "optim.grad_accum_steps=2", "train.max_steps=4", "train.log_every=1",
+                                    "train.eval_size=0"], tmp_path)
+    assert summary.steps == 4 and "(2 per epoch)" in lines[0]
+    assert [r["alpha"] for r in records[-4:]] == pytest.approx([0.0, 0.1, 0.2, 0.3])  # (the file holds both runs)
 
 
 @pytest.mark.skipif(not HAS_DALI, reason="NVIDIA DALI is not installed")

@@ -74,3 +74,21 @@ def test_a_checkpoint_that_cannot_be_written_does_not_end_the_run(synthetic_dir,
     assert summary.steps == 3 and summary.checkpoint is None
     warnings = [line for line in lines if line.startswith("warning: could not write the checkpoint")]
     assert len(warnings) == 2 and "step 2" in warnings[0] and "step 3" in warnings[1]
+
+
+def test_a_failed_write_of_torch_save_does_not_end_the_run(synthetic_dir, tmp_path, monkeypatch):
+    """torch.save reports a full disk or an exceeded quota as a RuntimeError of its zip writer: a warning too, and no
+    temporary file is left behind."""
+    import blip_fast.checkpoint.io as checkpoint_io
+
+    def full_disk(obj, path):
+        open(path, "wb").write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(checkpoint_io.torch, "save", full_disk)
+    out, lines = tmp_path / "run", []
+    summary = pretrain(load_pretrain_config(None, tiny_overrides(synthetic_dir, out, "train.max_steps=2",
+                                                                 "train.checkpoint_every=1")), printer=lines.append)
+    assert summary.steps == 2 and summary.checkpoint is None
+    assert len([line for line in lines if line.startswith("warning: could not write the checkpoint")]) == 2
+    assert not list((out / "checkpoints").iterdir())
