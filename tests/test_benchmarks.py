@@ -22,7 +22,8 @@ def step_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "step-cpu-test.json"
     code = _script("bench_step").main(["--preset", "tiny", "--image-size", "64", "--batch", "8", "--queue", "96",
                                        "--steps", "1", "--warmup", "0", "--no-compile", "--json", str(out),
-                                       "--impl", "reference", "--impl", "fast_padded", "--impl", "fast",
+                                       "--impl", "reference", "--impl", "fast_padded", "--impl", "fast_separate",
+                                       "--impl", "fast",
                                        "--variant", "itc_ref:auto,itc_loss=reference,attention=reference",
                                        "--profile", str(out.parent / "profiles")])
     assert code == 0
@@ -30,12 +31,13 @@ def step_results(tmp_path_factory):
 
 
 def test_bench_step_profiles_each_impl_by_phase(step_results):
-    for impl in ("reference", "fast"):
+    for impl in ("reference", "fast_separate", "fast"):
         report = (step_results.parent / "profiles" / f"profile-{impl}.txt").read_text()
         assert report.startswith(f"{impl}: 3 profiled steps, batch 8")
         phases = {line.split()[0] for line in report.splitlines() if line.startswith("blip.")}
-        # the reference runs ITM's and LM's text passes one after the other, fast runs them together
-        grounded = {"blip.lm"} if impl == "reference" else {"blip.itm_lm"}
+        # the reference and fast_separate run ITM's and LM's text passes one after the other, fast runs them together
+        grounded = {"blip.itm_lm"} if impl == "fast" else {"blip.lm"}
+        assert not (phases & ({"blip.lm", "blip.itm_lm"} - grounded))
         assert {"blip.unimodal", "blip.momentum_update", "blip.momentum_forward", "blip.itc", "blip.itm",
                 "blip.backward", "blip.optimizer", *grounded} <= phases
         # and the ops with their input shapes, e.g. the text encoder's linear layers at batch 8
