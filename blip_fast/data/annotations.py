@@ -79,7 +79,7 @@ class CaptionAnnotations:
         for entry in self.entries:
             if isinstance(entry, dict) and "image_id" in entry:
                 image_id = entry["image_id"]
-                if isinstance(image_id, (str, int)) and image_id not in self.img_ids:
+                if _valid_image_id(image_id) and image_id not in self.img_ids:
                     self.img_ids[image_id] = len(self.img_ids)
 
     def __len__(self) -> int:
@@ -92,10 +92,16 @@ class CaptionAnnotations:
         extra = {k: v for k, v in entry.items() if k not in ("image", "caption")}
         extra["index"] = index
         if "image_id" in entry:
-            if entry["image_id"] not in self.img_ids:
+            if not _valid_image_id(entry["image_id"]):
                 raise BadSample(BAD_RECORD, f"entry {index}: image_id {entry['image_id']!r} is not a string or int")
             extra["img_id"] = self.img_ids[entry["image_id"]]
         return Sample(key=str(index), image_path=path, caption=caption, extra=extra)
+
+
+def _valid_image_id(image_id) -> bool:
+    """A string or an integer; not a bool or a float, which as keys would be the same image as an int (True == 1,
+    1.0 == 1), nor a list or dict, which are not keys at all."""
+    return isinstance(image_id, str) or (isinstance(image_id, int) and not isinstance(image_id, bool))
 
 
 class RetrievalAnnotations:

@@ -72,8 +72,8 @@ from ..text.clean import clean_caption
 from ..text.tokenizer import BlipTokenizer
 from .annotations import CaptionAnnotations, VqaAnnotations
 from .dali_pipeline import HAS_DALI, DaliOptions, DaliTransformLoader
-from .decode import JPEG_END_MISSING, decode_image
-from .jpeg import jpeg_scan_complete
+from .decode import JPEG_END_MISSING, decode_image, has_words
+from .jpeg import jpeg_frame_kind, jpeg_scan_complete
 from .loader import ResumableLoader
 from .sample import CORRUPT_IMAGE, NO_CAPTION, BadSample, DataStats, Sample
 from .shards import TarShards
@@ -88,6 +88,7 @@ log = logging.getLogger("blip_fast.data")
 BACKENDS = ("pil", "dali", "auto")
 SOURCE_KINDS = ("json", "shards")
 _SOI, _EOI = b"\xff\xd8", b"\xff\xd9"
+DALI_JPEG_FRAMES = (0xC0, 0xC1, 0xC2)  # Huffman baseline, extended sequential, progressive
 _CAPTION_DRAW, _IMAGE_DRAW = 0, 1      # the last seed word: which of a sample's two generators
 
 
@@ -148,7 +149,9 @@ def _key_word(key: str) -> int:
 
 def _dali_readable(data: bytes, stats: DataStats, what: str) -> bytes:
     """Image bytes DALI decodes without stopping (see the module docstring), or :class:`BadSample`."""
-    if data.startswith(_SOI):                       # a JPEG (the stream has checked the header)
+    # a JPEG (the stream has checked the header) of the frames DALI's decoders take: Huffman baseline, extended,
+    # progressive. Lossless, hierarchical and arithmetic-coded ones stop DALI's pipeline: PIL decodes them below
+    if data.startswith(_SOI) and jpeg_frame_kind(data) in DALI_JPEG_FRAMES:
         if data.endswith(_EOI):
             return data
         body = data.rstrip(b"\xff")                 # a cut between FF and D9 leaves a lone FF
@@ -181,7 +184,7 @@ class _PrepareSample:
         if not isinstance(caption, list):
             raise BadSample(NO_CAPTION, f"sample {sample.key}: caption is {type(caption).__name__}, not text")
         usable = [text for text in (clean_caption(c, self.max_words) for c in caption if isinstance(c, str))
-                  if text.strip()]
+                  if has_words(text)]
         if not usable:
             raise BadSample(NO_CAPTION, f"sample {sample.key}: no caption left after cleaning in {caption!r}"[:300])
         # pretrain_dataset: random.choice(ann['caption']), drawn here from the sample's own generator

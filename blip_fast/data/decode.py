@@ -25,6 +25,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from ..text.clean import clean_caption, clean_question
@@ -54,6 +55,8 @@ def read_image_file(path: str | Path) -> bytes:
             return file.read()
     except OSError as error:
         raise BadSample(MISSING_IMAGE, f"{path}: {error.strerror or error}") from None
+    except ValueError as error:  # a path no file can have (an embedded NUL)
+        raise BadSample(MISSING_IMAGE, f"{path!r}: {error}") from None
 
 
 def _decode(data: bytes) -> Image.Image:
@@ -97,8 +100,21 @@ def decode_image(data: bytes | None, stats: DataStats | None = None, what: str =
         stats.fix(JPEG_END_MISSING)
     if image.mode != "RGB":
         stats.fix(f"converted_{image.mode}_to_RGB")
-        image = image.convert("RGB")
+        image = _to_8_bits(image).convert("RGB")
     return image
+
+
+def _to_8_bits(image: Image.Image) -> Image.Image:
+    """16-bit, 32-bit integer and float grey images scaled to 8 bits (PIL's convert would clamp them to 0-255: a
+    16-bit image nearly all white, a float one in [0, 1] all black); other modes as they are. Integer images are
+    taken as 16-bit (PIL opens 16-bit PNGs as mode I), float ones in [0, 1] when no value exceeds 1."""
+    if not image.mode.startswith(("I", "F")):
+        return image
+    values = np.asarray(image, dtype=np.float64)
+    top = 1.0 if image.mode == "F" and values.size and np.nanmax(values) <= 1.0 else (
+        255.0 if image.mode == "F" else 65535.0)
+    scaled = np.nan_to_num(values / top * 255.0, nan=0.0)
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
 
 
 def identify_image(data: bytes | None, what: str = "image") -> str:
@@ -119,7 +135,12 @@ def identify_image(data: bytes | None, what: str = "image") -> str:
 
 
 def _usable_caption(text) -> bool:
-    return isinstance(text, str) and clean_caption(text) != ""
+    """Text with a letter or digit left after cleaning (punctuation alone, ``"???"``, says nothing of an image)."""
+    return isinstance(text, str) and has_words(clean_caption(text))
+
+
+def has_words(text: str) -> bool:
+    return any(char.isalnum() for char in text)
 
 
 def check_caption(caption, stats: DataStats | None = None, what: str = "sample") -> str | list[str]:

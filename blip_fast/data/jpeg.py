@@ -75,6 +75,15 @@ def _segments(data: bytes):
         pos = end
 
 
+def jpeg_frame_kind(data: bytes) -> int | None:
+    """The start-of-frame marker of a JPEG (0xC0 baseline, 0xC1 extended, 0xC2 progressive, ...), or None when no
+    frame header comes before the scan."""
+    for marker, _, _ in _segments(data):
+        if marker in _SEQUENTIAL_SOF or marker in _UNSUPPORTED_SOF:
+            return marker
+    return None
+
+
 def _intervals(data: bytes) -> list[bytes]:
     """Entropy-coded data split at restart markers, with ``FF 00`` unstuffed; stops at any other marker."""
     out, current, i, n = [], bytearray(), 0, len(data)

@@ -139,7 +139,7 @@ def read_shard(path: str) -> Iterator[ShardRecord | ShardFailure]:
                 # member header: the missing end-of-archive (zero) block is what tells
                 if stream.block_at(tar.offset) != bytes(512):
                     raise tarfile.ReadError("no end-of-archive block (cut short)")
-    except (OSError, EOFError, tarfile.TarError, zlib.error) as error:
+    except (OSError, EOFError, tarfile.TarError, zlib.error, lzma.LZMAError) as error:
         yield ShardFailure(path, f"{path}: {type(error).__name__}: {error}")
         return
     if key is not None:

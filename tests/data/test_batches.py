@@ -199,6 +199,25 @@ def test_bad_samples_are_skipped_and_counted(bad_data, backend):
         assert stats.fixed["reencoded_PNG_for_dali"] == stats.fixed["reencoded_GIF_for_dali"] == 1
 
 
+@pytest.mark.parametrize("backend", ["pil", pytest.param("dali", marks=needs_dali)])
+def test_a_jpeg_of_a_frame_kind_no_decoder_takes_is_skipped(tmp_path, backend):
+    """A lossless-frame JPEG (SOF3), whole and with its end marker, which PIL reads the header of but cannot decode:
+    PIL skips it as corrupt; DALI's decoders would stop the pipeline, so such frames go to PIL first (and are skipped
+    there the same way)."""
+    entries = []
+    for k in range(4):
+        data = encode(photo_like(32, 32, seed=k), "JPEG")
+        if k == 2:
+            data = data.replace(b"\xff\xc0", b"\xff\xc3", 1)
+        (tmp_path / f"{k}.jpg").write_bytes(data)
+        entries.append({"image": f"{k}.jpg", "caption": f"picture {k}"})
+    source = open_caption_source("json", [write_json(tmp_path / "a.json", entries)], tmp_path)
+    batches = CaptionBatches(source, EVAL, 2, backend=backend, dali=cpu_dali(), drop_last=False)
+    texts = [text for batch in epoch_of(batches) for text in captions(batch, BlipTokenizer())]
+    assert sorted(texts) == ["picture 0", "picture 1", "picture 3"]
+    assert dict(batches.stats.skipped) == {"corrupt_image": 1}
+
+
 def test_a_caption_list_with_nothing_left_after_cleaning_is_skipped(synth64, tmp_path):
     entries = json.loads((synth64 / "val.json").read_text())        # Karpathy evaluation shape: caption lists
     entries[0]["caption"] = ["...", "!!"]

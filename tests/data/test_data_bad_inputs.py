@@ -163,3 +163,50 @@ def test_bytes_mode_checks_headers_only(tmp_path):
     assert [s.key for s in samples] == ["0", "2"] and samples[1].image_bytes == images["truncated"]
     assert samples[0].image is None
     assert stream.stats.skipped == {"corrupt_image": 1, "missing_image": 1}
+
+
+def test_ids_paths_and_captions_that_are_bad_records(tmp_path, caplog):
+    """image_id must be a string or an int: a list or dict is no key, and True or 1.0 would be image 1's key (their
+    captions then ITC positives of image 1's); a path with a NUL byte is a missing image; a caption of punctuation
+    alone has no words. Each is skipped and counted."""
+    good = encode(photo_like(24, 24, seed=7), "JPEG")
+    (tmp_path / "a.jpg").write_bytes(good)
+    entries = [{"image": "a.jpg", "caption": "one", "image_id": 1},
+               {"image": "a.jpg", "caption": "two", "image_id": "1"},
+               *({"image": "a.jpg", "caption": "bad id", "image_id": bad} for bad in ([1], {"id": 1}, True, 1.0)),
+               {"image": "a\x00.jpg", "caption": "a NUL in the path"},
+               {"image": "a.jpg", "caption": "!!! ... ???"}]
+    source = CaptionAnnotations(write_json(tmp_path / "ids.json", entries), tmp_path)
+    expected = {"0": ("one", good), "1": ("two", good)}
+    stats = check_loader(ResumableLoader(SampleStream(source, seed=0), 2, num_workers=0), expected, caplog)
+    assert stats.skipped == {"bad_record": 4, "missing_image": 1, "no_caption": 1}
+    assert source.img_ids == {1: 0, "1": 1}
+
+
+def test_a_corrupt_xz_shard_is_a_bad_shard(tmp_path):
+    import lzma
+
+    with ShardWriter(tmp_path, "good", 10) as writer:
+        for k in range(3):
+            writer.write(f"k{k}", {"jpg": encode(photo_like(24, 24, seed=k), "JPEG"), "txt": f"picture {k}".encode()})
+    packed = bytearray(lzma.compress(writer.paths[0].read_bytes()))
+    packed[200] ^= 0xFF
+    (tmp_path / "flipped-00000.tar").write_bytes(bytes(packed))  # compression is told by its magic bytes
+    stream = SampleStream(TarShards(str(tmp_path)), seed=0, shuffle=False)
+    assert sorted(s.caption for s in stream) == ["picture 0", "picture 1", "picture 2"]
+    assert stream.stats.skipped == {"bad_shard": 1} and "LZMAError" in stream.stats.first["bad_shard"]
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_deep_grey_images_are_scaled_to_8_bits(mode):
+    """16-bit and float images (PIL's convert clamps them: a 16-bit image comes out nearly white, a float one in
+    [0, 1] black) keep their gradient: 256 levels from black to white."""
+    from blip_fast.data.decode import decode_image
+
+    ramp = np.linspace(0, 1, 64 * 64).reshape(64, 64)
+    image = (Image.fromarray((ramp * 65535).astype(np.uint16)) if mode == "I;16"
+             else Image.fromarray((ramp * 65535).astype(np.int32), "I") if mode == "I"
+             else Image.fromarray(ramp.astype(np.float32), "F"))
+    decoded = np.asarray(decode_image(encode(image, "PNG" if mode == "I;16" else "TIFF")))
+    assert decoded.min() == 0 and decoded.max() == 255 and len(np.unique(decoded)) == 256
+    assert np.abs(decoded[..., 0].astype(float) - ramp * 255).max() <= 1

@@ -52,8 +52,11 @@ def test_every_mode_becomes_the_originals_rgb(mode, fmt, options):
 
 
 def test_sixteen_bit_grayscale_png():
-    data = encode(Image.fromarray((np.arange(40 * 30).reshape(30, 40) * 50).astype(np.uint16)), "PNG")
-    np.testing.assert_array_equal(np.asarray(decode_image(data)), original_decode(data))
+    """Scaled to 8 bits, not clamped as the original's ``convert('RGB')`` clamps it (to a nearly white image)."""
+    values = (np.arange(40 * 30).reshape(30, 40) * 50).astype(np.uint16)
+    data = encode(Image.fromarray(values), "PNG")
+    expected = np.rint(values / 65535 * 255).astype(np.uint8)
+    np.testing.assert_array_equal(np.asarray(decode_image(data)), np.repeat(expected[..., None], 3, axis=2))
 
 
 JPEG_KINDS = {
