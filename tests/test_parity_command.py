@@ -1,5 +1,6 @@
 """``blip-fast parity``: runs fast backends against references and fails when one is wrong."""
 
+import pytest
 import torch
 
 from blip_fast import ops
@@ -53,3 +54,12 @@ def test_cli_parity_exit_status_and_json(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "enqueue" in printed and "passed, 0 failed" in printed
     assert out.read_text().count('"passed": true') == 2
+
+
+@pytest.mark.parametrize("device", ["foo", "mps"])
+def test_a_device_that_is_not_here_is_one_line(device, capsys):
+    """--device names torch does not know and devices blip-fast does not run on: exit status 2 and one line, not a
+    traceback (the same helper serves caption, answer and match)."""
+    assert main(["parity", "--device", device, "--op", "enqueue"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --device {device}")

@@ -68,6 +68,9 @@ class DataConfig:
             raise ConfigError(f"data.kind must be synthetic, json or shards; got {self.kind!r}")
         if self.kind != "synthetic" and not self.paths:
             raise ConfigError(f"data.kind {self.kind!r} needs data.paths (annotation files or shards)")
+        if self.kind == "synthetic" and self.paths:  # else the run would train on synthetic scenes without a word
+            raise ConfigError("data.paths is read with data.kind=json or data.kind=shards; this config has "
+                              "data.kind=synthetic")
         if self.backend not in ("auto", "pil", "dali"):
             raise ConfigError(f"data.backend must be auto, pil or dali; got {self.backend!r}")
         for name in ("batch_size", "synthetic_n", "synthetic_image_size", "max_words", "shuffle_buffer"):

@@ -103,3 +103,25 @@ def test_ctrl_c_ends_with_a_hint_not_a_traceback(synthetic_dir, tmp_path):
     # the interrupt may land inside a checkpoint write: that one is abandoned, the earlier ones stay readable
     assert load_checkpoint(list_checkpoints(tmp_path)[-1])["progress"]["step"] >= 1
     assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+
+
+def test_the_evaluation_runs_in_fp32_after_bf16_training(synthetic_dir, tmp_path, monkeypatch):
+    """bf16 similarities tie and reorder retrieval candidates; the original evaluates in fp32, and so does the run's
+    end-of-training evaluation whatever train.precision says."""
+    import torch
+
+    from blip_fast.train import engine
+    from blip_fast.train.config import load_pretrain_config
+
+    seen = []
+    evaluate = engine.evaluate_retrieval
+
+    def recording(*args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "evaluate_retrieval", recording)
+    engine.pretrain(load_pretrain_config(None, tiny_overrides(synthetic_dir, tmp_path, "train.max_steps=1",
+                                                              "train.precision=bf16", "train.eval_size=20")),
+                    printer=lambda *_: None)
+    assert seen == [False]

@@ -46,6 +46,7 @@ def test_overrides_are_typed_and_nested():
     ("data.paths=a.json", "data.paths must be a list"),
     ("nonsense", "must look like section.key=value"),
     ("data.paths=[a/{0..3}.tar]", "quote strings with braces"),
+    ("data.paths=[a.json]", "data.paths is read with data.kind=json or data.kind=shards"),  # default: synthetic
 ])
 def test_mistakes_are_named(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
