@@ -137,7 +137,8 @@ class PackedAttention(NamedTuple):
     """The sequence tables with which one packed text pass attends on its packed rows (no unpacking), made once per
     pass (:meth:`plan`) and used by every layer: its self-attention's, and its cross-attention's (or None)."""
 
-    self_attention: AttentionSequences
+    self_attention: AttentionSequences | None
+    """None in a joint call (:func:`joint_text_passes`), whose groups carry their own."""
     cross_attention: AttentionSequences | None
 
     @classmethod
@@ -152,13 +153,25 @@ class PackedAttention(NamedTuple):
         is row b of a (k, v) pair or the row a :class:`BlockContext` picks for it, read where it lies.
         All of it is computed on the device: no synchronisation.
         """
-        q_len = packing.valid.sum(dim=1)
-        kv_len = q_len if causal else padding_mask.sum(dim=1)
-        self_attention = AttentionSequences.self_attention(packing.first, q_len, kv_len, packing.length)
+        self_attention = cls.self_attention_table(packing, padding_mask, causal)
         if context_kv is None:
             return cls(self_attention, None)
+        cross = cls.cross_attention_table(packing, context_kv, context_mask)
+        return None if cross is None else cls(self_attention, cross)
+
+    @staticmethod
+    def self_attention_table(packing: PackedText, padding_mask: torch.Tensor, causal: bool) -> AttentionSequences:
+        """The self-attention table of :meth:`plan`."""
+        q_len = packing.valid.sum(dim=1)
+        kv_len = q_len if causal else padding_mask.sum(dim=1)
+        return AttentionSequences.self_attention(packing.first, q_len, kv_len, packing.length)
+
+    @staticmethod
+    def cross_attention_table(packing: PackedText, context_kv, context_mask) -> AttentionSequences | None:
+        """The cross-attention table of :meth:`plan`, or None where no table can describe the context."""
         if context_mask is not None:
             return None
+        device = packing.valid.device
         first = context_kv[0]
         if isinstance(first, BlockContext):
             if any(not isinstance(layer, BlockContext) or layer.shared_keys_values() is None
@@ -166,14 +179,13 @@ class PackedAttention(NamedTuple):
                 return None
             keys, kv_group = first.segments[0][0], first.context_rows()
         else:
-            keys, kv_group = first[0], torch.arange(packing.batch, device=q_len.device)
+            keys, kv_group = first[0], torch.arange(packing.batch, device=device)
             if keys.shape[0] != packing.batch:
                 return None
         contexts, tokens = keys.shape[0], keys.shape[2]
-        kv_start = torch.arange(contexts, device=q_len.device) * tokens
-        cross = AttentionSequences.grouped(packing.first, q_len, kv_group, kv_start, torch.full_like(kv_start, tokens),
-                                           packing.length, tokens)
-        return cls(self_attention, cross)
+        kv_start = torch.arange(contexts, device=device) * tokens
+        return AttentionSequences.grouped(packing.first, packing.valid.sum(dim=1), kv_group, kv_start,
+                                          torch.full_like(kv_start, tokens), packing.length, tokens)
 
 
 def _packed_context(keys_values) -> tuple[torch.Tensor, torch.Tensor]:
@@ -524,10 +536,13 @@ def joint_text_passes(passes: Sequence[TextPass], context_kv: list) -> list[torc
     padding_mask = torch.cat(masks)
     packing = None if passes[0].packing is None else PackedText.concat([p.packing for p in passes])
     x = first.embeddings(torch.cat([p.input_ids for p in passes]), 0, packing)
-    plan = None
+    # packed attention: each pass's self-attention table, and one cross-attention table over all rows (the plan's
+    # self-attention slot stays empty: the groups carry theirs)
+    cross = None
     if packing is not None and ops.packed_attention_on(x):
-        plan = PackedAttention.plan(packing, padding_mask, False, context_kv, None)
-    tables = [None if plan is None else PackedAttention.plan(p.packing, mask, p.causal, None, None).self_attention
+        cross = PackedAttention.cross_attention_table(packing, context_kv, None)
+    plan = None if cross is None else PackedAttention(None, cross)
+    tables = [None if plan is None else PackedAttention.self_attention_table(p.packing, mask, p.causal)
               for p, mask in zip(passes, masks, strict=True)]
     for index, layers in enumerate(zip(*(p.transformer.encoder.layer for p in passes), strict=True)):
         groups = tuple(SelfAttentionRows(layer.attention, mask, p.causal, p.packing, table)
