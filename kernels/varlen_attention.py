@@ -19,7 +19,11 @@ group. A query with no key to see returns zeros; query rows that no sequence cov
 Backward, as FlashAttention-2: one kernel per key block accumulates dK and dV over every query of
 every sequence of the group (``group_sequences[group_offsets[g] : group_offsets[g + 1]]``, the
 sequences sorted by group), another per query block accumulates dQ. Each output element is written
-by one program: no atomics, and the gradients are deterministic.
+by one program: no atomics, and the gradients are deterministic. Hence the contract: **no two groups
+share a key row** (self-attention with ``kv_len <= q_len``, as packed captions and dense rows have;
+cross-attention groups are distinct images). Where groups overlap, the programs of each write the
+shared rows' dK and dV and the last one wins (seen on the H100: the reference sums them). Checking
+it would cost a host synchronisation, so only the reference does.
 
 Dropout draws Philox numbers (``tl.rand``) from a seed read on the device (so a CUDA graph replays
 with a new seed each step, drawn by torch's generator) and the offset ``(h * T_q + query row) *
@@ -32,6 +36,7 @@ The kernels read q, k, v in their dtype (fp32, fp16, bf16), multiply in it with 
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import NamedTuple
 
@@ -136,6 +141,17 @@ def check_inputs(q, k, v, seqs: AttentionSequences, dropout_p: float, allow_floa
                          "exceed 32 bits")
 
 
+def check_groups_disjoint(seqs: AttentionSequences) -> None:
+    """Raise ValueError where two key/value groups share a row, against the kernels' contract (module docstring).
+    It reads the table on the host, so the reference checks it and the kernels do not."""
+    spans = sorted((start, start + length) for start, length
+                   in zip(seqs.kv_start.tolist(), seqs.kv_len.tolist(), strict=True) if length > 0)
+    for (start, end), (next_start, next_end) in itertools.pairwise(spans):
+        if next_start < end:
+            raise ValueError(f"varlen_attention: key/value groups overlap (rows {start}:{end} and "
+                             f"{next_start}:{next_end}); the kernels need each key row in one group")
+
+
 def _dense_index(start: torch.Tensor, length: torch.Tensor, max_len: int, outside: int
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(S, max_len) row index of each padded position (``outside`` past its sequence's end) and whether it is inside
@@ -152,6 +168,7 @@ def varlen_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs
     float32)``, scattered back. ``keep`` (S, H, max_q_len, max_kv_len) bool is the dropout mask to apply (tests
     pass the kernels' own, :func:`dropout_keep`); without it dropout draws from torch's generator."""
     check_inputs(q, k, v, seqs, dropout_p, allow_float64=True)
+    check_groups_disjoint(seqs)
     compute = torch.promote_types(q.dtype, torch.float32)
     # positions past a sequence's end read an appended zero row (there is one even where q or k has no rows)
     q_rows, q_inside = _dense_index(seqs.q_start, seqs.q_len, seqs.max_q_len, q.shape[0])

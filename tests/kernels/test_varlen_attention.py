@@ -219,6 +219,19 @@ def test_bad_inputs_are_named():
         kernel.check_inputs(big, big, big, meta, 0.1)
 
 
+def test_reference_refuses_groups_that_share_key_rows():
+    """The kernels write each key row's dK/dV from one group's program: a table whose groups overlap would lose
+    gradients there, so the reference (which tests and parity compare against) refuses it by name. Adjacent and
+    empty groups are fine."""
+    q = torch.randn(20, HEADS, DIM)
+    starts, q_len = torch.tensor([0, 1, 8]), torch.tensor([1, 7, 12])
+    fine = AttentionSequences.self_attention(starts, q_len, torch.tensor([1, 0, 12]), 12)
+    assert kernel.varlen_attention_ref(q, q, q, fine).shape == q.shape
+    overlapping = AttentionSequences.self_attention(starts, q_len, torch.tensor([5, 7, 12]), 12)
+    with pytest.raises(ValueError, match=r"groups overlap \(rows 0:5 and 1:8\)"):
+        kernel.varlen_attention_ref(q, q, q, overlapping)
+
+
 def test_auto_does_not_pick_the_kernel_until_timed(monkeypatch):
     """``auto`` passes the kernel over (not yet timed on a GPU); naming it selects it where it can run (here: let it
     run on the CPU, as the interpreter does)."""
