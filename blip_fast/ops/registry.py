@@ -184,8 +184,9 @@ class Op:
             picked = next(b for b in usable if b == "reference" or self.impls[b].auto)
         key = (self.name, device.type, choice)
         # Dynamo cannot trace a logger call (it would break a fullgraph compile), so only eager calls
-        # log; tracing picks the same way.
-        if key not in _logged and not torch.compiler.is_compiling():
+        # log; tracing picks the same way. is_compiling() comes first so that tracing never reads
+        # _logged: a guard on it would recompile every block after the next eager first use of an op.
+        if not torch.compiler.is_compiling() and key not in _logged:
             _logged.add(key)
             log.info("blip_fast op %s on %s: %s (requested %s)", self.name, device.type, picked, choice)
         return picked

@@ -84,7 +84,10 @@ class CudaGraphStep:
         if self.generator is not None:
             graph.register_generator_state(self.generator)
         torch.cuda.synchronize(self.device)
-        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
+        # the eager step of this key compiled every block it needs; a recompile here would fail inside the
+        # capture with an opaque CUDA error, so it fails as what it is instead
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream), \
+                torch.compiler.set_stance("fail_on_recompile"):
             losses = self._step(static)
         captured = SimpleNamespace(graph=graph, inputs=static, losses=losses)
         self.graphs[key] = captured

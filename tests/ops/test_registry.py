@@ -49,6 +49,23 @@ def test_choice_is_logged_once(caplog):
     assert sum("blip_fast op attention on cpu" in r.message for r in caplog.records) == 1
 
 
+def test_an_eager_selection_does_not_invalidate_compiled_graphs(monkeypatch):
+    """The first eager use of an op logs its choice. Compiled code must not guard on that log: the trainer's eager
+    code selects ops (the momentum update) between two compiled steps, and a recompile in the second would happen
+    inside the CUDA graph's capture, which fails there (seen on the H100: bench step's fast impl)."""
+    monkeypatch.setattr(registry, "_logged", set())
+    q, k, v = (torch.randn(2, 3, 7, 8) for _ in range(3))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *args: ops.attention(*args), fullgraph=True, backend="eager")
+    try:
+        compiled(q, k, v)
+        ops.OPS["momentum_update"].select(torch.device("cpu"))  # eager: logged now
+        with torch.compiler.set_stance("fail_on_recompile"):
+            compiled(q, k, v)
+    finally:
+        torch._dynamo.reset()
+
+
 def test_every_op_of_the_issue_is_registered():
     assert {"attention", "itc_loss", "lm_loss", "sample_hard_negatives", "momentum_update",
             "enqueue"} <= set(ops.OPS)
