@@ -5,7 +5,7 @@ Pretraining's text passes carry packed captions (T, 768). Each attention either
 * ``padded`` -- unpacks its queries/keys/values into (B, L), runs torch's SDPA (the memory-efficient kernel
   first where there is a padding mask, ``blip_fast.ops.attention``) and packs the output: what ``auto`` runs; or
 * ``fast``   -- attends on the packed rows with the Triton kernels of ``blip_fast.kernels.varlen_attention``
-  (``BLIP_FAST_IMPL=auto,varlen_attention=triton``).
+  (``BLIP_FAST_IMPL=auto,varlen_attention=triton,varlen_cross_attention=triton``).
 
 Both run forward + backward in bf16 with dropout 0.1, as in training, at BLIP-base shapes (12 heads of 64) on
 the captions of a pretraining batch (96 of 8 to 35 tokens): the unimodal encoder's self-attention, the decoder's
@@ -15,8 +15,8 @@ negative-image rows picking theirs). Before timing, outputs without dropout are 
     python benchmarks/bench_varlen_attention.py [--blocks 32x32,64x64,...] [--json PATH]
 
 with PATH like ``benchmarks/results/kernels-h100-YYYYMMDD-attention.json``. Times are medians of
-``triton.testing.do_bench`` in microseconds; ``fast`` runs the kernels' default blocks (64 x 64), and
-``fast_mM_nN`` the other blocks asked for: the data to tune them with. Needs a CUDA device.
+``triton.testing.do_bench`` in microseconds; ``fast`` runs the kernels' default blocks (``BLOCKS``: 32 x 64, causal
+32 x 32), and ``fast_mM_nN`` the other blocks asked for: the data to tune them with. Needs a CUDA device.
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ import torch
 
 from blip_fast import ops
 from blip_fast.bench_results import benchmark_arguments, run_gpu_benchmark
+
+# both packed attention ops on the kernel: self-attention (bidirectional, causal) and cross-attention
+PACKED_KERNEL = "auto,varlen_attention=triton,varlen_cross_attention=triton"
 
 HEADS, DIM, BATCH, IMAGE_TOKENS, DROPOUT = 12, 64, 96, 197, 0.1
 
@@ -99,16 +102,15 @@ def run(blocks: list[tuple[int, int]]) -> list[dict]:
     """Times per case: ``padded``, ``fast`` (the kernels' default blocks) and ``fast_mM_nN`` for other blocks."""
     from blip_fast.kernels import varlen_attention as kernel
 
-    default = (kernel.BLOCK_M, kernel.BLOCK_N)
+    default = dict(kernel.BLOCKS)
     records = []
     try:
         for case, padded, packed, leaves in cases():
-            timed = [("padded", padded, "auto", default)] + [
-                ("fast" if block == default else f"fast_m{block[0]}_n{block[1]}", packed,
-                 "auto,varlen_attention=triton", block) for block in [default] + [b for b in blocks if b != default]]
+            timed = [("padded", padded, "auto", default), ("fast", packed, PACKED_KERNEL, default)] + [
+                (f"fast_m{m}_n{n}", packed, PACKED_KERNEL, {False: (m, n), True: (m, n)}) for m, n in blocks]
             records += time_case(case, leaves, timed, kernel)
     finally:
-        kernel.BLOCK_M, kernel.BLOCK_N = default
+        kernel.BLOCKS = default
     return records
 
 
@@ -118,8 +120,8 @@ def time_case(case: str, leaves: list[torch.Tensor], timed: list, kernel) -> lis
     records = []
     want = timed[0][1](*leaves, 0.0)
     grad = torch.randn_like(want)
-    for impl, fn, spec, block in timed:
-        kernel.BLOCK_M, kernel.BLOCK_N = block  # the kernels read their blocks at each call
+    for impl, fn, spec, blocks in timed:
+        kernel.BLOCKS = blocks  # the kernels read their blocks at each call
         with ops.impl_scope(spec):
             got = fn(*leaves, 0.0)
         error = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
@@ -156,8 +158,8 @@ def print_table(records: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = benchmark_arguments(__doc__)
-    parser.add_argument("--blocks", type=parse_blocks, default=parse_blocks("32x32,32x64,64x32,128x64"),
-                        help="other query x key blocks to time the kernels with (default 32x32,32x64,64x32,128x64)")
+    parser.add_argument("--blocks", type=parse_blocks, default=parse_blocks("32x32,32x64,64x64,16x64"),
+                        help="other query x key blocks to time the kernels with (default 32x32,32x64,64x64,16x64)")
     args = parser.parse_args(argv)
     return run_gpu_benchmark("varlen_attention", "kernels", argv, args.json, lambda: run(args.blocks), print_table)
 

@@ -51,11 +51,12 @@ for stage in "${STAGES[@]}"; do
         # variant the fused LM loss (lm_loss_ref: without it). Commit the file under benchmarks/results/runs/.
         step_variants) run step_variants blip-fast bench step --impl fast --impl fast_padded \
                            --variant lm_loss_ref:auto,lm_loss=reference --json "$OUT/step-$DEV-$DAY-variants.json" ;;
-        # the packed attention kernel in the graphed step against fast, in a run of its own (auto leaves the kernel
-        # out until this run times it), and fast_separate: ITM's and LM's text passes one after the other instead of
-        # layer by layer together; also under benchmarks/results/runs/
+        # the packed attention kernel in the graphed step against fast, in a run of its own (auto leaves it out): for
+        # every text attention (lost 8% on 2026-11-23), and for the cross-attention alone (where it won alone); and
+        # fast_separate: ITM's and LM's text passes one after the other (lost 5%); also under benchmarks/results/runs/
         step_attention) run step_attention blip-fast bench step --impl fast --impl fast_separate \
-                            --variant packed_attention:auto,varlen_attention=triton \
+                            --variant packed_attention:auto,varlen_attention=triton,varlen_cross_attention=triton \
+                            --variant packed_cross_attention:auto,varlen_cross_attention=triton \
                             --json "$OUT/step-$DEV-$DAY-packed-attention.json" ;;
         hard_negatives) run hard_negatives blip-fast bench hard_negatives --json "$OUT/kernels-$DEV-$DAY.json" ;;
         lm_loss) run lm_loss blip-fast bench lm_loss --json "$OUT/losses-$DEV-$DAY.json" ;;

@@ -53,10 +53,11 @@ try:
 except ImportError:  # the package and its CPU paths work without triton
     HAS_TRITON = False
 
-# Query and key rows per block on the GPU. BERT-base heads are 64 wide; 64 x 64 tiles keep the short
-# captions (~35 tokens, one block) and the 197/577 image tokens in few blocks.
-BLOCK_M = 64
-BLOCK_N = 64
+# Query x key rows per block on the GPU, by causal: the fastest of the blocks timed at BLIP's shapes on the H100
+# (benchmarks/results/kernels-h100-20261123-attention.json, forward + backward, bf16): 32 x 64 for bidirectional
+# text (931 us against 1,066 with 64 x 64) and for ITM's cross-attention to 197 image tokens (1,562 against 1,727);
+# 32 x 32 for causal text (922 against 1,832: short captions leave most of a 64-row block's triangle masked).
+BLOCKS = {False: (32, 64), True: (32, 32)}
 
 
 class AttentionSequences(NamedTuple):
@@ -419,9 +420,10 @@ if HAS_TRITON:
                      mask=(m_offs < max_q_len)[:, None] & (n_offs < max_kv_len)[None, :])
 
 
-def _config(q: torch.Tensor, block_m: int | None, block_n: int | None) -> dict:
-    return dict(PRECISION="ieee" if q.dtype == torch.float32 else "tf32", BLOCK_M=block_m or BLOCK_M,
-                BLOCK_N=block_n or BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(q.shape[-1])))
+def _config(q: torch.Tensor, causal: bool, block_m: int | None, block_n: int | None) -> dict:
+    default_m, default_n = BLOCKS[causal]
+    return dict(PRECISION="ieee" if q.dtype == torch.float32 else "tf32", BLOCK_M=block_m or default_m,
+                BLOCK_N=block_n or default_n, BLOCK_D=max(16, triton.next_power_of_2(q.shape[-1])))
 
 
 def _seed(seed: torch.Tensor | None, device) -> torch.Tensor:
@@ -438,7 +440,7 @@ def varlen_attention_forward(q, k, v, seqs: AttentionSequences, causal: bool, dr
     total_q, heads, head_dim = q.shape
     out = torch.zeros_like(q)  # rows outside every sequence stay zero (packing's filler rows)
     lse = torch.full((heads, total_q), float("inf"), dtype=torch.float32, device=q.device)
-    config = _config(q, block_m, block_n)
+    config = _config(q, causal, block_m, block_n)
     sequences = seqs.q_start.shape[0]
     if sequences and total_q and seqs.max_q_len:
         grid = (triton.cdiv(seqs.max_q_len, config["BLOCK_M"]), sequences * heads)
@@ -461,7 +463,7 @@ def varlen_attention_backward(grad, q, k, v, out, lse, seqs: AttentionSequences,
     sequences, groups = seqs.q_start.shape[0], seqs.kv_start.shape[0]
     if not (sequences and total_q and seqs.max_q_len and seqs.max_kv_len):
         return dq, dk, dv
-    config = _config(q, block_m, block_n)
+    config = _config(q, causal, block_m, block_n)
     delta = torch.empty((heads, total_q), dtype=torch.float32, device=q.device)
     _delta_kernel[(triton.cdiv(total_q, config["BLOCK_M"]), heads)](
         out, grad, delta, out.stride(0), out.stride(1), grad.stride(0), grad.stride(1), heads, total_q, head_dim,

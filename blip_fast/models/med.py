@@ -24,9 +24,9 @@ their self-attention (pretraining's ITM encoder and LM decoder) can run layer by
 The hidden states can also travel without the captions' padding (``packing=``, a
 :class:`~blip_fast.models.packing.PackedText`): (T, hidden) for the T real tokens, unpacked to
 (B, L) only around attention. Pretraining's fast path runs its text passes that way. Where the
-packed attention kernel is the selected backend (:func:`~blip_fast.ops.varlen_attention`, opt-in
-until timed on a GPU), attention too reads the packed rows, and nothing is unpacked
-(:class:`PackedAttention`).
+packed attention kernel is the selected backend (opt-in), attention too reads the packed rows and is not
+unpacked (:class:`PackedAttention`): self-attention with :func:`~blip_fast.ops.varlen_attention`,
+cross-attention with :func:`~blip_fast.ops.varlen_cross_attention`, each chosen on its own.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ class BlockContext(NamedTuple):
     key mask and no causality each query attends on its own, so the result is the same attention, while the
     context rows are neither copied nor read more than once. Pretraining's ITM uses it: the positive and the
     negative-text rows of an image share its keys/values, and the negative-image rows pick theirs
-    (blip_fast.models.blip_pretrain). Packed attention (:func:`~blip_fast.ops.varlen_attention`) reads the picked
+    (blip_fast.models.blip_pretrain). Packed attention (:func:`~blip_fast.ops.varlen_cross_attention`) reads the picked
     rows where they are, without gathering them, when every segment shares one keys tensor.
     """
 
@@ -135,29 +135,33 @@ class BlockContext(NamedTuple):
 
 class PackedAttention(NamedTuple):
     """The sequence tables with which one packed text pass attends on its packed rows (no unpacking), made once per
-    pass (:meth:`plan`) and used by every layer: its self-attention's, and its cross-attention's (or None)."""
+    pass (:meth:`plan`) and used by every layer: its self-attention's and its cross-attention's, each None where
+    that attention unpacks around :func:`~blip_fast.ops.attention` instead."""
 
     self_attention: AttentionSequences | None
-    """None in a joint call (:func:`joint_text_passes`), whose groups carry their own."""
+    """None also in a joint call (:func:`joint_text_passes`), whose groups carry their own."""
     cross_attention: AttentionSequences | None
 
     @classmethod
-    def plan(cls, packing: PackedText, padding_mask: torch.Tensor, causal: bool, context_kv, context_mask
-             ) -> PackedAttention | None:
-        """The tables of a pass over ``packing``'s rows, or None where the context is not one a table can describe
-        (a padded context, a :class:`BlockContext` whose segments read different keys, or layers whose contexts pick
-        different rows; one table serves every layer): that pass unpacks.
+    def plan(cls, packing: PackedText, padding_mask: torch.Tensor, causal: bool, context_kv, context_mask,
+             like: torch.Tensor) -> PackedAttention | None:
+        """The tables of a pass over ``packing``'s rows for the attentions whose packed op takes tensors like
+        ``like`` with its kernel (:func:`~blip_fast.ops.packed_attention_on`), or None where neither does. The
+        cross-attention's table is also None where the context is not one a table can describe (a padded context,
+        a :class:`BlockContext` whose segments read different keys, or layers whose contexts pick different rows;
+        one table serves every layer): that attention unpacks.
 
         Self-attention: row b's queries are its packed tokens (all L positions of a dense row), its keys its real
         tokens (``padding_mask``). Cross-attention: row b's queries attend to every token of its context row, which
         is row b of a (k, v) pair or the row a :class:`BlockContext` picks for it, read where it lies.
         All of it is computed on the device: no synchronisation.
         """
-        self_attention = cls.self_attention_table(packing, padding_mask, causal)
-        if context_kv is None:
-            return cls(self_attention, None)
-        cross = cls.cross_attention_table(packing, context_kv, context_mask)
-        return None if cross is None else cls(self_attention, cross)
+        self_attention = cross = None
+        if ops.packed_attention_on(like):
+            self_attention = cls.self_attention_table(packing, padding_mask, causal)
+        if context_kv is not None and ops.packed_attention_on(like, cross=True):
+            cross = cls.cross_attention_table(packing, context_kv, context_mask)
+        return None if self_attention is None and cross is None else cls(self_attention, cross)
 
     @staticmethod
     def self_attention_table(packing: PackedText, padding_mask: torch.Tensor, causal: bool) -> AttentionSequences:
@@ -273,11 +277,12 @@ class AttentionOutput(nn.Module):
 class TextAttention(nn.Module):
     """Self- or cross-attention sublayer: projections, the ops-layer attention, output + residual."""
 
-    def __init__(self, config: TextConfig, kv_width: int):
+    def __init__(self, config: TextConfig, kv_width: int, cross: bool = False):
         super().__init__()
         self.self = SelfAttentionProjections(config, kv_width)
         self.output = AttentionOutput(config)
         self.dropout_p = config.attention_dropout
+        self.cross = cross
 
     def forward(self, x, key_padding_mask, causal, keys_values, packing: PackedText | None = None,
                 queries: torch.Tensor | None = None, sequences: AttentionSequences | None = None) -> torch.Tensor:
@@ -286,13 +291,18 @@ class TextAttention(nn.Module):
         projected (self-attention projects them with its keys and values).
 
         With ``sequences`` (a table of :class:`PackedAttention`) the packed rows attend where they are
-        (:func:`~blip_fast.ops.varlen_attention`): ``queries`` and ``keys_values`` are then rows (T, H, D) and the
-        table holds the masking (``key_padding_mask`` unused)."""
+        (:func:`~blip_fast.ops.varlen_attention`, or :func:`~blip_fast.ops.varlen_cross_attention` for a
+        cross-attention sublayer): ``queries`` and ``keys_values`` are then rows (T, H, D) and the table holds the
+        masking (``key_padding_mask`` unused)."""
         dropout_p = self.dropout_p if self.training else 0.0
         if sequences is not None:
             q = self.self.query(x).unflatten(-1, (self.self.num_heads, -1)) if queries is None else queries
             k, v = keys_values
-            return self.output(ops.varlen_attention(q, k, v, sequences, causal, dropout_p).flatten(1), x)
+            if self.cross:
+                out = ops.varlen_cross_attention(q, k, v, sequences, dropout_p)
+            else:
+                out = ops.varlen_attention(q, k, v, sequences, causal, dropout_p)
+            return self.output(out.flatten(1), x)
         q = self.self.heads(self.self.query(x), packing) if queries is None else queries
         if isinstance(keys_values, BlockContext):
             out = keys_values.attend(q, dropout_p)
@@ -352,7 +362,7 @@ class TextLayer(nn.Module):
         super().__init__()
         self.attention = TextAttention(config, config.hidden_size)
         if encoder_width is not None:
-            self.crossattention = TextAttention(config, encoder_width)
+            self.crossattention = TextAttention(config, encoder_width, cross=True)
         self.intermediate = nn.Module()
         self.intermediate.dense = nn.Linear(config.hidden_size, config.intermediate_size)
         self.output = AttentionOutput(config)
@@ -378,7 +388,7 @@ class TextLayer(nn.Module):
                                                        group.sequences)
                            for group, rows in zip(groups, x.split([group.rows for group in groups]), strict=True)])
         if context_kv is not None:
-            if plan is not None:
+            if plan is not None and plan.cross_attention is not None:
                 x = self.crossattention(x, None, False, _packed_context(context_kv), packing,
                                         sequences=plan.cross_attention)
             else:
@@ -478,8 +488,8 @@ class TextTransformer(nn.Module):
         padding_mask = None if attention_mask is None else attention_mask.bool()
         context_mask = None if encoder_attention_mask is None else encoder_attention_mask.bool()
         plan = None
-        if packing is not None and ops.packed_attention_on(x):
-            plan = PackedAttention.plan(packing, padding_mask, causal, context_kv, context_mask)
+        if packing is not None:
+            plan = PackedAttention.plan(packing, padding_mask, causal, context_kv, context_mask, like=x)
         for index, layer in enumerate(self.encoder.layer):
             layer_kv = None if context_kv is None else context_kv[index]
             x = layer(x, padding_mask, causal, layer_kv, context_mask, cache, index, packing, plan)
@@ -539,10 +549,11 @@ def joint_text_passes(passes: Sequence[TextPass], context_kv: list) -> list[torc
     # packed attention: each pass's self-attention table, and one cross-attention table over all rows (the plan's
     # self-attention slot stays empty: the groups carry theirs)
     cross = None
-    if packing is not None and ops.packed_attention_on(x):
+    if packing is not None and ops.packed_attention_on(x, cross=True):
         cross = PackedAttention.cross_attention_table(packing, context_kv, None)
     plan = None if cross is None else PackedAttention(None, cross)
-    tables = [None if plan is None else PackedAttention.self_attention_table(p.packing, mask, p.causal)
+    packed_self = packing is not None and ops.packed_attention_on(x)
+    tables = [PackedAttention.self_attention_table(p.packing, mask, p.causal) if packed_self else None
               for p, mask in zip(passes, masks, strict=True)]
     for index, layers in enumerate(zip(*(p.transformer.encoder.layer for p in passes), strict=True)):
         groups = tuple(SelfAttentionRows(layer.attention, mask, p.causal, p.packing, table)

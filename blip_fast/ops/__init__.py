@@ -10,7 +10,7 @@ from .lm_loss import IGNORE_INDEX, lm_loss
 from .losses import itc_loss, itm_loss
 from .momentum import enqueue_, momentum_update_
 from .registry import OPS, impl_scope, requested_impl, set_impl
-from .varlen_attention import AttentionSequences, packed_attention_on, varlen_attention
+from .varlen_attention import AttentionSequences, packed_attention_on, varlen_attention, varlen_cross_attention
 
 __all__ = [
     "AttentionSequences",
@@ -29,4 +29,5 @@ __all__ = [
     "sample_hard_negatives",
     "set_impl",
     "varlen_attention",
+    "varlen_cross_attention",
 ]

@@ -1,15 +1,19 @@
 """Attention over packed variable-length sequences (the text passes of packed captions).
 
-Backends (see :mod:`blip_fast.ops.registry`):
+Two ops with the same backends, chosen apart because they pay off apart: ``varlen_attention`` for the text's
+self-attention (bidirectional and causal) and ``varlen_cross_attention`` for its cross-attention to the image
+tokens. Backends (see :mod:`blip_fast.ops.registry`):
 
 * ``reference`` -- :func:`~blip_fast.kernels.varlen_attention.varlen_attention_ref`: each sequence gathered
   into the padded layout, eager softmax attention, scattered back. Every device.
 * ``triton``    -- the kernels of :mod:`blip_fast.kernels.varlen_attention`, CUDA tensors: attention on the
-  packed rows, dropout inside, no padding. Registered with ``auto=False``: until a GPU run times it
-  against the padded path (unpack, SDPA, pack), it runs only where asked for, e.g.
-  ``BLIP_FAST_IMPL=auto,varlen_attention=triton``.
+  packed rows, dropout inside, no padding. Registered with ``auto=False`` for both ops. On the H100
+  (2026-11-23) the kernel for every text attention made the graphed training step 8% slower than unpacking
+  around SDPA (runs/step-h100-20261123-packed-attention.json): alone it lost on self-attention (0.87x
+  bidirectional, 0.38x causal) and won on cross-attention (1.37x; kernels-h100-20261123-attention.json).
+  Cross-attention alone (``BLIP_FAST_IMPL=auto,varlen_cross_attention=triton``) waits for its step timing.
 
-The model asks :func:`packed_attention_on` whether to take this op at all: with any other backend the
+The model asks :func:`packed_attention_on` whether to take an op at all: with any other backend the
 packed text passes keep unpacking around torch's attention, which the reference here would only slow down.
 
 The Triton path is two ``torch.library`` custom ops (forward, backward), so ``torch.compile`` holds them as
@@ -32,7 +36,8 @@ from blip_fast.kernels.varlen_attention import (
 
 from .registry import ParityCase, define_op
 
-__all__ = ["AttentionSequences", "packed_attention_on", "varlen_attention", "varlen_attention_ref"]
+__all__ = ["AttentionSequences", "packed_attention_on", "varlen_attention", "varlen_attention_ref",
+           "varlen_cross_attention"]
 
 
 @torch.library.custom_op("blip_fast::varlen_attention_triton", mutates_args=())
@@ -98,20 +103,31 @@ def varlen_attention_triton(q, k, v, seqs: AttentionSequences, causal: bool = Fa
 
 
 varlen_attention_op = define_op("varlen_attention", varlen_attention_ref)
-varlen_attention_op.register_triton(varlen_attention_triton, HAS_TRITON, dtypes=KERNEL_DTYPES, auto=False)
+varlen_cross_attention_op = define_op("varlen_cross_attention", varlen_attention_ref)
+for _op in (varlen_attention_op, varlen_cross_attention_op):
+    _op.register_triton(varlen_attention_triton, HAS_TRITON, dtypes=KERNEL_DTYPES, auto=False)
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: AttentionSequences,
                      causal: bool = False, dropout_p: float = 0.0) -> torch.Tensor:
-    """Attention of packed sequences through the selected backend; see :mod:`blip_fast.kernels.varlen_attention`."""
+    """Self-attention of packed sequences through the selected backend; see
+    :mod:`blip_fast.kernels.varlen_attention`."""
     return varlen_attention_op(q, k, v, seqs, causal, dropout_p)
 
 
-def packed_attention_on(like: torch.Tensor) -> bool:
-    """Whether the packed text passes attend with :func:`varlen_attention` on tensors like ``like`` (its kernel is
-    the selected backend) instead of unpacking around :func:`~blip_fast.ops.attention`. (Under autocast ``like`` is
-    fp32, which the kernel takes as it takes the autocast dtype its entry casts to.)"""
-    return varlen_attention_op.select(like.device, like.dtype) == "triton"
+def varlen_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: AttentionSequences,
+                           dropout_p: float = 0.0) -> torch.Tensor:
+    """Cross-attention of packed sequences to their key/value groups through the selected backend."""
+    return varlen_cross_attention_op(q, k, v, seqs, False, dropout_p)
+
+
+def packed_attention_on(like: torch.Tensor, cross: bool = False) -> bool:
+    """Whether the packed text passes' self-attention (``cross``: cross-attention) runs on tensors like ``like``
+    through :func:`varlen_attention` (:func:`varlen_cross_attention`), its kernel being the selected backend,
+    instead of unpacking around :func:`~blip_fast.ops.attention`. (Under autocast ``like`` is fp32, which the
+    kernel takes as it takes the autocast dtype its entry casts to.)"""
+    op = varlen_cross_attention_op if cross else varlen_attention_op
+    return op.select(like.device, like.dtype) == "triton"
 
 
 def _case(lengths: list[int], heads: int, kv_lengths: list[int] | None, causal: bool, groups: int | None):
@@ -151,7 +167,8 @@ def _register_parity_cases() -> None:
         ("odd", [1, 7, 13, 97], [1, 5, 1, 40], False, None),
     ]
     for mode, lengths, kv_lengths, causal, groups in cases:
-        varlen_attention_op.parity_cases.append(ParityCase(
+        op = varlen_attention_op if groups is None else varlen_cross_attention_op
+        op.parity_cases.append(ParityCase(
             mode=mode, shape=f"S{len(lengths)} T{sum(lengths)} H12 D64",
             make_inputs=_case(lengths, 12, kv_lengths, causal, groups), grad_argnums=(0, 1, 2)))
 

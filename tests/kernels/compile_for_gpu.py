@@ -42,7 +42,8 @@ def varlen_attention_specs(dtype: str):
 
 
 def _varlen_attention_variant(dtype: str, causal: bool, dropout: bool):
-    blocks = {"BLOCK_M": varlen_attention.BLOCK_M, "BLOCK_N": varlen_attention.BLOCK_N, "BLOCK_D": 64}
+    block_m, block_n = varlen_attention.BLOCKS[causal]
+    blocks = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": 64}
     flags = {"CAUSAL": causal, "DROPOUT": dropout, "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
     variant = f"{dtype} causal={causal} dropout={dropout}"
     table = {"q_start_ptr": "*i32", "q_len_ptr": "*i32"}

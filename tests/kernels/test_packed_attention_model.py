@@ -1,7 +1,8 @@
 """The model with its packed rows attending through the packed attention kernel (no unpacking) against the model
 unpacking around the reference attention: the same states, losses and gradients.
 
-The kernel runs where ``varlen_attention=triton`` is asked for; without a GPU these tests let it run on CPU
+The kernel runs where ``varlen_attention=triton`` (self-attention) or ``varlen_cross_attention=triton`` is asked
+for; without a GPU these tests let it run on CPU
 tensors in Triton's interpreter. fp32, dropout off (its masks differ between the two), tolerance 1e-5 relative
 (key biases, whose gradient vanishes in exact arithmetic, on their key weight's scale, as test_packing.py).
 """
@@ -18,9 +19,13 @@ from blip_fast import ops
 from blip_fast.models import build_model
 from blip_fast.models.med import BlockContext, PackedAttention
 from blip_fast.models.packing import PackedText
-from blip_fast.ops.varlen_attention import varlen_attention_op
+from blip_fast.ops.varlen_attention import varlen_attention_op, varlen_cross_attention_op
 
 RTOL = 1e-5
+PACKED_OPS = (varlen_attention_op, varlen_cross_attention_op)
+# the kernel for self-attention, for cross-attention, for both
+SELF, CROSS = "auto,varlen_attention=triton", "auto,varlen_cross_attention=triton"
+BOTH = "auto,varlen_attention=triton,varlen_cross_attention=triton"
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
@@ -28,22 +33,24 @@ pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 @pytest.fixture
 def kernel_here(triton_device, monkeypatch):
     """Let the kernel run where the Triton tests run (on CPU tensors too, in the interpreter) when it is asked for."""
-    impl = varlen_attention_op.impls["triton"]
-    monkeypatch.setitem(varlen_attention_op.impls, "triton",
-                        dataclasses.replace(impl, devices=(triton_device,), is_available=lambda: True))
+    for op in PACKED_OPS:
+        runs_here = dataclasses.replace(op.impls["triton"], devices=(triton_device,), is_available=lambda: True)
+        monkeypatch.setitem(op.impls, "triton", runs_here)
 
 
 @pytest.fixture
 def kernel_calls(kernel_here, monkeypatch):
-    """:func:`kernel_here`, counting the kernel's calls (eager code only: dynamo would guard on the list)."""
-    impl = varlen_attention_op.impls["triton"]
+    """:func:`kernel_here`, recording the name of the op of each kernel call (eager code only: dynamo would guard on
+    the list)."""
     calls = []
+    for op in PACKED_OPS:
+        impl = op.impls["triton"]
 
-    def counted(*args, **kwargs):
-        calls.append(args[3].q_start.shape[0])
-        return impl.fn(*args, **kwargs)
+        def counted(*args, name=op.name, fn=impl.fn, **kwargs):
+            calls.append(name)
+            return fn(*args, **kwargs)
 
-    monkeypatch.setitem(varlen_attention_op.impls, "triton", dataclasses.replace(impl, fn=counted))
+        monkeypatch.setitem(op.impls, "triton", dataclasses.replace(impl, fn=counted))
     return calls
 
 
@@ -86,16 +93,20 @@ def test_triton_text_transformer_kernel_equals_unpacked(kernel_calls, mode):
         grads["context"] = context.grad
         return states.detach(), grads
 
-    kernel = run("auto,varlen_attention=triton")
-    assert kernel_calls and len(kernel_calls) == 2 * (1 + (mode != "encoder" and mode != "decoder"))  # 2 layers
+    kernel = run(BOTH)
+    per_layer = ["varlen_attention"] + (["varlen_cross_attention"] if mode not in ("encoder", "decoder") else [])
+    assert kernel_calls == per_layer * 2  # 2 layers
     unpacked = run("reference")
     assert rel_err(kernel[0], unpacked[0]) <= RTOL
     expected = {n: g for n, g in unpacked[1].items() if g is not None}
     assert_grads_match({n: kernel[1][n] for n in expected}, expected, RTOL)
 
 
-def test_triton_pretraining_kernel_equals_unpacked(kernel_calls):
-    """BlipPretrain's three losses and every gradient: ITM's hard negatives read their images' rows in place."""
+@pytest.mark.parametrize("impl, self_calls, cross_calls", [(SELF, 8, 0), (CROSS, 0, 2)])
+def test_triton_pretraining_kernel_equals_unpacked(kernel_calls, impl, self_calls, cross_calls):
+    """BlipPretrain's three losses and every gradient, with the kernel for self-attention or for cross-attention
+    and the other attention unpacking (both on the kernel: the compiled test below): ITM's hard negatives read their
+    images' rows in place."""
     model = build_model("pretrain", no_dropout_config())
     images = torch.randn(6, 3, 64, 64)
     ids, mask = captions(CAPTION_LENGTHS)
@@ -109,32 +120,47 @@ def test_triton_pretraining_kernel_equals_unpacked(kernel_calls):
         return ({k: v.detach() for k, v in losses.items()},
                 {n: p.grad for n, p in twin.named_parameters() if p.requires_grad})
 
-    kernel = run("auto,varlen_attention=triton")
-    # unimodal encoder, momentum encoder, ITM's and LM's self-attention, and their joint cross-attention
-    # (BlipPretrain.joint_grounded_passes): 2 layers each
-    assert len(kernel_calls) == 2 * 5
+    kernel = run(impl)
+    # self-attention: unimodal encoder, momentum encoder, ITM's and LM's passes; cross-attention: their joint call
+    # (BlipPretrain.joint_grounded_passes); 2 layers each
+    assert (kernel_calls.count("varlen_attention"), kernel_calls.count("varlen_cross_attention")) == (
+        self_calls, cross_calls)
     unpacked = run("reference")
     for name, want in unpacked[0].items():
         assert rel_err(kernel[0][name], want) <= RTOL, name
     assert_grads_match(kernel[1], unpacked[1], RTOL)
 
 
-def test_plan_falls_back_where_a_table_cannot_describe_the_context():
+def test_plan_falls_back_where_a_table_cannot_describe_the_context(kernel_here):
     """A padded context, segments reading different keys, or layers picking other rows (by identity: comparing
-    values would wait for the device) keep the unpacked path (plan None)."""
+    values would wait for the device) keep the cross-attention unpacked (its table None); the self-attention's table
+    stays. Each table exists only where its op selects the kernel."""
     ids, mask = captions(CAPTION_LENGTHS)
     packing = PackedText.from_mask(mask)
     k = torch.randn(6, 2, 5, 8)
+    like = torch.randn(3, 8)
     padding = mask.bool()
-    assert PackedAttention.plan(packing, padding, False, [(k, k)], torch.ones(6, 5, dtype=torch.bool)) is None
+
+    def plan(context_kv, context_mask=None, impl=BOTH):
+        with ops.impl_scope(impl):
+            return PackedAttention.plan(packing, padding, False, context_kv, context_mask, like)
+
     other = k.clone()
     two_keys = BlockContext(((k[:3], k[:3], 1, None), (other[:3], other[:3], 1, None)))
-    assert PackedAttention.plan(packing, padding, False, [two_keys], None) is None
     picked, same = torch.tensor([2, 0, 1, 5, 4, 3]), torch.tensor([2, 0, 1, 5, 4, 3])
     other_rows = [BlockContext(((k, k, 1, picked),)), BlockContext(((other, other, 1, same),))]
-    assert PackedAttention.plan(packing, padding, False, other_rows, None) is None  # one table must serve each layer
-    plan = PackedAttention.plan(packing, padding, False, [BlockContext(((k, k, 1, None),))], None)
-    assert plan is not None and torch.equal(plan.cross_attention.kv_group, torch.arange(6, dtype=torch.int32))
+    # one table must serve each layer
+    for context_kv, context_mask in [([(k, k)], torch.ones(6, 5, dtype=torch.bool)), ([two_keys], None),
+                                     (other_rows, None)]:
+        fallback = plan(context_kv, context_mask)
+        assert fallback.cross_attention is None and fallback.self_attention is not None
+        assert plan(context_kv, context_mask, CROSS) is None
+    shared = [BlockContext(((k, k, 1, None),))]
+    both = plan(shared)
+    assert torch.equal(both.cross_attention.kv_group, torch.arange(6, dtype=torch.int32))
+    assert both.self_attention is not None
+    assert plan(shared, impl=CROSS).self_attention is None and plan(shared, impl=SELF).cross_attention is None
+    assert plan(shared, impl="auto") is None
 
 
 def test_triton_compiled_blocks_with_the_kernel_match_eager(kernel_here):
@@ -156,7 +182,7 @@ def test_triton_compiled_blocks_with_the_kernel_match_eager(kernel_here):
 
     def run(model, lengths):
         ids, mask = captions(lengths, seed=len(lengths))
-        with ops.impl_scope("auto,varlen_attention=triton"):
+        with ops.impl_scope(BOTH):
             losses = model(torch.randn(len(lengths), 3, 64, 64, generator=torch.Generator().manual_seed(1)), ids,
                            mask, 0.4, torch.Generator().manual_seed(2), packing=PackedText.from_mask(mask, 8))
         sum(losses.values()).backward()
@@ -195,4 +221,4 @@ def test_triton_flop_count_equals_the_unpacked_passes(kernel_here):
             states.sum().backward()
         return counter.get_total_flops()
 
-    assert count("auto,varlen_attention=triton") == count("reference") > 0
+    assert count(BOTH) == count("reference") > 0

@@ -47,7 +47,8 @@ def test_refuses_a_model_off_the_gpu():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dropout, precision, packed, impl", [
     (0.0, "fp32", False, "auto"), (0.1, "fp32", False, "auto"), (0.0, "bf16", False, "auto"),
-    (0.0, "fp32", True, "auto"), (0.1, "bf16", True, "auto"), (0.1, "fp32", True, "auto,varlen_attention=triton")])
+    (0.0, "fp32", True, "auto"), (0.1, "bf16", True, "auto"),
+    (0.1, "fp32", True, "auto,varlen_attention=triton,varlen_cross_attention=triton")])
 def test_graph_replay_equals_the_eager_step(dropout, precision, packed, impl):
     with ops.impl_scope(impl):  # the last case: the packed attention kernel, its dropout seed drawn in the graph
         replay_equals_eager(dropout, precision, packed)

@@ -14,7 +14,8 @@ from blip_fast.train.optim import build_optimizer
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize("packed, impl", [(False, "auto"), (True, "auto"), (True, "auto,varlen_attention=triton")],
+@pytest.mark.parametrize("packed, impl", [(False, "auto"), (True, "auto"),
+                                          (True, "auto,varlen_attention=triton,varlen_cross_attention=triton")],
                          ids=["padded", "packed", "packed_attention_kernel"])
 def test_training_step_never_synchronises(precision, packed, impl):
     with ops.impl_scope(impl):
