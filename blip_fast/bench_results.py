@@ -1,6 +1,7 @@
 """Results files of the benchmark scripts in ``benchmarks/`` (format: shared/BENCHMARKS.md).
 
-Every script writes the same header -- suite, device, library versions, the commit measured, the
+Every script writes the same header -- suite, device, library versions, the commit measured (and the
+git tree of the files measured, which names that commit even where the checkout's HEAD is stale), the
 date and the command -- then its records; this module is the one place that header is made.
 """
 
@@ -9,8 +10,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,6 +34,23 @@ def git_commit(where: str | Path = Path(__file__).parent) -> str:
     if not head:
         return "unknown"
     return head + ("-dirty" if dirty else "")
+
+
+def git_tree(where: str | Path = Path(__file__).parent) -> str:
+    """The git tree hash of the checkout's files as they are (tracked and untracked-but-not-ignored, in a throwaway
+    index: the checkout's own index is left alone), or "unknown" outside a checkout. It equals
+    ``git rev-parse COMMIT^{tree}`` of the commit whose files were measured, also where HEAD is stale: the device
+    tool's copy of a checkout keeps the session's first HEAD and sees later commits as uncommitted changes."""
+    root = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, cwd=where)
+    if root.returncode != 0:
+        return "unknown"
+    with tempfile.TemporaryDirectory() as scratch:
+        env = {**os.environ, "GIT_INDEX_FILE": str(Path(scratch) / "index")}
+        for args in (["add", "-A", "."], ["write-tree"]):
+            done = subprocess.run(["git", *args], capture_output=True, text=True, cwd=root.stdout.strip(), env=env)
+            if done.returncode != 0:
+                return "unknown"
+    return done.stdout.strip()
 
 
 def triton_version() -> str | None:
@@ -90,8 +110,8 @@ def device_name(device: torch.device | str | None = None) -> str:
 def write_results(path: str | Path, suite: str, device: str, command: str, records: list[dict], **extra) -> Path:
     """Write one results file; ``extra`` adds fields to the header (e.g. ``dali``, ``threads``)."""
     result = {"suite": suite, "device": device, "torch": torch.__version__, "triton": triton_version(),
-              "git": git_commit(), "date": datetime.date.today().isoformat(), "command": command, **extra,
-              "records": records}
+              "git": git_commit(), "tree": git_tree(), "date": datetime.date.today().isoformat(), "command": command,
+              **extra, "records": records}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1) + "\n")
