@@ -188,6 +188,17 @@ def count_flops_on_meta(impl: str, config, batch) -> float:
     return counter.get_total_flops() / batch.images.shape[0]
 
 
+def device_work(events) -> list:
+    """The profiler's device events that are work: kernels, copies and memsets. The GPU-side spans of annotations
+    are not: our ``blip.*`` record_function regions, and inductor's ``## Call CompiledFxGraph`` around each compiled
+    block's kernels (torch 2.11 records those on the GPU; the 2026-11-23 profiles of the ungraphed impls counted them
+    as work)."""
+    from torch.autograd import DeviceType
+
+    return [e for e in events
+            if e.device_type == DeviceType.CUDA and not e.is_user_annotation and not e.name.startswith("blip.")]
+
+
 def profile_steps(impl: str, run_step, batch, device, steps: int) -> str:
     """A torch.profiler report of ``steps`` warm steps: wall and kernel time per step, kernel launches, the
     step's phases (the ``blip.*`` record_function regions) and the kernels that take the most time."""
@@ -208,8 +219,7 @@ def profile_steps(impl: str, run_step, batch, device, steps: int) -> str:
         if event.device_type == DeviceType.CPU and event.name.startswith("blip."):
             cpu_ms, gpu_ms = regions.setdefault(event.name, [0.0, 0.0])
             regions[event.name] = [cpu_ms + event.cpu_time_total / 1e3, gpu_ms + event.device_time_total / 1e3]
-    # device events: kernels, copies and memsets; the GPU-side spans of record_function regions are not work
-    work = [e for e in events if e.device_type == DeviceType.CUDA and not e.name.startswith("blip.")]
+    work = device_work(events)
     gpu_ms = sum(e.time_range.elapsed_us() for e in work) / 1e3 / steps
     lines = [f"{impl}: {steps} profiled steps, batch {batch.images.shape[0]}",
              f"wall per step: {wall_ms:.1f} ms (under the profiler); device work per step: {gpu_ms:.1f} ms "

@@ -88,6 +88,21 @@ def test_bench_step_counts_flops_on_meta_tensors(step_results, tmp_path):
         _script("bench_step").main(["--preset", "base", "--flops-only", "--impl", "original"])
 
 
+def test_bench_step_device_work_leaves_annotation_spans_out():
+    """Only kernels, copies and memsets are the GPU's work in the profile report: the GPU-side spans of our phases and
+    of inductor's compiled graphs cover kernels already counted."""
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import FunctionEvent
+
+    def event(name, device_type=DeviceType.CUDA, annotation=False):
+        return FunctionEvent(0, name, 0, 0, 10, device_type=device_type, is_user_annotation=annotation)
+
+    kernel, memset = event("nvjet_sm90_gemm"), event("Memset (Device)")
+    events = [kernel, memset, event("## Call CompiledFxGraph fabc ##", annotation=True),
+              event("blip.itc", annotation=True), event("aten::mm", DeviceType.CPU)]
+    assert _script("bench_step").device_work(events) == [kernel, memset]
+
+
 def test_bench_step_refuses_bad_variants(capsys):
     for variant in ("fast:auto", "bad name:auto", "x:auto,nosuch=reference", "y"):
         with pytest.raises(SystemExit):
