@@ -1,7 +1,7 @@
 """``blip-fast``: the command line. A thin layer over :mod:`blip_fast.api` and friends.
 
-A user mistake (a missing file, a checkpoint of another task, a bad option) ends with one line
-``error: ...`` and exit status 2, never a stack trace.
+A user mistake (a missing file, a checkpoint of another task, a bad option, a destination that
+cannot be written) ends with one line ``error: ...`` and exit status 2, never a stack trace.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from .checkpoint import CheckpointError
 from .config import ConfigError
 from .images import ImageError
 
-USER_ERRORS = (CheckpointError, ConfigError, ImageError, FileNotFoundError, ValueError, TypeError)
+# OSError: a path that cannot be written (an existing directory or file in the way, no permission, a full disk)
+USER_ERRORS = (CheckpointError, ConfigError, ImageError, OSError, ValueError, TypeError)
 
 
 def _device(name: str | None) -> str:

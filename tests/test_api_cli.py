@@ -1,5 +1,6 @@
 """The user API and the command line on real image files and saved checkpoints."""
 
+import os
 import random
 
 import pytest
@@ -120,6 +121,23 @@ def test_cli_convert_and_info(files, tmp_path, capsys):
     assert main(["info", str(back)]) == 0
     assert '"task": "caption"' in capsys.readouterr().out
     assert main(["convert", str(files["caption"]), str(tmp_path / "x"), "--to", "hf", "--task", "vqa"]) == 2
+
+
+@pytest.mark.parametrize("target,to,message", [
+    ("a_directory", "salesforce", "it is a directory"),
+    ("a_file", "hf", "it is a file"),
+    ("read_only/sub/x.pth", "salesforce", "Permission denied"),
+])
+def test_cli_convert_to_an_unwritable_destination(files, tmp_path, capsys, target, to, message):
+    """An OSError of the write is a user's problem (a path in the way, no permission): one line, exit 2."""
+    (tmp_path / "a_directory").mkdir()
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "read_only").mkdir(mode=0o500)
+    if target.startswith("read_only") and os.geteuid() == 0:
+        pytest.skip("root writes through permissions")
+    assert main(["convert", str(files["caption"]), str(tmp_path / target), "--to", to]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
 
 
 def test_cli_match(files, capsys):

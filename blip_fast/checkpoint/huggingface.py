@@ -4,14 +4,21 @@
 ``BlipForQuestionAnswering`` <-> vqa. The text side uses the original (BERT) names in both; the
 vision side is renamed (``vision_model.encoder.layers.N.self_attn.qkv`` <->
 ``visual_encoder.blocks.N.attn.qkv`` ...). Hugging Face keeps no temperature, momentum encoders
-or queues: those are dropped on save and start fresh on load. The tied LM head is stored once.
-Reading needs only ``safetensors``; ``transformers`` itself is not imported.
+or queues: those are dropped on save and start fresh on load. The tied LM head is stored once
+(a config with ``tie_word_embeddings`` false is refused: our LM head is the word embeddings).
+Reading needs only ``safetensors``; ``transformers`` itself is not imported. A save replaces the
+whole directory at once, so a failure leaves the old checkpoint as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import shutil
+import stat
+import tempfile
 from pathlib import Path
 
 import torch
@@ -21,8 +28,8 @@ from torch import nn
 
 from ..config import BlipConfig, ConfigError, TextConfig, VisionConfig
 from ..models import build_model
-from .io import CheckpointError, atomic_write, load_torch
-from .state import load_state, resize_position_embeddings
+from .io import CheckpointError, atomic_write, current_umask, load_torch, new_file_mode
+from .state import check_tensors, load_state, resize_position_embeddings
 
 ARCHITECTURES = {
     "BlipForImageTextRetrieval": "retrieval",
@@ -76,7 +83,7 @@ def hf_config_dict(config: BlipConfig, task: str) -> dict:
         "label_smoothing": config.label_smoothing,
         "vision_config": {
             "model_type": "blip_vision_model", "hidden_size": vision.width,
-            "intermediate_size": int(vision.width * vision.mlp_ratio), "num_hidden_layers": vision.depth,
+            "intermediate_size": round(vision.width * vision.mlp_ratio), "num_hidden_layers": vision.depth,
             "num_attention_heads": vision.num_heads, "image_size": vision.image_size,
             "patch_size": vision.patch_size, "layer_norm_eps": vision.layer_norm_eps, "hidden_act": "gelu",
         },
@@ -93,13 +100,55 @@ def hf_config_dict(config: BlipConfig, task: str) -> dict:
     }
 
 
+# config.json values read, by section: those that must be integers (a float size would fail deep inside
+# torch.nn) and those that must be numbers
+_HF_INTS = {
+    "": ("image_text_hidden_size",),
+    "vision_config": ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
+                      "patch_size"),
+    "text_config": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "max_position_embeddings", "pad_token_id", "sep_token_id", "bos_token_id"),
+}
+_HF_FLOATS = {
+    "": ("label_smoothing",),
+    "vision_config": ("layer_norm_eps",),
+    "text_config": ("layer_norm_eps", "hidden_dropout_prob", "attention_probs_dropout_prob", "initializer_range",
+                    "label_smoothing"),
+}
+
+
+def _check_hf_values(data: dict) -> None:
+    """Refuse values of the wrong type by their config.json name, before they reach the model."""
+    for section in ("vision_config", "text_config"):
+        if section in data and not isinstance(data[section], dict):
+            raise CheckpointError(f"Hugging Face BLIP config.json: {section} is not an object but a "
+                                  f"{type(data[section]).__name__}")
+    for section, ints in _HF_INTS.items():
+        values = data.get(section, {}) if section else data
+        for key in ints + _HF_FLOATS[section]:
+            value = values.get(key)
+            numbers = (int,) if key in ints else (int, float)
+            if key in values and (not isinstance(value, numbers) or isinstance(value, bool)):
+                name = f"{section}.{key}" if section else key
+                kind = "an integer" if key in ints else "a number"
+                raise CheckpointError(f"Hugging Face BLIP config.json: {name} must be {kind}; got {value!r}")
+    # transformers unties the LM head from the word embeddings when this is false; ours is one tensor
+    for section in ("", "text_config"):
+        values = data.get(section, {}) if section else data
+        if values.get("tie_word_embeddings", True) is False:
+            name = f"{section}.tie_word_embeddings" if section else "tie_word_embeddings"
+            raise CheckpointError(f"Hugging Face BLIP config.json has {name} false: an LM head apart from the "
+                                  "word embeddings, which blip_fast (as the original BLIP) cannot hold")
+
+
 def config_from_hf(data: dict) -> BlipConfig:
+    _check_hf_values(data)
     try:
         v, t = data["vision_config"], data["text_config"]
         vision = VisionConfig(
             image_size=v.get("image_size", 384), patch_size=v.get("patch_size", 16), width=v["hidden_size"],
             depth=v["num_hidden_layers"], num_heads=v["num_attention_heads"],
-            mlp_ratio=v.get("intermediate_size", 4 * v["hidden_size"]) / v["hidden_size"],
+            mlp_ratio=v.get("intermediate_size", 4 * v["hidden_size"]) / v["hidden_size"],  # vit.Block rounds it back
             layer_norm_eps=v.get("layer_norm_eps", 1e-5),
         )
         text = TextConfig(
@@ -126,15 +175,24 @@ def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
         if single.is_file():
             return load_file(single)
         if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            weight_map = json.loads(index.read_text())["weight_map"]
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index}: weight_map is not an object of weight name -> shard file")
+            shards = sorted(set(weight_map.values()))
             state = {}
             for shard in shards:
                 state.update(load_file(directory / shard))
             return state
-    except (SafetensorError, OSError, json.JSONDecodeError, KeyError) as error:
+    except (SafetensorError, OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+        # TypeError: an index that is not an object
         raise CheckpointError(f"cannot read the weights in {directory}: {error}. A file may be truncated.") from None
-    if (directory / "pytorch_model.bin").is_file():
-        return load_torch(directory / "pytorch_model.bin")
+    bin_file = directory / "pytorch_model.bin"
+    if bin_file.is_file():
+        weights = load_torch(bin_file)
+        if not isinstance(weights, dict):
+            raise CheckpointError(f"{bin_file} is not a state dict but a {type(weights).__name__}")
+        check_tensors(weights, str(bin_file))
+        return weights
     raise CheckpointError(f"{directory} has no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
 
 
@@ -146,24 +204,26 @@ def read_hf(directory: str | Path) -> tuple[str, BlipConfig, dict[str, torch.Ten
         raise CheckpointError(f"{directory} is not a Hugging Face model directory: no config.json")
     try:
         data = json.loads(config_file.read_text())
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{config_file} is not valid JSON: {error}") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{config_file} is not a JSON object but a {type(data).__name__}")
     architectures = data.get("architectures") or []
-    tasks = [ARCHITECTURES[a] for a in architectures if a in ARCHITECTURES]
+    if not isinstance(architectures, list):  # a garbled value is reported below, not iterated
+        architectures = [architectures]
+    tasks = [ARCHITECTURES[a] for a in architectures if isinstance(a, str) and a in ARCHITECTURES]
     if data.get("model_type") != "blip" or not tasks:
         raise CheckpointError(f"{directory} holds {architectures or data.get('model_type')!r}, not one of "
                               f"{', '.join(ARCHITECTURES)}")
+    try:  # before the weights: a bad config.json fails without reading gigabytes
+        config = config_from_hf(data)
+    except (ConfigError, CheckpointError) as error:
+        raise CheckpointError(f"{config_file}: {error}") from None
     state = {from_hf_key(k): v for k, v in _read_weights(directory).items()}
     for tied, source in zip(_HF_ONLY_TIED, ("text_decoder.bert.embeddings.word_embeddings.weight",
                                             "text_decoder.cls.predictions.bias"), strict=True):
         if tied not in state and source in state:
             state[tied] = state[source]
-    try:
-        config = config_from_hf(data)
-    except ConfigError as error:
-        raise CheckpointError(f"{config_file}: {error}") from None
     return tasks[0], config, state
 
 
@@ -182,16 +242,83 @@ def load_hf(directory: str | Path, task: str | None = None, image_size: int | No
 
 
 def save_hf(model: nn.Module, directory: str | Path) -> Path:
-    """Write ``config.json`` and ``model.safetensors`` that ``transformers`` loads."""
+    """Write ``config.json`` and ``model.safetensors`` that ``transformers`` loads.
+
+    Both files are written into a new sibling directory, with the other files of an existing
+    ``directory`` (a tokenizer, a README) linked or copied beside them, which then takes the old
+    directory's place: a failure at any point leaves the old checkpoint whole and no temporary files.
+    """
     task = getattr(model, "task", None)
     if task not in TASK_ARCHITECTURE:
         raise CheckpointError(f"Hugging Face has no BLIP class for the {task} model; "
                               f"convert a {', '.join(TASK_ARCHITECTURE)} model")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    if task == "vqa" and config.vision.width != config.text.hidden_size:
+        # transformers builds the answer decoder's cross-attention with encoder_hidden_size = the ViT
+        # width, where ours (as the original) attends to the question encoder's text-width states
+        raise CheckpointError(f"transformers' BlipForQuestionAnswering cannot hold a VQA model whose vision width "
+                              f"({config.vision.width}) differs from its text width ({config.text.hidden_size}); "
+                              "save it in the Salesforce format")
+    given = Path(directory)
+    # resolved: a symlink keeps pointing at the directory replaced, and "." gets a sibling, not a child
+    directory = given.resolve()
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"cannot write a Hugging Face directory at {directory}: it is a file")
+    directory.parent.mkdir(parents=True, exist_ok=True)
     state = {to_hf_key(k): v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()
              if not _NOT_IN_HF.match(k) and k not in _HF_ONLY_TIED}
-    atomic_write(directory / "model.safetensors", lambda temp: save_file(state, temp, metadata={"format": "pt"}))
-    text = json.dumps(hf_config_dict(model.config, task), indent=2)
-    atomic_write(directory / "config.json", lambda temp: Path(temp).write_text(text))
-    return directory
+    text = json.dumps(hf_config_dict(config, task), indent=2)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    try:
+        atomic_write(staging / "model.safetensors", lambda temp: save_file(state, temp, metadata={"format": "pt"}))
+        atomic_write(staging / "config.json", lambda temp: Path(temp).write_text(text))
+        for name in ("model.safetensors", "config.json"):  # keep the modes of the files replaced
+            if (directory / name).is_file():
+                os.chmod(staging / name, new_file_mode(directory / name))
+        if directory.is_dir():
+            for entry in directory.iterdir():
+                if entry.name not in ("model.safetensors", "config.json"):
+                    _carry(entry, staging / entry.name)
+        # mkdtemp's folder is owner-only: keep the old directory's mode, or give a new one mkdir's
+        os.chmod(staging, stat.S_IMODE(directory.stat().st_mode) if directory.is_dir() else 0o777 & ~current_umask())
+        _swap_in(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return given
+
+
+def _carry(source: Path, target: Path) -> None:
+    """Put a file the save does not write into the new directory: a hard link where it can (no copy of
+    a large file), else a copy; folders are copied."""
+    if source.is_dir() and not source.is_symlink():
+        shutil.copytree(source, target, symlinks=True)
+    elif source.is_symlink():
+        os.symlink(os.readlink(source), target)
+    else:
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copy2(source, target)
+
+
+def _swap_in(staging: Path, directory: Path) -> None:
+    """Move ``staging`` to ``directory``; an old ``directory`` is renamed aside first, put back if the
+    move fails, and removed after it succeeds."""
+    if not directory.exists():
+        os.rename(staging, directory)
+        return
+    aside = staging.with_name(staging.name + ".old")
+    cwd = Path.cwd()
+    os.rename(directory, aside)
+    try:
+        os.rename(staging, directory)
+    except BaseException:
+        os.rename(aside, directory)
+        raise
+    if cwd == directory or directory in cwd.parents:
+        # the working directory moved aside with the old folder, which is about to be removed: return
+        # to the same path, now in the new folder (save_hf(model, ".") must leave "." usable)
+        with contextlib.suppress(OSError):
+            os.chdir(cwd)
+    shutil.rmtree(aside, ignore_errors=True)

@@ -1,7 +1,9 @@
 """Reading and writing checkpoint files safely.
 
 Writes go to a temporary file in the same folder, are flushed to disk, then renamed over the
-target (``os.replace`` is atomic on POSIX): a crash mid-write leaves the old checkpoint intact.
+target (``os.replace`` is atomic on POSIX): a crash mid-write leaves the old checkpoint intact. The
+file gets the mode a plain ``open`` would give it (the replaced file's, else 0o666 less the umask),
+not ``mkstemp``'s owner-only 0o600.
 Reads turn the many ways a file can be wrong (missing, truncated, not a torch file, pickled
 code) into one :class:`CheckpointError` that names the file and the problem.
 """
@@ -9,6 +11,7 @@ code) into one :class:`CheckpointError` that names the file and the problem.
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -21,16 +24,45 @@ class CheckpointError(ValueError):
     """A checkpoint cannot be read, or does not fit the model it is loaded into."""
 
 
+def current_umask() -> int:
+    """The process umask. Linux shows it in /proc/self/status; elsewhere it can only be read by setting
+    it, so it is set back at once (another thread creating a file in between would get mode 0o666)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def new_file_mode(path: str | Path) -> int:
+    """The permission bits a write to ``path`` should leave: those of the file it replaces, else what
+    ``open(path, "w")`` would create (0o666 less the umask)."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~current_umask()
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
-    """Call ``write(temp_path)`` and move the result to ``path`` only once it is complete."""
+    """Call ``write(temp_path)`` and move the result to ``path`` only once it is complete. The file gets
+    :func:`new_file_mode`'s mode (``mkstemp`` creates it owner-only)."""
     path = Path(path)
+    if path.is_dir():  # os.replace would fail after the whole write, naming the temporary file
+        raise IsADirectoryError(f"cannot write {path}: it is a directory")
     path.parent.mkdir(parents=True, exist_ok=True)
+    mode = new_file_mode(path)
     fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(temp)
         with open(temp, "rb+") as handle:
             os.fsync(handle.fileno())
+        os.chmod(temp, mode)
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)

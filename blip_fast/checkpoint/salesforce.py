@@ -3,7 +3,9 @@
 The files published with the paper (``model_base.pth``, ``model_base_retrieval_coco.pth``,
 ``model_base_caption_capfilt_large.pth``, ``model_base_vqa_capfilt_large.pth``, ...) hold the
 state dict under ``'model'`` with the original key names, which are ours. Files we write add our
-configuration under ``'blip_fast_config'``; the original ignores it.
+configuration under ``'blip_fast_config'``; the original ignores it. Training checkpoints
+(``blip_fast.train``) hold the same state dict with the configuration under ``'model_config'``.
+Without a configuration it is inferred from the shapes, the number of heads by guess.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ from torch import nn
 from ..config import BlipConfig, ConfigError, VisionConfig, config_from_dict, config_to_dict
 from ..models import build_model
 from .io import CheckpointError, load_torch, save_torch
-from .state import detect_task, infer_config, load_state, resize_position_embeddings
+from .state import check_tensors, detect_task, infer_config, load_state, resize_position_embeddings
 
 CONFIG_KEY = "blip_fast_config"
+# where the trainer's checkpoints (train/engine.py, Trainer.save) keep the model's BlipConfig
+TRAINING_CONFIG_KEY = "model_config"
 
 
 def read_salesforce(path: str | Path) -> tuple[dict[str, torch.Tensor], BlipConfig | None]:
@@ -30,13 +34,18 @@ def read_salesforce(path: str | Path) -> tuple[dict[str, torch.Tensor], BlipConf
         state = content  # a bare state dict
     else:
         raise CheckpointError(f"{path} is not a BLIP checkpoint: expected {{'model': state_dict}}")
-    config = None
-    if isinstance(content, dict) and isinstance(content.get(CONFIG_KEY), dict):
-        try:
-            config = config_from_dict(BlipConfig, content[CONFIG_KEY])
-        except ConfigError as error:
-            raise CheckpointError(f"{path} carries an invalid {CONFIG_KEY}: {error}") from None
-    return state, config
+    check_tensors(state, str(path))
+    configs = {}
+    for key in (CONFIG_KEY, TRAINING_CONFIG_KEY):
+        if isinstance(content.get(key), dict):
+            try:
+                configs[key] = config_from_dict(BlipConfig, content[key])
+            except ConfigError as error:
+                raise CheckpointError(f"{path} carries an invalid {key}: {error}") from None
+    if len(configs) == 2 and configs[CONFIG_KEY] != configs[TRAINING_CONFIG_KEY]:
+        raise CheckpointError(f"{path} carries two different model configs ({CONFIG_KEY} and "
+                              f"{TRAINING_CONFIG_KEY}); it is not clear which the weights were trained with")
+    return state, next(iter(configs.values()), None)
 
 
 def load_salesforce(path: str | Path, task: str | None = None, image_size: int | None = None) -> nn.Module:
@@ -49,7 +58,11 @@ def load_salesforce(path: str | Path, task: str | None = None, image_size: int |
     held = detect_task(state)
     if task is not None and task != held:
         raise CheckpointError(f"{path} holds a {held} model, not {task}; load it with task={held!r}")
-    config = config or infer_config(state, held)
+    if config is None:
+        try:
+            config = infer_config(state, held)
+        except CheckpointError as error:
+            raise CheckpointError(f"{path}: {error}") from None
     if image_size is not None and image_size != config.vision.image_size:
         config.vision = VisionConfig(**{**config.vision.__dict__, "image_size": image_size})
         state = dict(state)

@@ -67,7 +67,8 @@ class Block(nn.Module):
         self.attn = Attention(width, num_heads)
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.LayerNorm(width, eps=eps)
-        self.mlp = Mlp(width, int(width * mlp_ratio))
+        # round, not int: a ratio read from a checkpoint (240 / 176) times the width can fall just below the integer
+        self.mlp = Mlp(width, round(width * mlp_ratio))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x)))

@@ -374,3 +374,13 @@ def test_old_position_ids_keys_are_accepted(tmp_path):
     loaded = load_salesforce(tmp_path / "old.pth", task="vqa")
     assert "text_encoder.embeddings.position_ids" not in loaded.state_dict()
     assert_same_outputs(task_outputs(loaded.eval(), "vqa"), task_outputs(model, "vqa"), "vqa")
+
+
+def test_mlp_width_survives_a_float_ratio(tmp_path):
+    """176 * (240 / 176) is 239.99999999999997: the MLP width is rounded back, not truncated."""
+    config = tiny_config()
+    config.vision = VisionConfig(**{**config.vision.__dict__, "width": 176, "mlp_ratio": 240 / 176})
+    model = build_model("caption", config)
+    assert model.visual_encoder.blocks[0].mlp.fc1.out_features == 240
+    save_hf(model, tmp_path / "hf")
+    assert load_hf(tmp_path / "hf").visual_encoder.blocks[0].mlp.fc1.out_features == 240
