@@ -90,19 +90,26 @@ class Blip:
     @torch.no_grad()
     def caption(self, images, strategy: str = "beam", max_length: int = 30, min_length: int = 10,
                 num_beams: int = 3, top_p: float = 0.9, repetition_penalty: float | None = None,
-                seed: int | None = None) -> list[str]:
+                seed: int | None = None, top_k: int = 50) -> list[str]:
         """Captions, decoded after the prompt ("a picture of "), as the original ``generate``.
 
         BLIP's defaults: beam search with 3 beams and repetition penalty 1.0, or nucleus sampling
-        with top-p 0.9 and repetition penalty 1.1.
+        with top-k 50, then top-p 0.9, and repetition penalty 1.1. ``max_length`` and
+        ``min_length`` count the prompt's tokens ([DEC] included).
         """
         self._require("caption")
         if repetition_penalty is None:
             repetition_penalty = 1.1 if strategy == "nucleus" else 1.0
         config = GenerationConfig(strategy=strategy, max_length=max_length, min_length=min_length,
-                                  num_beams=num_beams, top_p=top_p, repetition_penalty=repetition_penalty)
-        pixels = self._images(images)
+                                  num_beams=num_beams, top_k=top_k, top_p=top_p,
+                                  repetition_penalty=repetition_penalty)
         prompt = self.model.config.prompt
+        # max_length counts the prompt: say so in its words before any image is read
+        prompt_length = self.tokenizer([prompt]).input_ids.shape[1] - 1  # [DEC] + prompt, no [SEP]
+        if max_length <= prompt_length:
+            raise ValueError(f"max_length ({max_length}) counts the prompt {prompt!r}, which is {prompt_length} "
+                             f"tokens: it must be at least {prompt_length + 1}")
+        pixels = self._images(images)
         prompt_ids = self.tokenizer([prompt] * pixels.shape[0]).input_ids[:, :-1].to(self.device)
         generator = None
         if seed is not None:

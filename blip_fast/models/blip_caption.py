@@ -12,7 +12,7 @@ from torch import nn
 
 from .. import ops
 from ..config import BlipConfig
-from .generation import GenerationConfig, generate
+from .generation import GenerationConfig, check_prompt, generate
 from .med import TextDecoder
 from .vit import VisionTransformer
 
@@ -53,6 +53,8 @@ class BlipCaption(nn.Module):
                  generator: torch.Generator | None = None) -> torch.Tensor:
         """Token ids (B, L) of captions, prompt included; ``prompt_ids`` is the tokenized prompt
         without its final [SEP], one row per image."""
+        # before the ViT runs, and before decoder_inputs indexes the prompt's first column
+        check_prompt(prompt_ids, generation)
         image_embeds = self.image_embeds(images)
         ids = self.decoder_inputs(prompt_ids)
         return generate(self.text_decoder, ids, image_embeds, None, generation,

@@ -1,8 +1,9 @@
 """Autoregressive decoding for the image-grounded text decoder.
 
 BLIP captions with beam search (3 beams) or nucleus sampling (top-p 0.9, repetition penalty 1.1)
-through Hugging Face's ``generate``; VQA answers with beam search. Both keep a key/value cache: the
-context's cross-attention keys/values are computed once, each step feeds one token.
+through Hugging Face's ``generate``, which also applies its default top-k 50 when sampling; VQA
+answers with beam search. Both keep a key/value cache: the context's cross-attention keys/values
+are computed once, each step feeds one token.
 
 The decoding rules are Hugging Face's, so that the same weights give the same captions:
 
@@ -10,7 +11,8 @@ The decoding rules are Hugging Face's, so that the same weights give the same ca
   or ``max_length`` (prompt included) is reached;
 * ``min_length`` forbids [SEP] while the sequence is shorter; the repetition penalty divides
   positive (multiplies negative) scores of tokens already in the sequence;
-* top-p keeps the smallest set of tokens whose probability reaches ``top_p`` (at least one);
+* sampling first keeps the ``top_k`` highest scores (every token tied with the k-th one too),
+  then, of those, the smallest set of tokens whose probability reaches ``top_p`` (at least one);
 * beam search keeps ``2 * num_beams`` candidates a step, finishes a hypothesis on [SEP] or at
   ``max_length`` with score ``sum log p / generated_length ** length_penalty``, and stops a
   batch item when no running beam can beat its worst finished one (``early_stopping=False``).
@@ -38,6 +40,9 @@ class GenerationConfig:
     """Shortest output in tokens, prompt included ([SEP] is forbidden before)."""
     num_beams: int = 3
     """Beams for ``beam``."""
+    top_k: int = 50
+    """Most likely tokens ``nucleus`` samples from, cut before ``top_p``; 0: no cut. 50 is Hugging
+    Face's default, which BLIP's sampling got without asking for it."""
     top_p: float = 0.9
     """Nucleus mass for ``nucleus``."""
     repetition_penalty: float = 1.0
@@ -50,6 +55,12 @@ class GenerationConfig:
             raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}; got {self.strategy!r}")
         if self.max_length < 1 or self.min_length < 0 or self.num_beams < 1:
             raise ValueError("max_length >= 1, min_length >= 0 and num_beams >= 1 are required")
+        # both count the prompt: a minimum past the maximum could never be met
+        if self.min_length > self.max_length:
+            raise ValueError(f"min_length ({self.min_length}) must not exceed max_length ({self.max_length}); "
+                             "both count the prompt's tokens")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0: no top-k cut); got {self.top_k!r}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1]; got {self.top_p}")
         if self.repetition_penalty <= 0:
@@ -68,6 +79,12 @@ def _process(scores: torch.Tensor, sequences: torch.Tensor, config: GenerationCo
     return scores
 
 
+def _top_k_filter(scores: torch.Tensor, top_k: int) -> torch.Tensor:
+    # HF's TopKLogitsWarper: drop scores below the k-th largest, so ties with it all survive
+    kth = torch.topk(scores, min(top_k, scores.shape[-1]), dim=-1).values[:, -1:]  # (N, 1)
+    return scores.masked_fill(scores < kth, float("-inf"))
+
+
 def _top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     ascending, order = torch.sort(scores, dim=-1)
     cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
@@ -75,6 +92,30 @@ def _top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     drop_sorted[:, -1] = False  # keep at least the most likely token
     drop = drop_sorted.scatter(1, order, drop_sorted)
     return scores.masked_fill(drop, float("-inf"))
+
+
+def check_prompt(prompt_ids: torch.Tensor, config: GenerationConfig) -> None:
+    """Clear errors for a prompt that decoding cannot start from or cannot extend."""
+    if not isinstance(prompt_ids, torch.Tensor) or prompt_ids.dim() != 2 or prompt_ids.is_floating_point() \
+            or prompt_ids.is_complex() or prompt_ids.dtype == torch.bool:
+        what = f"{prompt_ids.dtype} tensor of shape {tuple(prompt_ids.shape)}" \
+            if isinstance(prompt_ids, torch.Tensor) else type(prompt_ids).__name__
+        raise ValueError(f"prompt_ids must be a 2-D integer tensor (B, P); got a {what}")
+    # decoding feeds the last prompt token first: with none there is nothing to condition on
+    if prompt_ids.shape[1] < 1:
+        raise ValueError("prompt_ids must hold at least one token per row (the [DEC] start token); "
+                         f"got shape {tuple(prompt_ids.shape)}")
+    # max_length counts the prompt: at or below its length no token could be generated
+    if prompt_ids.shape[1] >= config.max_length:
+        raise ValueError(f"max_length ({config.max_length}) must exceed the prompt length "
+                         f"({prompt_ids.shape[1]} tokens), since it counts the prompt")
+
+
+def _sampling_filter(scores: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
+    """Scores (N, V) with the tokens nucleus sampling may not pick set to -inf."""
+    if config.top_k:  # HF's warper order: top-k, then top-p on what is left
+        scores = _top_k_filter(scores, config.top_k)
+    return _top_p_filter(scores, config.top_p)
 
 
 @torch.no_grad()
@@ -92,6 +133,7 @@ def generate(
 
     Returns token ids (B, L <= max_length), prompt included, padded with ``pad_token_id``.
     """
+    check_prompt(prompt_ids, config)
     if prompt_ids.shape[0] != context.shape[0]:
         raise ValueError(f"{prompt_ids.shape[0]} prompts for {context.shape[0]} contexts")
     if config.strategy == "beam":
@@ -115,7 +157,7 @@ def _sample_or_greedy(decoder, prompt_ids, context, context_mask, config, eos, p
         if config.strategy == "greedy":
             next_ids = scores.argmax(dim=-1)
         else:
-            probs = _top_p_filter(scores, config.top_p).softmax(dim=-1)
+            probs = _sampling_filter(scores, config).softmax(dim=-1)
             next_ids = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         next_ids = torch.where(running, next_ids, torch.full_like(next_ids, pad))
         sequences = torch.cat([sequences, next_ids[:, None]], dim=1)
