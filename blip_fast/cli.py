@@ -41,8 +41,8 @@ def cmd_caption(args) -> int:
 
     blip = load(args.checkpoint, task="caption", device=_device(args.device), image_size=args.image_size)
     captions = blip.caption(args.images, strategy=args.strategy, max_length=args.max_length,
-                            min_length=args.min_length, num_beams=args.num_beams, top_p=args.top_p,
-                            seed=args.seed)
+                            min_length=args.min_length, num_beams=args.num_beams, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed)
     for path, text in zip(args.images, captions, strict=True):
         print(f"{path}\t{text}")
     return 0
@@ -193,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=30, help="tokens, prompt included (30)")
     p.add_argument("--min-length", type=int, default=10, help="tokens, prompt included (10)")
     p.add_argument("--num-beams", type=int, default=3, help="beams for beam search (3)")
+    p.add_argument("--top-k", type=int, default=50, help="most likely tokens sampling keeps before top-p; 0: all (50)")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus mass for sampling (0.9)")
     p.add_argument("--seed", type=int, help="seed for nucleus sampling")
     p.set_defaults(run=cmd_caption)

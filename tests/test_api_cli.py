@@ -104,6 +104,8 @@ def test_cli_caption_prints_one_line_per_image(files, capsys):
     (["caption", "{a}", "-c", "/nonexistent.pth", "--device", "cpu"], "checkpoint not found"),
     (["caption", "{a}", "-c", "{text}", "--device", "cpu"], "cannot read checkpoint"),
     (["answer", "{a}", "?", "-c", "{caption}", "--device", "cpu"], "not vqa"),
+    (["caption", "{a}", "-c", "{caption}", "--device", "cpu", "--strategy", "nucleus", "--top-k", "-1"], "top_k"),
+    (["caption", "{a}", "-c", "{caption}", "--device", "cpu", "--max-length", "8"], "min_length (10)"),
 ])
 def test_cli_user_mistakes_are_one_line_errors(files, capsys, argv, message):
     argv = [a.format(**{k: str(v) for k, v in files.items()}) for a in argv]
