@@ -89,7 +89,8 @@ __global__ void __launch_bounds__(BLOCK)
     float cdf, tile_sum;
     Scan(temp.scan).InclusiveSum(weight(j), cdf, tile_sum);
     __syncthreads();
-    const int candidate = (j < n && carry + cdf > target) ? j : INT_MAX;
+    // the diagonal's weight is 0, but the parallel scan can round its cdf above its neighbour's
+    const int candidate = (j < n && j != row && carry + cdf > target) ? j : INT_MAX;
     const int first = IntReduce(temp.int_reduce).Reduce(candidate, MinOp());
     if (threadIdx.x == 0) broadcast_int = first;
     __syncthreads();

@@ -17,8 +17,10 @@ sampling, which has the same distribution and no host synchronisation::
     cdf     = inclusive cumsum of w[i, :]
     pick    = first j with cdf[j] > u_i * cdf[-1]
 
-Because the diagonal weight is zero, ``cdf[i] == cdf[i-1]`` and ``i`` can never be the first index
-to pass the target. If rounding leaves no index past it (``u_i * cdf[-1]`` rounded up to
+Because the diagonal weight is zero, ``cdf[i] == cdf[i-1]`` in a sequential sum and ``i`` can never be
+the first index to pass the target. A parallel scan (the Triton and CUDA kernels, torch's cumsum on
+CUDA) may round ``cdf[i]`` above ``cdf[i-1]``, so those skip column ``i`` outright (the reference by
+giving ``cdf[i]`` the value of ``cdf[i-1]``). If rounding leaves no index past it (``u_i * cdf[-1]`` rounded up to
 ``cdf[-1]``), the pick is the last column with nonzero weight: ``N - 1``, or ``N - 2`` for the row
 whose diagonal is column ``N - 1``.
 
@@ -96,6 +98,9 @@ def sample_hard_negatives_ref(sim: torch.Tensor, uniforms: torch.Tensor) -> torc
     weights = torch.softmax(sim.to(compute), dim=1) + WEIGHT_FLOOR  # [B, N]
     weights.fill_diagonal_(0)
     cdf = weights.cumsum(dim=1)  # [B, N], non-decreasing
+    # on CUDA the cumsum is a parallel scan, which may round the diagonal's cdf above its neighbour's
+    diagonal = torch.arange(1, min(rows, cols), device=sim.device)
+    cdf[diagonal, diagonal] = cdf[diagonal, diagonal - 1]
     target = uniforms.to(compute) * cdf[:, -1]  # [B]
     pick = torch.searchsorted(cdf, target.unsqueeze(1), right=True).squeeze(1)  # [B], first cdf > target
     # A plain clamp to N - 1 would return the diagonal for row N - 1; fall back to the last column
@@ -156,7 +161,9 @@ if HAS_TRITON:
             offs = block * BLOCK_N + cols
             x = tl.load(sim_row + offs * stride_col, mask=offs < N, other=float("-inf")).to(tl.float32)
             new_max = tl.maximum(row_max, tl.max(x, axis=0))
-            row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(x - new_max), axis=0)
+            # while every column so far is -inf, subtract 0 instead (exp(-inf - -inf) would be NaN)
+            safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+            row_sum = row_sum * tl.exp(row_max - safe_max) + tl.sum(tl.exp(x - safe_max), axis=0)
             row_max = new_max
 
         # Pass 2: the total weight. It is accumulated block by block exactly as the carry of pass 3,
@@ -174,7 +181,8 @@ if HAS_TRITON:
             offs = block * BLOCK_N + cols
             w = _row_weights(sim_row, stride_col, offs, row, N, row_max, row_sum)
             cdf = carry + tl.cumsum(w, axis=0)
-            hit = (cdf > target) & (offs < N)
+            # the diagonal's weight is 0, but a parallel scan can round its cdf above its neighbour's
+            hit = (cdf > target) & (offs < N) & (offs != row)
             pick = tl.minimum(pick, tl.min(tl.where(hit, offs, N), axis=0))
             carry += tl.sum(w, axis=0)
 

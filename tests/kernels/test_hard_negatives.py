@@ -225,6 +225,20 @@ def test_triton_multi_block_rows_slices_and_edges(triton_hn, monkeypatch):
     assert picks.tolist() == [1] + [0] * 6
 
 
+def test_triton_first_block_of_minus_infinity(triton_hn, monkeypatch):
+    """A row whose first column block is all -inf (masked logits) still samples as the reference does: the online
+    softmax's running max stays -inf through that block, where exp(-inf - -inf) would make every weight NaN and the
+    pick the fallback column."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    monkeypatch.setattr(triton_hn, "MAX_BLOCK_N", 16)  # 40 columns -> 3 blocks
+    sim = make_sim(3, 40, device=device)
+    sim[:, :16] = float("-inf")
+    for seed in range(3):
+        uniforms = torch.rand(3, generator=torch.Generator().manual_seed(seed)).to(device)
+        expected = triton_hn.sample_hard_negatives_ref(sim, uniforms)
+        assert_same_picks(triton_hn.sample_hard_negatives_triton(sim, uniforms), expected, sim, uniforms)
+
+
 @pytest.mark.parametrize("make, message", BAD_INPUTS + FLOAT64_INPUTS)
 def test_triton_rejects_bad_inputs(triton_hn, make, message):
     with pytest.raises(ValueError, match=message):
