@@ -54,6 +54,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import gc
 import importlib.util
 import random
 import re
@@ -250,6 +251,7 @@ def time_steps(impl: str, config, device, batch, steps: int, warmup: int, compil
 
         compile_model(model)
     if device.type == "cuda":
+        gc.collect()  # an earlier impl's model, held by a reference cycle, would count in this one's peak
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     with impl_scope(impl):
@@ -317,6 +319,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.preset == "tiny":
             parser.error("--impl original: the original has ViT-B/16 and ViT-L/16 only (--preset base or large)")
     device = torch.device(args.device)
+    # untimed steps must cover what a fast impl does once: compile its blocks (first step) and, graphed,
+    # capture the graph (second step); timed, they put seconds into the median
+    timed_fast = [impl for impl in impls if impl.startswith("fast") or impl in VARIANTS]
+    if timed_fast and not args.flops_only:
+        needed = 2 if any(graphed(impl, device) for impl in timed_fast) else 0 if args.no_compile else 1
+        if args.warmup < needed:
+            parser.error(f"--warmup {args.warmup}: the fast impls need {needed} untimed steps here (compile"
+                         f"{', then capture the CUDA graph' if needed == 2 else ''})")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # the original's measured fp32 run used TF32
         torch.backends.cudnn.allow_tf32 = True
@@ -361,9 +371,13 @@ def main(argv: list[str] | None = None) -> int:
             write_results(args.json, "step", "cpu", command_line("step", argv), records, flops_counted_on="meta",
                           variants=VARIANTS)
         return 0
-    # model FLOPs: the original algorithm's count, from the original code when it ran, else from our reference
-    # path (which already shares the image keys/values across ITM and LM, so it counts a little less)
+    # model FLOPs: the original algorithm's count, from the original code (counted here when it was not timed, so
+    # that every run's model MFU uses it), else from our reference path, which shares the image keys/values across
+    # ITM and LM and counts ~16% less (the records say which: flops_from)
     counted = dict(rows)
+    if "original" not in counted and args.preset != "tiny" and original_blip().is_available():
+        padded = make_batch(args.batch, args.image_size, device, "max_length")
+        counted["original"] = {"gflop_per_sample": count_flops("original", copy.deepcopy(config), device, padded) / 1e9}
     source = next((impl for impl in ("original", "reference") if impl in counted), None)
     for impl, metrics in rows:
         if source is not None:

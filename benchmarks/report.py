@@ -49,7 +49,9 @@ def load_results(folder: Path) -> tuple[list[tuple[Path, dict]], list[tuple[Path
 def _value(record: dict) -> str:
     value = record["value"]
     if record["metric"] == "mfu":
-        return f"{value:.1%} ({record.get('flops', '?')})"
+        # model MFU says whose FLOP count it used: the original's, or our reference path's (~16% fewer)
+        source = f", FLOPs of {record['flops_from']}" if "flops_from" in record else ""
+        return f"{value:.1%} ({record.get('flops', '?')}{source})"
     return f"{value:,.1f}" if abs(value) >= 10 else f"{value:.3g}"
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint.io import atomic_write
+
 
 def git_commit(where: str | Path = Path(__file__).parent) -> str:
     """The short hash of the checkout ``where`` is in, with ``-dirty`` when tracked files differ from that
@@ -112,7 +114,6 @@ def write_results(path: str | Path, suite: str, device: str, command: str, recor
     result = {"suite": suite, "device": device, "torch": torch.__version__, "triton": triton_version(),
               "git": git_commit(), "tree": git_tree(), "date": datetime.date.today().isoformat(), "command": command,
               **extra, "records": records}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    return path
+    text = json.dumps(result, indent=1) + "\n"
+    # a write cut short (a full disk, a killed run) must not leave a results file half-written over the last one
+    return atomic_write(path, lambda temp: Path(temp).write_text(text))

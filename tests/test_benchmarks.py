@@ -122,6 +122,35 @@ def test_report_gathers_results_and_names_bad_files(step_results, tmp_path):
     assert "broken.json: not readable JSON" in report and "partial.json: missing device" in report
     assert (folder / "step-cpu-test-samples_per_s.png").stat().st_size > 1000
     assert "![step-cpu-test-samples_per_s.png]" in report
+    # model MFU says whose FLOP count it used (here the reference path's: the original is not installed in CI)
+    assert "| pretrain_tiny64_b8 | fast | mfu |" in report and "(model, FLOPs of reference)" in report
+
+
+def test_bench_step_refuses_a_warm_up_shorter_than_compiling(capsys):
+    """Compiling blocks takes the first step: timed, it would put seconds into the median."""
+    with pytest.raises(SystemExit):
+        _script("bench_step").main(["--preset", "tiny", "--impl", "fast", "--warmup", "0"])
+    assert "the fast impls need 1 untimed steps" in capsys.readouterr().err
+
+
+def test_results_files_are_replaced_whole(tmp_path, monkeypatch):
+    """A results write that fails part-way leaves the previous file as it was, not a truncated one."""
+    from blip_fast import bench_results
+
+    path = tmp_path / "step-cpu-test.json"
+    bench_results.write_results(path, "step", "cpu", "first", [])
+    before = path.read_text()
+
+    def fail_midway(self, text, *args, **kwargs):
+        Path.write_bytes(self, text[: len(text) // 2].encode())
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", fail_midway)
+    with pytest.raises(OSError, match="No space"):
+        bench_results.write_results(path, "step", "cpu", "second", [{"case": "c", "impl": "i", "metric": "us",
+                                                                        "value": 1.0}])
+    assert path.read_text() == before and json.loads(before)["command"] == "first"
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
 
 
 def test_bench_pretrain_writes_run_and_retrieval_records(tmp_path):
