@@ -22,7 +22,10 @@ the first index to pass the target. A parallel scan (the Triton and CUDA kernels
 CUDA) may round ``cdf[i]`` above ``cdf[i-1]``, so those skip column ``i`` outright (the reference by
 giving ``cdf[i]`` the value of ``cdf[i-1]``). If rounding leaves no index past it (``u_i * cdf[-1]`` rounded up to
 ``cdf[-1]``), the pick is the last column with nonzero weight: ``N - 1``, or ``N - 2`` for the row
-whose diagonal is column ``N - 1``.
+whose diagonal is column ``N - 1``. A row holding NaN or +inf makes every weight NaN, and every
+backend then returns that same fallback column, where the original's ``torch.multinomial`` raises:
+checking would cost a host synchronisation per step, and a training step with such similarities has
+non-finite losses already.
 
 Implementations sum the cdf in different orders, so a uniform within ~1e-7 (relative) of a cdf
 boundary may pick the neighbouring index; :func:`near_cdf_boundary` flags such uniforms for tests.
