@@ -104,13 +104,13 @@ class Blip:
                                   num_beams=num_beams, top_k=top_k, top_p=top_p,
                                   repetition_penalty=repetition_penalty)
         prompt = self.model.config.prompt
+        prompt_ids = self.tokenizer([prompt]).input_ids[:, :-1]  # [DEC] + prompt, no [SEP]
         # max_length counts the prompt: say so in its words before any image is read
-        prompt_length = self.tokenizer([prompt]).input_ids.shape[1] - 1  # [DEC] + prompt, no [SEP]
-        if max_length <= prompt_length:
-            raise ValueError(f"max_length ({max_length}) counts the prompt {prompt!r}, which is {prompt_length} "
-                             f"tokens: it must be at least {prompt_length + 1}")
+        if max_length <= prompt_ids.shape[1]:
+            raise ValueError(f"max_length ({max_length}) counts the prompt {prompt!r}, which is "
+                             f"{prompt_ids.shape[1]} tokens: it must be at least {prompt_ids.shape[1] + 1}")
         pixels = self._images(images)
-        prompt_ids = self.tokenizer([prompt] * pixels.shape[0]).input_ids[:, :-1].to(self.device)
+        prompt_ids = prompt_ids.repeat(pixels.shape[0], 1).to(self.device)
         generator = None
         if seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(seed)

@@ -6,19 +6,15 @@ vision side is renamed (``vision_model.encoder.layers.N.self_attn.qkv`` <->
 ``visual_encoder.blocks.N.attn.qkv`` ...). Hugging Face keeps no temperature, momentum encoders
 or queues: those are dropped on save and start fresh on load. The tied LM head is stored once
 (a config with ``tie_word_embeddings`` false is refused: our LM head is the word embeddings).
-Reading needs only ``safetensors``; ``transformers`` itself is not imported. A save replaces the
-whole directory at once, so a failure leaves the old checkpoint as it was.
+Reading needs only ``safetensors``; ``transformers`` itself is not imported. A save writes the
+weights in full before either file is replaced, so a failed write leaves the old checkpoint as it was.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import shutil
-import stat
-import tempfile
 from pathlib import Path
 
 import torch
@@ -28,7 +24,7 @@ from torch import nn
 
 from ..config import BlipConfig, ConfigError, TextConfig, VisionConfig
 from ..models import build_model
-from .io import CheckpointError, atomic_write, current_umask, load_torch, new_file_mode
+from .io import CheckpointError, atomic_write, load_torch, new_file_mode
 from .state import check_tensors, load_state, resize_position_embeddings
 
 ARCHITECTURES = {
@@ -244,9 +240,9 @@ def load_hf(directory: str | Path, task: str | None = None, image_size: int | No
 def save_hf(model: nn.Module, directory: str | Path) -> Path:
     """Write ``config.json`` and ``model.safetensors`` that ``transformers`` loads.
 
-    Both files are written into a new sibling directory, with the other files of an existing
-    ``directory`` (a tokenizer, a README) linked or copied beside them, which then takes the old
-    directory's place: a failure at any point leaves the old checkpoint whole and no temporary files.
+    The weights are written in full under a staging name first and take their place only once
+    ``config.json`` is in: a write that fails (a full disk) leaves the old pair whole and no temporary
+    file. Other files of the directory (a tokenizer) are left as they are.
     """
     task = getattr(model, "task", None)
     if task not in TASK_ARCHITECTURE:
@@ -259,66 +255,21 @@ def save_hf(model: nn.Module, directory: str | Path) -> Path:
         raise CheckpointError(f"transformers' BlipForQuestionAnswering cannot hold a VQA model whose vision width "
                               f"({config.vision.width}) differs from its text width ({config.text.hidden_size}); "
                               "save it in the Salesforce format")
-    given = Path(directory)
-    # resolved: a symlink keeps pointing at the directory replaced, and "." gets a sibling, not a child
-    directory = given.resolve()
+    directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise NotADirectoryError(f"cannot write a Hugging Face directory at {directory}: it is a file")
-    directory.parent.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(parents=True, exist_ok=True)
     state = {to_hf_key(k): v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()
              if not _NOT_IN_HF.match(k) and k not in _HF_ONLY_TIED}
     text = json.dumps(hf_config_dict(config, task), indent=2)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+    weights = directory / "model.safetensors"
+    staged = atomic_write(directory / ".model.safetensors.staged",
+                          lambda temp: save_file(state, temp, metadata={"format": "pt"}))
     try:
-        atomic_write(staging / "model.safetensors", lambda temp: save_file(state, temp, metadata={"format": "pt"}))
-        atomic_write(staging / "config.json", lambda temp: Path(temp).write_text(text))
-        for name in ("model.safetensors", "config.json"):  # keep the modes of the files replaced
-            if (directory / name).is_file():
-                os.chmod(staging / name, new_file_mode(directory / name))
-        if directory.is_dir():
-            for entry in directory.iterdir():
-                if entry.name not in ("model.safetensors", "config.json"):
-                    _carry(entry, staging / entry.name)
-        # mkdtemp's folder is owner-only: keep the old directory's mode, or give a new one mkdir's
-        os.chmod(staging, stat.S_IMODE(directory.stat().st_mode) if directory.is_dir() else 0o777 & ~current_umask())
-        _swap_in(staging, directory)
+        os.chmod(staged, new_file_mode(weights))  # the mode of the weights it replaces
+        atomic_write(directory / "config.json", lambda temp: Path(temp).write_text(text))
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        staged.unlink(missing_ok=True)
         raise
-    return given
-
-
-def _carry(source: Path, target: Path) -> None:
-    """Put a file the save does not write into the new directory: a hard link where it can (no copy of
-    a large file), else a copy; folders are copied."""
-    if source.is_dir() and not source.is_symlink():
-        shutil.copytree(source, target, symlinks=True)
-    elif source.is_symlink():
-        os.symlink(os.readlink(source), target)
-    else:
-        try:
-            os.link(source, target)
-        except OSError:
-            shutil.copy2(source, target)
-
-
-def _swap_in(staging: Path, directory: Path) -> None:
-    """Move ``staging`` to ``directory``; an old ``directory`` is renamed aside first, put back if the
-    move fails, and removed after it succeeds."""
-    if not directory.exists():
-        os.rename(staging, directory)
-        return
-    aside = staging.with_name(staging.name + ".old")
-    cwd = Path.cwd()
-    os.rename(directory, aside)
-    try:
-        os.rename(staging, directory)
-    except BaseException:
-        os.rename(aside, directory)
-        raise
-    if cwd == directory or directory in cwd.parents:
-        # the working directory moved aside with the old folder, which is about to be removed: return
-        # to the same path, now in the new folder (save_hf(model, ".") must leave "." usable)
-        with contextlib.suppress(OSError):
-            os.chdir(cwd)
-    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(staged, weights)
+    return directory

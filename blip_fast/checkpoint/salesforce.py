@@ -21,7 +21,7 @@ from .io import CheckpointError, load_torch, save_torch
 from .state import check_tensors, detect_task, infer_config, load_state, resize_position_embeddings
 
 CONFIG_KEY = "blip_fast_config"
-# where the trainer's checkpoints (train/engine.py, Trainer.save) keep the model's BlipConfig
+# where the trainer's checkpoints (blip_fast.train) keep the model's BlipConfig; the trainer writes it under this name
 TRAINING_CONFIG_KEY = "model_config"
 
 

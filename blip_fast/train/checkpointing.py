@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ..checkpoint.io import CheckpointError, load_torch, save_torch
+from ..checkpoint.salesforce import TRAINING_CONFIG_KEY
 
 NAME = re.compile(r"step-(\d{8})\.pt$")
 
@@ -90,7 +91,7 @@ def save_checkpoint(out: str | Path, step: int, payload: dict, keep_last: int) -
 
 def load_checkpoint(path: str | Path) -> dict:
     payload = load_torch(path)
-    missing = {"model", "optimizer", "progress", "data", "rng", "config", "model_config"} - set(payload)
+    missing = {"model", "optimizer", "progress", "data", "rng", "config", TRAINING_CONFIG_KEY} - set(payload)
     if missing:
         raise CheckpointError(f"{path} is not a blip-fast training checkpoint (missing {', '.join(sorted(missing))}); "
                               "to start from model weights, load them into a new run instead of resuming")

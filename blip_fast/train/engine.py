@@ -38,6 +38,7 @@ from torch.profiler import record_function
 
 from .. import ops
 from ..checkpoint.io import CheckpointError, atomic_write
+from ..checkpoint.salesforce import TRAINING_CONFIG_KEY
 from ..config import ConfigError, config_to_dict
 from ..data.annotations import RetrievalAnnotations
 from ..data.batches import CaptionBatches, open_caption_source
@@ -279,7 +280,7 @@ class Pretrainer:
             self.printer(f"no checkpoint in {self.out / 'checkpoints'}: starting a new run")
             return None
         payload = load_checkpoint(path)
-        if _comparable(payload["model_config"]) != _comparable(config_to_dict(self.model_config)):
+        if _comparable(payload[TRAINING_CONFIG_KEY]) != _comparable(config_to_dict(self.model_config)):
             raise CheckpointError(f"{path} was trained with a different model configuration; resume it with the "
                                   "config it was written with (saved as config.json in its run folder)")
         if len(payload["data"]) != self.ctx.world_size:
@@ -324,7 +325,7 @@ class Pretrainer:
             payload = {"model": model_state, "optimizer": optimizer_state,
                        "progress": asdict(self.progress), "data": data, "rng": rng,
                        "config": pretrain_config_to_dict(self.config),
-                       "model_config": config_to_dict(self.model_config)}
+                       TRAINING_CONFIG_KEY: config_to_dict(self.model_config)}
             try:
                 path = save_checkpoint(self.out, self.progress.step, payload, self.config.train.keep_last)
             except OSError as error:
