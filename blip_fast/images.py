@@ -1,5 +1,11 @@
 """Reading images and BLIP's evaluation transform (PIL; the GPU pipeline comes with the data issue).
 
+An image file is read and decoded by the training pipeline's own functions
+(:func:`blip_fast.data.decode.read_image_file` and :func:`~blip_fast.data.decode.decode_image`), so
+that a model sees at inference exactly the pixels it was trained on: the same recovery of a JPEG
+missing only its end marker, the same scaling of 16-bit and float grey images, the same pixel and
+file-size caps. What training skips and counts, inference refuses with an :class:`ImageError`.
+
 The evaluation transform of the original (``data/__init__.py``): resize to a square
 ``image_size`` with bicubic interpolation (no crop), scale to [0, 1], normalise with the CLIP
 mean/std that BLIP uses.
@@ -7,31 +13,36 @@ mean/std that BLIP uses.
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
+
+from .data.decode import decode_image, read_image_file
+from .data.sample import BadSample
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
 
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")     # a URI scheme and "//": https://, s3://, file://
+
 
 class ImageError(ValueError):
-    """An image file is missing, unreadable or corrupt."""
+    """An image is not a local image file, or is missing, unreadable, corrupt or too large."""
 
 
 def load_image(path: str | Path) -> Image.Image:
-    """Open an image file as RGB (grayscale, CMYK, palette and alpha images are converted)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ImageError(f"image not found: {path}")
+    """An image file as RGB, decoded as training decodes it (see the module docstring), or :class:`ImageError`."""
+    name = os.fspath(path)      # the string as given: Path would turn "https://x/y.jpg" into "https:/x/y.jpg"
+    if isinstance(name, str) and _URL.match(name):
+        raise ImageError(f"{name}: blip-fast reads local files only; download the image first")
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise ImageError(f"cannot decode image {path}: {error}") from None
+        return decode_image(read_image_file(name), what=f"image {name}")
+    except BadSample as error:
+        raise ImageError(error.detail) from None
 
 
 def eval_transform(image: Image.Image, image_size: int) -> torch.Tensor:

@@ -14,6 +14,12 @@ cameras and libjpeg write by default). Such a file decodes to exactly the pixels
 file. Everything else that fails to decode (cut inside the image data, a progressive JPEG cut
 anywhere, a broken PNG, bytes that are not an image, an empty file) is ``corrupt_image``.
 
+**What is too large**: an image whose header claims more than :data:`MAX_IMAGE_PIXELS` is
+``image_too_large``, refused before any pixel is decoded (a PNG of a few kilobytes can claim
+30000 x 30000 pixels, 2.7 GB decoded); an image file over
+:data:`~blip_fast.data.sample.MAX_SAMPLE_BYTES` is ``sample_too_large``, refused before it is read.
+Inference (:func:`blip_fast.images.load_image`) reads and decodes with these same functions.
+
 **What counts as a usable caption**: a string that is still non-empty after BLIP's own cleaning
 (``pre_caption``), since an empty string would otherwise be trained on as a caption. In a list
 of captions the unusable entries are dropped (counted as ``fixed``); a sample left with none is
@@ -23,6 +29,9 @@ skipped. Numbers, ``None`` and other non-strings are never converted to text.
 from __future__ import annotations
 
 import io
+import os
+import stat
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -33,10 +42,12 @@ from .jpeg import jpeg_scan_complete
 from .sample import (
     CORRUPT_IMAGE,
     IMAGE_TOO_LARGE,
+    MAX_SAMPLE_BYTES,
     MISSING_IMAGE,
     NO_ANSWER,
     NO_CAPTION,
     NO_QUESTION,
+    SAMPLE_TOO_LARGE,
     BadSample,
     DataStats,
 )
@@ -47,21 +58,68 @@ ANSWERS_DROPPED = "answer_entries_dropped"
 
 _SOI, _EOI = b"\xff\xd8", b"\xff\xd9"
 
+# The most pixels (width x height, read from the header before decoding) an image may have. It is PIL's own default
+# limit (1 GiB / 4 / 3: 256 MiB of decoded RGB, where PIL starts to warn), far above the photos of any camera a
+# caption dataset holds, and about the most one DataLoader worker should hold at once. Ours rather than PIL's global
+# Image.MAX_IMAGE_PIXELS, which other libraries change or disable, so that training and inference accept the same.
+MAX_IMAGE_PIXELS = 89_478_485
+
 
 def read_image_file(path: str | Path) -> bytes:
-    """The bytes of an image file; a file that cannot be read is ``missing_image``."""
+    """The bytes of an image file, or :class:`BadSample`.
+
+    A path that is not a readable regular file is ``missing_image``, a file over ``MAX_SAMPLE_BYTES``
+    ``sample_too_large`` (not read). The file is opened non-blocking and checked on its descriptor: opening a
+    named pipe waits for a writer (forever), a device such as ``/dev/zero`` never ends, and neither is an image.
+    The messages read as one sentence, for inference's errors too.
+    """
     try:
-        with open(path, "rb") as file:
-            return file.read()
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise BadSample(MISSING_IMAGE, f"image not found: {path}") from None
     except OSError as error:
-        raise BadSample(MISSING_IMAGE, f"{path}: {error.strerror or error}") from None
+        raise BadSample(MISSING_IMAGE, f"cannot read image {path}: {error.strerror or error}") from None
     except ValueError as error:  # a path no file can have (an embedded NUL)
-        raise BadSample(MISSING_IMAGE, f"{path!r}: {error}") from None
+        raise BadSample(MISSING_IMAGE, f"image not found: {path!r}: {error}") from None
+    try:
+        info = os.fstat(descriptor)
+        if stat.S_ISDIR(info.st_mode):
+            raise BadSample(MISSING_IMAGE, f"{path} is a directory, not an image file")
+        if not stat.S_ISREG(info.st_mode):
+            raise BadSample(MISSING_IMAGE, f"{path} is not a regular file (a named pipe, device or socket)")
+        if info.st_size > MAX_SAMPLE_BYTES:
+            raise BadSample(SAMPLE_TOO_LARGE, _too_many_bytes(path, info.st_size))
+        with os.fdopen(descriptor, "rb", closefd=False) as file:
+            data = file.read(MAX_SAMPLE_BYTES + 1)      # the file may have grown since fstat
+    except OSError as error:
+        raise BadSample(MISSING_IMAGE, f"cannot read image {path}: {error.strerror or error}") from None
+    finally:
+        os.close(descriptor)
+    if len(data) > MAX_SAMPLE_BYTES:
+        raise BadSample(SAMPLE_TOO_LARGE, _too_many_bytes(path, len(data)))
+    return data
 
 
-def _decode(data: bytes) -> Image.Image:
-    image = Image.open(io.BytesIO(data))
-    image.load()
+def _too_many_bytes(path, size: int) -> str:
+    return f"image file {path} is {size} bytes, over the {MAX_SAMPLE_BYTES >> 20} MiB an image may have"
+
+
+def _open(data: bytes, what: str, load: bool) -> Image.Image:
+    """PIL's image of ``data`` (its pixels decoded when ``load``), or ``image_too_large`` before any decoding."""
+    with warnings.catch_warnings():
+        # PIL checks its own global limit as it opens a file: over it, a warning printed in the middle of the progress
+        # bar (silenced: the check below is the one that decides); over twice it, an error (refused here too)
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise BadSample(IMAGE_TOO_LARGE, f"{what} is too large: {width} x {height} pixels, more than the "
+                                                 f"{MAX_IMAGE_PIXELS} an image may have")
+            if load:
+                image.load()
+        except Image.DecompressionBombError as error:
+            raise BadSample(IMAGE_TOO_LARGE, f"{what} is too large: {error}") from None
     return image
 
 
@@ -73,7 +131,7 @@ def recover_jpeg_missing_end(data: bytes) -> Image.Image | None:
     if not jpeg_scan_complete(body):
         return None
     try:
-        return _decode(body + _EOI)
+        return _open(body + _EOI, "image", load=True)
     except Exception:                           # complete data that still fails: not recoverable
         return None
 
@@ -86,17 +144,15 @@ def decode_image(data: bytes | None, stats: DataStats | None = None, what: str =
     """
     stats = stats if stats is not None else DataStats()
     if not data:
-        raise BadSample(CORRUPT_IMAGE, f"{what}: empty image data")
+        raise BadSample(CORRUPT_IMAGE, f"cannot decode {what}: empty image data")
     try:
-        image = _decode(data)
-    except Image.DecompressionBombError as error:
-        raise BadSample(IMAGE_TOO_LARGE, f"{what}: {error}") from None
-    except MemoryError:
+        image = _open(data, what, load=True)
+    except (BadSample, MemoryError):
         raise
     except Exception as error:  # PIL raises many types on hostile bytes; all mean "corrupt"
         image = recover_jpeg_missing_end(data)
         if image is None:
-            raise BadSample(CORRUPT_IMAGE, f"{what}: {type(error).__name__}: {error}") from None
+            raise BadSample(CORRUPT_IMAGE, f"cannot decode {what}: {type(error).__name__}: {error}") from None
         stats.fix(JPEG_END_MISSING)
     if image.mode != "RGB":
         stats.fix(f"converted_{image.mode}_to_RGB")
@@ -124,14 +180,14 @@ def identify_image(data: bytes | None, what: str = "image") -> str:
     bytes that are not an image, not a file cut short.
     """
     if not data:
-        raise BadSample(CORRUPT_IMAGE, f"{what}: empty image data")
+        raise BadSample(CORRUPT_IMAGE, f"cannot decode {what}: empty image data")
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with _open(data, what, load=False) as image:
             return image.format
-    except Image.DecompressionBombError as error:
-        raise BadSample(IMAGE_TOO_LARGE, f"{what}: {error}") from None
+    except BadSample:
+        raise
     except Exception as error:  # see decode_image
-        raise BadSample(CORRUPT_IMAGE, f"{what}: {type(error).__name__}: {error}") from None
+        raise BadSample(CORRUPT_IMAGE, f"cannot decode {what}: {type(error).__name__}: {error}") from None
 
 
 def _usable_caption(text) -> bool:

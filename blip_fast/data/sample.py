@@ -21,14 +21,21 @@ from PIL import Image
 # Reasons for skipping a sample (keys of DataStats.skipped).
 MISSING_IMAGE = "missing_image"      # no such file, or a shard sample without an image member
 CORRUPT_IMAGE = "corrupt_image"      # not decodable (truncated inside the image data, not an image, empty)
-IMAGE_TOO_LARGE = "image_too_large"  # over PIL's decompression-bomb limit
+IMAGE_TOO_LARGE = "image_too_large"  # more pixels than decode.MAX_IMAGE_PIXELS (seen in the header, never decoded)
+SAMPLE_TOO_LARGE = "sample_too_large"  # an image file or a shard sample's members over MAX_SAMPLE_BYTES (never read)
 NO_CAPTION = "no_caption"            # no caption that is a non-empty string after BLIP's cleaning
 NO_QUESTION = "no_question"          # VQA: the question is missing, not a string or empty
 NO_ANSWER = "no_answer"              # VQA training: no usable answer
 BAD_RECORD = "bad_record"            # an annotation entry or shard member group of the wrong shape
 BAD_SHARD = "bad_shard"              # a tar shard that is missing or breaks off; counts shards, not samples
-REASONS = (MISSING_IMAGE, CORRUPT_IMAGE, IMAGE_TOO_LARGE, NO_CAPTION, NO_QUESTION, NO_ANSWER, BAD_RECORD,
-           BAD_SHARD)
+REASONS = (MISSING_IMAGE, CORRUPT_IMAGE, IMAGE_TOO_LARGE, SAMPLE_TOO_LARGE, NO_CAPTION, NO_QUESTION, NO_ANSWER,
+           BAD_RECORD, BAD_SHARD)
+
+# The most bytes one sample may bring into memory: an image file, or all the members of one key in a shard. Files
+# are read whole, so without a cap one member of zeros (800 MiB in a 3.6 MB .tar.gz) costs gigabytes of memory in
+# every DataLoader worker. 64 MiB is far above any image of a caption dataset (a 100-megapixel JPEG is about
+# 30 MB; img2dataset resizes to well under 1 MB) and any caption or JSON; bigger ones are skipped unread.
+MAX_SAMPLE_BYTES = 64 << 20
 
 
 class BadSample(Exception):

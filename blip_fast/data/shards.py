@@ -12,6 +12,10 @@ splitting, shuffling and resuming that package offers cannot resume at an exact 
 :mod:`blip_fast.data.stream`), and the reading is a short loop over ``tarfile``. A shard that is
 missing or breaks off (a truncated download) yields the samples before the break and then one
 ``bad_shard`` record; it never stops the run.
+
+A sample's members are read into memory only up to ``MAX_SAMPLE_BYTES`` together (tar headers
+give each member's size before its data): a sample whose members would pass it is skipped as
+``sample_too_large`` and the rest of its data is passed over unread.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import json
 import lzma
 import os
 import re
+import stat
 import tarfile
 import zlib
 from collections.abc import Iterator
@@ -31,7 +36,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .decode import check_caption
-from .sample import BAD_RECORD, BAD_SHARD, MISSING_IMAGE, NO_CAPTION, BadSample, DataStats, Sample
+from .sample import (
+    BAD_RECORD,
+    BAD_SHARD,
+    MAX_SAMPLE_BYTES,
+    MISSING_IMAGE,
+    NO_CAPTION,
+    SAMPLE_TOO_LARGE,
+    BadSample,
+    DataStats,
+    Sample,
+)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 _BRACES = re.compile(r"\{(\d+)\.\.(\d+)\}")
@@ -45,6 +60,7 @@ class ShardRecord:
     files: dict[str, bytes]
     shard: str
     problem: str | None = None     # set when the members do not form one sample (a repeated member)
+    too_large: str | None = None   # set when the members are over MAX_SAMPLE_BYTES (``files`` then holds none)
 
 
 @dataclass
@@ -119,9 +135,9 @@ def read_shard(path: str) -> Iterator[ShardRecord | ShardFailure]:
     When a shard breaks off, the record being read at the break is dropped with it (its other
     members may be missing), so only records known to be whole are yielded.
     """
-    key, files, problem = None, {}, None
+    key, files, problem, too_large, size = None, {}, None, None, 0
     try:
-        with open(path, "rb") as raw:
+        with open(path, "rb", opener=_open_regular_file) as raw:
             stream = _TailReader(_decompressed(raw))
             with tarfile.open(fileobj=stream, mode="r|") as tar:
                 for member in tar:
@@ -130,11 +146,17 @@ def read_shard(path: str) -> Iterator[ShardRecord | ShardFailure]:
                     name_key, extension = split_name(member.name)
                     if name_key != key:                 # the previous key is whole: its members are adjacent
                         if key is not None:
-                            yield ShardRecord(key, files, path, problem)
-                        key, files, problem = name_key, {}, None
+                            yield ShardRecord(key, files, path, problem, too_large)
+                        key, files, problem, too_large, size = name_key, {}, None, None, 0
                     if extension in files:
                         problem = f"more than one .{extension} member"
-                    files[extension] = tar.extractfile(member).read()
+                    size += member.size
+                    if too_large is None and size > MAX_SAMPLE_BYTES:
+                        too_large = (f"{member.name} brings the sample to {size} bytes, over the "
+                                     f"{MAX_SAMPLE_BYTES >> 20} MiB a sample may have")
+                        files = {}
+                    if too_large is None:               # else tarfile passes over the data unread
+                        files[extension] = tar.extractfile(member).read()
                 # tarfile ends its iteration without an error when a shard is cut at or inside a
                 # member header: the missing end-of-archive (zero) block is what tells
                 if stream.block_at(tar.offset) != bytes(512):
@@ -143,7 +165,17 @@ def read_shard(path: str) -> Iterator[ShardRecord | ShardFailure]:
         yield ShardFailure(path, f"{path}: {type(error).__name__}: {error}")
         return
     if key is not None:
-        yield ShardRecord(key, files, path, problem)
+        yield ShardRecord(key, files, path, problem, too_large)
+
+
+def _open_regular_file(path: str, flags: int) -> int:
+    """``os.open`` that refuses what is not a regular file without waiting: opening a named pipe blocks until a
+    writer comes (forever), and a device such as ``/dev/zero`` never ends."""
+    descriptor = os.open(path, flags | getattr(os, "O_NONBLOCK", 0))
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        os.close(descriptor)
+        raise OSError("not a regular file (a directory, named pipe, device or socket)")
+    return descriptor
 
 
 class TarShards:
@@ -163,6 +195,8 @@ class TarShards:
             raise BadSample(BAD_SHARD, record.detail)
         what = f"{record.shard}:{record.key}"
         files = record.files
+        if record.too_large:
+            raise BadSample(SAMPLE_TOO_LARGE, f"{what}: {record.too_large}")
         if record.problem:
             raise BadSample(BAD_RECORD, f"{what}: {record.problem}")
         images = [ext for ext in IMAGE_EXTENSIONS if ext in files]

@@ -10,29 +10,35 @@ are exercised by the same data:
     DIR/train.json                    [{"image": "images/KEY.jpg", "caption": str, "image_id": KEY}]
     DIR/val.json, DIR/test.json       [{"image": ..., "caption": [str], "image_id": KEY}]  (Karpathy eval shape)
     DIR/noise.json                    which training captions were replaced, and their originals
-    DIR/info.json                     the settings, counts per split and shard lists
+    DIR/info.json                     the settings, counts per split, shard lists, and every file written
 
 The first 90% of the scenes are ``train``, the next 5% ``val``, the last 5% ``test`` (scenes are
 independent draws, so contiguous splits are fair). ``noise`` replaces that fraction of the
 *training* captions with the caption of another training scene whose text differs: the ground
 truth a CapFilt filter should recover. Everything is a function of ``seed``: the same arguments
 write the same bytes.
+
+``info.json`` is written last: it marks a complete dataset, and its ``files`` (every file the run
+wrote, relative to ``DIR``) are all that ``overwrite`` deletes. A folder holding anything else, or
+no ``info.json`` (another program's files, or a run that stopped before the end, whose files
+nothing records), is refused rather than guessed at.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import random
-import shutil
 from dataclasses import asdict
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from .shards import ShardWriter
 from .synthetic import caption, draw, random_scene
 
 SPLITS = ("train", "val", "test")
-OUTPUTS = ("shards", "images", "train.json", "val.json", "test.json", "noise.json", "info.json")
+MANIFEST = "info.json"
+FOLDERS = ("images", "shards")      # made by every run, even when they stay empty
 
 
 def split_sizes(n: int, fractions: tuple[float, float, float]) -> dict[str, int]:
@@ -42,18 +48,64 @@ def split_sizes(n: int, fractions: tuple[float, float, float]) -> dict[str, int]
 
 
 def _prepare_output(out: Path, overwrite: bool) -> None:
+    """Make ``out`` ready to write into: new or empty, or (``overwrite``) holding only a previous run's files,
+    which are deleted. Anything else is a ValueError that names the folder (the CLI and the trainer both call)."""
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a directory")
+        raise ValueError(f"{out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
+        ours = _files_written_before(out)
         if not overwrite:
-            raise ValueError(f"--out {out} is not empty (use --overwrite to replace a synthetic dataset there)")
-        for name in OUTPUTS:
-            path = out / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
-    (out / "images").mkdir(parents=True, exist_ok=True)
+            raise ValueError(f"{out} is not empty: it holds a synthetic dataset (use --overwrite to replace it)")
+        folders, files = _contents(out)
+        ours_folders = {str(parent) for name in ours for parent in PurePosixPath(name).parents} | set(FOLDERS)
+        unknown = (folders - ours_folders) | (files - ours - {MANIFEST})
+        unknown = sorted(name for name in unknown if not unknown.intersection(map(str, PurePosixPath(name).parents)))
+        if unknown:
+            listed = ", ".join(unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
+            raise ValueError(f"{out} holds files this command did not write ({listed}); --overwrite deletes only "
+                             "its own files: move them, or choose another folder")
+        for name in sorted(ours & files):
+            (out / name).unlink()
+        (out / MANIFEST).unlink()          # last: an interrupted delete can be overwritten again
+    for folder in FOLDERS:
+        (out / folder).mkdir(parents=True, exist_ok=True)
+
+
+def _files_written_before(out: Path) -> set[str]:
+    """The files a previous run wrote into the non-empty folder ``out`` (its manifest), or a ValueError."""
+    not_ours = (f"{out} is not empty and is not a dataset this command wrote (no {MANIFEST} lists its files; a run "
+                "that stopped early writes none): choose an empty folder, or delete it by hand")
+    try:
+        files = json.loads((out / MANIFEST).read_text(encoding="utf-8")).get("files")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        raise ValueError(not_ours) from None
+    if not isinstance(files, list) or not all(_inside(name) for name in files):
+        raise ValueError(not_ours)
+    return set(files)
+
+
+def _inside(name) -> bool:
+    """Whether a manifest entry is a plain relative path that stays inside the dataset folder."""
+    if not isinstance(name, str) or not name or "\\" in name:
+        return False
+    path = PurePosixPath(name)
+    return not path.is_absolute() and ".." not in path.parts and str(path) == name
+
+
+def _contents(out: Path) -> tuple[set[str], set[str]]:
+    """The folders and the other entries under ``out``, as relative POSIX paths. Symbolic links are not followed:
+    a link to a folder is an entry of its own, so no file behind it can pass for one of ours."""
+    folders, others = set(), set()
+    for root, dirs, names in os.walk(out):
+        base = PurePosixPath(Path(root).relative_to(out).as_posix())
+        for name in list(dirs):
+            if (Path(root) / name).is_symlink():
+                dirs.remove(name)
+                others.add(str(base / name))
+            else:
+                folders.add(str(base / name))
+        others.update(str(base / name) for name in names)
+    return folders, others
 
 
 def _mismatched(index: int, captions: list[str], rng: random.Random) -> int:
@@ -103,6 +155,7 @@ def write_synthetic_dataset(out: str | Path, n: int, *, noise: float = 0.0, imag
 
     info = {"n": n, "seed": seed, "noise": noise, "noisy": len(noise_record), "image_size": image_size,
             "shard_size": shard_size, "quality": quality, "splits": {}}
+    written = []
     first = 0
     for split in SPLITS:
         indices = range(first, first + sizes[split])
@@ -115,6 +168,7 @@ def write_synthetic_dataset(out: str | Path, n: int, *, noise: float = 0.0, imag
                 jpeg = buffer.getvalue()
                 image = f"images/{keys[i]}.jpg"
                 (out / image).write_bytes(jpeg)
+                written.append(image)
                 meta = {"key": keys[i], "split": split, "caption": captions[i],
                         "scene": [asdict(obj) for obj in scenes[i]], "noisy": keys[i] in noise_record}
                 if keys[i] in noise_record:
@@ -124,9 +178,11 @@ def write_synthetic_dataset(out: str | Path, n: int, *, noise: float = 0.0, imag
                 text = captions[i] if split == "train" else [captions[i]]
                 entries.append({"image": image, "caption": text, "image_id": keys[i]})
         (out / f"{split}.json").write_text(json.dumps(entries, indent=0) + "\n")
-        info["splits"][split] = {"samples": sizes[split], "json": f"{split}.json",
-                                 "shards": [str(p.relative_to(out)) for p in writer.paths]}
+        shards = [p.relative_to(out).as_posix() for p in writer.paths]
+        written += [*shards, f"{split}.json"]
+        info["splits"][split] = {"samples": sizes[split], "json": f"{split}.json", "shards": shards}
     (out / "noise.json").write_text(json.dumps({"fraction": noise, "seed": seed, "count": len(noise_record),
                                                 "samples": noise_record}, indent=1, sort_keys=True) + "\n")
-    (out / "info.json").write_text(json.dumps(info, indent=1) + "\n")
+    info["files"] = sorted([*written, "noise.json"])
+    (out / MANIFEST).write_text(json.dumps(info, indent=1) + "\n")      # last: the dataset is complete
     return info

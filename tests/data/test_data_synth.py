@@ -111,9 +111,13 @@ def test_cli(tmp_path, capsys):
     written = files(out)
     assert main(args) == 2                                      # will not write over a dataset
     assert "not empty" in capsys.readouterr().err
-    (out / "shards" / "stale-00009.tar").write_bytes(b"old")
+    (out / "shards" / "stale-00009.tar").write_bytes(b"old")   # not written by synth: --overwrite refuses
+    assert main(args + ["--overwrite"]) == 2
+    assert "did not write (shards/stale-00009.tar)" in capsys.readouterr().err
+    (out / "shards" / "stale-00009.tar").unlink()
+    assert main(args[:-1] + ["4", "--overwrite"]) == 0          # a run with more shards (train-00006 ...)
     assert main(args + ["--overwrite"]) == 0
-    assert files(out) == written                                # same seed, same bytes; stale shards gone
+    assert files(out) == written                                # same seed, same bytes; its extra shards gone
     write_synthetic_dataset(tmp_path / "api", 30, noise=0.1, seed=2, image_size=32, shard_size=10)
     assert files(tmp_path / "api") == written
     for bad in (["--noise", "1.5"], ["--n", "0"], ["--shard-size", "0"]):
