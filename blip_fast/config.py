@@ -9,6 +9,7 @@ config from plain data (YAML, a checkpoint) and rejects unknown or ill-typed key
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -43,7 +44,9 @@ class VisionConfig:
     """Recompute block activations in backward to save memory."""
 
     def __post_init__(self):
-        _positive(self, "image_size", "patch_size", "width", "depth", "num_heads")
+        _positive(self, "image_size", "patch_size", "width", "depth", "num_heads", "mlp_ratio", "layer_norm_eps")
+        if round(self.width * self.mlp_ratio) < 1:
+            raise ConfigError(f"vision.mlp_ratio {self.mlp_ratio} gives an MLP of no units at width {self.width}")
         if self.image_size % self.patch_size:
             raise ConfigError(f"vision.image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.width % self.num_heads:
@@ -88,7 +91,7 @@ class TextConfig:
 
     def __post_init__(self):
         _positive(self, "vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
-                  "max_position_embeddings")
+                  "max_position_embeddings", "layer_norm_eps", "initializer_range")
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"text.hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         for name in ("hidden_dropout", "attention_dropout"):
@@ -144,10 +147,17 @@ class BlipConfig:
             raise ConfigError(str(error)) from None
 
 
+# torch holds tensor dimensions as int64: a larger size could only fail deep inside torch
+LARGEST_SIZE = 2**63 - 1
+
+
 def _positive(obj, *names: str) -> None:
+    """Sizes and scales: above zero and at most :data:`LARGEST_SIZE`. That refuses inf, and NaN too (it fails every
+    comparison: ``x <= 0`` alone would pass it)."""
     for name in names:
-        if getattr(obj, name) <= 0:
-            raise ConfigError(f"{type(obj).__name__}.{name} must be positive; got {getattr(obj, name)}")
+        value = getattr(obj, name)
+        if not 0 < value <= LARGEST_SIZE:
+            raise ConfigError(f"{type(obj).__name__}.{name} must be positive and at most 2**63 - 1; got {value}")
 
 
 # ---------------------------------------------------------------- presets
@@ -230,6 +240,9 @@ def _coerce(hint, value, key: str):
         raise ConfigError(f"{key} must be a mapping; got {value!r} ({type(value).__name__})")
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, float) and not math.isfinite(value):
+        # no setting means NaN or infinity, and NaN passes every range check written as `x <= 0`
+        raise ConfigError(f"{key} must be a finite number; got {value}")
     if hint in (int, float, str, bool) and not (isinstance(value, hint) and not
                                                  (hint is int and isinstance(value, bool))):
         raise ConfigError(f"{key} must be {hint.__name__}; got {value!r} ({type(value).__name__})")

@@ -122,7 +122,11 @@ def check_case(op_name: str, backend: str, case: ParityCase, dtype: torch.dtype,
 
 def run_parity(device: torch.device, ops: list[str] | None = None, dtypes: list[torch.dtype] | None = None
                ) -> list[ParityRow]:
-    """Every (op, fast backend available on ``device``, case, dtype) comparison."""
+    """Every (op, fast backend available on ``device``, case, dtype) comparison. An op name that is not registered is
+    a ValueError: a typo would otherwise select nothing and pass."""
+    unknown = sorted(set(ops or ()) - set(OPS))
+    if unknown:
+        raise ValueError(f"no op named {', '.join(map(repr, unknown))}; the ops are {', '.join(sorted(OPS))}")
     rows = []
     for name, op in OPS.items():
         if ops and name not in ops:

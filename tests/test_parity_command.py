@@ -63,3 +63,16 @@ def test_a_device_that_is_not_here_is_one_line(device, capsys):
     assert main(["parity", "--device", device, "--op", "enqueue"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: --device {device}")
+
+
+def test_an_unknown_op_is_an_error_naming_the_ops():
+    """A typo used to select no op, print that nothing is available and exit 0: a check that passes by checking
+    nothing."""
+    with pytest.raises(ValueError, match=r"no op named 'momentum_updat'; the ops are .*enqueue.*momentum_update"):
+        run_parity(torch.device("cpu"), ops=["momentum_update", "momentum_updat"])
+
+
+def test_cli_parity_with_an_unknown_op_exits_2(capsys):
+    assert main(["parity", "--device", "cpu", "--op", "typo"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: no op named 'typo'; the ops are ") and "attention" in err[0]

@@ -22,10 +22,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..config import BlipConfig, ConfigError, TextConfig, VisionConfig
+from ..config import LARGEST_SIZE, BlipConfig, ConfigError, TextConfig, VisionConfig
 from ..models import build_model
 from .io import CheckpointError, atomic_write, load_torch, new_file_mode
-from .state import check_tensors, load_state, resize_position_embeddings
+from .state import check_config_fits, check_tensors, load_state, resize_position_embeddings
 
 ARCHITECTURES = {
     "BlipForImageTextRetrieval": "retrieval",
@@ -97,7 +97,8 @@ def hf_config_dict(config: BlipConfig, task: str) -> dict:
 
 
 # config.json values read, by section: those that must be integers (a float size would fail deep inside
-# torch.nn) and those that must be numbers
+# torch.nn) from 0 to LARGEST_SIZE (a longer one overflows the float arithmetic of config_from_hf), and those that must
+# be numbers
 _HF_INTS = {
     "": ("image_text_hidden_size",),
     "vision_config": ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
@@ -124,9 +125,10 @@ def _check_hf_values(data: dict) -> None:
         for key in ints + _HF_FLOATS[section]:
             value = values.get(key)
             numbers = (int,) if key in ints else (int, float)
-            if key in values and (not isinstance(value, numbers) or isinstance(value, bool)):
+            if key in values and (not isinstance(value, numbers) or isinstance(value, bool)
+                                  or key in ints and not 0 <= value <= LARGEST_SIZE):
                 name = f"{section}.{key}" if section else key
-                kind = "an integer" if key in ints else "a number"
+                kind = "an integer from 0 to 2**63 - 1" if key in ints else "a number"
                 raise CheckpointError(f"Hugging Face BLIP config.json: {name} must be {kind}; got {value!r}")
     # transformers unties the LM head from the word embeddings when this is false; ours is one tensor
     for section in ("", "text_config"):
@@ -171,16 +173,11 @@ def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
         if single.is_file():
             return load_file(single)
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-                raise CheckpointError(f"{index}: weight_map is not an object of weight name -> shard file")
-            shards = sorted(set(weight_map.values()))
             state = {}
-            for shard in shards:
-                state.update(load_file(directory / shard))
+            for shard in _index_shards(directory, index):
+                state.update(load_file(shard))
             return state
-    except (SafetensorError, OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
-        # TypeError: an index that is not an object
+    except (SafetensorError, OSError) as error:
         raise CheckpointError(f"cannot read the weights in {directory}: {error}. A file may be truncated.") from None
     bin_file = directory / "pytorch_model.bin"
     if bin_file.is_file():
@@ -192,6 +189,33 @@ def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
     raise CheckpointError(f"{directory} has no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
 
 
+def _index_shards(directory: Path, index: Path) -> list[Path]:
+    """The shard files a safetensors index names, each a file listed in ``directory``.
+
+    The index is data from the download: an entry may name ``../x.safetensors`` or ``/dev/zero``. The folder a shard
+    is listed in must resolve into ``directory``; the shard itself may be a link out of it, as every file of the
+    Hugging Face cache is (``snapshots/<commit>/x`` -> ``../../blobs/<hash>``), if it leads to a regular file.
+    """
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as error:  # ValueError: not JSON; TypeError: not an object
+        raise CheckpointError(f"cannot read the weights in {directory}: {error}. A file may be truncated.") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: weight_map is not an object of weight name -> shard file")
+    root = directory.resolve()
+    shards = []
+    for name in sorted(set(weight_map.values())):
+        entry = next(key for key, value in weight_map.items() if value == name)
+        shard = directory / name
+        if not shard.parent.resolve().is_relative_to(root):
+            raise CheckpointError(f"{index}: weight_map entry {entry!r} names {name!r}, a file outside {directory}")
+        if not shard.is_file():
+            raise CheckpointError(f"{index}: weight_map entry {entry!r} names {name!r}, which is not a file in "
+                                  f"{directory}")
+        shards.append(shard)
+    return shards
+
+
 def read_hf(directory: str | Path) -> tuple[str, BlipConfig, dict[str, torch.Tensor]]:
     """(task, config, state dict in our key layout) of a Hugging Face BLIP directory."""
     directory = Path(directory)
@@ -200,7 +224,7 @@ def read_hf(directory: str | Path) -> tuple[str, BlipConfig, dict[str, torch.Ten
         raise CheckpointError(f"{directory} is not a Hugging Face model directory: no config.json")
     try:
         data = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except ValueError as error:  # not JSON, not UTF-8, or an integer of more digits than int() takes
         raise CheckpointError(f"{config_file} is not valid JSON: {error}") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{config_file} is not a JSON object but a {type(data).__name__}")
@@ -229,6 +253,7 @@ def load_hf(directory: str | Path, task: str | None = None, image_size: int | No
     held, config, state = read_hf(directory)
     if task is not None and task != held:
         raise CheckpointError(f"{directory} holds a {held} model ({TASK_ARCHITECTURE[held]}), not {task}")
+    check_config_fits(config, state, held, str(directory))
     if image_size is not None and image_size != config.vision.image_size:
         config.vision = VisionConfig(**{**config.vision.__dict__, "image_size": image_size})
         resize_position_embeddings(state, image_size, config.vision.patch_size)

@@ -11,6 +11,8 @@ code) into one :class:`CheckpointError` that names the file and the problem.
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import stat
 import tempfile
 from collections.abc import Callable
@@ -94,7 +96,21 @@ def load_torch(path: str | Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch.load fails on garbage with many types (IndexError, KeyError, ...)
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        cause = error
+        if isinstance(error, pickle.UnpicklingError) and isinstance(error.__context__, pickle.UnpicklingError):
+            # torch wraps what its weights-only unpickler refused in advice to load with weights_only=False, which
+            # would run code from the file; the unpickler's own error, the context, says what was refused
+            cause = error.__context__
+        reason = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+        refused = re.search(r"GLOBAL (\S+)", reason)
+        if refused:
+            reason = reason.split(". ")[0].rstrip(".")  # the next sentences advise allow-listing the global
+            raise CheckpointError(
+                f"cannot read checkpoint {path}: it holds Python objects other than tensors and plain containers "
+                f"(here {refused.group(1)}), which blip-fast does not unpickle, for safety: unpickling them can run "
+                f"code the file names. torch says: {reason}. Tensors in plain containers, such as "
+                "{'model': model.state_dict()}, load."
+            ) from None
         raise CheckpointError(
             f"cannot read checkpoint {path}: {reason}. The file may be truncated (an interrupted download "
             "or copy) or not a PyTorch checkpoint."

@@ -18,7 +18,7 @@ from torch import nn
 from ..config import BlipConfig, ConfigError, VisionConfig, config_from_dict, config_to_dict
 from ..models import build_model
 from .io import CheckpointError, load_torch, save_torch
-from .state import check_tensors, detect_task, infer_config, load_state, resize_position_embeddings
+from .state import check_config_fits, check_tensors, detect_task, infer_config, load_state, resize_position_embeddings
 
 CONFIG_KEY = "blip_fast_config"
 # where the trainer's checkpoints (blip_fast.train) keep the model's BlipConfig; the trainer writes it under this name
@@ -63,6 +63,7 @@ def load_salesforce(path: str | Path, task: str | None = None, image_size: int |
             config = infer_config(state, held)
         except CheckpointError as error:
             raise CheckpointError(f"{path}: {error}") from None
+    check_config_fits(config, state, held, str(path))
     if image_size is not None and image_size != config.vision.image_size:
         config.vision = VisionConfig(**{**config.vision.__dict__, "image_size": image_size})
         state = dict(state)

@@ -3,7 +3,8 @@
 Our models use the original parameter names (``visual_encoder.blocks.N.attn.qkv.weight``,
 ``text_encoder.encoder.layer.N.crossattention.self.query.weight``, ``text_decoder.cls...``), so a
 Salesforce state dict loads as it is. This module infers the task and the configuration from the
-keys and shapes, loads with a strict key check, and lists what is missing or unexpected.
+keys and shapes, checks a configuration against the shapes before a model of it is built, loads with
+a strict key check, and lists what is missing, unexpected, of another shape or not finite.
 """
 
 from __future__ import annotations
@@ -52,6 +53,56 @@ def detect_task(state: dict[str, torch.Tensor]) -> str:
     if has["text_decoder"]:
         return "caption"
     raise CheckpointError("BLIP checkpoint with an image encoder but no text encoder or decoder")
+
+
+# the modules of each task that hold a text transformer (a caption model's is its decoder's BERT)
+TEXT_MODULES = {"pretrain": ("text_encoder", "text_decoder.bert"), "retrieval": ("text_encoder",),
+                "caption": ("text_decoder.bert",), "vqa": ("text_encoder", "text_decoder.bert")}
+
+
+def check_config_fits(config: BlipConfig, state: dict[str, torch.Tensor], task: str, source: str) -> None:
+    """The sizes of ``config`` (read from the checkpoint, or inferred) are those of the weights in ``state``.
+
+    Checked before the model is built: a config is data from the file, and a vocabulary of 10**12 or a 64-layer
+    65536-wide transformer would otherwise be allocated (or die in the allocator) before load_state compares shapes.
+    Layer counts are compared with the block indices of the keys; every other size with the shape of a weight that
+    shows it. The feature queues may be missing (they start fresh): then their length is no weight's, and a config may
+    ask for no longer a queue than the original's."""
+    vision, text = config.vision, config.text
+    counts = [("vision.depth", vision.depth, "visual_encoder.blocks")]
+    counts += [("text.num_layers", text.num_layers, f"{prefix}.encoder.layer") for prefix in TEXT_MODULES[task]]
+    for name, count, prefix in counts:
+        held = {m.group(1) for key in state if (m := re.match(rf"{re.escape(prefix)}\.(\d+)\.", key))}
+        if len(held) != count:
+            raise CheckpointError(f"{source}: the config has {name} {count}, but the weights hold {len(held)} "
+                                  f"{prefix}.N")
+    mlp_width = round(vision.width * vision.mlp_ratio)
+    shapes = {"visual_encoder.patch_embed.proj.weight": (vision.width, 3, vision.patch_size, vision.patch_size),
+              "visual_encoder.pos_embed": (1, vision.num_patches + 1, vision.width)}
+    shapes |= {f"visual_encoder.blocks.{i}.mlp.fc1.weight": (mlp_width, vision.width) for i in range(vision.depth)}
+    for prefix in TEXT_MODULES[task]:
+        shapes[f"{prefix}.embeddings.word_embeddings.weight"] = (text.vocab_size, text.hidden_size)
+        shapes[f"{prefix}.embeddings.position_embeddings.weight"] = (text.max_position_embeddings, text.hidden_size)
+        shapes |= {f"{prefix}.encoder.layer.{i}.intermediate.dense.weight": (text.intermediate_size, text.hidden_size)
+                   for i in range(text.num_layers)}
+    queues = {}
+    if task in ("pretrain", "retrieval"):
+        shapes["vision_proj.weight"] = (config.embed_dim, vision.width)
+        shapes["text_proj.weight"] = (config.embed_dim, text.hidden_size)
+        queues = {"image_queue": (config.embed_dim, config.queue_size),
+                  "text_queue": (config.embed_dim, config.queue_size)}
+        if task == "retrieval":
+            queues["idx_queue"] = (1, config.queue_size)
+    missing = [key for key in shapes if key not in state]
+    if missing:
+        raise CheckpointError(f"{source} lacks weights that show the sizes of its model:\n"
+                              + _listing("missing", missing))
+    shapes |= {key: shape for key, shape in queues.items() if key in state}
+    _check_shapes(source, [(key, tuple(state[key].shape), shape) for key, shape in shapes.items()])
+    if queues and not any(key in state for key in queues) and config.queue_size > BlipConfig.queue_size:
+        raise CheckpointError(f"{source} holds no feature queues, and its config asks for fresh ones of "
+                              f"queue_size {config.queue_size}, longer than the original's {BlipConfig.queue_size}; "
+                              "a checkpoint that needs longer queues must hold them")
 
 
 def infer_config(state: dict[str, torch.Tensor], task: str) -> BlipConfig:
@@ -134,10 +185,7 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) ->
     if bad_missing or bad_unexpected:
         raise CheckpointError(f"{source} does not fit a {type(model).__name__}:\n"
                               + _listing("missing", bad_missing) + _listing("unexpected", bad_unexpected))
-    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-                  for k in expected if k in state and state[k].shape != expected[k].shape]
-    if mismatched:
-        raise CheckpointError(f"{source} has weights of another shape:\n  " + "\n  ".join(mismatched[:20]))
+    _check_shapes(source, [(k, tuple(state[k].shape), tuple(expected[k].shape)) for k in expected if k in state])
     # load_state_dict copies with a cast: quantized or corrupted integer values would load as floats, and
     # complex ones lose their imaginary part with only a warning
     not_float = [f"{k}: {state[k].dtype}" for k in expected
@@ -146,12 +194,32 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) ->
         raise CheckpointError(f"{source} has non-floating-point values under floating-point weights:\n  "
                               + "\n  ".join(not_float[:20]))
     _check_tied(model, state, source)
+    _check_finite({k: v for k, v in state.items() if k in expected}, source)
     filled = dict(state)
     for key in missing:
         twin = re.sub(r"^(\w+)_m\.", r"\1.", key)
         if twin != key and twin in state:
             filled[key] = state[twin]
     model.load_state_dict({k: v for k, v in filled.items() if k in expected}, strict=False)
+
+
+def _check_shapes(source: str, shapes: list[tuple[str, tuple[int, ...], tuple[int, ...]]]) -> None:
+    """``shapes``: (key, the checkpoint's shape, the model's)."""
+    mismatched = [f"{key}: checkpoint {held} vs model {wanted}" for key, held, wanted in shapes if held != wanted]
+    if mismatched:
+        raise CheckpointError(f"{source} has weights of another shape:\n  " + "\n  ".join(mismatched[:20]))
+
+
+def _check_finite(state: dict[str, torch.Tensor], source: str) -> None:
+    """NaN or inf weights (a diverged run, a corrupted file) load without complaint and make every output NaN: a
+    caption model then emits token 1, ``[unused1]``, for every word."""
+    bad = [key for key, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if bad:
+        counts = [f"{key}: {int(state[key].isnan().sum())} NaN, {int(state[key].isinf().sum())} inf of "
+                  f"{state[key].numel()}" for key in bad[:5]]
+        more = f"\n  ... and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise CheckpointError(f"{source} holds NaN or inf values in {len(bad)} weight(s):\n  " + "\n  ".join(counts)
+                              + more)
 
 
 def _check_tied(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

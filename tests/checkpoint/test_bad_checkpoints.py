@@ -15,8 +15,6 @@ import re
 
 import pytest
 import torch
-import transformers
-from transformers import BlipForConditionalGeneration
 
 from blip_fast.checkpoint import (
     CheckpointError,
@@ -34,20 +32,6 @@ from blip_fast.models import build_model
 def caption_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "caption.pth"
     return save_salesforce(build_model("caption", tiny_config()), path)
-
-
-@pytest.fixture(scope="module")
-def hf_caption_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("hf_caption")
-    transformers.logging.set_verbosity_error()
-    config = transformers.BlipConfig(
-        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-                           image_size=32, patch_size=16),
-        text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-                         max_position_embeddings=32),
-    )
-    BlipForConditionalGeneration(config).save_pretrained(directory)
-    return directory
 
 
 def copy_dir(source, target):
