@@ -21,16 +21,21 @@ setup: $(BIN)/python
 	$(if $(TORCH),$(BIN)/pip install -q "$(TORCH)")
 	$(BIN)/pip install -q --no-build-isolation -e .
 
+# blip-ci: the original BLIP code, which tests/test_original_*.py compare against. --no-deps, hence not in the test
+# extra: it requires timm 0.4.12 (whose torchvision would replace the CPU torch with a CUDA one) and fairscale
+# 0.4.4; benchmarks/original_blip.py supplies the few names it imports from them.
 setup-test: $(BIN)/python
 	$(if $(TORCH),$(BIN)/pip install -q "$(TORCH)")
 	$(BIN)/pip install -q --no-build-isolation -e ".[test,triton,dali]"
+	$(BIN)/pip install -q --no-deps "blip-ci==0.0.5"
 
 pretrain: setup
 	$(BIN)/blip-fast pretrain
 
 # BLIP_FAST_REQUIRE_NATIVE: the CPU twin of the CUDA kernels must have been built and tested.
+# BLIP_FAST_REQUIRE_ORIGINAL: the comparisons with the original BLIP (blip-ci) must run, not skip.
 test: setup-test
-	BLIP_FAST_REQUIRE_NATIVE=1 $(BIN)/python -m pytest tests -q -ra
+	BLIP_FAST_REQUIRE_NATIVE=1 BLIP_FAST_REQUIRE_ORIGINAL=1 $(BIN)/python -m pytest tests -q -ra
 
 parity: setup
 	$(BIN)/blip-fast parity

@@ -1,20 +1,26 @@
-"""The original BLIP pretraining model (Salesforce ``models/blip_pretrain.py``), run unchanged as a baseline.
+"""The original BLIP models (Salesforce ``models/blip_pretrain.py`` and the fine-tuning models), run unchanged as
+a baseline and as the reference of tests/test_original_*.py.
 
-The ``blip-ci`` package (``pip install --no-deps blip-ci==0.0.5``) packages the original code as the
-importable package ``blip``. It was written for timm 0.4.12, fairscale 0.4.4 and transformers 4.15;
-on today's libraries a few names it imports are gone. :func:`load_original` imports
-``blip.models.blip_pretrain`` with shims for exactly those names, each checked against what is
-installed: a name the installed library still has is used as it is, a missing one is supplied for the
-import and taken away again afterwards (:data:`SHIMS`). With timm absent (CI) the few timm names the
+The ``blip-ci`` package (``pip install --no-deps blip-ci==0.0.5``; ``make setup-test`` installs it) packages the
+original code as the importable package ``blip``. It was written for timm 0.4.12, fairscale 0.4.4 and
+transformers 4.15; on today's libraries a few names it imports are gone. :func:`load_original_module` imports
+``blip.models.<name>`` (:func:`load_original`: ``blip_pretrain``) with shims for exactly those names, each checked
+against what is installed: a name the installed library still has is used as it is, a missing one is supplied for
+the import and taken away again afterwards (:data:`SHIMS`). With timm absent (CI) the few timm names the
 original ``vit.py`` imports come from torch; with timm 1.x installed only what 1.x lacks is shimmed.
 transformers 5 also dropped four ``PreTrainedModel`` methods the original's ``med.py`` relies on
 (:data:`METHOD_SHIMS`): ``invert_attention_mask`` and ``get_head_mask``, and the 4.x
 ``init_weights``/``tie_weights``, without which the decoder's LM head would not be tied to its word
 embeddings (and ``init_weights`` fails outright); they are set on the original's own
-``BertPreTrainedModel``, and only when the installed ``PreTrainedModel`` lacks them.
+``BertPreTrainedModel`` (and on NLVR2's, in ``nlvr_encoder.py``), and only when the installed ``PreTrainedModel``
+lacks them. transformers 5's ``PreTrainedModel`` has no ``generate`` either, which the original's captioning and
+VQA ``generate`` call: that is not shimmed, so they fail.
 
 :func:`build_original_pretrain` builds ``BLIP_Pretrain`` from a :class:`blip_fast.config.BlipConfig`
-without touching the network. The original constructor downloads three things; here:
+without touching the network, and so do :func:`build_original_retrieval` (``BLIP_Retrieval``),
+:func:`build_original_caption` (``BLIP_Decoder``), :func:`build_original_vqa` (``BLIP_VQA``) and
+:func:`build_original_nlvr` (``BLIP_NLVR``). The original pretraining constructor downloads three things, the
+fine-tuning ones only the tokenizer; here:
 
 - DeiT-B weights for the ViT (``torch.hub.load_state_dict_from_url``) and, for ViT-L, the ImageNet-21k
   weights (timm ``load_custom_pretrained``): nothing is downloaded, the ViT keeps its random init;
@@ -27,9 +33,9 @@ without touching the network. The original constructor downloads three things; h
 Everything the step does is left as it is, because it is the baseline being measured: captions are
 tokenized inside ``forward`` (padded to 30), hard negatives are drawn one row at a time with
 ``torch.multinomial(...).item()``, the momentum update is a Python loop over parameters. One change:
-``concat_all_gather`` needs an initialised ``torch.distributed`` group. When none is initialised it is
-replaced by what it computes in a one-process group (a copy of the tensor into a fresh buffer, then
-``cat``) rather than initialising a gloo/NCCL group: a group would need a rendezvous address, and
+``concat_all_gather`` (of pretraining and retrieval) needs an initialised ``torch.distributed`` group. When none
+is initialised it is replaced by what it computes in a one-process group (a copy of the tensor into a fresh
+buffer, then ``cat``) rather than initialising a gloo/NCCL group: a group would need a rendezvous address, and
 would stay initialised for the rest of the process, where blip_fast's own code (its
 ``concat_all_gather``, the data stream's rank) reads ``torch.distributed.is_initialized()``. With a
 group initialised by the caller the original function runs.
@@ -366,22 +372,36 @@ def _patched(obj, name, value):
 # ---------------------------------------------------------------- the original package, loaded
 
 
+# the original's modules with a model: pretraining, captioning (blip.BLIP_Decoder), retrieval, VQA, NLVR2
+MODULES = ("blip_pretrain", "blip", "blip_retrieval", "blip_vqa", "blip_nlvr")
+# its text transformers, each with its own BertPreTrainedModel: med.py, and NLVR2's two-image encoder
+ENCODER_MODULES = ("blip.models.med", "blip.models.nlvr_encoder")
+
+
 @functools.cache
-def load_original() -> types.ModuleType:
-    """``blip.models.blip_pretrain`` of the installed ``blip-ci``, imported under :data:`SHIMS`."""
+def load_original_module(name: str) -> types.ModuleType:
+    """``blip.models.<name>`` (one of :data:`MODULES`) of the installed ``blip-ci``, imported under :data:`SHIMS`."""
+    if name not in MODULES:
+        raise ValueError(f"the original has no model module {name!r}; choose one of {', '.join(MODULES)}")
     if not is_available():
         raise OriginalUnavailable(f"the original BLIP code is not installed: {INSTALL_HINT}")
     # blip/models/blip.py runs warnings.filterwarnings("ignore") and blip_pretrain.py silences transformers'
     # logging at import: both process-wide settings are put back afterwards
     with warnings.catch_warnings(), _quiet_transformers(), _shims_installed():
-        blip_pretrain = importlib.import_module("blip.models.blip_pretrain")
-    med = importlib.import_module("blip.models.med")
-    for name, method, lacking in METHOD_SHIMS:
-        if lacking(med.PreTrainedModel):
-            setattr(med.BertPreTrainedModel, name, method)
-    if not getattr(blip_pretrain.concat_all_gather, "one_process", False):  # once, even if loaded twice
-        blip_pretrain.concat_all_gather = _concat_all_gather(blip_pretrain.concat_all_gather)
-    return blip_pretrain
+        module = importlib.import_module(f"blip.models.{name}")
+    for encoder in (sys.modules[e] for e in ENCODER_MODULES if e in sys.modules):
+        for method_name, method, lacking in METHOD_SHIMS:
+            if lacking(encoder.PreTrainedModel):
+                setattr(encoder.BertPreTrainedModel, method_name, method)
+    # pretraining and retrieval gather their queue entries (once, even if loaded twice)
+    if hasattr(module, "concat_all_gather") and not getattr(module.concat_all_gather, "one_process", False):
+        module.concat_all_gather = _concat_all_gather(module.concat_all_gather)
+    return module
+
+
+def load_original() -> types.ModuleType:
+    """``blip.models.blip_pretrain`` of the installed ``blip-ci``, imported under :data:`SHIMS`."""
+    return load_original_module("blip_pretrain")
 
 
 def _concat_all_gather(original):
@@ -438,9 +458,10 @@ def _vit_name(config: BlipConfig) -> str:
                      f"{vision.width}, depth {vision.depth}, heads {vision.num_heads}, patch {vision.patch_size}")
 
 
-def med_config_dict(config: BlipConfig) -> dict:
+def med_config_dict(config: BlipConfig, encoder_width: int | None = None) -> dict:
     """The original's ``configs/bert_config.json`` for ``config.text`` (its vocabulary already 30,524: the
-    original resizes BERT's 30,522 to the tokenizer's length, here a no-op)."""
+    original resizes BERT's 30,522 to the tokenizer's length, here a no-op). ``encoder_width`` (default: the
+    ViT's) is the width of what cross-attention reads where a constructor takes it from the file."""
     text = config.text
     return {"architectures": ["BertModel"], "attention_probs_dropout_prob": text.attention_dropout,
             "hidden_act": "gelu", "hidden_dropout_prob": text.hidden_dropout, "hidden_size": text.hidden_size,
@@ -448,17 +469,23 @@ def med_config_dict(config: BlipConfig) -> dict:
             "layer_norm_eps": text.layer_norm_eps, "max_position_embeddings": text.max_position_embeddings,
             "model_type": "bert", "num_attention_heads": text.num_heads, "num_hidden_layers": text.num_layers,
             "pad_token_id": text.pad_token_id, "type_vocab_size": 2, "vocab_size": text.vocab_size,
-            "encoder_width": config.vision.width, "add_cross_attention": True}
+            "encoder_width": encoder_width or config.vision.width, "add_cross_attention": True}
 
 
-def build_original_pretrain(config: BlipConfig) -> nn.Module:
-    """The original ``BLIP_Pretrain`` for ``config`` (ViT base or large; any text shape), on the CPU, random
-    weights, no network."""
-    blip_pretrain = load_original()
+def _check_drop_path(config: BlipConfig, vit: str, asked: float) -> None:
+    """``create_vit(vit, ..., drop_path_rate=asked)`` builds ViT-B with ``0 or asked`` and ViT-L with
+    ``0.1 or asked``, i.e. always 0.1: ``config`` must say the same."""
+    rate = 0.1 if vit == "large" else asked
+    if config.vision.drop_path_rate != rate:
+        raise ValueError(f"this original model's ViT-{vit[0].upper()} has drop-path {rate}; the config says "
+                         f"{config.vision.drop_path_rate}")
+
+
+@contextlib.contextmanager
+def _offline(config: BlipConfig, module: types.ModuleType, encoder_width: int | None = None):
+    """Inside the block, the original constructors in ``module`` build ``config``'s shapes with no download;
+    yields the path of the med_config JSON to pass them."""
     med = importlib.import_module("blip.models.med")
-    vit = _vit_name(config)
-    if config.vision.drop_path_rate != (0.1 if vit == "large" else 0.0):
-        raise ValueError(f"the original ViT-{vit[0].upper()} has drop-path {0.1 if vit == 'large' else 0.0}")
 
     def from_config(cls, name, *args, config, **kwargs):  # BertModel.from_pretrained('bert-base-uncased', ...)
         return cls(config, *args, **kwargs)
@@ -468,13 +495,14 @@ def build_original_pretrain(config: BlipConfig) -> nn.Module:
 
     with tempfile.TemporaryDirectory() as folder, contextlib.ExitStack() as stack:
         med_config = Path(folder) / "med_config.json"
-        med_config.write_text(json.dumps(med_config_dict(config)))
-        stack.enter_context(_shims_installed())  # ViT-L's constructor imports from timm.models.helpers
-        stack.enter_context(_patched(blip_pretrain, "init_tokenizer", offline_tokenizer))
+        med_config.write_text(json.dumps(med_config_dict(config, encoder_width)))
+        stack.enter_context(_shims_installed())  # BLIP_Pretrain's ViT-L imports from timm.models.helpers
+        # each module imported init_tokenizer from blip.models.blip into its own namespace
+        stack.enter_context(_patched(module, "init_tokenizer", offline_tokenizer))
         stack.enter_context(_patched(torch.hub, "load_state_dict_from_url", no_deit_download))
         for cls in (med.BertModel, med.BertLMHeadModel):
             stack.enter_context(_patched(cls, "from_pretrained", classmethod(from_config)))
-        if vit == "large":
+        if _vit_name(config) == "large":
             helpers = importlib.import_module("timm.models.helpers")
             stack.enter_context(_patched(helpers, "load_custom_pretrained", load_custom_pretrained))
             stack.enter_context(_patched(importlib.import_module("timm.models.vision_transformer"), "default_cfgs",
@@ -483,9 +511,67 @@ def build_original_pretrain(config: BlipConfig) -> nn.Module:
         stack.enter_context(warnings.catch_warnings())                  # per tied module
         warnings.simplefilter("ignore")
         stack.enter_context(_quiet_transformers())  # as the original's import left it (set_verbosity_error)
-        model = blip_pretrain.BLIP_Pretrain(med_config=str(med_config), image_size=config.vision.image_size, vit=vit,
+        yield str(med_config)
+
+
+def build_original_pretrain(config: BlipConfig) -> nn.Module:
+    """The original ``BLIP_Pretrain`` for ``config`` (ViT base or large; any text shape), on the CPU, random
+    weights, no network."""
+    blip_pretrain = load_original()
+    vit = _vit_name(config)
+    _check_drop_path(config, vit, 0.0)
+    with _offline(config, blip_pretrain) as med_config:
+        model = blip_pretrain.BLIP_Pretrain(med_config=med_config, image_size=config.vision.image_size, vit=vit,
                                             embed_dim=config.embed_dim, queue_size=config.queue_size,
                                             momentum=config.momentum)
     with torch.no_grad():
         model.temp.fill_(config.temp)
     return model
+
+
+def build_original_retrieval(config: BlipConfig) -> nn.Module:
+    """The original ``blip_retrieval.BLIP_Retrieval`` for ``config`` (as :func:`build_original_pretrain`)."""
+    blip_retrieval = load_original_module("blip_retrieval")
+    vit = _vit_name(config)
+    _check_drop_path(config, vit, 0.0)
+    with _offline(config, blip_retrieval) as med_config:
+        model = blip_retrieval.BLIP_Retrieval(med_config=med_config, image_size=config.vision.image_size, vit=vit,
+                                              embed_dim=config.embed_dim, queue_size=config.queue_size,
+                                              momentum=config.momentum, negative_all_rank=config.negative_all_rank)
+    with torch.no_grad():
+        model.temp.fill_(config.temp)
+    return model
+
+
+def build_original_caption(config: BlipConfig) -> nn.Module:
+    """The original captioner ``blip.BLIP_Decoder`` for ``config`` (its prompt ``config.prompt``)."""
+    blip = load_original_module("blip")
+    vit = _vit_name(config)
+    _check_drop_path(config, vit, 0.0)
+    with _offline(config, blip) as med_config:
+        return blip.BLIP_Decoder(med_config=med_config, image_size=config.vision.image_size, vit=vit,
+                                 prompt=config.prompt)
+
+
+def build_original_vqa(config: BlipConfig) -> nn.Module:
+    """The original ``blip_vqa.BLIP_VQA`` for ``config``.
+
+    Its ViT has drop-path 0.1. Its answer decoder takes ``encoder_width`` from the med_config file as it is,
+    while the question encoder's is set to the ViT's: the file says the text width, which is what the decoder
+    attends to (the question's states; in the original's file 768 serves both, as BERT-base and ViT-B are
+    both 768 wide)."""
+    blip_vqa = load_original_module("blip_vqa")
+    vit = _vit_name(config)
+    _check_drop_path(config, vit, 0.1)
+    with _offline(config, blip_vqa, encoder_width=config.text.hidden_size) as med_config:
+        return blip_vqa.BLIP_VQA(med_config=med_config, image_size=config.vision.image_size, vit=vit)
+
+
+def build_original_nlvr(config: BlipConfig) -> nn.Module:
+    """The original ``blip_nlvr.BLIP_NLVR`` for ``config``: its ViT has drop-path 0.1; its text encoder
+    (``nlvr_encoder.BertModel``) cross-attends to two images, merging them with a learned layer from layer 6 on."""
+    blip_nlvr = load_original_module("blip_nlvr")
+    vit = _vit_name(config)
+    _check_drop_path(config, vit, 0.1)
+    with _offline(config, blip_nlvr) as med_config:
+        return blip_nlvr.BLIP_NLVR(med_config=med_config, image_size=config.vision.image_size, vit=vit)

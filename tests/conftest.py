@@ -1,4 +1,5 @@
-"""Shared test set-up: every test is seeded; ``gpu`` tests are skipped without CUDA; ``one_intra_op_thread``."""
+"""Shared test set-up: every test is seeded; ``gpu`` tests are skipped without CUDA; ``original`` tests are
+skipped without the original BLIP code, or fail with ``BLIP_FAST_REQUIRE_ORIGINAL=1`` (CI); ``one_intra_op_thread``."""
 
 import os
 import random
@@ -18,6 +19,8 @@ from blip_fast import ops  # noqa: E402
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
     config.addinivalue_line("markers", "slow: base-size models; still part of the CPU suite")
+    config.addinivalue_line("markers", "original(available, install): compares against the original BLIP code "
+                            "(blip-ci); skipped when it is not available, a failure with BLIP_FAST_REQUIRE_ORIGINAL=1")
     # Triton 3.6's interpreter turns each loop bound read from memory (1-element arrays) into an int the way NumPy
     # deprecated; NumPy < 2.4 (pinned by the test extra) still does it, and says so thousands of times
     config.addinivalue_line("filterwarnings",
@@ -31,6 +34,19 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    # CI installs the original (make setup-test) and sets BLIP_FAST_REQUIRE_ORIGINAL=1: there a missing package
+    # fails the comparisons instead of skipping them unnoticed; a developer without it still gets skips
+    marker = item.get_closest_marker("original")
+    if marker is None or marker.kwargs["available"]:
+        return
+    reason = f"the original BLIP is not installed: {marker.kwargs['install']}"
+    if os.environ.get("BLIP_FAST_REQUIRE_ORIGINAL") == "1":
+        pytest.fail(f"BLIP_FAST_REQUIRE_ORIGINAL=1 but {reason}", pytrace=False)
+    pytest.skip(f"{reason} (BLIP_FAST_REQUIRE_ORIGINAL=1 makes this a failure)")
 
 
 _passed = 0

@@ -10,8 +10,9 @@ losses (seen: below 3e-7), gradients within 1e-4 of each tensor's largest gradie
 The models: ViT-B/16 at 32 px (the original has ViT-B and ViT-L only; 4 patches keep it cheap on
 CPU) and a 2-layer, 64-wide text transformer written to the original's med_config JSON. Dropout 0.
 
-Skipped when blip-ci is not installed (``pip install --no-deps blip-ci==0.0.5``), except the checks
-that ``bench step --impl original`` then fails with that hint.
+Skipped when blip-ci is not installed (``pip install --no-deps blip-ci==0.0.5``; ``make setup-test`` installs
+it), or failed with ``BLIP_FAST_REQUIRE_ORIGINAL=1`` (``make test``), except the checks that ``bench step --impl
+original`` then fails with that hint.
 """
 
 import copy
@@ -19,44 +20,23 @@ import importlib.util
 import subprocess
 import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
+from original_checks import (
+    BENCHMARKS,
+    CAPTIONS,
+    assert_same_gradients,
+    benchmark_script,
+    needs_original,
+    original_blip,
+    small_config,
+)
 
 from blip_fast import ops
-from blip_fast.config import TextConfig, preset
+from blip_fast.config import preset
 from blip_fast.models.blip_pretrain import BlipPretrain
 from blip_fast.text import BlipTokenizer
-
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-CAPTIONS = ["a red cube to the left of a small blue sphere", "two green balls",
-            "a yellow cylinder behind a large grey cube", "a purple sphere"]
-
-
-def _script(name):
-    """A benchmarks/ script, imported under the name bench_step gives it (so both share one module)."""
-    module_name = f"blip_fast_benchmarks_{name}" if name == "original_blip" else f"bench_{name}_under_test"
-    if module_name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(module_name, BENCHMARKS / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[module_name]
-
-
-original_blip = _script("original_blip")
-needs_original = pytest.mark.skipif(not original_blip.is_available(),
-                                    reason=f"the original BLIP is not installed: {original_blip.INSTALL_HINT}")
-
-
-def small_config():
-    config = preset("base", image_size=32)
-    config.text = TextConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128,
-                             max_position_embeddings=64, hidden_dropout=0.0, attention_dropout=0.0)
-    config.embed_dim = 32
-    config.queue_size = 8  # the original's enqueue needs queue_size % batch == 0
-    return config
 
 
 @pytest.fixture(scope="module")
@@ -99,17 +79,7 @@ def test_same_losses_gradients_and_state_as_the_original(models, batch, impl):
                                    msg=lambda m, name=name: f"{name}: {m}")
     if batch != 2:
         return
-    original_params = dict(original.named_parameters())
-    compared_grads = 0
-    for name, param in ours.named_parameters():
-        ours_grad, original_grad = param.grad, original_params[name].grad
-        assert (ours_grad is None) == (original_grad is None), name
-        if ours_grad is None:
-            continue
-        error = (ours_grad - original_grad).abs().max().item()
-        assert error <= 1e-4 * original_grad.abs().max().item() + 1e-9, f"{name}: gradient off by {error:.3g}"
-        compared_grads += 1
-    assert compared_grads > 100
+    assert_same_gradients(ours, original)
     # the momentum update ran the same, and the same momentum features went into the queues
     original_state = original.state_dict()
     for name, value in ours.state_dict().items():
@@ -165,7 +135,7 @@ def test_concat_all_gather_without_a_process_group_is_a_copy():
 def test_bench_original_without_the_package_names_the_install(monkeypatch, capsys):
     monkeypatch.setattr(original_blip, "is_available", lambda: False)
     with pytest.raises(SystemExit) as raised:
-        _script("bench_step").main(["--preset", "base", "--impl", "original", "--steps", "1"])
+        benchmark_script("bench_step").main(["--preset", "base", "--impl", "original", "--steps", "1"])
     assert "pip install --no-deps blip-ci==0.0.5" in str(raised.value) and "\n" not in str(raised.value)
 
 

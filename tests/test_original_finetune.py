@@ -1,0 +1,296 @@
+"""The original BLIP's fine-tuning models (``blip-ci``, built by ``benchmarks/original_blip.py``) against ours.
+
+Our task models' weights are loaded into the original's (the key names are the same), then both run on the same
+images and text:
+
+- captioning (``blip.BLIP_Decoder`` / :class:`BlipCaption`): the LM loss of prompt + caption and the gradient of
+  every parameter; greedy captions token for token;
+- retrieval (``blip_retrieval.BLIP_Retrieval`` / :class:`BlipRetrieval`): the ITC similarity matrix and the
+  ITM-re-ranked score matrices of the original ``evaluation`` (``train_retrieval.py``, not packaged in blip-ci:
+  transcribed below on the original's modules), and the ITM match probability of image-caption pairs; the
+  original's own fine-tuning step runs offline (we have no retrieval training step to compare it with);
+- VQA (``blip_vqa.BLIP_VQA`` / :class:`BlipVQA`): the weighted answer loss and every gradient; greedy answers;
+- NLVR2 (``blip_nlvr.BLIP_NLVR``; we have no model yet): it builds offline and a tiny batch gives a finite loss
+  and finite gradients, so that a model of ours can be compared with it later.
+
+transformers 5's ``PreTrainedModel`` no longer has ``generate``, so the original's ``generate`` (beam search,
+nucleus sampling) cannot run; greedy decoding is compared instead, the original's decoder run over the whole
+sequence at every step (no cache) with transformers 4.15's greedy rules (:func:`original_greedy`).
+
+Tolerances, fp32: losses 1e-5 relative (seen: equal); gradients within 1e-4 of each tensor's largest
+gradient (seen: below 2e-6); ITC similarities and ITM scores 1e-5 absolute (seen: below 3e-7); decoded tokens
+equal. The models: ViT-B/16 at 32 px and a 2-layer, 64-wide text transformer (8 layers for NLVR2, whose layers
+from the 7th on merge the two images with a learned layer), dropout 0; VQA and NLVR2 build their ViT with
+drop-path 0.1 as the original does, so VQA is compared in eval mode.
+
+Skipped without blip-ci (``pip install --no-deps blip-ci==0.0.5``), failed with ``BLIP_FAST_REQUIRE_ORIGINAL=1``.
+"""
+
+
+import pytest
+import torch
+import torch.nn.functional as F
+from original_checks import CAPTIONS, assert_same_gradients, needs_original, original_blip, small_config
+
+from blip_fast.config import preset
+from blip_fast.evaluation.retrieval import retrieval_scores
+from blip_fast.models import BlipCaption, BlipRetrieval, BlipVQA, GenerationConfig
+from blip_fast.text import BlipTokenizer
+
+QUESTIONS = ["what colour is the cube?", "how many balls are there?"]
+ANSWERS = ["red", "dark red", "two"]  # question 0 has two answers, question 1 one
+ANSWERS_PER_QUESTION = [2, 1]
+SEP, PAD = 102, 0
+
+
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+
+
+def images(batch, seed=1):
+    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def loaded_pair(ours, build, text_modules):
+    """(ours, the original from ``build``) with our weights, in our model's train/eval mode; the original's only
+    extra keys are BERT's position_ids buffers of ``text_modules``."""
+    original = build(ours.config).train(ours.training)
+    missing, unexpected = original.load_state_dict(ours.state_dict(), strict=False)
+    assert unexpected == []
+    assert sorted(missing) == sorted(f"{m}.embeddings.position_ids" for m in text_modules)
+    return ours, original
+
+
+@torch.no_grad()
+def original_greedy(decoder, ids, context, max_length, min_length):
+    """transformers 4.15's ``greedy_search`` on the original ``BertLMHeadModel``, which is what its ``generate``
+    did with one beam and no sampling: [SEP] forbidden below ``min_length`` tokens (prompt included), a row that
+    produced [SEP] continues with [PAD], the batch stops when every row has ended or at ``max_length``. Without a
+    cache: the whole sequence each step, attending to every context position (the original's mask of ones)."""
+    context_mask = torch.ones(context.shape[:-1], dtype=torch.long)
+    running = torch.ones(ids.shape[0], dtype=torch.bool)
+    while ids.shape[1] < max_length:
+        scores = decoder(ids, encoder_hidden_states=context, encoder_attention_mask=context_mask,
+                         return_dict=True).logits[:, -1]  # (B, V)
+        if ids.shape[1] < min_length:
+            scores[:, SEP] = float("-inf")
+        next_ids = torch.where(running, scores.argmax(dim=-1), PAD)
+        ids = torch.cat([ids, next_ids[:, None]], dim=1)
+        running &= next_ids != SEP
+        if not running.any():
+            break
+    return ids
+
+
+# ---------------------------------------------------------------- captioning
+
+
+@pytest.fixture(scope="module")
+def captioners():
+    torch.manual_seed(0)
+    return loaded_pair(BlipCaption(small_config()).train(), original_blip.build_original_caption,
+                       ["text_decoder.bert"])
+
+
+@needs_original
+def test_caption_lm_loss_and_gradients_match(captioners):
+    ours, original = captioners
+    texts = [original.prompt + caption for caption in CAPTIONS[:3]]  # the dataset prepends the prompt
+    tokens = BlipTokenizer()(texts, max_length=40, padding="longest")  # as BLIP_Decoder.forward tokenizes
+    prompt_length = BlipTokenizer()([original.prompt]).input_ids.shape[1] - 1  # [CLS] + prompt, as the original
+    assert prompt_length == original.prompt_length == 4
+    pixels = images(3)
+    our_loss = ours(pixels, tokens.input_ids, tokens.attention_mask, prompt_length)
+    original_loss = original(pixels, texts)
+    torch.testing.assert_close(our_loss, original_loss.detach(), rtol=1e-5, atol=0)
+    our_loss.backward()
+    original_loss.backward()
+    assert_same_gradients(ours, original)
+
+
+@needs_original
+def test_caption_greedy_tokens_match(captioners):
+    ours, original = (model.eval() for model in captioners)
+    pixels = images(2, seed=2)
+    prompt_ids = BlipTokenizer()([ours.config.prompt] * 2).input_ids[:, :-1]  # [CLS] + prompt, no [SEP]
+    generation = GenerationConfig(strategy="greedy", max_length=12, min_length=8)
+    our_ids = ours.generate(pixels, prompt_ids, generation)
+    start = prompt_ids.clone()
+    start[:, 0] = original.tokenizer.bos_token_id
+    with torch.no_grad():
+        context = original.visual_encoder(pixels)
+    original_ids = original_greedy(original.text_decoder, start, context, generation.max_length,
+                                   generation.min_length)
+    assert torch.equal(our_ids, original_ids)
+
+
+# ---------------------------------------------------------------- retrieval
+
+
+@pytest.fixture(scope="module")
+def retrievers():
+    torch.manual_seed(0)
+    return loaded_pair(BlipRetrieval(small_config()).eval(), original_blip.build_original_retrieval,
+                       ["text_encoder", "text_encoder_m"])
+
+
+@torch.no_grad()
+def original_retrieval_scores(model, pixels, captions, k):
+    """``evaluation`` of the original ``train_retrieval.py`` (batching aside): ITC similarities, then for each
+    image its top-k captions and for each caption its top-k images scored ``itm_logit[:, 1] + similarity``,
+    every other entry -100. Returns (sims, score_i2t, score_t2i)."""
+    text = model.tokenizer(captions, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
+    text_output = model.text_encoder(text.input_ids, attention_mask=text.attention_mask, return_dict=True, mode="text")
+    text_embeds = F.normalize(model.text_proj(text_output.last_hidden_state[:, 0, :]))
+    text_ids = text.input_ids.clone()
+    text_ids[:, 0] = model.tokenizer.enc_token_id
+    image_feats = model.visual_encoder(pixels)
+    image_embeds = F.normalize(model.vision_proj(image_feats[:, 0, :]), dim=-1)
+    sims_matrix = image_embeds @ text_embeds.t()
+
+    def itm(ids, atts, encoder_output):
+        encoder_att = torch.ones(encoder_output.size()[:-1], dtype=torch.long)
+        output = model.text_encoder(ids, attention_mask=atts, encoder_hidden_states=encoder_output,
+                                    encoder_attention_mask=encoder_att, return_dict=True)
+        return model.itm_head(output.last_hidden_state[:, 0, :])[:, 1]
+
+    score_i2t = torch.full_like(sims_matrix, -100.0)
+    for i, sims in enumerate(sims_matrix):
+        topk_sim, topk_idx = sims.topk(k=k, dim=0)
+        score_i2t[i, topk_idx] = itm(text_ids[topk_idx], text.attention_mask[topk_idx],
+                                     image_feats[i].repeat(k, 1, 1)) + topk_sim
+    score_t2i = torch.full_like(sims_matrix.t(), -100.0)
+    for t, sims in enumerate(sims_matrix.t()):
+        topk_sim, topk_idx = sims.topk(k=k, dim=0)
+        score_t2i[t, topk_idx] = itm(text_ids[t].repeat(k, 1), text.attention_mask[t].repeat(k, 1),
+                                     image_feats[topk_idx]) + topk_sim
+    return sims_matrix, score_i2t, score_t2i
+
+
+@needs_original
+def test_retrieval_similarities_and_itm_scores_match(retrievers):
+    ours, original = retrievers
+    pixels = images(3)
+    tokens = BlipTokenizer()(CAPTIONS, max_length=35, padding="max_length")
+    sims, score_i2t, score_t2i = original_retrieval_scores(original, pixels, CAPTIONS, k=2)
+    our_sims, _ = retrieval_scores(ours, pixels, tokens.input_ids, tokens.attention_mask, itm_k=0)
+    our_i2t, our_t2i = retrieval_scores(ours, pixels, tokens.input_ids, tokens.attention_mask, itm_k=2)
+    torch.testing.assert_close(our_sims, sims, rtol=0, atol=1e-5)
+    torch.testing.assert_close(our_i2t, score_i2t, rtol=0, atol=1e-5)
+    torch.testing.assert_close(our_t2i, score_t2i, rtol=0, atol=1e-5)
+
+
+@needs_original
+def test_retrieval_match_probability_matches(retrievers):
+    ours, original = retrievers
+    pixels = images(3)
+    tokens = BlipTokenizer()(CAPTIONS[:3], max_length=35, padding="max_length")
+    with torch.no_grad():
+        embeds = original.visual_encoder(pixels)
+        ids = tokens.input_ids.clone()
+        ids[:, 0] = original.tokenizer.enc_token_id
+        output = original.text_encoder(ids, attention_mask=tokens.attention_mask, encoder_hidden_states=embeds,
+                                       encoder_attention_mask=torch.ones(embeds.shape[:-1], dtype=torch.long),
+                                       return_dict=True)
+        expected = original.itm_head(output.last_hidden_state[:, 0, :]).softmax(dim=-1)[:, 1]
+        probability = ours.match_probability(ours.image_embeds(pixels), tokens.input_ids, tokens.attention_mask)
+    torch.testing.assert_close(probability, expected, rtol=0, atol=1e-5)
+
+
+@needs_original
+def test_original_retrieval_finetuning_step_runs_offline():
+    torch.manual_seed(0)
+    original = original_blip.build_original_retrieval(small_config()).train()
+    idx = torch.tensor([0, 1, 1, 2])  # two captions of image 1: positives of each other in ITC
+    loss_ita, loss_itm = original(images(4), CAPTIONS, 0.4, idx)
+    assert torch.isfinite(loss_ita) and torch.isfinite(loss_itm)
+    (loss_ita + loss_itm).backward()
+    # the one-process concat_all_gather put this batch's ids into the queue
+    assert original.ptr_queue.item() == 4 and torch.equal(original.idx_queue[0, :4], idx)
+
+
+# ---------------------------------------------------------------- VQA
+
+
+@pytest.fixture(scope="module")
+def vqa_models():
+    torch.manual_seed(0)
+    # eval mode: both ViTs have the original's drop-path 0.1, which would drop different samples in training
+    return loaded_pair(BlipVQA(small_config(drop_path_rate=0.1)).eval(), original_blip.build_original_vqa,
+                       ["text_encoder", "text_decoder.bert"])
+
+
+@needs_original
+def test_vqa_answer_loss_and_gradients_match(vqa_models):
+    ours, original = vqa_models
+    pixels = images(2)
+    weights = torch.tensor([0.75, 0.25, 1.0])
+    questions = BlipTokenizer()(QUESTIONS, max_length=35, padding="longest")  # as BLIP_VQA.forward tokenizes
+    answers = BlipTokenizer()(ANSWERS, max_length=35, padding="longest")
+    our_loss = ours(pixels, questions.input_ids, questions.attention_mask, answers.input_ids,
+                    answers.attention_mask, weights, ANSWERS_PER_QUESTION)
+    original_loss = original(pixels, QUESTIONS, ANSWERS, n=ANSWERS_PER_QUESTION, weights=weights, train=True)
+    torch.testing.assert_close(our_loss, original_loss.detach(), rtol=1e-5, atol=0)
+    our_loss.backward()
+    original_loss.backward()
+    assert_same_gradients(ours, original)
+
+
+@needs_original
+def test_vqa_greedy_answers_match(vqa_models):
+    ours, original = vqa_models
+    pixels = images(2, seed=2)
+    questions = BlipTokenizer()(QUESTIONS, max_length=35, padding="longest")
+    generation = GenerationConfig(strategy="greedy", max_length=6, min_length=1)  # the original: 10 and 1
+    our_ids = ours.generate(pixels, questions.input_ids, questions.attention_mask, generation)
+    with torch.no_grad():  # BLIP_VQA.forward(train=False) up to its generate call
+        embeds = original.visual_encoder(pixels)
+        ids = questions.input_ids.clone()
+        ids[:, 0] = original.tokenizer.enc_token_id
+        states = original.text_encoder(ids, attention_mask=questions.attention_mask, encoder_hidden_states=embeds,
+                                       encoder_attention_mask=torch.ones(embeds.shape[:-1], dtype=torch.long),
+                                       return_dict=True).last_hidden_state
+    start = torch.full((2, 1), original.tokenizer.bos_token_id)
+    original_ids = original_greedy(original.text_decoder, start, states, generation.max_length,
+                                   generation.min_length)
+    assert torch.equal(our_ids, original_ids)
+
+
+# ---------------------------------------------------------------- NLVR2
+
+
+@needs_original
+def test_original_nlvr_builds_offline_and_gives_a_finite_loss():
+    torch.manual_seed(0)
+    model = original_blip.build_original_nlvr(small_config(drop_path_rate=0.1, text_layers=8)).train()
+    layers = model.text_encoder.encoder.layer
+    # one cross-attention per image; from layer 6 on their outputs are merged by a linear layer, before by a mean
+    assert hasattr(layers[0].crossattention, "self1") and not layers[5].crossattention.output.merge
+    assert layers[6].crossattention.output.merge
+    pixels = images(4)  # the first image of each pair, then the second
+    sentences = ["the left image has more cubes", "both images show a sphere"]
+    targets = torch.tensor([1, 0])
+    loss = model(pixels, sentences, targets, train=True)
+    assert torch.isfinite(loss)
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert model.text_encoder.encoder.layer[6].crossattention.output.merge_layer.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        prediction = model.eval()(pixels, sentences, targets, train=False)
+    assert prediction.shape == (2, 2) and torch.isfinite(prediction).all()
+
+
+# ---------------------------------------------------------------- without the original
+
+
+def test_builders_refuse_a_drop_path_the_original_does_not_build():
+    with pytest.raises(ValueError, match="has drop-path 0.1; the config says 0.0"):
+        original_blip._check_drop_path(small_config(), "base", 0.1)  # VQA and NLVR2
+    with pytest.raises(ValueError, match="has drop-path 0.0; the config says 0.1"):
+        original_blip._check_drop_path(small_config(drop_path_rate=0.1), "base", 0.0)
+    original_blip._check_drop_path(preset("large"), "large", 0.0)  # ViT-L: 0.1 whatever is asked
+
+
+def test_unknown_original_module_is_refused():
+    with pytest.raises(ValueError, match="no model module 'blip_itm'"):
+        original_blip.load_original_module("blip_itm")
