@@ -126,6 +126,7 @@ def cmd_data_synth(args) -> int:
 
 def cmd_pretrain(args) -> int:
     from .train.config import load_pretrain_config, pretrain_config_to_dict
+    from .train.divergence import TrainingDiverged
     from .train.engine import pretrain
 
     config = load_pretrain_config(args.config, args.overrides)
@@ -133,7 +134,11 @@ def cmd_pretrain(args) -> int:
         print(json.dumps(pretrain_config_to_dict(config), indent=1))
         return 0
     resume = True if args.resume == "latest" else args.resume
-    pretrain(config, resume=resume or False)
+    try:
+        pretrain(config, resume=resume or False)
+    except TrainingDiverged as error:  # not a user mistake, but no stack trace either: the message says it all
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -249,6 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    # `--resume key=value` means the latest checkpoint and an override: a checkpoint path is never a config override
+    resume = getattr(args, "resume", None)
+    if resume and "=" in resume and not Path(resume).exists():
+        args.resume = "latest"
+        args.overrides.append(resume)
     # config overrides may come after options too (pretrain --config base data.batch_size=96)
     if extra and getattr(args, "overrides", None) is not None and all("=" in a and not a.startswith("-")
                                                                        for a in extra):

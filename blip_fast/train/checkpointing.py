@@ -12,12 +12,15 @@ One file per checkpoint, ``<out>/checkpoints/step-00001000.pt``, holding
     model_config  the resolved BlipConfig (a resume refuses a different architecture or recipe)
 
 The file is written to a temporary name and renamed (blip_fast.checkpoint.io.atomic_write), so
-an interrupted write never replaces a good checkpoint; older checkpoints are deleted only after
-the new one is in place. Learning rate and alpha are recomputed from ``progress``.
+an interrupted write never replaces a good checkpoint (its temporary file is removed when the run
+starts again); older checkpoints are deleted only after the new one is in place. A run resumed
+from an older checkpoint moves the later ones aside (:func:`set_aside`) instead of rotating them
+away or resuming from them next time. Learning rate and alpha are recomputed from ``progress``.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import re
 from pathlib import Path
@@ -29,6 +32,7 @@ from ..checkpoint.io import CheckpointError, load_torch, save_torch
 from ..checkpoint.salesforce import TRAINING_CONFIG_KEY
 
 NAME = re.compile(r"step-(\d{8})\.pt$")
+TEMP_NAME = re.compile(r"\.step-\d{8}\.pt\..+\.tmp")  # blip_fast.checkpoint.io.atomic_write's temporary names
 
 
 def checkpoint_dir(out: str | Path) -> Path:
@@ -46,6 +50,31 @@ def list_checkpoints(out: str | Path) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := NAME.search(p.name))]
     return [p for _, p in sorted(found)]
+
+
+def checkpoint_step(path: str | Path) -> int:
+    return int(NAME.search(Path(path).name).group(1))
+
+
+def set_aside(out: str | Path, paths: list[Path], name: str) -> Path:
+    """Move checkpoints into ``<out>/checkpoints/<name>/``, where neither the rotation nor a resume looks."""
+    folder = checkpoint_dir(out) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in paths:
+        os.replace(path, folder / path.name)
+    return folder
+
+
+def remove_stale_temp_files(out: str | Path) -> list[Path]:
+    """Delete what interrupted checkpoint writes left behind (``atomic_write``'s ``.step-*.pt.*.tmp`` files in the
+    run's checkpoint folder, which only this run writes) and return their paths."""
+    folder = checkpoint_dir(out)
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.iterdir() if TEMP_NAME.fullmatch(p.name) and p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def latest_checkpoint(out: str | Path) -> Path | None:

@@ -24,6 +24,7 @@ import yaml
 
 from ..config import BlipConfig, ConfigError, config_from_dict, config_to_dict, preset
 from ..data.transforms import TransformConfig
+from .divergence import NONFINITE_MODES
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 SHIPPED = {"base": "pretrain_base.yaml", "large": "pretrain_large.yaml",
@@ -172,6 +173,16 @@ class TrainConfig:
     """Optimizer steps between checkpoints (0: only at the end of each epoch and of the run)."""
     keep_last: int = 3
     """Checkpoints kept in the run folder (older ones are deleted once a newer one is on disk)."""
+    resume_data_position: bool = True
+    """A resumed run continues in the data where its checkpoint stopped, and refuses a checkpoint trained on other
+    data. ``false``: keep the checkpoint's weights, optimizer state and step count, and read this run's data from
+    the start of the epoch."""
+    nonfinite: str = "stop"
+    """What a step whose loss or gradient is NaN or infinite does (blip_fast.train.divergence): ``stop`` the run at
+    the next log step or checkpoint, naming the step, with no checkpoint written after it; or ``skip`` the step
+    (weights and optimizer state unchanged, decided on the device; needs torch's fused AdamW)."""
+    max_consecutive_skips: int = 10
+    """``nonfinite: skip``: this many skipped steps in a row stop the run as ``stop`` would."""
     tensorboard: bool = True
     """Write TensorBoard events next to metrics.jsonl (needs the ``tensorboard`` package)."""
     eval_size: int = 1000
@@ -192,13 +203,15 @@ class TrainConfig:
             raise ConfigError(f"train.distributed must be auto, ddp, fsdp or none; got {self.distributed!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"train.device must be auto, cpu or cuda; got {self.device!r}")
+        if self.nonfinite not in NONFINITE_MODES:
+            raise ConfigError(f"train.nonfinite must be one of {', '.join(NONFINITE_MODES)}; got {self.nonfinite!r}")
         from ..ops.registry import validate_impl
 
         try:
             validate_impl(self.impl, "train.impl")
         except ValueError as error:
             raise ConfigError(str(error)) from None
-        for name in ("log_every", "keep_last"):
+        for name in ("log_every", "keep_last", "max_consecutive_skips"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be at least 1; got {getattr(self, name)}")
         for name in ("checkpoint_every", "eval_size", "eval_itm_k", "seed"):
@@ -220,6 +233,12 @@ class PretrainConfig:
 
     def __post_init__(self):
         self.model_config()  # validate the model overrides now, not at step 0
+        if self.train.nonfinite == "skip" and self.optim.fused not in ("auto", "torch"):
+            # only torch's fused AdamW can skip a step on the device (found_inf); the others would need a host sync
+            raise ConfigError(f"train.nonfinite=skip needs torch's fused AdamW (optim.fused=auto or torch); "
+                              f"optim.fused={self.optim.fused} cannot skip a step without a host sync")
+        if self.train.nonfinite == "skip" and self.train.distributed == "fsdp":
+            raise ConfigError("train.nonfinite=skip is not supported with train.distributed=fsdp yet; use stop")
 
     def model_config(self) -> BlipConfig:
         base = config_to_dict(preset(self.preset, image_size=self.data.transform.image_size))
@@ -286,7 +305,11 @@ def resolve_config_path(name_or_path: str | None) -> Path:
 def load_pretrain_config(name_or_path: str | None = None, overrides: list[str] = ()) -> PretrainConfig:
     path = resolve_config_path(name_or_path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"config {path} is not a text file (not UTF-8): a YAML config is expected") from None
+    except OSError as error:
+        raise ConfigError(f"cannot read config {path}: {error.strerror or error}") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from None
     if not isinstance(data, dict):

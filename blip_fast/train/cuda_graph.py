@@ -39,7 +39,7 @@ class CudaGraphStep:
     """``step(batch, alpha)`` = ``optimizer_step(model, optimizer, [batch], alpha, ...)``, replayed from graphs."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator | None,
-                 precision: str = "bf16", clip_grad_norm: float = 0.0):
+                 precision: str = "bf16", clip_grad_norm: float = 0.0, skip_nonfinite: bool = False):
         device = next(model.parameters()).device
         if device.type != "cuda":
             raise ValueError(f"CUDA graphs need the model on a CUDA device, not {device}")
@@ -50,7 +50,7 @@ class CudaGraphStep:
             raise RuntimeError(f"torch {torch.__version__} cannot register a generator with a CUDA graph "
                                "(CUDAGraph.register_generator_state); use train.cuda_graph=false")
         self.model, self.optimizer, self.generator = model, optimizer, generator
-        self.precision, self.clip_grad_norm = precision, clip_grad_norm
+        self.precision, self.clip_grad_norm, self.skip_nonfinite = precision, clip_grad_norm, skip_nonfinite
         self.device = device
         self.alpha = torch.zeros((), device=device)
         self.stream = torch.cuda.Stream(device)
@@ -65,7 +65,7 @@ class CudaGraphStep:
 
     def _step(self, batch) -> torch.Tensor:
         return optimizer_step(self.model, self.optimizer, [batch], self.alpha, self.generator, self.precision,
-                              self.clip_grad_norm, autocast_cache=False)
+                              self.clip_grad_norm, autocast_cache=False, skip_nonfinite=self.skip_nonfinite)
 
     @contextlib.contextmanager
     def _on_side_stream(self):

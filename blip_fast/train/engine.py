@@ -46,7 +46,18 @@ from ..data.synth import write_synthetic_dataset
 from ..evaluation.retrieval import RetrievalResult, evaluate_retrieval
 from ..models.blip_pretrain import BlipPretrain
 from ..models.packing import PackedText
-from .checkpointing import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ..ops.momentum import enqueue_op
+from .checkpointing import (
+    checkpoint_step,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    remove_stale_temp_files,
+    rng_state,
+    save_checkpoint,
+    set_aside,
+    set_rng_state,
+)
 from .config import PretrainConfig, pretrain_config_to_dict
 from .distributed import (
     DistributedContext,
@@ -57,6 +68,7 @@ from .distributed import (
     no_sync,
     wrap_model,
 )
+from .divergence import DivergenceGuard, TrainingDiverged, gradients_not_finite, kept, state_is_finite
 from .metrics import RunLog
 from .optim import build_optimizer, load_optimizer_state, set_learning_rate
 from .schedule import distillation_alpha, learning_rate
@@ -76,13 +88,13 @@ class RunSummary:
     samples: int
     train_seconds: float
     samples_per_s: float
-    last_losses: dict[str, float]
+    last_losses: dict[str, float | None]
     checkpoint: str | None
     data: str
     retrieval: dict | None
 
     def lines(self) -> list[str]:
-        losses = ", ".join(f"{k} {v:.3f}" for k, v in self.last_losses.items())
+        losses = ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} n/a" for k, v in self.last_losses.items())
         lines = [f"trained {self.steps} steps ({self.samples} samples) in {self.train_seconds:.0f} s: "
                  f"{self.samples_per_s:.1f} samples/s; last losses {losses}",
                  f"data: {self.data}"]
@@ -99,6 +111,39 @@ class Progress:
     step_in_epoch: int = 0
     samples: int = 0
     """Pairs trained on, all ranks together."""
+    steps_per_epoch: int | None = None
+    """Steps the first whole epoch gave, where they differ from the count announced before it (bad entries, which
+    are found only as they are read, shorten an epoch); later epochs, the alpha ramp and the ETA use it."""
+
+
+class LossWindow:
+    """The losses summed on the device since the last log step; steps a skip left out count as nothing."""
+
+    def __init__(self, device: torch.device):
+        self.sums = torch.zeros(3, device=device)
+        self.counted = torch.zeros((), device=device)
+        self.steps = 0
+        self.started = time.perf_counter()
+        self.last_losses: dict[str, float] = {}
+
+    def add(self, losses: torch.Tensor, weight: torch.Tensor) -> None:
+        self.sums += torch.where(weight > 0, losses, 0.0)  # a skipped step's NaN must not reach the sum
+        self.counted += weight
+        self.steps += 1
+
+    def read(self, ctx: DistributedContext) -> dict:
+        """Mean losses over the window's counted steps, averaged over ranks (None where no step counted)."""
+        sums = mean_across_ranks(torch.cat([self.sums, self.counted[None]]), ctx).tolist()
+        counted = sums.pop()
+        means = [value / counted if counted else None for value in sums]
+        self.last_losses = dict(zip(LOSSES, means, strict=True))
+        total = sum(means) if counted else None
+        return {"loss": total, **{f"loss_{k}": v for k, v in self.last_losses.items()}}
+
+    def reset(self, now: float) -> None:
+        self.sums.zero_()
+        self.counted.zero_()
+        self.steps, self.started = 0, now
 
 
 def steps_per_epoch(samples: int, rank: int, world: int, roles: int, batch: int, accum: int) -> int:
@@ -116,12 +161,14 @@ def autocast(device: torch.device, precision: str, cache: bool = True):
 
 def optimizer_step(model, optimizer: torch.optim.Optimizer, micro_batches, alpha: float | torch.Tensor,
                    generator: torch.Generator | None, precision: str = "fp32", clip_grad_norm: float = 0.0,
-                   autocast_cache: bool = True) -> torch.Tensor:
+                   autocast_cache: bool = True, skip_nonfinite: bool = False) -> torch.Tensor:
     """One optimizer step of BLIP pretraining over ``micro_batches`` (objects with ``images``, ``input_ids`` and
     ``attention_mask`` on the model's device, and the captions' ``packing``, None when they are padded). ``model`` is a
     BlipPretrain, its DDP wrapper, or itself sharded by FSDP2. Returns the (3,) losses [itc, itm, lm] averaged over
     the micro-batches, on the device: nothing here waits for the GPU. ``alpha`` may be a 0-d device tensor and
-    ``autocast_cache`` off, as CUDA graph capture needs (blip_fast.train.cuda_graph)."""
+    ``autocast_cache`` off, as CUDA graph capture needs (blip_fast.train.cuda_graph). ``skip_nonfinite``: the
+    optimizer (built with ``skip_nonfinite``) changes nothing when a loss or gradient is not finite; its
+    ``found_inf`` then reads 1 (blip_fast.train.divergence)."""
     accum = len(micro_batches)
     device = micro_batches[0].images.device
     totals = torch.zeros(3, device=device)
@@ -142,8 +189,9 @@ def optimizer_step(model, optimizer: torch.optim.Optimizer, micro_batches, alpha
     if sharded:
         fsdp.average_replicated_gradients(model)
     with record_function("blip.optimizer"):
-        if clip_grad_norm:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm) if clip_grad_norm else None
+        if skip_nonfinite:
+            optimizer.found_inf.copy_(gradients_not_finite(model, totals, norm))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return totals
@@ -155,6 +203,19 @@ def _comparable(model_config: dict) -> dict:
     return {k: v for k, v in model_config.items() if k != "impl"} | {"vision": vision}
 
 
+def _last_on_disk(last_checkpoint: str | None) -> str:
+    if last_checkpoint is None:
+        return "No checkpoint of this run exists yet."
+    return f"The last checkpoint on disk is {last_checkpoint}."
+
+
+def _data_source(config: dict) -> dict:
+    """The fields of a run's config (as saved in its checkpoints) that say which samples it reads."""
+    data = config["data"]
+    return {k: data.get(k) for k in ("kind", "paths", "image_root", "synthetic_dir", "synthetic_n",
+                                     "synthetic_image_size")}
+
+
 def ensure_synthetic_data(config: PretrainConfig, ctx: DistributedContext, printer) -> Path:
     data = config.data
     folder = Path(data.synthetic_dir or Path(config.train.out) / "data")
@@ -162,8 +223,10 @@ def ensure_synthetic_data(config: PretrainConfig, ctx: DistributedContext, print
     if ctx.is_main and not info_path.is_file():
         printer(f"writing the synthetic dataset ({data.synthetic_n} scenes, {data.synthetic_image_size} px) "
                 f"to {folder}")
+        # never overwrite: a folder without info.json is not a dataset this command wrote, so whatever is there
+        # belongs to the user; the writer refuses a folder that is not empty
         write_synthetic_dataset(folder, data.synthetic_n, image_size=data.synthetic_image_size,
-                                seed=config.train.seed, overwrite=True)
+                                seed=config.train.seed, overwrite=False)
     barrier(ctx)
     info = json.loads(info_path.read_text())
     if (info["n"], info["image_size"]) != (data.synthetic_n, data.synthetic_image_size):
@@ -189,7 +252,11 @@ class Pretrainer:
         seed = config.train.seed + self.ctx.rank  # as the original: DDP then copies rank 0's weights
         torch.manual_seed(seed)
         self._build_data()
+        self._check_queue()
         self.model = BlipPretrain(self.model_config).to(self.device)
+        self.skip_nonfinite = config.train.nonfinite == "skip"
+        self.guard = DivergenceGuard(self.device, config.train.nonfinite, config.train.max_consecutive_skips)
+        self.last_checkpoint: str | None = None  # the newest checkpoint of this run's lineage on disk
         self.model.joint_grounded_passes = config.train.joint_grounded_passes
         if config.train.compile:
             from ..models.compile import compile_blocks
@@ -203,7 +270,7 @@ class Pretrainer:
             self.optimizer = fsdp.build_sharded_optimizer(self.model, config.optim, self.device)
         else:
             self.optimizer = build_optimizer(self.model, config.optim, self.device,
-                                             capturable=config.train.cuda_graph)
+                                             capturable=config.train.cuda_graph, skip_nonfinite=self.skip_nonfinite)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         # a captured graph has one token count: rounding it up to 64 bounds the number of graphs
         self.pack_multiple = PACKED_TOKENS_MULTIPLE_GRAPHED if config.train.cuda_graph else PACKED_TOKENS_MULTIPLE
@@ -212,15 +279,21 @@ class Pretrainer:
             from .cuda_graph import CudaGraphStep
 
             self.graph_step = CudaGraphStep(self.model, self.optimizer, self.generator, config.train.precision,
-                                            config.optim.clip_grad_norm)
+                                            config.optim.clip_grad_norm, self.skip_nonfinite)
         self.progress = Progress()
         self.alpha = 0.0  # the distillation weight of the last step (logged)
         self.resumed_from = self._resume(resume)
         self.parallel_model = wrap_model(self.model, self.ctx)
         self.samples_per_step = config.data.batch_size * self.ctx.world_size * config.optim.grad_accum_steps
-        self.total_steps = config.train.epochs * self.steps_per_epoch
-        if config.train.max_steps is not None:
-            self.total_steps = min(self.total_steps, config.train.max_steps)
+        if self.progress.steps_per_epoch is not None:  # counted by the run this one resumes
+            self.steps_per_epoch = self.progress.steps_per_epoch
+        self.total_steps = self._planned_steps()
+
+    def _planned_steps(self) -> int:
+        """Optimizer steps of the whole run: those done, then the rest of this epoch and of the later ones."""
+        p, epochs = self.progress, self.config.train.epochs
+        total = p.step + (epochs - p.epoch) * self.steps_per_epoch - p.step_in_epoch
+        return total if self.config.train.max_steps is None else min(total, self.config.train.max_steps)
 
     # ------------------------------------------------------------------ set-up
 
@@ -237,6 +310,19 @@ class Pretrainer:
             problems.append("torch's fused AdamW (optim.fused=auto or torch)")
         if problems:
             raise ConfigError("train.cuda_graph=true needs " + "; ".join(problems))
+
+    def _check_queue(self) -> None:
+        """The queues take every micro-batch's momentum features of all ranks at once: refused here, not at step 1."""
+        queue = self.model_config.queue_size
+        batch = self.config.data.batch_size * self.ctx.world_size
+        if batch > queue:
+            raise ConfigError(f"model.queue_size={queue} is smaller than the global batch of {batch} pairs "
+                              f"(data.batch_size={self.config.data.batch_size} x {self.ctx.world_size} ranks)")
+        with ops.impl_scope(self.config.train.impl):
+            backend = enqueue_op.select(self.device)
+        if backend == "reference" and queue % batch:  # the original's enqueue writes whole batches only
+            raise ConfigError(f"model.queue_size={queue} must be a multiple of the global batch of {batch} pairs "
+                              f"with the reference enqueue (train.impl={self.config.train.impl})")
 
     def _build_data(self) -> None:
         config, data = self.config, self.config.data
@@ -279,13 +365,22 @@ class Pretrainer:
         if path is None:
             self.printer(f"no checkpoint in {self.out / 'checkpoints'}: starting a new run")
             return None
-        payload = load_checkpoint(path)
+        payload = self._load_for_resume(path)
         if _comparable(payload[TRAINING_CONFIG_KEY]) != _comparable(config_to_dict(self.model_config)):
             raise CheckpointError(f"{path} was trained with a different model configuration; resume it with the "
                                   "config it was written with (saved as config.json in its run folder)")
+        if not state_is_finite(payload["model"]):
+            raise CheckpointError(f"{path} holds NaN or infinite weights: resume from an earlier checkpoint")
         if len(payload["data"]) != self.ctx.world_size:
             raise CheckpointError(f"{path} was written by {len(payload['data'])} ranks; resume it with as many "
                                   f"(this run has {self.ctx.world_size}) so the data continues exactly")
+        same_data = _data_source(payload["config"]) == _data_source(pretrain_config_to_dict(self.config))
+        if not same_data and self.config.train.resume_data_position:
+            raise CheckpointError(
+                f"{path} was trained on other data ({_data_source(payload['config'])}; this run: "
+                f"{_data_source(pretrain_config_to_dict(self.config))}), so its position in the data does not apply. "
+                "Resume with its data, or set train.resume_data_position=false to keep its weights, optimizer and "
+                "step count and read this data from the start")
         if self.ctx.sharded:
             from . import fsdp
 
@@ -297,10 +392,37 @@ class Pretrainer:
             self.model.load_state_dict(payload["model"])
             load_optimizer_state(self.optimizer, payload["optimizer"])
         self.progress = Progress(**payload["progress"])
-        self.batches.load_state_dict(payload["data"][self.ctx.rank])
+        if self.config.train.resume_data_position:
+            self.batches.load_state_dict(payload["data"][self.ctx.rank])
         set_rng_state(payload["rng"][self.ctx.rank], self.generator)
-        self.printer(f"resuming from {path} at step {self.progress.step} (epoch {self.progress.epoch})")
+        self.printer(f"resuming from {path} at step {self.progress.step} (epoch {self.progress.epoch})"
+                     f"{'' if self.config.train.resume_data_position else ', reading the data from the start'}")
+        if self.ctx.is_main:
+            self._set_aside_abandoned(self.progress.step)
+        barrier(self.ctx)
+        self.last_checkpoint = str(path)
         return str(path)
+
+    def _load_for_resume(self, path: Path) -> dict:
+        try:
+            return load_checkpoint(path)
+        except CheckpointError as error:
+            others = [p for p in list_checkpoints(self.out) if p != path]
+            if not others:
+                raise
+            names = ", ".join(p.name for p in others[-3:])
+            raise CheckpointError(f"{error}. Other checkpoints of this run: {names} in {others[-1].parent}; resume "
+                                  f"one of them with --resume {others[-1]}") from None
+
+    def _set_aside_abandoned(self, step: int) -> None:
+        """Resuming from step ``step`` abandons the checkpoints of later steps: they move to a folder of their own,
+        never deleted, where neither the rotation of ``keep_last`` nor ``--resume`` (latest) takes them."""
+        later = [p for p in list_checkpoints(self.out) if checkpoint_step(p) > step]
+        if not later:
+            return
+        folder = set_aside(self.out, later, f"abandoned-after-step-{step:08d}-{time.strftime('%Y%m%d-%H%M%S')}")
+        self.printer(f"the checkpoints of steps {', '.join(str(checkpoint_step(p)) for p in later)} come after step "
+                     f"{step}, where this run resumes: moved to {folder} (kept, not deleted)")
 
     # ------------------------------------------------------------------ state
 
@@ -311,8 +433,21 @@ class Pretrainer:
         dist.all_gather_object(values, value)
         return values
 
-    def save(self) -> Path | None:
-        """Write a checkpoint of the current step (every rank must call it)."""
+    def check_finite(self) -> int:
+        """Stop the run (:class:`TrainingDiverged`) if a step went non-finite (see blip_fast.train.divergence); else
+        the number of steps skipped so far. A host read: called at log steps and before checkpoints only."""
+        first, skipped, longest = self.guard.state()
+        if self.ctx.active:  # every rank stops together: the earliest bad step and the most skips of any rank
+            values = torch.tensor([first if first >= 0 else 2**62, -skipped, -longest], device=self.device)
+            dist.all_reduce(values, op=dist.ReduceOp.MIN)
+            first, skipped, longest = values.tolist()
+            first, skipped, longest = (first if first < 2**62 else -1), -skipped, -longest
+        return self.guard.check(first, skipped, longest, self.last_checkpoint)
+
+    def save(self, final: bool = False) -> Path | None:
+        """Write a checkpoint of the current step (every rank must call it), never of a non-finite state. A failed
+        write is a warning (the run goes on and the next save tries again) except for the ``final`` one."""
+        self.check_finite()
         data, rng = self._gather(self.batches.state_dict()), self._gather(rng_state(self.generator))
         if self.ctx.sharded:  # gathered on rank 0, in the format of the unsharded state dicts
             from . import fsdp
@@ -320,7 +455,12 @@ class Pretrainer:
             model_state, optimizer_state = fsdp.full_state_dicts(self.model, self.optimizer)
         else:
             model_state, optimizer_state = self.model.state_dict(), self.optimizer.state_dict()
-        path = None
+        finite = state_is_finite(model_state) if self.ctx.is_main else True
+        if not all(self._gather(finite)):  # finite losses, but a non-finite gradient reached the weights
+            raise TrainingDiverged(f"training diverged: the weights after step {self.progress.step} are not finite "
+                                   f"(NaN or inf). {kept(self.last_checkpoint)} Lower optim.init_lr or set "
+                                   "optim.clip_grad_norm.")
+        path, error = None, None
         if self.ctx.is_main:
             payload = {"model": model_state, "optimizer": optimizer_state,
                        "progress": asdict(self.progress), "data": data, "rng": rng,
@@ -328,13 +468,20 @@ class Pretrainer:
                        TRAINING_CONFIG_KEY: config_to_dict(self.model_config)}
             try:
                 path = save_checkpoint(self.out, self.progress.step, payload, self.config.train.keep_last)
-            except OSError as error:
-                # a full disk or a lost mount must not end hours of training: the previous checkpoint is intact
-                # (atomic writes) and the next save tries again
-                self.printer(f"warning: could not write the checkpoint of step {self.progress.step} ({error}); "
-                             "the previous checkpoint is intact, training continues")
-        barrier(self.ctx)
-        return path
+                self.last_checkpoint = str(path)
+            except OSError as caught:
+                error = caught
+        if all(self._gather(error is None)):  # also the barrier: every rank knows whether the write succeeded
+            return path
+        if final:
+            raise OSError(f"could not write the final checkpoint, of step {self.progress.step}"
+                          f"{f' ({error})' if error else ''}: the trained weights are not on disk. "
+                          f"{_last_on_disk(self.last_checkpoint)}")
+        # a full disk or a lost mount must not end hours of training: checkpoints are written atomically, so the
+        # one before is intact, and the next save tries again
+        self.printer(f"warning: could not write the checkpoint of step {self.progress.step} ({error}); "
+                     f"{_last_on_disk(self.last_checkpoint)} Training continues; the next checkpoint tries again.")
+        return None
 
     # ------------------------------------------------------------------ the loop
 
@@ -347,78 +494,125 @@ class Pretrainer:
         if self.graph_step is not None:
             return self.graph_step(micro_batches[0], self.alpha)
         return optimizer_step(self.parallel_model, self.optimizer, micro_batches, self.alpha, self.generator,
-                              self.config.train.precision, self.config.optim.clip_grad_norm)
+                              self.config.train.precision, self.config.optim.clip_grad_norm,
+                              skip_nonfinite=self.skip_nonfinite)
 
     def run(self) -> RunSummary:
-        config, p = self.config, self.progress
         if self.ctx.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            resolved = pretrain_config_to_dict(config) | {"resolved_model": config_to_dict(self.model_config)}
+            for stale in remove_stale_temp_files(self.out):
+                self.printer(f"removed {stale}, left by an interrupted checkpoint write")
+            resolved = pretrain_config_to_dict(self.config) | {"resolved_model": config_to_dict(self.model_config)}
             atomic_write(self.out / "config.json", lambda t: Path(t).write_text(json.dumps(resolved, indent=1)))
-        runlog = RunLog(self.out, self.total_steps, enabled=self.ctx.is_main, tensorboard=config.train.tensorboard,
-                        printer=self.printer)
+        runlog = RunLog(self.out, self.total_steps, enabled=self.ctx.is_main,
+                        tensorboard=self.config.train.tensorboard, printer=self.printer)
+        try:
+            return self._run(runlog)
+        except TrainingDiverged as error:
+            runlog.event({"kind": "diverged", "step": self.progress.step, "message": str(error)}, str(error))
+            raise
+        finally:
+            runlog.close()
+
+    def _run(self, runlog: RunLog) -> RunSummary:
+        config, p = self.config, self.progress
         trained = sum(param.numel() for param in self.model.parameters() if param.requires_grad)
         self.printer(f"pretraining {config.preset} BLIP ({trained / 1e6:.1f} M trained parameters) on {self.device}"
                      f"{f' x {self.ctx.world_size} ranks' if self.ctx.active else ''}: {self.total_steps} steps of "
-                     f"{self.samples_per_step} pairs ({self.steps_per_epoch} per epoch), images via "
+                     f"{self.samples_per_step} pairs ({self.steps_per_epoch} per epoch{self._counted()}), images via "
                      f"{self.batches.backend}, {config.train.precision}, out {self.out}")
+        if self.resumed_from:  # steps after this one may be in metrics.jsonl already, from the abandoned run
+            runlog.event({"kind": "resume", "step": p.step, "checkpoint": self.resumed_from},
+                         f"resumed at step {p.step}: records of later steps above this line come from the run it "
+                         "continues")
         last_saved = p.step if self.resumed_from else None
-        window = torch.zeros(3, device=self.device)
-        window_steps, last_losses = 0, {}
-        started = window_start = time.perf_counter()
+        window = LossWindow(self.device)
+        started = time.perf_counter()
         start_samples = p.samples
         runlog.start(p.step)
         self.model.train()
         with ops.impl_scope(config.train.impl):
             while p.epoch < config.train.epochs and p.step < self.total_steps:
                 self.batches.set_epoch(p.epoch)
-                pending = []
+                # a pass resumed at the end of its epoch's data has nothing left to give, and that is no fault
+                pending, steps_in_pass, from_epoch_start = [], 0, p.step_in_epoch == 0
                 for batch in self.batches:
                     if config.train.pack_text:  # counted on the host, from the tokenizer's mask
                         batch.packing = PackedText.from_mask(batch.attention_mask, self.pack_multiple)
                     pending.append(batch.to(self.device, non_blocking=True))
                     if len(pending) < config.optim.grad_accum_steps:
                         continue
-                    window += self.train_step(pending)
+                    losses = self.train_step(pending)
+                    skipped = self.optimizer.found_inf.clone() if self.skip_nonfinite else None
+                    window.add(losses, self.guard.record(p.step + 1, losses, skipped))
                     pending = []
-                    window_steps += 1
+                    steps_in_pass += 1
                     p.step, p.step_in_epoch = p.step + 1, p.step_in_epoch + 1
                     p.samples += self.samples_per_step
                     if p.step % config.train.log_every == 0 or p.step == self.total_steps:
-                        means = (mean_across_ranks(window, self.ctx) / window_steps).tolist()
-                        last_losses = dict(zip(LOSSES, means, strict=True))
-                        now = time.perf_counter()
-                        lr = float(self.optimizer.param_groups[0]["lr"])
-                        runlog.step({"step": p.step, "epoch": p.epoch, "lr": lr,
-                                     "alpha": self.alpha, "temp": float(self.model.temp.detach()), "loss": sum(means),
-                                     **{f"loss_{k}": v for k, v in last_losses.items()},
-                                     "samples_per_s": window_steps * self.samples_per_step / (now - window_start),
-                                     "elapsed_s": now - started, "skipped": self.batches.stats.total_skipped})
-                        window.zero_()
-                        window_steps, window_start = 0, now
-                    if config.train.checkpoint_every and p.step % config.train.checkpoint_every == 0:
-                        self.save()
+                        self._log(runlog, window, started)
+                    # a failed write leaves last_saved behind, so the run's end tries again, then as an error
+                    if config.train.checkpoint_every and p.step % config.train.checkpoint_every == 0 and self.save():
                         last_saved = p.step
                     if p.step >= self.total_steps:
                         break
                 else:  # the epoch's data is used up
+                    if steps_in_pass == 0 and from_epoch_start:
+                        raise ValueError(f"epoch {p.epoch} gave no training batch: {self._no_batch_reason()}")
                     p.epoch, p.step_in_epoch = p.epoch + 1, 0
-                    if config.train.checkpoint_every == 0:
-                        self.save()
+                    if from_epoch_start and steps_in_pass != self.steps_per_epoch:
+                        self._recount(steps_in_pass, runlog)
+                    if config.train.checkpoint_every == 0 and self.save():
                         last_saved = p.step
+            if window.steps:  # steps after the last log step
+                self._log(runlog, window, started)
             seconds = time.perf_counter() - started
-            path = self.save() if last_saved != p.step else latest_checkpoint(self.out)
+            path = self.save(final=True) if last_saved != p.step else self.last_checkpoint
             retrieval = self._evaluate(runlog)
         samples = p.samples - start_samples
         summary = RunSummary(p.step, p.epoch, samples, seconds, samples / seconds if seconds > 0 else math.nan,
-                             last_losses, str(path) if path else None, self.batches.stats.summary(),
+                             window.last_losses, str(path) if path else None, self.batches.stats.summary(),
                              asdict(retrieval) if retrieval else None)
         if self.ctx.is_main:
             for line in summary.lines():
                 self.printer(line)
             atomic_write(self.out / "summary.json", lambda t: Path(t).write_text(json.dumps(asdict(summary), indent=1)))
-        runlog.close()
         return summary
+
+    def _counted(self) -> str:
+        if self.progress.steps_per_epoch is not None or self.config.data.kind == "synthetic":
+            return ""
+        return ", or fewer where entries turn out bad as they are read"
+
+    def _recount(self, steps: int, runlog: RunLog) -> None:
+        """The epoch just done gave ``steps`` steps, not the announced count: plan the rest of the run with it."""
+        self.printer(f"epoch {self.progress.epoch - 1} gave {steps} steps, not the {self.steps_per_epoch} announced "
+                     f"({self.batches.stats.summary()}): the later epochs are planned with {steps}")
+        self.steps_per_epoch = self.progress.steps_per_epoch = steps
+        self.total_steps = runlog.total_steps = self._planned_steps()
+
+    def _no_batch_reason(self) -> str:
+        stats = self.batches.stats
+        if stats.total_skipped:
+            return (f"every sample but {stats.samples} was skipped ({stats.summary()}); the first reasons: "
+                    + "; ".join(f"{k}: {v}" for k, v in sorted(stats.first.items())[:3]))
+        return (f"{stats.samples} usable samples do not fill a batch of {self.config.data.batch_size} on each of the "
+                f"{max(1, self.config.data.num_workers)} workers")
+
+    def _log(self, runlog: RunLog, window: LossWindow, started: float) -> None:
+        """The window's mean losses (a host read, the loop's only one besides checkpoints) as one record."""
+        skipped = self.check_finite()
+        p = self.progress
+        now = time.perf_counter()
+        record = {"step": p.step, "epoch": p.epoch, "lr": float(self.optimizer.param_groups[0]["lr"]),
+                  "alpha": self.alpha, "temp": float(self.model.temp.detach()),
+                  **window.read(self.ctx),
+                  "samples_per_s": window.steps * self.samples_per_step / (now - window.started),
+                  "elapsed_s": now - started, "skipped": self.batches.stats.total_skipped}
+        if self.skip_nonfinite:
+            record["skipped_steps"] = skipped
+        runlog.step(record)
+        window.reset(now)
 
     def _evaluate(self, runlog: RunLog) -> RetrievalResult | None:
         if self.eval_annotations is None or not self.config.train.eval_size:

@@ -2,7 +2,11 @@
 
 Only rank 0 writes. ``metrics.jsonl`` gets one JSON object per logged step (``step``, ``epoch``,
 ``lr``, ``alpha``, ``temp``, ``loss``, ``loss_itc``, ``loss_itm``, ``loss_lm``, ``samples_per_s``,
-``elapsed_s``) and one per evaluation (``kind: "eval"``); a resumed run appends to the same file.
+``elapsed_s``, ``skipped``; ``skipped_steps`` with ``train.nonfinite: skip``) and one per event: an
+evaluation (``kind: "eval"``), a resume (``kind: "resume"``: records of later steps before it come from
+the run it continues), a divergence (``kind: "diverged"``). A resumed run appends to the same file. A
+loss that is not a number (no step of the window counted, or NaN) is written as ``null``: the file is
+strict JSON, one object per line.
 TensorBoard gets the same scalars when the ``tensorboard`` package is installed.
 """
 
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -21,6 +26,15 @@ def _format_duration(seconds: float) -> str:
     seconds = int(max(0, seconds))
     hours, rest = divmod(seconds, 3600)
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+def _json_value(value):
+    """JSON has no NaN or infinity (``json.dumps`` would write the bare ``NaN`` other readers refuse): null."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def _number(value) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.3f}"
 
 
 class RunLog:
@@ -62,8 +76,11 @@ class RunLog:
         self._write(record)
         done = record["step"] - self._start_step
         eta = (time.perf_counter() - self._started) / max(1, done) * (self.total_steps - record["step"])
-        losses = "  ".join(f"{k[5:]} {record[k]:.3f}" for k in ("loss_itc", "loss_itm", "loss_lm") if k in record)
-        text = f"loss {record['loss']:.3f} ({losses})  lr {record['lr']:.2e}  {record['samples_per_s']:.0f} samples/s"
+        losses = "  ".join(f"{k[5:]} {_number(record[k])}" for k in ("loss_itc", "loss_itm", "loss_lm") if k in record)
+        text = (f"loss {_number(record['loss'])} ({losses})  lr {record['lr']:.2e}  "
+                f"{record['samples_per_s']:.0f} samples/s")
+        if record.get("skipped_steps"):
+            text += f"  {record['skipped_steps']} non-finite steps skipped"
         if self._bar is not None:
             self._bar.update(record["step"] - self._bar.n)
             self._bar.set_postfix_str(text)
@@ -82,11 +99,12 @@ class RunLog:
             self.printer(message)
 
     def _write(self, record: dict) -> None:
-        self.jsonl.write(json.dumps(record) + "\n")
+        record = {k: _json_value(v) for k, v in record.items()}
+        self.jsonl.write(json.dumps(record, allow_nan=False) + "\n")
         if self.writer is not None:
             prefix = record.get("kind", "train")
             for key, value in record.items():
-                if isinstance(value, (int, float)) and key not in ("step", "epoch"):
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("step", "epoch"):
                     self.writer.add_scalar(f"{prefix}/{key}", value, record["step"])
 
     def close(self) -> None:

@@ -55,19 +55,26 @@ def _apex_fused_adam():
 
 
 def build_optimizer(model: nn.Module, config: OptimConfig, device: torch.device,
-                    capturable: bool = False) -> torch.optim.Optimizer:
+                    capturable: bool = False, skip_nonfinite: bool = False) -> torch.optim.Optimizer:
     """AdamW over :func:`parameter_groups`. ``capturable``: torch's fused AdamW with its learning rates as device
-    tensors, which a CUDA graph can replay (blip_fast.train.cuda_graph)."""
+    tensors, which a CUDA graph can replay (blip_fast.train.cuda_graph). ``skip_nonfinite``: torch's fused AdamW
+    with a ``found_inf`` flag on the device; a step with the flag set changes nothing (blip_fast.train.divergence)."""
     groups = parameter_groups(model, config)
     kwargs = {"lr": config.init_lr, "betas": tuple(config.betas), "eps": config.eps}
     choice = config.fused
+    if skip_nonfinite and choice not in ("auto", "torch"):
+        raise ValueError(f"skipping non-finite steps needs torch's fused AdamW; optim.fused={choice} is not")
     if capturable:
         if choice not in ("auto", "torch"):
             raise ValueError(f"a capturable optimizer is torch's fused AdamW; optim.fused={choice} is not")
         for group in groups:
             group["lr"] = torch.tensor(config.init_lr * group["lr_scale"], device=device)
         log.info("optimizer: torch fused AdamW on %s, capturable", device.type)
-        return torch.optim.AdamW(groups, fused=True, capturable=True, **kwargs)
+        return _with_found_inf(torch.optim.AdamW(groups, fused=True, capturable=True, **kwargs), device,
+                               skip_nonfinite)
+    if skip_nonfinite:
+        log.info("optimizer: torch fused AdamW on %s, skipping non-finite steps", device.type)
+        return _with_found_inf(torch.optim.AdamW(groups, fused=True, **kwargs), device, True)
     if choice in ("auto", "apex") and device.type == "cuda" and _apex_fused_adam() is not None:
         log.info("optimizer: apex FusedAdam (AdamW mode)")
         return _apex_fused_adam()(groups, adam_w_mode=True, **kwargs)
@@ -78,6 +85,14 @@ def build_optimizer(model: nn.Module, config: OptimConfig, device: torch.device,
         return torch.optim.AdamW(groups, fused=True, **kwargs)
     log.info("optimizer: torch AdamW (%s)", choice)
     return torch.optim.AdamW(groups, foreach=choice == "foreach", **kwargs)
+
+
+def _with_found_inf(optimizer: torch.optim.AdamW, device: torch.device, skip: bool) -> torch.optim.AdamW:
+    # torch's fused AdamW reads the attribute on every step, as torch.amp.GradScaler sets it: where it is non-zero
+    # the kernel leaves weights and moments alone and the step counts are set back
+    if skip:
+        optimizer.found_inf = torch.zeros((), device=device)
+    return optimizer
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict,

@@ -125,3 +125,29 @@ def test_the_evaluation_runs_in_fp32_after_bf16_training(synthetic_dir, tmp_path
                                                               "train.precision=bf16", "train.eval_size=20")),
                     printer=lambda *_: None)
     assert seen == [False]
+
+
+def test_resume_followed_by_an_override_resumes_the_latest_checkpoint(tmp_path, monkeypatch):
+    """`--resume train.max_steps=5`: the override is an override, not the path of a checkpoint."""
+    import blip_fast.train.engine as engine
+
+    seen = {}
+    monkeypatch.setattr(engine, "pretrain", lambda config, resume: seen.update(config=config, resume=resume))
+    assert main(["pretrain", f"train.out={tmp_path}", "--resume", "train.max_steps=5"]) == 0
+    assert seen["resume"] is True and seen["config"].train.max_steps == 5
+
+
+def test_a_binary_config_file_is_named(tmp_path, capsys):
+    config = tmp_path / "model.pth"
+    config.write_bytes(bytes(range(256)) * 4)
+    assert main(["pretrain", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(config) in err and "Traceback" not in err
+
+
+def test_a_diverging_run_exits_non_zero_with_one_line(synthetic_dir, tmp_path, capsys):
+    args = ["pretrain", *tiny_overrides(synthetic_dir, tmp_path / "run"), "optim.init_lr=1e6",
+            "optim.warmup_steps=0", "train.max_steps=8"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: training diverged: the loss of step") and "Traceback" not in err

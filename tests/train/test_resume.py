@@ -12,7 +12,9 @@ from blip_fast.train.engine import pretrain
 
 
 def _losses(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    """The step records of metrics.jsonl (events such as a resume have a ``kind``)."""
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "kind" not in r]
 
 
 @pytest.mark.parametrize("batch, stop, total, options", [
@@ -64,31 +66,45 @@ def test_checkpoints_keep_last_k_and_refuse_other_models(synthetic_dir, tmp_path
         pretrain(other, resume=True, printer=lambda *_: None)
 
 
-def test_a_checkpoint_that_cannot_be_written_does_not_end_the_run(synthetic_dir, tmp_path):
+def test_a_checkpoint_that_cannot_be_written_does_not_end_the_run_but_the_final_one_does(synthetic_dir, tmp_path):
+    """A failed write mid-run is a warning that says what is on disk; a failed final write is an error: the trained
+    weights would be nowhere."""
     out = tmp_path / "run"
     out.mkdir()
     (out / "checkpoints").write_text("a file where the checkpoint folder should be")
     lines = []
-    summary = pretrain(load_pretrain_config(None, tiny_overrides(synthetic_dir, out, "train.max_steps=3",
-                                                                 "train.checkpoint_every=2")), printer=lines.append)
-    assert summary.steps == 3 and summary.checkpoint is None
+    config = load_pretrain_config(None, tiny_overrides(synthetic_dir, out, "train.max_steps=5",
+                                                       "train.checkpoint_every=2"))
+    with pytest.raises(OSError, match="could not write the final checkpoint, of step 5.*not on disk"):
+        pretrain(config, printer=lines.append)
     warnings = [line for line in lines if line.startswith("warning: could not write the checkpoint")]
-    assert len(warnings) == 2 and "step 2" in warnings[0] and "step 3" in warnings[1]
+    assert len(warnings) == 2 and "step 2" in warnings[0] and "step 4" in warnings[1]
+    assert all("No checkpoint of this run exists yet" in line for line in warnings)  # not "the previous is intact"
 
 
 def test_a_failed_write_of_torch_save_does_not_end_the_run(synthetic_dir, tmp_path, monkeypatch):
-    """torch.save reports a full disk or an exceeded quota as a RuntimeError of its zip writer: a warning too, and no
-    temporary file is left behind."""
+    """torch.save reports a full disk or an exceeded quota as a RuntimeError of its zip writer: a warning too, naming
+    the checkpoint that is intact, and no temporary file is left behind."""
     import blip_fast.checkpoint.io as checkpoint_io
 
-    def full_disk(obj, path):
+    real_save = checkpoint_io.torch.save
+    calls = []
+
+    def full_disk_after_the_first(obj, path):
+        calls.append(path)
+        if len(calls) == 1:
+            return real_save(obj, path)
         open(path, "wb").write(b"partial")
         raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0")
 
-    monkeypatch.setattr(checkpoint_io.torch, "save", full_disk)
+    monkeypatch.setattr(checkpoint_io.torch, "save", full_disk_after_the_first)
     out, lines = tmp_path / "run", []
-    summary = pretrain(load_pretrain_config(None, tiny_overrides(synthetic_dir, out, "train.max_steps=2",
-                                                                 "train.checkpoint_every=1")), printer=lines.append)
-    assert summary.steps == 2 and summary.checkpoint is None
-    assert len([line for line in lines if line.startswith("warning: could not write the checkpoint")]) == 2
-    assert not list((out / "checkpoints").iterdir())
+    config = load_pretrain_config(None, tiny_overrides(synthetic_dir, out, "train.max_steps=3",
+                                                       "train.checkpoint_every=1"))
+    with pytest.raises(OSError, match="final checkpoint"):
+        pretrain(config, printer=lines.append)
+    warnings = [line for line in lines if line.startswith("warning: could not write the checkpoint")]
+    # steps 2 and 3 warn; the end of the run tries step 3 once more, as the final checkpoint
+    assert len(warnings) == 2 and "step 2" in warnings[0] and "step 3" in warnings[1]
+    assert all("step-00000001.pt" in line for line in warnings)
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000001.pt"]
