@@ -580,7 +580,8 @@ class Pretrainer:
         return summary
 
     def _counted(self) -> str:
-        if self.progress.steps_per_epoch is not None or self.config.data.kind == "synthetic":
+        # a JSON list's count comes from its entries; shards say none, so their count is the user's own
+        if self.progress.steps_per_epoch is not None or self.config.data.kind != "json":
             return ""
         return ", or fewer where entries turn out bad as they are read"
 
