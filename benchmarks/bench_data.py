@@ -25,7 +25,7 @@ both call :func:`main` with ``ARGS``: ``--impls fast,dali_cpu,pil`` ``--cases pr
 captions_pretrain_224`` ``--workers 1,16`` (PIL processes; DataLoader workers of the captions case)
 ``--threads N`` ``--prefetch N`` ``--hw-decoder-load F`` ``--no-fancy-upsampling`` ``--batch-size N``
 ``--batches N`` ``--runs N`` ``--images N`` ``--json PATH``, with PATH like
-``benchmarks/results/data-h100-YYYYMMDD.json`` (suite ``data``, BENCHMARKS.md format). ``main``
+``benchmarks/results/data-h100-YYYYMMDD.json`` (suite ``data``, format: docs/results-format.md). ``main``
 returns 0, or 1 when no implementation could run here.
 """
 
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, default=20, help="batches per timed run")
     parser.add_argument("--runs", type=int, default=5, help="timed runs (the median is reported)")
     parser.add_argument("--images", type=int, default=256, help="distinct JPEGs to cycle over")
-    parser.add_argument("--json", metavar="PATH", help="write the results file (BENCHMARKS.md format) here")
+    parser.add_argument("--json", metavar="PATH", help="write the results file (format: docs/results-format.md) here")
     args = parser.parse_args(argv)
 
     records = run(args)

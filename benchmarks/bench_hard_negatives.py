@@ -11,7 +11,7 @@ Implementations, each timed as the training step uses it (draw the randomness, p
 
 with PATH like ``benchmarks/results/kernels-h100-YYYYMMDD.json``.
 Times are medians of ``triton.testing.do_bench`` in microseconds; the results file follows
-``BENCHMARKS.md`` (suite ``kernels``, metric ``us``). Needs a CUDA device.
+``docs/results-format.md`` (suite ``kernels``, metric ``us``). Needs a CUDA device.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
 
 Runs ``blip-fast pretrain`` with the given config (default: the built-in ``tiny-synthetic``, which
 writes its dataset first) in a temporary run folder unless ``train.out`` is given, then writes one
-results file (suite ``eval``, shared/BENCHMARKS.md) from the run's summary: training samples/s
+results file (suite ``eval``, docs/results-format.md) from the run's summary: training samples/s
 (optimizer steps x global batch / training wall time, data loading and logging included, the
 dataset writing and the evaluation not), total wall seconds, and the evaluation's recalls in percent
 (``txt_r1`` ... image->text, ``img_r1`` ... text->image, ``chance_r1``), all under impl ``fast``

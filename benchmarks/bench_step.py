@@ -37,7 +37,7 @@ steps, then ``--steps`` steps each bracketed by ``torch.cuda.synchronize()``; th
 samples/s; peak memory from ``torch.cuda.max_memory_allocated`` (CUDA only). FLOPs per sample are
 counted once per impl with ``torch.utils.flop_counter.FlopCounterMode`` on one eager step (forward +
 backward). MFU = samples/s x FLOPs per sample / ``--peak-tflops`` (default 798, the H100's measured
-bf16 peak), twice (shared/BENCHMARKS.md): *model* MFU with the original algorithm's FLOPs -- counted on
+bf16 peak), twice (docs/results-format.md): *model* MFU with the original algorithm's FLOPs -- counted on
 the original code when ``original`` is in the run, else on our reference path, which counts a little
 less (it projects the image tokens to cross-attention keys/values once per step, the original once
 for each of the 4B text rows; records say which in ``flops_from``) -- and *hardware* MFU with each
@@ -289,8 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-compile", action="store_true", help="fast path without torch.compile")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--peak-tflops", type=float, default=798.0,
-                        help="bf16 peak for MFU (798: measured on the H100, shared/GPU.md)")
-    parser.add_argument("--json", help="write the results file here (format: shared/BENCHMARKS.md)")
+                        help="bf16 peak for MFU (798: measured on the H100, docs/benchmarks.md)")
+    parser.add_argument("--json", help="write the results file here (format: docs/results-format.md)")
     parser.add_argument("--flops-only", action="store_true",
                         help="only count each impl's FLOPs per sample, on meta tensors (seconds, any machine; the "
                              "captions packed as the graphed GPU step packs them)")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# DALI for the lent GPU machine, which is offline and takes at most 64 MiB of files per call (shared/GPU.md).
+# DALI for an offline GPU machine that takes at most 64 MiB of files per call (docs/gpu-machine.md).
 #
 #   bash benchmarks/dali_carry.sh prepare    # here, once: download DALI 2.4 and its wheels for Python 3.12,
 #                                            # pack them and split the pack into .dali/1 ... .dali/N (ignored)

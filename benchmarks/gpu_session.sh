@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# Everything that waits for a GPU, in one run on the lent machine (shared/GPU.md: torch 2.11 + CUDA 13 there).
+# Everything that waits for a GPU, in one run on a GPU machine (docs/gpu-machine.md: torch 2.11 + CUDA 13 there).
 #
 #   bash benchmarks/gpu_session.sh [STAGE ...]
 #
 # stages: build tests parity step step_variants hard_negatives lm_loss attention step_attention distributed main data
 # report (default: all but data and report; data needs DALI carried in first with benchmarks/dali_carry.sh, and
 # report runs anywhere on the results files). The machine is offline, so `build`
-# installs without dependencies: it has all of them but ruff (shared/GPU.md). Results files go to $OUT (the device tool brings them back),
-# named as shared/BENCHMARKS.md asks; copy the ones to keep into benchmarks/results/ and commit them.
-# Every stage's output is appended to $OUT/session.log and the step profiles are archived in one file: the
-# device tool returns at most 8 files.
+# installs without dependencies: it has all of them but ruff (docs/gpu-machine.md). Results files go to $OUT
+# (default benchmarks/results), named as docs/results-format.md says; copy the ones to keep into benchmarks/results/
+# and commit them. Every stage's output is appended to $OUT/session.log and the step profiles are archived in one
+# file: a remote run brings back at most 8 files from $OUT.
 set -euo pipefail
 # DALI, when benchmarks/dali_carry.sh installed it on this machine
 [ -d /tmp/site/nvidia/dali ] && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
@@ -44,7 +44,7 @@ for stage in "${STAGES[@]}"; do
               PROFILES=$(mktemp -d)
               run step blip-fast bench step $ORIGINAL --impl reference --impl fast_no_graph --impl fast \
                   --json "$OUT/step-$DEV-$DAY.json" --profile "$PROFILES"
-              # one archive: the device tool brings back at most 8 files
+              # one archive: a remote run brings back at most 8 files
               tar -czf "$OUT/profiles-step-$DEV-$DAY.tgz" -C "$PROFILES" . ;;
         # what single techniques are worth within the graphed step, in a run of their own (each impl compiles and
         # captures anew, and one call to the machine lasts 10 minutes): fast_padded weighs packed captions, the
@@ -52,7 +52,7 @@ for stage in "${STAGES[@]}"; do
         step_variants) run step_variants blip-fast bench step --impl fast --impl fast_padded \
                            --variant lm_loss_ref:auto,lm_loss=reference --json "$OUT/step-$DEV-$DAY-variants.json" ;;
         # the packed attention kernel in the graphed step against fast, in a run of its own (auto leaves it out): for
-        # every text attention (lost 8% on 2026-11-23), and for the cross-attention alone (where it won alone); and
+        # every text attention (8% slower; docs/benchmarks.md), and for the cross-attention alone (it won alone); and
         # fast_separate: ITM's and LM's text passes one after the other (lost 5%); also under benchmarks/results/runs/
         step_attention) run step_attention blip-fast bench step --impl fast --impl fast_separate \
                             --variant packed_attention:auto,varlen_attention=triton,varlen_cross_attention=triton \

@@ -1,4 +1,4 @@
-"""Results files of the benchmark scripts in ``benchmarks/`` (format: shared/BENCHMARKS.md).
+"""Results files of the benchmark scripts in ``benchmarks/`` (format: docs/results-format.md).
 
 Every script writes the same header -- suite, device, library versions, the commit measured (and the
 git tree of the files measured, which names that commit even where the checkout's HEAD is stale), the
@@ -81,14 +81,14 @@ def gpu_timing_unavailable(suite: str) -> str | None:
 def benchmark_arguments(doc: str) -> argparse.ArgumentParser:
     """A benchmark script's argument parser: its docstring's first paragraph, and ``--json PATH``."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
-    parser.add_argument("--json", metavar="PATH", help="write the results file (BENCHMARKS.md format) here")
+    parser.add_argument("--json", metavar="PATH", help="write the results file (format: docs/results-format.md) here")
     return parser
 
 
 def run_gpu_benchmark(suite: str, kind: str, argv: list[str] | None, json_path: str | None,
                       run: Callable[[], list[dict]], print_table: Callable[[list[dict]], None]) -> int:
     """The end of a GPU microbenchmark's ``main``: say why it cannot run here (exit 1), or run it, print its table
-    and write its results file (``kind`` is the file's suite name in BENCHMARKS.md: kernels, losses ...)."""
+    and write its results file (``kind`` is the file's suite name in docs/results-format.md: kernels, losses ...)."""
     unavailable = gpu_timing_unavailable(suite)
     if unavailable:
         print(unavailable, file=sys.stderr)

@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks (scripts in benchmarks/): data, step, hard_negatives, lm_loss, "
                        "varlen_attention, pretrain, report",
                        description="Run benchmarks/bench_SUITE.py (or report.py) with the remaining arguments; "
-                       "results files follow shared/BENCHMARKS.md.")
+                       "results files follow docs/results-format.md.")
     p.add_argument("suite", choices=("data", "step", "hard_negatives", "lm_loss", "varlen_attention", "pretrain",
                                      "report"),
                    help="which benchmark")

@@ -101,7 +101,7 @@ class DaliOptions:
     """Batches DALI prepares ahead of the consumer."""
     hw_decoder_load: float = 1.0
     """Share of JPEGs sent to the hardware decoder (A100/H100); DALI's default 0.65 gave 13,166
-    images/s against 28,049 at 1.0 on an H100 (shared/GPU.md)."""
+    images/s against 28,049 at 1.0 on an H100 (docs/benchmarks.md)."""
     jpeg_fancy_upsampling: bool = True
     """``mixed`` decoder: upsample chroma like libjpeg-turbo (what PIL and the CPU decoder do)."""
     device_id: int | None = None

@@ -334,7 +334,7 @@ class TextAttention(nn.Module):
         # Packed captions are right-padded (PackedText.from_mask checks it), so under causal masking no real token
         # sees a padding key: the padding mask would only shape rows that are never read, and without it SDPA takes
         # its unmasked causal kernels (cuDNN 253 against 269 us for the masked memory-efficient one at B96 L35,
-        # shared/GPU.md).
+        # docs/benchmarks.md).
         self_mask = None if causal and packing is not None and cache is None else padding_mask
         return self(x, self_mask, causal, (k, v), packing, queries=q)
 

@@ -81,7 +81,7 @@ def attention_ref(
 
 
 # With a padding mask, torch's default choice on CUDA (cuDNN) is not the fastest: measured on the H100
-# (shared/GPU.md; torch 2.11, bf16, forward + backward) the memory-efficient kernel takes 298 instead of
+# (docs/benchmarks.md; torch 2.11, bf16, forward + backward) the memory-efficient kernel takes 298 instead of
 # 446 us for text self-attention at B288 L35, and 269 instead of 405 us for causal B96 L35. So masked calls
 # put it first. Every backend stays enabled behind it (set_priority), so an input it cannot take still runs,
 # and on the CPU, which has no such kernel, the choice is the default one. Unmasked calls keep torch's
@@ -148,7 +148,7 @@ def _qkv_case(batch, heads, lq, lk, dim, mask, causal, fully_masked_row=False):
 
 
 def _register_parity_cases() -> None:
-    # (mode, B, H, Lq, Lk, mask, causal): the BLIP base shapes of BENCHMARKS.md, plus odd lengths.
+    # (mode, B, H, Lq, Lk, mask, causal): the BLIP base shapes of docs/results-format.md, plus odd lengths.
     cases = [
         ("vit_bidirectional", 8, 12, 197, 197, False, False),
         ("vit_bidirectional_384", 2, 12, 577, 577, False, False),

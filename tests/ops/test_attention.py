@@ -111,7 +111,7 @@ def test_bad_shapes_are_rejected():
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal", [False, True])
 def test_masked_attention_prefers_the_memory_efficient_kernel_on_gpu(causal):
-    """Padded text runs on the memory-efficient kernel (the faster one there, shared/GPU.md); unmasked calls
+    """Padded text runs on the memory-efficient kernel (the faster one there, docs/benchmarks.md); unmasked calls
     on torch's choice."""
     q, k, v, kpm = (t.cuda() for t in make_inputs(32, 12, 35, 35, 64, torch.bfloat16, mask=True))
     ops_run = {}
