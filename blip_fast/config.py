@@ -126,8 +126,6 @@ class BlipConfig:
     """Tokens per caption in pretraining (35 for retrieval and VQA questions)."""
     negative_all_rank: bool = False
     """Retrieval: sample hard negatives from all ranks' batches."""
-    impl: str = "auto"
-    """Op backend: auto | reference | torch | triton | cuda (see ``blip_fast.ops.registry``)."""
 
     def __post_init__(self):
         _positive(self, "embed_dim", "queue_size", "max_text_length")
@@ -139,12 +137,6 @@ class BlipConfig:
             raise ConfigError(f"temp must be in [0.001, 0.5]; got {self.temp}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing must be in [0, 1); got {self.label_smoothing}")
-        from .ops.registry import validate_impl
-
-        try:
-            validate_impl(self.impl, "impl")
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
 
 
 # torch holds tensor dimensions as int64: a larger size could only fail deep inside torch
@@ -196,6 +188,16 @@ def preset(name: str, **kwargs) -> BlipConfig:
 
 
 # ---------------------------------------------------------------- plain data <-> config
+
+
+# Speed settings that configs stored by earlier versions carry beside the architecture: the op backend, which now
+# comes only from train.impl / BLIP_FAST_IMPL, and nothing else read them. Dropped where a stored config is read.
+STORED_SPEED_KEYS = ("impl",)
+
+
+def architecture(stored: dict[str, Any]) -> dict[str, Any]:
+    """A stored BlipConfig dict (a checkpoint's) without the speed settings older files also stored."""
+    return {k: v for k, v in stored.items() if k not in STORED_SPEED_KEYS} if isinstance(stored, dict) else stored
 
 
 def config_to_dict(config) -> dict[str, Any]:

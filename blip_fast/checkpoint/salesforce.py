@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import BlipConfig, ConfigError, VisionConfig, config_from_dict, config_to_dict
+from ..config import BlipConfig, ConfigError, VisionConfig, architecture, config_from_dict, config_to_dict
 from ..models import build_model
 from .io import CheckpointError, load_torch, save_torch
 from .state import check_config_fits, check_tensors, detect_task, infer_config, load_state, resize_position_embeddings
@@ -39,7 +39,7 @@ def read_salesforce(path: str | Path) -> tuple[dict[str, torch.Tensor], BlipConf
     for key in (CONFIG_KEY, TRAINING_CONFIG_KEY):
         if isinstance(content.get(key), dict):
             try:
-                configs[key] = config_from_dict(BlipConfig, content[key])
+                configs[key] = config_from_dict(BlipConfig, architecture(content[key]))
             except ConfigError as error:
                 raise CheckpointError(f"{path} carries an invalid {key}: {error}") from None
     if len(configs) == 2 and configs[CONFIG_KEY] != configs[TRAINING_CONFIG_KEY]:

@@ -244,7 +244,6 @@ class PretrainConfig:
         base = config_to_dict(preset(self.preset, image_size=self.data.transform.image_size))
         merged = _merge(base, self.model, "model")
         merged["vision"]["image_size"] = self.data.transform.image_size
-        merged["impl"] = self.train.impl
         return config_from_dict(BlipConfig, merged, "model")
 
 

@@ -39,7 +39,7 @@ from torch.profiler import record_function
 from .. import ops
 from ..checkpoint.io import CheckpointError, atomic_write
 from ..checkpoint.salesforce import TRAINING_CONFIG_KEY
-from ..config import ConfigError, config_to_dict
+from ..config import ConfigError, architecture, config_to_dict
 from ..data.annotations import RetrievalAnnotations
 from ..data.batches import CaptionBatches, open_caption_source
 from ..data.synth import write_synthetic_dataset
@@ -198,9 +198,10 @@ def optimizer_step(model, optimizer: torch.optim.Optimizer, micro_batches, alpha
 
 
 def _comparable(model_config: dict) -> dict:
-    """What must match to resume: the architecture and the recipe, not the op backend or activation recomputation."""
+    """What must match to resume: the architecture and the recipe, not activation recomputation (nor the op backend,
+    which checkpoints of earlier versions stored)."""
     vision = {k: v for k, v in model_config["vision"].items() if k != "grad_checkpointing"}
-    return {k: v for k, v in model_config.items() if k != "impl"} | {"vision": vision}
+    return architecture(model_config) | {"vision": vision}
 
 
 def _last_on_disk(last_checkpoint: str | None) -> str:

@@ -140,6 +140,19 @@ def test_salesforce_roundtrip_is_exact(tmp_path, task):
     assert type(load_checkpoint(path)) is type(model)
 
 
+def test_files_of_earlier_versions_with_an_op_backend_in_their_config_load(tmp_path):
+    """Earlier versions stored ``impl`` (the op backend, a speed setting) in blip_fast_config and in training
+    checkpoints' model_config; it is not part of the architecture any more and is dropped on reading."""
+    model = tiny_model("caption")
+    path = save_salesforce(model, tmp_path / "old.pth")
+    content = torch.load(path, weights_only=True)
+    content["blip_fast_config"]["impl"] = "reference"
+    content["model_config"] = dict(content["blip_fast_config"])
+    torch.save(content, path)
+    loaded = load_salesforce(path, task="caption")
+    assert loaded.config == model.config and not hasattr(loaded.config, "impl")
+
+
 def test_salesforce_roundtrip_keeps_sharing_and_tying(tmp_path):
     loaded = load_salesforce(save_salesforce(tiny_model("pretrain"), tmp_path / "p.pth"))
     encoder, decoder = loaded.text_encoder, loaded.text_decoder

@@ -108,3 +108,17 @@ def test_a_failed_write_of_torch_save_does_not_end_the_run(synthetic_dir, tmp_pa
     assert len(warnings) == 2 and "step 2" in warnings[0] and "step 3" in warnings[1]
     assert all("step-00000001.pt" in line for line in warnings)
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000001.pt"]
+
+
+def test_a_checkpoint_of_an_earlier_version_with_an_op_backend_in_its_model_config_resumes(synthetic_dir, tmp_path):
+    """Earlier versions wrote ``impl`` into model_config; it is a speed setting, not part of what must match."""
+    out = tmp_path / "run"
+    pretrain(load_pretrain_config(None, tiny_overrides(synthetic_dir, out, "train.max_steps=2")),
+             printer=lambda *_: None)
+    path = list_checkpoints(out)[-1]
+    payload = torch.load(path, weights_only=True)
+    payload["model_config"]["impl"] = "auto"
+    torch.save(payload, path)
+    summary = pretrain(load_pretrain_config(None, tiny_overrides(synthetic_dir, out, "train.max_steps=3")),
+                       resume=True, printer=lambda *_: None)
+    assert summary.steps == 3
