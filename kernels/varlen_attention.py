@@ -53,10 +53,10 @@ try:
 except ImportError:  # the package and its CPU paths work without triton
     HAS_TRITON = False
 
-# Query x key rows per block on the GPU, by causal: the fastest of the blocks timed at BLIP's shapes on the H100
-# (benchmarks/results/kernels-h100-20261123-attention.json, forward + backward, bf16): 32 x 64 for bidirectional
-# text (931 us against 1,066 with 64 x 64) and for ITM's cross-attention to 197 image tokens (1,562 against 1,727);
-# 32 x 32 for causal text (922 against 1,832: short captions leave most of a 64-row block's triangle masked).
+# Query x key rows per block on the GPU, by causal: the fastest of the blocks timed at BLIP's shapes on an H100
+# (benchmarks/results/kernels-h100-20261123-attention.json, forward + backward, bf16; docs/benchmarks.md): 32 x 64
+# for bidirectional text and for ITM's cross-attention to the image tokens; 32 x 32 for causal text, whose short
+# captions leave most of a 64-row block's triangle masked.
 BLOCKS = {False: (32, 64), True: (32, 32)}
 
 

@@ -79,9 +79,9 @@ class PatchEmbed(nn.Module):
     """The patch embedding: timm's ``Conv2d(3, width, kernel_size=P, stride=P)``, computed as one GEMM.
 
     A convolution whose stride is its kernel size maps each non-overlapping P x P patch linearly: the same products
-    are the unfolded patches (B, N, 3 P^2) times the kernel viewed as (width, 3 P^2). On the H100 the bf16
-    convolution took 531 us a call plus cuDNN's NCHW -> NHWC transposes (``profile-step-fast-h100-20261122.txt``;
-    two calls a step, online and momentum ViT), several times what a GEMM of its FLOPs takes. The parameter stays the
+    are the unfolded patches (B, N, 3 P^2) times the kernel viewed as (width, 3 P^2). On an H100 the bf16
+    convolution, with cuDNN's NCHW -> NHWC transposes, took several times what a GEMM of its FLOPs takes
+    (docs/benchmarks.md, the step's profile; two calls a step, online and momentum ViT). The parameter stays the
     ``Conv2d``'s (names and checkpoints unchanged); ``tests/models/test_models.py`` compares it with the convolution.
     """
 

@@ -7,11 +7,10 @@ tokens. Backends (see :mod:`blip_fast.ops.registry`):
 * ``reference`` -- :func:`~blip_fast.kernels.varlen_attention.varlen_attention_ref`: each sequence gathered
   into the padded layout, eager softmax attention, scattered back. Every device.
 * ``triton``    -- the kernels of :mod:`blip_fast.kernels.varlen_attention`, CUDA tensors: attention on the
-  packed rows, dropout inside, no padding. Registered with ``auto=False`` for both ops. On the H100
-  (2026-11-23) the kernel for every text attention made the graphed training step 8% slower than unpacking
-  around SDPA (runs/step-h100-20261123-packed-attention.json): alone it lost on self-attention (0.87x
-  bidirectional, 0.38x causal) and won on cross-attention (1.37x; kernels-h100-20261123-attention.json).
-  Cross-attention alone (``BLIP_FAST_IMPL=auto,varlen_cross_attention=triton``) waits for its step timing.
+  packed rows, dropout inside, no padding. Registered with ``auto=False`` for both ops: measured on an H100,
+  the kernel loses to unpacking around SDPA for self-attention and wins for cross-attention alone
+  (docs/benchmarks.md), and cross-attention alone (``BLIP_FAST_IMPL=auto,varlen_cross_attention=triton``)
+  waits for its training-step timing.
 
 The model asks :func:`packed_attention_on` whether to take an op at all: with any other backend the
 packed text passes keep unpacking around torch's attention, which the reference here would only slow down.

@@ -1,9 +1,9 @@
 """The whole optimizer step replayed as one CUDA graph (``train.cuda_graph``).
 
-Why: at ViT-B/16 224 px, batch 96, the compiled bf16 step launches about 6,100 kernels from Python
-(compiled blocks, autograd, AdamW): 118 ms of GPU work in a 206 ms step, the GPU waiting on the host
-(``benchmarks/results/profile-step-fast_no_graph-h100-20261122.txt``). Replaying a captured graph
-launches them all at once: 821 instead of 465 samples/s on the H100 (``step-h100-20261122.json``).
+Why: at ViT-B/16 224 px the compiled bf16 step launches thousands of small kernels from Python
+(compiled blocks, autograd, AdamW), and the GPU waits on the host between them. Replaying a captured
+graph launches them all at once, which nearly doubles the step on an H100 (docs/benchmarks.md has the
+measurements and their results files).
 
 What capture needs, and how this module gets it:
 
