@@ -49,14 +49,15 @@ from blip_fast.data.batches import CaptionBatches, open_caption_source
 from blip_fast.data.dali_pipeline import HAS_DALI, DaliOptions, DaliTransformLoader, PilTransformLoader
 from blip_fast.data.synthetic import photo_like_jpeg
 from blip_fast.data.transforms import TransformConfig
+from blip_fast.shapes import FINETUNE_IMAGE_SIZE, PRETRAIN_IMAGE_SIZE
 
 IMPLS = ("fast", "dali_cpu", "pil")
 CASES = {
-    "pretrain_224": lambda dtype: TransformConfig.pretrain(224, dtype=dtype),
-    "eval_384": lambda dtype: TransformConfig.eval(384, dtype=dtype),
+    "pretrain_224": lambda dtype: TransformConfig.pretrain(PRETRAIN_IMAGE_SIZE, dtype=dtype),
+    "eval_384": lambda dtype: TransformConfig.eval(FINETUNE_IMAGE_SIZE, dtype=dtype),
 }
 CAPTION_CASES = {
-    "captions_pretrain_224": lambda dtype: TransformConfig.pretrain(224, dtype=dtype),
+    "captions_pretrain_224": lambda dtype: TransformConfig.pretrain(PRETRAIN_IMAGE_SIZE, dtype=dtype),
 }
 
 

@@ -22,8 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from blip_fast.bench_results import benchmark_arguments, run_gpu_benchmark
+from blip_fast.shapes import PRETRAIN_BATCH
 
-CASES = ((96, 96), (288, 288))  # (B, N): BLIP base pretraining batches per GPU, in-batch negatives
+# (B, N): BLIP base pretraining batches per GPU, in-batch negatives
+CASES = ((PRETRAIN_BATCH, PRETRAIN_BATCH), (3 * PRETRAIN_BATCH, 3 * PRETRAIN_BATCH))
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 

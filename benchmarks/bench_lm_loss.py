@@ -22,10 +22,11 @@ import sys
 import torch
 
 from blip_fast.bench_results import benchmark_arguments, run_gpu_benchmark
+from blip_fast.shapes import BASE_WIDTH, FINETUNE_TEXT_LENGTH, PRETRAIN_BATCH, PRETRAIN_TEXT_LENGTH, VOCAB_SIZE
 
-VOCAB, HIDDEN = 30524, 768
 # (batch, text length): BLIP base pretraining per GPU (captions up to 30 tokens, 35 in fine-tuning)
-CASES = ((96, 30), (96, 35), (288, 30))
+CASES = ((PRETRAIN_BATCH, PRETRAIN_TEXT_LENGTH), (PRETRAIN_BATCH, FINETUNE_TEXT_LENGTH),
+         (3 * PRETRAIN_BATCH, PRETRAIN_TEXT_LENGTH))
 PAD_FRACTION = 0.45  # real captions average ~12-15 tokens of the 30
 
 
@@ -42,10 +43,10 @@ def implementations() -> dict:
 def make_inputs(rows: int):
     """Decoder-like inputs (never all zeros): LayerNorm-scale hidden states, BERT-init weights."""
     generator = torch.Generator().manual_seed(0)
-    hidden = torch.randn(rows, HIDDEN, generator=generator)
-    weight = 0.02 * torch.randn(VOCAB, HIDDEN, generator=generator)
-    bias = 0.02 * torch.randn(VOCAB, generator=generator)
-    targets = torch.randint(0, VOCAB, (rows,), generator=generator)
+    hidden = torch.randn(rows, BASE_WIDTH, generator=generator)
+    weight = 0.02 * torch.randn(VOCAB_SIZE, BASE_WIDTH, generator=generator)
+    bias = 0.02 * torch.randn(VOCAB_SIZE, generator=generator)
+    targets = torch.randint(0, VOCAB_SIZE, (rows,), generator=generator)
     targets[torch.rand(rows, generator=generator) < PAD_FRACTION] = -100
     return [t.to("cuda") for t in (hidden, weight, bias, targets)]
 
@@ -63,7 +64,7 @@ def run() -> list[dict]:
     impls = implementations()
     for batch, length in CASES:
         rows = batch * (length - 1)  # position t predicts token t + 1
-        case = f"lm_loss_b{batch}_l{length}_v{VOCAB}"
+        case = f"lm_loss_b{batch}_l{length}_v{VOCAB_SIZE}"
         hidden, weight, bias, targets = make_inputs(rows)
         leaves = [t.requires_grad_() for t in (hidden, weight, bias)]
         expected, _ = step(impls["reference"], leaves, targets)

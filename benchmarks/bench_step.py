@@ -6,7 +6,7 @@
     blip-fast bench step --impl original --impl reference --impl fast   # with the original (needs blip-ci)
 
 One step is BlipPretrain's forward (ITC + ITM + LM, momentum update, enqueue), backward and AdamW,
-exactly as ``blip-fast pretrain`` runs it (``blip_fast.train.engine.optimizer_step``). The impls:
+exactly as ``blip-fast pretrain`` runs it (``blip_fast.train.step.optimizer_step``). The impls:
 
 ``reference``  the pure-PyTorch reference ops (``BLIP_FAST_IMPL=reference``), fp32 (TF32 matmuls on
                CUDA, like the original's measured run), captions padded to 30 tokens, AdamW one tensor
@@ -72,10 +72,12 @@ from blip_fast.config import preset
 from blip_fast.data.synthetic import caption, random_scene
 from blip_fast.models.blip_pretrain import BlipPretrain
 from blip_fast.models.packing import PackedText
+from blip_fast.shapes import PRETRAIN_BATCH, PRETRAIN_IMAGE_SIZE, PRETRAIN_TEXT_LENGTH, QUEUE_SIZE
 from blip_fast.text import BlipTokenizer
 from blip_fast.train.config import OptimConfig
-from blip_fast.train.engine import PACKED_TOKENS_MULTIPLE, PACKED_TOKENS_MULTIPLE_GRAPHED, optimizer_step
+from blip_fast.train.engine import PACKED_TOKENS_MULTIPLE, PACKED_TOKENS_MULTIPLE_GRAPHED
 from blip_fast.train.optim import build_optimizer
+from blip_fast.train.step import optimizer_step
 
 IMPLS = ("reference", "fast")  # the default; the others run only when asked for
 ALL_IMPLS = ("original", "reference", "fast_no_graph", "fast_padded", "fast_separate", "fast")
@@ -102,7 +104,7 @@ def make_batch(batch: int, image_size: int, device: torch.device, padding: str, 
     ``pack_multiple``, also the captions' packing (token count rounded up to it), as the trainer makes it."""
     rng = random.Random(seed)
     texts = [caption(random_scene(rng)) for _ in range(batch)]
-    tokens = BlipTokenizer()(texts, max_length=30, padding=padding)
+    tokens = BlipTokenizer()(texts, max_length=PRETRAIN_TEXT_LENGTH, padding=padding)
     images = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(seed))
     packing = None if pack_multiple is None else PackedText.from_mask(tokens.attention_mask, pack_multiple).to(device)
     return SimpleNamespace(images=images.to(device), texts=texts, input_ids=tokens.input_ids.to(device),
@@ -275,9 +277,9 @@ def time_steps(impl: str, config, device, batch, steps: int, warmup: int, compil
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="blip-fast bench step", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="base", choices=("tiny", "base", "large"))
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--batch", type=int, default=96)
-    parser.add_argument("--queue", type=int, default=57600)
+    parser.add_argument("--image-size", type=int, default=PRETRAIN_IMAGE_SIZE)
+    parser.add_argument("--batch", type=int, default=PRETRAIN_BATCH)
+    parser.add_argument("--queue", type=int, default=QUEUE_SIZE)
     parser.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile happens here)")
     parser.add_argument("--impl", action="append", choices=ALL_IMPLS,

@@ -28,16 +28,18 @@ import torch
 
 from blip_fast import ops
 from blip_fast.bench_results import benchmark_arguments, run_gpu_benchmark
+from blip_fast.shapes import BASE_HEADS, FINETUNE_TEXT_LENGTH, HEAD_DIM, IMAGE_TOKENS_224, PRETRAIN_BATCH
 
 # both packed attention ops on the kernel: self-attention (bidirectional, causal) and cross-attention
 PACKED_KERNEL = "auto,varlen_attention=triton,varlen_cross_attention=triton"
 
-HEADS, DIM, BATCH, IMAGE_TOKENS, DROPOUT = 12, 64, 96, 197, 0.1
+HEADS, DIM, BATCH, IMAGE_TOKENS = BASE_HEADS, HEAD_DIM, PRETRAIN_BATCH, IMAGE_TOKENS_224
+TEXT_LENGTH, DROPOUT = FINETUNE_TEXT_LENGTH, 0.1
 
 
 def caption_mask(rows: int, generator: torch.Generator) -> torch.Tensor:
-    lengths = torch.randint(8, 36, (rows,), generator=generator)
-    return torch.arange(35)[None, :] < lengths[:, None]
+    lengths = torch.randint(8, TEXT_LENGTH + 1, (rows,), generator=generator)
+    return torch.arange(TEXT_LENGTH)[None, :] < lengths[:, None]
 
 
 def cases():
@@ -73,7 +75,7 @@ def cases():
 
     # ITM: B positive rows, B rows of drawn negative texts (padding kept: their lengths live on the device), B rows
     # of negative images
-    itm = PackedText.concat([packing, PackedText.dense(BATCH, 35, "cuda"), packing])
+    itm = PackedText.concat([packing, PackedText.dense(BATCH, TEXT_LENGTH, "cuda"), packing])
     itm_mask = torch.cat([mask, mask[torch.randperm(BATCH, device="cuda")], mask])
     neg_image = torch.randint(0, BATCH, (BATCH,), generator=generator).cuda()
     queries, keys, values = rand(itm.tokens, HEADS * DIM), rand(BATCH, IMAGE_TOKENS, HEADS * DIM), \

@@ -1,4 +1,4 @@
-"""Reading images and BLIP's evaluation transform (PIL; the GPU pipeline comes with the data issue).
+"""Reading images for inference and batching them with BLIP's evaluation transform.
 
 An image file is read and decoded by the training pipeline's own functions
 (:func:`blip_fast.data.decode.read_image_file` and :func:`~blip_fast.data.decode.decode_image`), so
@@ -6,9 +6,9 @@ that a model sees at inference exactly the pixels it was trained on: the same re
 missing only its end marker, the same scaling of 16-bit and float grey images, the same pixel and
 file-size caps. What training skips and counts, inference refuses with an :class:`ImageError`.
 
-The evaluation transform of the original (``data/__init__.py``): resize to a square
-``image_size`` with bicubic interpolation (no crop), scale to [0, 1], normalise with the CLIP
-mean/std that BLIP uses.
+:func:`to_batch` applies the evaluation transform of the original (``data/__init__.py``), the one the data
+pipeline uses (:func:`blip_fast.data.transforms.eval_transform`): resize to a square ``image_size`` with bicubic
+interpolation (no crop), scale to [0, 1], normalise with the CLIP mean/std that BLIP uses.
 """
 
 from __future__ import annotations
@@ -17,15 +17,12 @@ import os
 import re
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
 from .data.decode import decode_image, read_image_file
 from .data.sample import BadSample
-
-MEAN = (0.48145466, 0.4578275, 0.40821073)
-STD = (0.26862954, 0.26130258, 0.27577711)
+from .data.transforms import TransformConfig, eval_transform
 
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")     # a URI scheme and "//": https://, s3://, file://
 
@@ -45,15 +42,6 @@ def load_image(path: str | Path) -> Image.Image:
         raise ImageError(error.detail) from None
 
 
-def eval_transform(image: Image.Image, image_size: int) -> torch.Tensor:
-    """(3, image_size, image_size) float32 normalised pixels."""
-    resized = image.convert("RGB").resize((image_size, image_size), Image.BICUBIC)
-    pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    mean = torch.tensor(MEAN).view(3, 1, 1)
-    std = torch.tensor(STD).view(3, 1, 1)
-    return (pixels - mean) / std
-
-
 def to_batch(images, image_size: int) -> torch.Tensor:
     """A (B, 3, S, S) batch from paths, PIL images, or an already normalised tensor batch."""
     if isinstance(images, torch.Tensor):
@@ -65,11 +53,12 @@ def to_batch(images, image_size: int) -> torch.Tensor:
     images = list(images)
     if not images:
         raise ValueError("no images given")
+    transform = TransformConfig.eval(image_size)
     tensors = []
     for item in images:
         if isinstance(item, (str, Path)):
             item = load_image(item)
         if not isinstance(item, Image.Image):
             raise TypeError(f"expected an image path, a PIL image or a tensor; got {type(item).__name__}")
-        tensors.append(eval_transform(item, image_size))
+        tensors.append(eval_transform(item, transform))
     return torch.stack(tensors)

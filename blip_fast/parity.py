@@ -7,9 +7,9 @@ differentiable inputs -- are compared with the reference on the same inputs.
 Rule (flash-attention's): the fast result's error against an fp32 (fp64 on CPU) reference must be
 at most ``2 *`` the error of the reference evaluated in the low dtype itself, plus a floor
 that absorbs summation-order noise, relative to the largest reference value:
-``err_fast <= 2 * err_lowp + atol[dtype] * max|ref|``. In fp32 the floor is what matters. (The floor
-scales with the values compared: an absolute one would pass any answer to gradients far smaller than it,
-zeros included.) Integer outputs (indices) must equal the reference's on the same
+``err_fast <= 2 * err_lowp + floor[dtype] * max|ref|`` (:data:`blip_fast.tolerances.PARITY_FLOOR`). In fp32 the
+floor is what matters. (The floor scales with the values compared: an absolute one would pass any answer to
+gradients far smaller than it, zeros included.) Integer outputs (indices) must equal the reference's on the same
 inputs; for them the "max abs" column counts mismatching elements.
 """
 
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from .ops.registry import OPS, ParityCase
+from .tolerances import PARITY_FLOOR
 
-ATOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
 
 
@@ -91,7 +91,7 @@ def _compare(fast: torch.Tensor, low: torch.Tensor, high: torch.Tensor, dtype, e
     err_fast = (fast.double() - high).abs().max().item() if fast.numel() else 0.0
     err_low = (low.double() - high).abs().max().item() if low.numel() else 0.0
     scale = high.abs().max().item() if high.numel() else 0.0
-    bound = 2 * err_low + ATOL[dtype] * scale
+    bound = 2 * err_low + PARITY_FLOOR[dtype] * scale
     finite = bool(torch.isfinite(fast).all())
     return err_fast, err_fast / max(scale, 1e-30), bound, finite and err_fast <= bound
 

@@ -61,10 +61,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..images import MEAN, STD
 from .transforms import (
     GEOMETRIC_AUGMENTS,
+    MEAN,
     RATIO,
+    STD,
     PilTransform,
     TransformConfig,
     augment_magnitude,

@@ -8,8 +8,10 @@ The original (``data/__init__.py`` of salesforce/BLIP, ``create_dataset``) build
   (``pretrain.py`` calls ``create_dataset('pretrain', config, min_scale=0.2)``) and the default 0.5
   for every fine-tuning task. LAVIS's ``blip_image_train`` processor is the same with a
   ``max_scale`` option (kept here as :attr:`TransformConfig.max_scale`).
-* evaluation -- ``Resize((S, S), interpolation=BICUBIC)``, ``ToTensor()``, ``Normalize``:
-  :func:`blip_fast.images.eval_transform`.
+* evaluation -- ``Resize((S, S), interpolation=BICUBIC)``, ``ToTensor()``, ``Normalize``
+  (:func:`eval_transform`; inference, :func:`blip_fast.images.to_batch`, calls it too).
+
+``Normalize`` uses the CLIP mean/std (:data:`MEAN`, :data:`STD`), as every BLIP transform does.
 
 ``RandomAugment`` (``transform/randaugment.py``) draws ``N`` op names uniformly *with replacement*
 (``np.random.choice(augs, N)``); each is applied with probability 0.5; its argument follows from the
@@ -52,9 +54,9 @@ import torch
 from PIL import Image, ImageFilter
 
 from ..config import ConfigError
-from ..images import MEAN, STD
-from ..images import eval_transform as _eval_resize_normalize
 
+MEAN = (0.48145466, 0.4578275, 0.40821073)    # CLIP's, per RGB channel, on [0, 1] pixels
+STD = (0.26862954, 0.26130258, 0.27577711)
 KINDS = ("pretrain", "finetune", "eval")
 DEFAULT_MIN_SCALE = {"pretrain": 0.2, "finetune": 0.5, "eval": 0.5}
 RATIO = (3.0 / 4.0, 4.0 / 3.0)          # torchvision RandomResizedCrop's default aspect-ratio range
@@ -403,8 +405,10 @@ def train_transform(image: Image.Image, config: TransformConfig,
 
 
 def eval_transform(image: Image.Image, config: TransformConfig) -> torch.Tensor:
-    """BLIP's ``transform_test``: bicubic resize to (S, S), normalise."""
-    return _eval_resize_normalize(image, config.image_size).to(config.torch_dtype)
+    """BLIP's ``transform_test``: bicubic resize to (S, S), normalise; (3, S, S) in ``config.dtype``."""
+    size = config.image_size
+    resized = image.convert("RGB").resize((size, size), Image.BICUBIC)
+    return normalize(np.asarray(resized), config.torch_dtype)
 
 
 class PilTransform:

@@ -12,6 +12,7 @@ from torch import nn
 
 from .. import ops
 from ..config import BlipConfig
+from ..text.tokenizer import with_first_token
 from .generation import GenerationConfig, check_prompt, generate
 from .med import TextDecoder
 from .vit import VisionTransformer
@@ -30,9 +31,7 @@ class BlipCaption(nn.Module):
         return self.visual_encoder(images)
 
     def decoder_inputs(self, input_ids: torch.Tensor) -> torch.Tensor:
-        ids = input_ids.clone()
-        ids[:, 0] = self.config.text.bos_token_id
-        return ids
+        return with_first_token(input_ids, self.config.text.bos_token_id)
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 prompt_length: int) -> torch.Tensor:

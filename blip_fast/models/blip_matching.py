@@ -17,6 +17,7 @@ from torch import nn
 
 from .. import ops
 from ..config import BlipConfig
+from ..text.tokenizer import with_first_token
 from .med import BlockContext, TextTransformer
 from .packing import PackedText
 from .vit import VisionTransformer
@@ -95,9 +96,7 @@ class ImageTextMatchingModel(nn.Module):
 
     def with_enc(self, input_ids: torch.Tensor) -> torch.Tensor:
         """A copy of tokenized captions with [ENC] in place of [CLS]."""
-        ids = input_ids.clone()
-        ids[:, 0] = self.config.text.enc_token_id
-        return ids
+        return with_first_token(input_ids, self.config.text.enc_token_id)
 
 
 def first_states(encoder: TextTransformer, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -46,6 +46,7 @@ from torch.profiler import record_function
 
 from .. import ops
 from ..config import BlipConfig
+from ..text.tokenizer import with_first_token
 from .blip_matching import ImageTextMatchingModel, first_rows, first_states
 from .med import BlockContext, TextDecoder, TextPass, joint_text_passes, share_all_but_self_attention
 from .packing import PackedText
@@ -109,8 +110,7 @@ class BlipPretrain(ImageTextMatchingModel):
             # cross-attention modules, hence its keys/values)
             image_kv = self.image_keys_values(image_embeds)  # per layer (k, v), each (B, H, N, D)
             itm = self.itm_rows(image_kv, input_ids, attention_mask, sim_i2t, sim_t2i, generator, packing)
-        decoder_ids = input_ids.clone()
-        decoder_ids[:, 0] = self.config.text.bos_token_id
+        decoder_ids = with_first_token(input_ids, self.config.text.bos_token_id)
         lm = TextPass(self.text_decoder.bert, decoder_ids, attention_mask, True, packing)
         targets = decoder_ids.masked_fill(decoder_ids == self.config.text.pad_token_id, ops.IGNORE_INDEX)
         if self.joint_grounded_passes:

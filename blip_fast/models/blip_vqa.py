@@ -11,6 +11,7 @@ from torch import nn
 
 from .. import ops
 from ..config import BlipConfig
+from ..text.tokenizer import with_first_token
 from .generation import GenerationConfig, generate
 from .med import TextDecoder, TextTransformer
 from .vit import VisionTransformer
@@ -32,8 +33,7 @@ class BlipVQA(nn.Module):
         if question_ids.shape[0] != images.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {question_ids.shape[0]} questions")
         image_embeds = self.visual_encoder(images)
-        ids = question_ids.clone()
-        ids[:, 0] = self.config.text.enc_token_id
+        ids = with_first_token(question_ids, self.config.text.enc_token_id)
         image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=images.device)
         return self.text_encoder(ids, question_mask, image_embeds, image_mask)
 
@@ -45,8 +45,7 @@ class BlipVQA(nn.Module):
         counts = torch.as_tensor(answers_per_question, device=states.device)
         states = states.repeat_interleave(counts, dim=0)
         mask = question_mask.repeat_interleave(counts, dim=0)
-        ids = answer_ids.clone()
-        ids[:, 0] = self.config.text.bos_token_id
+        ids = with_first_token(answer_ids, self.config.text.bos_token_id)
         targets = ids.masked_fill(ids == self.config.text.pad_token_id, ops.IGNORE_INDEX)
         per_answer = self.text_decoder.loss(ids, answer_mask, states, mask, targets, self.config.label_smoothing,
                                             reduction="sum_per_sample")

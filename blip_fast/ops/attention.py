@@ -25,6 +25,14 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..shapes import (
+    BASE_HEADS,
+    FINETUNE_TEXT_LENGTH,
+    HEAD_DIM,
+    IMAGE_TOKENS_224,
+    IMAGE_TOKENS_384,
+    PRETRAIN_TEXT_LENGTH,
+)
 from .registry import ParityCase, define_op
 
 
@@ -148,23 +156,24 @@ def _qkv_case(batch, heads, lq, lk, dim, mask, causal, fully_masked_row=False):
 
 
 def _register_parity_cases() -> None:
-    # (mode, B, H, Lq, Lk, mask, causal): the BLIP base shapes of docs/results-format.md, plus odd lengths.
+    # (mode, B, Lq, Lk, mask, causal): the BLIP base shapes of docs/results-format.md, plus odd lengths.
+    image, image_384, text, caption = IMAGE_TOKENS_224, IMAGE_TOKENS_384, FINETUNE_TEXT_LENGTH, PRETRAIN_TEXT_LENGTH
     cases = [
-        ("vit_bidirectional", 8, 12, 197, 197, False, False),
-        ("vit_bidirectional_384", 2, 12, 577, 577, False, False),
-        ("text_bidirectional", 32, 12, 35, 35, True, False),
-        ("text_bidirectional_odd", 7, 12, 13, 13, True, False),
-        ("text_causal", 32, 12, 35, 35, True, True),
-        ("text_causal_nomask", 32, 12, 30, 30, False, True),
-        ("cross_text_to_image", 32, 12, 35, 197, False, False),
-        ("cross_answer_to_question", 16, 12, 7, 35, True, False),
+        ("vit_bidirectional", 8, image, image, False, False),
+        ("vit_bidirectional_384", 2, image_384, image_384, False, False),
+        ("text_bidirectional", 32, text, text, True, False),
+        ("text_bidirectional_odd", 7, 13, 13, True, False),
+        ("text_causal", 32, text, text, True, True),
+        ("text_causal_nomask", 32, caption, caption, False, True),
+        ("cross_text_to_image", 32, text, image, False, False),
+        ("cross_answer_to_question", 16, 7, text, True, False),
     ]
-    for mode, b, h, lq, lk, mask, causal in cases:
+    for mode, b, lq, lk, mask, causal in cases:
         attention_op.parity_cases.append(
             ParityCase(
                 mode=mode,
-                shape=f"B{b} H{h} Lq{lq} Lk{lk} D64",
-                make_inputs=_qkv_case(b, h, lq, lk, 64, mask, causal),
+                shape=f"B{b} H{BASE_HEADS} Lq{lq} Lk{lk} D{HEAD_DIM}",
+                make_inputs=_qkv_case(b, BASE_HEADS, lq, lk, HEAD_DIM, mask, causal),
                 grad_argnums=(0, 1, 2),
             )
         )

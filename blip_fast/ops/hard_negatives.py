@@ -35,6 +35,7 @@ from blip_fast.kernels.hard_negatives import (
     sample_hard_negatives_triton,
 )
 
+from ..shapes import PRETRAIN_BATCH
 from . import native
 from .registry import ParityCase, define_op
 
@@ -108,7 +109,8 @@ def _hard_negatives_case(rows: int, cols: int):
     return make
 
 
-for _rows, _cols in ((2, 2), (7, 7), (96, 96), (97, 97), (7, 40), (96, 288)):
+_SHAPES = ((2, 2), (7, 7), (PRETRAIN_BATCH, PRETRAIN_BATCH), (97, 97), (7, 40), (PRETRAIN_BATCH, 3 * PRETRAIN_BATCH))
+for _rows, _cols in _SHAPES:
     hard_negatives_op.parity_cases.append(
         ParityCase(
             mode="in_batch" if _rows == _cols else "with_extra_columns",

@@ -34,6 +34,7 @@ from blip_fast.kernels.lm_loss import (
     lm_loss_ref,
 )
 
+from ..shapes import BASE_WIDTH, FINETUNE_TEXT_LENGTH, PRETRAIN_BATCH, VOCAB_SIZE
 from .registry import ParityCase, define_op
 
 
@@ -167,13 +168,13 @@ def _lm_case(tokens: int, hidden: int, vocab: int, pad_fraction: float, reductio
     return make
 
 
-# BLIP's pretraining batch (96 captions of up to 35 tokens, ~45% padding), an odd size, and the
-# per-token losses of VQA's answer decoder
-for _mode, _n, _pad, _reduction in [("pretrain", 3264, 0.45, "mean"), ("odd", 97, 0.3, "mean"),
-                                    ("per_token", 97, 0.3, "none")]:
+# BLIP's pretraining batch (96 captions of up to 35 tokens, each predicting all but its first, ~45% padding), an
+# odd size, and the per-token losses of VQA's answer decoder
+for _mode, _n, _pad, _reduction in [("pretrain", PRETRAIN_BATCH * (FINETUNE_TEXT_LENGTH - 1), 0.45, "mean"),
+                                    ("odd", 97, 0.3, "mean"), ("per_token", 97, 0.3, "none")]:
     lm_loss_op.parity_cases.append(
-        ParityCase(mode=_mode, shape=f"N{_n} H768 V30524", make_inputs=_lm_case(_n, 768, 30524, _pad, _reduction),
-                   grad_argnums=(0, 1, 2))
+        ParityCase(mode=_mode, shape=f"N{_n} H{BASE_WIDTH} V{VOCAB_SIZE}",
+                   make_inputs=_lm_case(_n, BASE_WIDTH, VOCAB_SIZE, _pad, _reduction), grad_argnums=(0, 1, 2))
     )
 
 

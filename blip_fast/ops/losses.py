@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..shapes import EMBED_DIM, PRETRAIN_BATCH, QUEUE_SIZE
 from .registry import ParityCase, define_op
 
 
@@ -116,9 +117,9 @@ def _itc_case(batch: int, queue: int, dim: int, with_idx: bool):
     return make
 
 
-for _mode, _b, _q, _idx in [("pretrain", 96, 57600, False), ("retrieval_idx", 32, 4096, True),
+for _mode, _b, _q, _idx in [("pretrain", PRETRAIN_BATCH, QUEUE_SIZE, False), ("retrieval_idx", 32, 4096, True),
                             ("odd", 7, 97, False)]:
     itc_loss_op.parity_cases.append(
-        ParityCase(mode=_mode, shape=f"B{_b} Q{_q} D256", make_inputs=_itc_case(_b, _q, 256, _idx),
+        ParityCase(mode=_mode, shape=f"B{_b} Q{_q} D{EMBED_DIM}", make_inputs=_itc_case(_b, _q, EMBED_DIM, _idx),
                    grad_argnums=(0, 1))
     )

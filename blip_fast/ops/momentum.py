@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..shapes import BASE_WIDTH, EMBED_DIM, PRETRAIN_BATCH, QUEUE_SIZE
 from .registry import ParityCase, define_op
 
 
@@ -93,12 +94,15 @@ def _enqueue_case(dim, size, batch, start):
     return make
 
 
+# one ViT-B block's weights: qkv, attention projection, MLP, a bias
+_VIT_B_BLOCK = [(3 * BASE_WIDTH, BASE_WIDTH), (BASE_WIDTH, BASE_WIDTH), (4 * BASE_WIDTH, BASE_WIDTH), (BASE_WIDTH,)]
 momentum_update_op.parity_cases.append(
-    ParityCase(mode="vit_b_block", shape="2304x768 768x768 3072x768 768",
-               make_inputs=_momentum_case([(2304, 768), (768, 768), (3072, 768), (768,)]),
-               inplace_argnums=(0,))
+    ParityCase(mode="vit_b_block", shape=" ".join("x".join(map(str, s)) for s in _VIT_B_BLOCK),
+               make_inputs=_momentum_case(_VIT_B_BLOCK), inplace_argnums=(0,))
 )
+# the last batch before the queue wraps
+_LAST_PTR = QUEUE_SIZE - PRETRAIN_BATCH
 enqueue_op.parity_cases.append(
-    ParityCase(mode="pretrain", shape="D256 Q57600 B96 ptr57504",
-               make_inputs=_enqueue_case(256, 57600, 96, 57504), inplace_argnums=(0, 1))
+    ParityCase(mode="pretrain", shape=f"D{EMBED_DIM} Q{QUEUE_SIZE} B{PRETRAIN_BATCH} ptr{_LAST_PTR}",
+               make_inputs=_enqueue_case(EMBED_DIM, QUEUE_SIZE, PRETRAIN_BATCH, _LAST_PTR), inplace_argnums=(0, 1))
 )

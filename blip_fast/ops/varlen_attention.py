@@ -33,6 +33,7 @@ from blip_fast.kernels.varlen_attention import (
     varlen_attention_ref,
 )
 
+from ..shapes import BASE_HEADS, FINETUNE_TEXT_LENGTH, HEAD_DIM, IMAGE_TOKENS_224, PRETRAIN_BATCH
 from .registry import ParityCase, define_op
 
 __all__ = ["AttentionSequences", "packed_attention_on", "varlen_attention", "varlen_attention_ref",
@@ -147,7 +148,7 @@ def _case(lengths: list[int], heads: int, kv_lengths: list[int] | None, causal: 
         seqs = AttentionSequences(*(t.to(device) for t in seqs.tensors), seqs.max_q_len, seqs.max_kv_len)
 
         def t(rows):
-            return torch.randn(rows, heads, 64, generator=generator).to(device, dtype)
+            return torch.randn(rows, heads, HEAD_DIM, generator=generator).to(device, dtype)
 
         return (t(int(q_len.sum())), t(kv_rows), t(kv_rows), seqs, causal), {}
 
@@ -156,20 +157,22 @@ def _case(lengths: list[int], heads: int, kv_lengths: list[int] | None, causal: 
 
 def _register_parity_cases() -> None:
     generator = torch.Generator().manual_seed(0)
-    captions = torch.randint(8, 36, (96,), generator=generator).tolist()  # a pretraining batch's caption lengths
+    # a pretraining batch's caption lengths
+    captions = torch.randint(8, FINETUNE_TEXT_LENGTH + 1, (PRETRAIN_BATCH,), generator=generator).tolist()
     cases = [
         ("text_bidirectional_packed", captions, None, False, None),
         ("text_causal_packed", captions, None, True, None),
-        ("text_dense_rows", [35] * 32, captions[:32], False, None),  # ITM's negative texts: padding kept as rows
-        ("cross_text_to_image", captions, [197] * 32, False, 32),  # three caption rows per image, as ITM
+        # ITM's negative texts: padding kept as rows
+        ("text_dense_rows", [FINETUNE_TEXT_LENGTH] * 32, captions[:32], False, None),
+        ("cross_text_to_image", captions, [IMAGE_TOKENS_224] * 32, False, 32),  # three caption rows per image, as ITM
         # a sequence sees at most its own rows: groups' keys must not overlap (the kernels' contract)
         ("odd", [1, 7, 13, 97], [1, 5, 1, 40], False, None),
     ]
     for mode, lengths, kv_lengths, causal, groups in cases:
         op = varlen_attention_op if groups is None else varlen_cross_attention_op
         op.parity_cases.append(ParityCase(
-            mode=mode, shape=f"S{len(lengths)} T{sum(lengths)} H12 D64",
-            make_inputs=_case(lengths, 12, kv_lengths, causal, groups), grad_argnums=(0, 1, 2)))
+            mode=mode, shape=f"S{len(lengths)} T{sum(lengths)} H{BASE_HEADS} D{HEAD_DIM}",
+            make_inputs=_case(lengths, BASE_HEADS, kv_lengths, causal, groups), grad_argnums=(0, 1, 2)))
 
 
 _register_parity_cases()

@@ -24,6 +24,14 @@ class TokenizedText:
     """(B, L) long, 1 for real tokens."""
 
 
+def with_first_token(ids: torch.Tensor, token: int) -> torch.Tensor:
+    """A copy of tokenized text ``ids`` (B, L) with ``token`` in place of each row's first ([CLS]): [ENC] for the
+    image-grounded encoder, [DEC] for the decoder (the original's ``ids = text.input_ids.clone(); ids[:, 0] = ...``)."""
+    ids = ids.clone()
+    ids[:, 0] = token
+    return ids
+
+
 class BlipTokenizer:
     pad_token_id = 0
     cls_token_id = 101

@@ -3,7 +3,9 @@
     config.py         PretrainConfig (YAML -> dataclasses, overrides); the shipped configs are in blip_fast/configs
     schedule.py       the original's warm-up + per-epoch step decay, and the alpha ramp
     optim.py          AdamW parameter groups and the fused implementations
-    engine.py         the loop: Pretrainer, optimizer_step, pretrain()
+    engine.py         the loop: Pretrainer, pretrain()
+    step.py           optimizer_step: one step (forward, backward, AdamW), run eagerly or as a CUDA graph
+    cuda_graph.py     the step captured and replayed as CUDA graphs
     checkpointing.py  atomic, exact-resume checkpoints, keep-last-K
     distributed.py    torchrun / DDP
     fsdp.py           FSDP2 (fully_shard) layout, sharded momentum update, full-state checkpoints
@@ -11,6 +13,7 @@
 """
 
 from .config import PretrainConfig, load_pretrain_config
-from .engine import Pretrainer, RunSummary, optimizer_step, pretrain
+from .engine import Pretrainer, RunSummary, pretrain
+from .step import optimizer_step
 
 __all__ = ["PretrainConfig", "Pretrainer", "RunSummary", "load_pretrain_config", "optimizer_step", "pretrain"]

@@ -111,14 +111,17 @@ def _python_state(state):
     return (version, tuple(internal), gauss)
 
 
-def save_checkpoint(out: str | Path, step: int, payload: dict, keep_last: int) -> Path:
+def save_training_checkpoint(out: str | Path, step: int, payload: dict, keep_last: int) -> Path:
+    """Write ``payload`` as the run's checkpoint of ``step``, then delete all but the newest ``keep_last``."""
     path = save_torch(payload, checkpoint_path(out, step))
     for old in list_checkpoints(out)[:-keep_last]:
         old.unlink(missing_ok=True)
     return path
 
 
-def load_checkpoint(path: str | Path) -> dict:
+def load_training_checkpoint(path: str | Path) -> dict:
+    """A run's checkpoint for resuming it (the dict of the module docstring); model weights alone for inference or
+    fine-tuning load with :func:`blip_fast.checkpoint.load_checkpoint`."""
     payload = load_torch(path)
     missing = {"model", "optimizer", "progress", "data", "rng", "config", TRAINING_CONFIG_KEY} - set(payload)
     if missing:

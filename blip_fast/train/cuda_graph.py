@@ -32,7 +32,7 @@ from types import SimpleNamespace
 
 import torch
 
-from .engine import optimizer_step
+from .step import optimizer_step
 
 
 class CudaGraphStep:

@@ -24,7 +24,6 @@ AdamW state stay fp32, so the 0.5% momentum step is not lost to bf16 rounding), 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -34,7 +33,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.profiler import record_function
 
 from .. import ops
 from ..checkpoint.io import CheckpointError, atomic_write
@@ -51,31 +49,30 @@ from .checkpointing import (
     checkpoint_step,
     latest_checkpoint,
     list_checkpoints,
-    load_checkpoint,
+    load_training_checkpoint,
     remove_stale_temp_files,
     rng_state,
-    save_checkpoint,
+    save_training_checkpoint,
     set_aside,
     set_rng_state,
 )
 from .config import PretrainConfig, pretrain_config_to_dict
+from .cuda_graph import CudaGraphStep
 from .distributed import (
     DistributedContext,
     barrier,
     init_distributed,
-    is_fully_sharded,
     mean_across_ranks,
-    no_sync,
     wrap_model,
 )
-from .divergence import DivergenceGuard, TrainingDiverged, gradients_not_finite, kept, state_is_finite
+from .divergence import DivergenceGuard, TrainingDiverged, kept, state_is_finite
 from .metrics import RunLog
 from .optim import build_optimizer, load_optimizer_state, set_learning_rate
 from .schedule import distillation_alpha, learning_rate
+from .step import LOSSES, optimizer_step
 
 log = logging.getLogger("blip_fast.train")
 
-LOSSES = ("itc", "itm", "lm")
 # packed captions' token counts are rounded up to these (blip_fast.models.packing): a multiple of 8 keeps GEMM rows
 # aligned; under CUDA graphs, where each count is a graph of its own, 64 bounds the graphs a run captures
 PACKED_TOKENS_MULTIPLE, PACKED_TOKENS_MULTIPLE_GRAPHED = 8, 64
@@ -151,50 +148,6 @@ def steps_per_epoch(samples: int, rank: int, world: int, roles: int, batch: int,
     on_rank = len(range(rank, samples, world))
     batches = sum(len(range(role, on_rank, roles)) // batch for role in range(roles))
     return batches // accum
-
-
-def autocast(device: torch.device, precision: str, cache: bool = True):
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache)
-    return contextlib.nullcontext()
-
-
-def optimizer_step(model, optimizer: torch.optim.Optimizer, micro_batches, alpha: float | torch.Tensor,
-                   generator: torch.Generator | None, precision: str = "fp32", clip_grad_norm: float = 0.0,
-                   autocast_cache: bool = True, skip_nonfinite: bool = False) -> torch.Tensor:
-    """One optimizer step of BLIP pretraining over ``micro_batches`` (objects with ``images``, ``input_ids`` and
-    ``attention_mask`` on the model's device, and the captions' ``packing``, None when they are padded). ``model`` is a
-    BlipPretrain, its DDP wrapper, or itself sharded by FSDP2. Returns the (3,) losses [itc, itm, lm] averaged over
-    the micro-batches, on the device: nothing here waits for the GPU. ``alpha`` may be a 0-d device tensor and
-    ``autocast_cache`` off, as CUDA graph capture needs (blip_fast.train.cuda_graph). ``skip_nonfinite``: the
-    optimizer (built with ``skip_nonfinite``) changes nothing when a loss or gradient is not finite; its
-    ``found_inf`` then reads 1 (blip_fast.train.divergence)."""
-    accum = len(micro_batches)
-    device = micro_batches[0].images.device
-    totals = torch.zeros(3, device=device)
-    sharded = is_fully_sharded(model)
-    if sharded:
-        from . import fsdp  # here and below imported only when used: FSDP takes a second to import
-    for index, batch in enumerate(micro_batches):
-        if sharded:
-            fsdp.update_before_forward(model)
-        with no_sync(model, skip=index + 1 < accum):
-            with autocast(device, precision, autocast_cache):
-                losses = model(batch.images, batch.input_ids, batch.attention_mask, alpha=alpha, generator=generator,
-                               packing=batch.packing)
-                stacked = torch.stack([losses[k].float() for k in LOSSES])
-            with record_function("blip.backward"):
-                (stacked.sum() / accum).backward()
-        totals += stacked.detach() / accum
-    if sharded:
-        fsdp.average_replicated_gradients(model)
-    with record_function("blip.optimizer"):
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm) if clip_grad_norm else None
-        if skip_nonfinite:
-            optimizer.found_inf.copy_(gradients_not_finite(model, totals, norm))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return totals
 
 
 def _comparable(model_config: dict) -> dict:
@@ -277,8 +230,6 @@ class Pretrainer:
         self.pack_multiple = PACKED_TOKENS_MULTIPLE_GRAPHED if config.train.cuda_graph else PACKED_TOKENS_MULTIPLE
         self.graph_step = None
         if config.train.cuda_graph:
-            from .cuda_graph import CudaGraphStep
-
             self.graph_step = CudaGraphStep(self.model, self.optimizer, self.generator, config.train.precision,
                                             config.optim.clip_grad_norm, self.skip_nonfinite)
         self.progress = Progress()
@@ -406,7 +357,7 @@ class Pretrainer:
 
     def _load_for_resume(self, path: Path) -> dict:
         try:
-            return load_checkpoint(path)
+            return load_training_checkpoint(path)
         except CheckpointError as error:
             others = [p for p in list_checkpoints(self.out) if p != path]
             if not others:
@@ -468,7 +419,7 @@ class Pretrainer:
                        "config": pretrain_config_to_dict(self.config),
                        TRAINING_CONFIG_KEY: config_to_dict(self.model_config)}
             try:
-                path = save_checkpoint(self.out, self.progress.step, payload, self.config.train.keep_last)
+                path = save_training_checkpoint(self.out, self.progress.step, payload, self.config.train.keep_last)
                 self.last_checkpoint = str(path)
             except OSError as caught:
                 error = caught

@@ -18,6 +18,7 @@ import transformers
 from tensor_checks import rel_err
 from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipForQuestionAnswering
 
+from blip_fast import tolerances
 from blip_fast.checkpoint import load_checkpoint, load_hf, load_salesforce, save_hf, save_salesforce
 from blip_fast.config import BlipConfig, TextConfig, VisionConfig, config_to_dict, tiny_config
 from blip_fast.models import GenerationConfig, build_model
@@ -26,7 +27,7 @@ from blip_fast.models.vit import position_embedding_for
 TASKS = ("pretrain", "retrieval", "caption", "vqa")
 HF_CLASSES = {"retrieval": BlipForImageTextRetrieval, "caption": BlipForConditionalGeneration,
               "vqa": BlipForQuestionAnswering}
-RTOL = 1e-5
+RTOL = tolerances.RTOL[torch.float32]
 CLS, SEP, DEC, ENC = 101, 102, 30522, 30523
 
 

@@ -17,11 +17,13 @@ from hard_negative_checks import assert_same_picks, make_sim
 from blip_fast.kernels.hard_negatives import sample_hard_negatives_ref
 from blip_fast.ops import impl_scope, native
 from blip_fast.ops.hard_negatives import hard_negatives_op, sample_hard_negatives
+from blip_fast.shapes import PRETRAIN_BATCH
 
 needs_native = pytest.mark.skipif(
     not native.HAS_NATIVE, reason=f"blip_fast._C not built ({native.IMPORT_ERROR})"
 )
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+BATCH, THREE_BATCHES = PRETRAIN_BATCH, 3 * PRETRAIN_BATCH
 
 
 def test_native_required_when_asked():
@@ -56,7 +58,8 @@ def test_registered_for_the_devices_it_was_built_for():
 
 @needs_native
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(2, 2), (7, 7), (13, 40), (96, 96), (97, 97), (96, 288), (5, 3000)])
+@pytest.mark.parametrize("shape", [(2, 2), (7, 7), (13, 40), (BATCH, BATCH), (97, 97), (BATCH, THREE_BATCHES),
+                                   (5, 3000)])
 def test_cpu_twin_matches_reference(shape, dtype):
     torch.manual_seed(0)
     rows, cols = shape
@@ -91,11 +94,11 @@ def test_cpu_twin_many_rows_strided_view_and_fallback():
 @needs_native
 def test_cpu_twin_through_the_registry():
     torch.manual_seed(0)
-    sim = make_sim(96, 96)
+    sim = make_sim(BATCH, BATCH)
     with impl_scope("cuda"):
         assert hard_negatives_op.select(sim.device) == "cuda"
         picks = sample_hard_negatives(sim, generator=torch.Generator().manual_seed(3))
-    uniforms = torch.rand(96, generator=torch.Generator().manual_seed(3))
+    uniforms = torch.rand(BATCH, generator=torch.Generator().manual_seed(3))
     assert_same_picks(picks, sample_hard_negatives_ref(sim, uniforms), sim, uniforms)
 
 
@@ -123,7 +126,7 @@ def test_cpu_twin_rejects_bad_inputs(sim, uniforms, message):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows", [96, 97, 288])
+@pytest.mark.parametrize("rows", [BATCH, 97, THREE_BATCHES])
 @pytest.mark.parametrize("extra_columns", [0, 1000])
 def test_gpu_backends_match_reference(backend, dtype, rows, extra_columns):
     cuda = torch.device("cuda")

@@ -23,8 +23,7 @@ from blip_fast.data.annotations import RetrievalAnnotations, VqaAnnotations
 from blip_fast.data.batches import CaptionBatch, CaptionBatches, open_caption_source
 from blip_fast.data.dali_pipeline import HAS_DALI, DaliOptions
 from blip_fast.data.synth import write_synthetic_dataset
-from blip_fast.data.transforms import TransformConfig
-from blip_fast.images import STD
+from blip_fast.data.transforms import STD, TransformConfig
 from blip_fast.text.clean import clean_caption
 from blip_fast.text.tokenizer import BlipTokenizer
 

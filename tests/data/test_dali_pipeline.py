@@ -35,13 +35,14 @@ from blip_fast.data.dali_pipeline import (
 from blip_fast.data.synthetic import photo_like_jpeg
 from blip_fast.data.transforms import (
     GEOMETRIC_AUGMENTS,
+    MEAN,
     RATIO,
+    STD,
     AugmentOp,
     TransformConfig,
     apply_augment_op,
     augment_magnitude,
 )
-from blip_fast.images import MEAN, STD
 
 needs_dali = pytest.mark.skipif(not HAS_DALI, reason="nvidia.dali is not importable (pip install nvidia-dali-cuda130)")
 LEVEL = 1.0 / (255.0 * min(STD))          # one pixel level in normalised units (the largest of the three)

@@ -17,6 +17,8 @@ from PIL import Image, ImageEnhance, ImageOps
 from blip_fast.config import ConfigError
 from blip_fast.data.transforms import (
     BLIP_AUGMENTS,
+    MEAN,
+    STD,
     AugmentOp,
     CropBox,
     PilTransform,
@@ -30,8 +32,7 @@ from blip_fast.data.transforms import (
     sample_train_params,
     train_transform,
 )
-from blip_fast.images import MEAN, STD
-from blip_fast.images import eval_transform as images_eval_transform
+from blip_fast.images import to_batch
 
 DRAWS = 4000
 
@@ -295,9 +296,16 @@ def test_normalisation_and_channel_order():
         assert torch.allclose(out[channel], torch.full((16, 16), expected[channel]), atol=1e-6)
 
 
-def test_eval_transform_is_the_images_module_one():
+def test_eval_transform_gives_the_originals_pixels_to_training_and_inference():
+    """``transform_test`` of the original written out with its constants (torchvision's bicubic Resize on PIL is
+    PIL's, then ToTensor and Normalize), pixel for pixel: the data pipeline's transform and inference's batches."""
     image = photo(10, 97, 35)
-    assert torch.equal(eval_transform(image, TransformConfig.eval(64)), images_eval_transform(image, 64))
+    pixels = np.asarray(image.resize((64, 64), Image.BICUBIC), dtype=np.float32) / 255.0
+    clip_mean = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
+    clip_std = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+    expected = torch.from_numpy((pixels - clip_mean) / clip_std).permute(2, 0, 1)
+    assert torch.equal(eval_transform(image, TransformConfig.eval(64)), expected)
+    assert torch.equal(to_batch(image, 64)[0], expected)
     assert eval_transform(image, TransformConfig.eval(64, dtype="bfloat16")).dtype == torch.bfloat16
 
 

@@ -15,9 +15,11 @@ from hard_negative_checks import assert_same_picks, make_sim
 
 from blip_fast.kernels import hard_negatives as hn
 from blip_fast.ops.hard_negatives import hard_negatives_op, sample_hard_negatives
+from blip_fast.shapes import PRETRAIN_BATCH
 
-SHAPES_INTERPRETER = [(2, 2), (7, 7), (13, 40), (96, 96)]
-SHAPES_GPU = [(96, 96), (97, 97), (288, 288), (96, 288)]
+BATCH, THREE_BATCHES = PRETRAIN_BATCH, 3 * PRETRAIN_BATCH
+SHAPES_INTERPRETER = [(2, 2), (7, 7), (13, 40), (BATCH, BATCH)]
+SHAPES_GPU = [(BATCH, BATCH), (97, 97), (THREE_BATCHES, THREE_BATCHES), (BATCH, THREE_BATCHES)]
 
 
 @pytest.fixture
@@ -56,7 +58,7 @@ def test_fallback_never_returns_the_diagonal():
     assert picks.tolist() == [4, 4, 4]
 
 
-@pytest.mark.parametrize("shape", [(2, 2), (7, 7), (13, 40), (97, 97), (96, 288)])
+@pytest.mark.parametrize("shape", [(2, 2), (7, 7), (13, 40), (97, 97), (BATCH, THREE_BATCHES)])
 def test_reference_never_returns_the_diagonal(shape):
     torch.manual_seed(0)
     rows, cols = shape
@@ -105,8 +107,8 @@ def test_reference_low_precision_inputs(dtype):
 def test_reference_reads_column_slices():
     """BLIP passes sim[:, :bs] of the [bs, bs + queue] similarity: a strided view."""
     torch.manual_seed(0)
-    wide, uniforms = make_sim(96, 400), torch.rand(96)
-    view = wide[:, :96]
+    wide, uniforms = make_sim(BATCH, 400), torch.rand(BATCH)
+    view = wide[:, :BATCH]
     expected = hn.sample_hard_negatives_ref(view.clone(), uniforms)
     assert torch.equal(hn.sample_hard_negatives_ref(view, uniforms), expected)
 
@@ -148,11 +150,11 @@ def test_reference_computes_float64_in_float64():
 
 def test_public_entry_draws_uniforms_from_the_generator():
     torch.manual_seed(0)
-    sim = make_sim(96, 96)
+    sim = make_sim(BATCH, BATCH)
     first = sample_hard_negatives(sim, generator=torch.Generator().manual_seed(7))
     again = sample_hard_negatives(sim, generator=torch.Generator().manual_seed(7))
     assert torch.equal(first, again)
-    uniforms = torch.rand(96, generator=torch.Generator().manual_seed(7))
+    uniforms = torch.rand(BATCH, generator=torch.Generator().manual_seed(7))
     assert torch.equal(first, hn.sample_hard_negatives_ref(sim, uniforms))
     with pytest.raises(ValueError, match="needs at least 2 candidates"):
         sample_hard_negatives(torch.randn(1, 1))

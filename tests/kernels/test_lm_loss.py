@@ -32,6 +32,7 @@ from blip_fast.ops.lm_loss import (
     lm_loss_triton,
 )
 from blip_fast.parity import check_case
+from blip_fast.shapes import BASE_WIDTH, FINETUNE_TEXT_LENGTH, PRETRAIN_BATCH, VOCAB_SIZE
 
 # (rows, hidden, vocab, chunk_rows): None = the default chunking (one chunk at these sizes)
 SHAPES = [(1, 8, 3, None), (7, 16, 97, 3), (35, 24, 1000, 16), (97, 32, 5003, 40), (13, 8, 97, 1)]
@@ -311,7 +312,8 @@ def test_triton_matches_reference_at_blip_shapes_on_gpu(case, dtype):
 @pytest.mark.gpu
 def test_triton_holds_less_memory_than_the_reference_on_gpu():
     """The point of fusing: at BLIP's batch the logits (and their fp32 copies) are never all held at once."""
-    h, w, b, t = make_inputs(3264, 768, 30524, "some", True, torch.bfloat16, "cuda")
+    tokens = PRETRAIN_BATCH * (FINETUNE_TEXT_LENGTH - 1)  # the targets of a batch of captions: all but the first
+    h, w, b, t = make_inputs(tokens, BASE_WIDTH, VOCAB_SIZE, "some", True, torch.bfloat16, "cuda")
     peaks = {}
     for name, loss_fn in (("reference", kernel.lm_loss_ref), ("triton", lm_loss_triton)):
         leaves = [x.clone().requires_grad_() for x in (h, w, b)]

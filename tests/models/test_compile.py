@@ -15,13 +15,14 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+from blip_fast import tolerances
 from blip_fast.config import tiny_config
 from blip_fast.models import BlipPretrain
 from blip_fast.models.compile import compile_blocks
 from blip_fast.models.med import TextTransformer
 from blip_fast.models.packing import PackedText
 
-RTOL = 1e-5
+RTOL = tolerances.RTOL[torch.float32]
 
 
 @pytest.fixture(autouse=True)

@@ -28,8 +28,8 @@ from blip_fast import ops
 from blip_fast.config import tiny_config
 from blip_fast.models import BlipPretrain, GenerationConfig, build_model
 from blip_fast.models.med import KVCache
+from blip_fast.tolerances import RTOL
 
-RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 CAPTION_LENGTHS = [7, 11, 4, 13, 9, 6]  # tokens per caption, padded to the longest (13); 6 divides the queue
 
 

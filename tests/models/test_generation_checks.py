@@ -10,6 +10,7 @@ from blip_fast.api import Blip
 from blip_fast.config import tiny_config
 from blip_fast.models import GenerationConfig, build_model, generate
 from blip_fast.models.generation import _process, _sampling_filter
+from blip_fast.shapes import VOCAB_SIZE
 
 DEC, SEP, PAD = 30522, 102, 0
 PROMPT = [[DEC, 1037, 3861, 1997]]  # [DEC] a picture of
@@ -75,7 +76,8 @@ def test_top_k_keeps_every_token_tied_with_the_kth():
 @pytest.mark.parametrize("top_k, top_p", [(50, 0.9), (5, 1.0), (1, 0.95), (0, 0.9), (40000, 0.7)])
 def test_sampling_filter_matches_hugging_face_warpers(top_k, top_p):
     warpers = pytest.importorskip("transformers.generation.logits_process")
-    scores = torch.cat([tied_scores(3, 30524, 0), torch.randn(3, 30524, generator=torch.Generator().manual_seed(1))])
+    untied = torch.randn(3, VOCAB_SIZE, generator=torch.Generator().manual_seed(1))
+    scores = torch.cat([tied_scores(3, VOCAB_SIZE, 0), untied])
     ids = torch.tensor(PROMPT * 6)
     theirs = scores.clone()
     if top_k:  # HF's generate adds no top-k warper for top_k=0

@@ -11,13 +11,14 @@ import torch
 from blip_fast import ops
 from blip_fast.config import base_config
 from blip_fast.models import BlipPretrain
+from blip_fast.shapes import PRETRAIN_IMAGE_SIZE, PRETRAIN_TEXT_LENGTH
 
 pytestmark = pytest.mark.gpu
 
 
 def _batch(batch: int, length: int, device):
     generator = torch.Generator().manual_seed(0)
-    images = torch.randn(batch, 3, 224, 224, generator=generator).to(device)
+    images = torch.randn(batch, 3, PRETRAIN_IMAGE_SIZE, PRETRAIN_IMAGE_SIZE, generator=generator).to(device)
     ids = torch.randint(1000, 30000, (batch, length), generator=generator)
     ids[:, 0] = 101
     mask = torch.ones_like(ids)
@@ -38,7 +39,7 @@ def test_base_pretrain_step_fast_equals_reference(autocast, tol):
     config.text.hidden_dropout = config.text.attention_dropout = 0.0
     model = BlipPretrain(config).cuda().eval()
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    images, ids, mask = _batch(12, 30, "cuda")
+    images, ids, mask = _batch(12, PRETRAIN_TEXT_LENGTH, "cuda")
     losses = {}
     for impl in ("reference", "auto"):
         model.load_state_dict(state)

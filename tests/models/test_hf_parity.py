@@ -59,8 +59,9 @@ from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
 from blip_fast.checkpoint import load_hf
 from blip_fast.models import GenerationConfig
 from blip_fast.models.vit import position_embedding_for
+from blip_fast.shapes import VOCAB_SIZE
+from blip_fast.tolerances import RTOL
 
-RTOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 PAD, CLS, SEP, DEC, ENC = 0, 101, 102, 30522, 30523
 IMAGE = 64
@@ -93,7 +94,7 @@ def hf_config(image_size: int = IMAGE, vision_intermediate: int = 256) -> transf
         vision_config=dict(hidden_size=64, intermediate_size=vision_intermediate, num_hidden_layers=2,
                            num_attention_heads=4, image_size=image_size, patch_size=16),
         text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         vocab_size=30524, max_position_embeddings=64, label_smoothing=0.1,
+                         vocab_size=VOCAB_SIZE, max_position_embeddings=64, label_smoothing=0.1,
                          hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
         image_text_hidden_size=32,
         label_smoothing=0.1,

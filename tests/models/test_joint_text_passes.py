@@ -19,8 +19,7 @@ from blip_fast.config import tiny_config
 from blip_fast.models import build_model
 from blip_fast.models.med import BlockContext, TextPass, TextTransformer, joint_text_passes
 from blip_fast.models.packing import PackedText
-
-RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+from blip_fast.tolerances import RTOL
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 

@@ -19,8 +19,10 @@ from blip_fast.config import tiny_config
 from blip_fast.models import BlipPretrain, build_model
 from blip_fast.models.med import BlockContext
 from blip_fast.models.packing import PackedText
+from blip_fast.tolerances import RTOL
 
-RTOL = {torch.float64: 1e-12, torch.float32: 1e-5}
+# tighter in fp64 than the shared table: packing moves rows, it does not change their arithmetic (module docstring)
+PACKED_RTOL = {**RTOL, torch.float64: 1e-12}
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
@@ -148,9 +150,9 @@ def test_text_transformer_packed_equals_padded(mode):
         return states.detach(), {n: p.grad for n, p in encoder.named_parameters()}
 
     packed, padded = run(True), run(False)
-    assert rel_err(packed[0], padded[0]) <= RTOL[torch.float64]
+    assert rel_err(packed[0], padded[0]) <= PACKED_RTOL[torch.float64]
     expected = {n: g for n, g in padded[1].items() if g is not None}
-    assert_grads_match({n: packed[1][n] for n in expected}, expected, RTOL[torch.float64])
+    assert_grads_match({n: packed[1][n] for n in expected}, expected, PACKED_RTOL[torch.float64])
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum_per_sample"])
@@ -164,7 +166,7 @@ def test_decoder_loss_packed_equals_padded(reduction):
         padded = model.text_decoder.loss(ids, mask, context, None, targets, 0.1, reduction)
         packed = model.text_decoder.loss(ids, mask, context, None, targets, 0.1, reduction,
                                          packing=PackedText.from_mask(mask, multiple=16))
-    assert packed.shape == padded.shape and rel_err(packed, padded) <= RTOL[torch.float64]
+    assert packed.shape == padded.shape and rel_err(packed, padded) <= PACKED_RTOL[torch.float64]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
@@ -184,7 +186,7 @@ def test_pretraining_packed_equals_padded(dtype):
 
     packed = run(PackedText.from_mask(mask, multiple=16))
     padded = run(None)
-    rtol = RTOL[dtype]
+    rtol = PACKED_RTOL[dtype]
     for name, want in padded[0].items():
         assert torch.isfinite(want) and rel_err(packed[0][name], want) <= rtol, name
     assert_grads_match(packed[1], padded[1], rtol)

@@ -18,6 +18,7 @@ from blip_fast.ops.hard_negatives import (
     sample_hard_negatives_native_op,
     sample_hard_negatives_triton_op,
 )
+from blip_fast.shapes import PRETRAIN_BATCH
 
 CPU_BACKENDS = hard_negatives_op.available(torch.device("cpu"))
 
@@ -109,9 +110,10 @@ def test_custom_ops_pass_opcheck_on_gpu(op):
         assert os.environ.get("BLIP_FAST_REQUIRE_NATIVE") != "1", "BLIP_FAST_REQUIRE_NATIVE=1 but blip_fast._C " \
             "was built without CUDA on a CUDA machine"
         pytest.skip("blip_fast._C was built without CUDA (set BLIP_FAST_REQUIRE_NATIVE=1 to make this a failure)")
-    sim, uniforms = 4.0 * torch.randn(96, 96, device="cuda"), torch.rand(96, device="cuda")
+    batch = PRETRAIN_BATCH
+    sim, uniforms = 4.0 * torch.randn(batch, batch, device="cuda"), torch.rand(batch, device="cuda")
     torch.library.opcheck(op, (sim, uniforms))
     compiled = torch.compile(negatives_of_features, fullgraph=True)
-    image, text = (t.cuda() for t in features(96))
+    image, text = (t.cuda() for t in features(batch))
     with ops.impl_scope("triton" if op is sample_hard_negatives_triton_op else "cuda"):
         assert torch.equal(compiled(image, text, 0.07, uniforms), negatives_of_features(image, text, 0.07, uniforms))

@@ -9,11 +9,12 @@ import torch
 
 from blip_fast import ops
 from blip_fast.ops.momentum import enqueue_ref, enqueue_scatter, momentum_update_foreach, momentum_update_ref
+from blip_fast.shapes import HEAD_DIM, IMAGE_TOKENS_224, PRETRAIN_BATCH, QUEUE_SIZE
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float16, 2e-3), (torch.bfloat16, 2e-2)])
 def test_foreach_momentum_update_matches_original(dtype, tol):
-    shapes = [(7, 3), (1,), (197, 64), (13, 5, 2)]
+    shapes = [(7, 3), (1,), (IMAGE_TOKENS_224, HEAD_DIM), (13, 5, 2)]
     online = [torch.randn(s).to(dtype) for s in shapes]
     momentum = [torch.randn(s).to(dtype) for s in shapes]
     expected = [m.float() * 0.995 + p.float() * 0.005 for m, p in zip(momentum, online, strict=True)]
@@ -41,7 +42,8 @@ def test_foreach_rejects_unequal_lists():
         momentum_update_foreach([torch.zeros(1)], [], 0.9)
 
 
-@pytest.mark.parametrize("size,batch,start", [(12, 4, 0), (12, 4, 8), (12, 3, 9), (57600, 96, 57504)])
+@pytest.mark.parametrize("size,batch,start", [(12, 4, 0), (12, 4, 8), (12, 3, 9),
+                                              (QUEUE_SIZE, PRETRAIN_BATCH, QUEUE_SIZE - PRETRAIN_BATCH)])
 def test_enqueue_backends_agree_when_the_original_applies(size, batch, start):
     queue = torch.randn(5, size)
     feats = torch.randn(batch, 5)

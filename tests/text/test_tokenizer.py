@@ -4,7 +4,8 @@ import pytest
 import torch
 from transformers import BertTokenizer
 
-from blip_fast.text import BlipTokenizer, clean_caption, clean_question
+from blip_fast.shapes import FINETUNE_TEXT_LENGTH, PRETRAIN_TEXT_LENGTH, VOCAB_SIZE
+from blip_fast.text import BlipTokenizer, clean_caption, clean_question, with_first_token
 from blip_fast.text.tokenizer import VOCAB_FILE
 
 TEXTS = [
@@ -26,7 +27,7 @@ def tokenizers():
     return BlipTokenizer(), theirs
 
 
-@pytest.mark.parametrize("max_length", [5, 30, 35, 512])
+@pytest.mark.parametrize("max_length", [5, PRETRAIN_TEXT_LENGTH, FINETUNE_TEXT_LENGTH, 512])
 def test_ids_match_transformers_bert_tokenizer(tokenizers, max_length):
     ours, theirs = tokenizers
     a = ours(TEXTS, max_length=max_length)
@@ -37,11 +38,17 @@ def test_ids_match_transformers_bert_tokenizer(tokenizers, max_length):
 
 def test_special_tokens(tokenizers):
     ours, theirs = tokenizers
-    assert len(ours) == 30524
+    assert len(ours) == VOCAB_SIZE
     assert (ours.bos_token_id, ours.enc_token_id) == (30522, 30523)
     assert theirs.convert_tokens_to_ids(["[DEC]", "[ENC]"]) == [30522, 30523]
     ids = ours(["[DEC] [ENC]"]).input_ids[0].tolist()
     assert ids == [101, 30522, 30523, 102]
+
+
+def test_with_first_token_replaces_cls_in_a_copy():
+    ids = torch.tensor([[101, 7, 102], [101, 102, 0]])
+    assert with_first_token(ids, 30523).tolist() == [[30523, 7, 102], [30523, 102, 0]]
+    assert ids[:, 0].tolist() == [101, 101]
 
 
 def test_padding_modes_and_decode(tokenizers):

@@ -11,11 +11,12 @@ from blip_fast import ops
 from blip_fast.config import tiny_config
 from blip_fast.models.blip_pretrain import BlipPretrain
 from blip_fast.train import engine
-from blip_fast.train.checkpointing import list_checkpoints, load_checkpoint
+from blip_fast.train.checkpointing import list_checkpoints, load_training_checkpoint
 from blip_fast.train.config import OptimConfig, load_pretrain_config
 from blip_fast.train.cuda_graph import CudaGraphStep
-from blip_fast.train.engine import optimizer_step, pretrain
+from blip_fast.train.engine import pretrain
 from blip_fast.train.optim import build_optimizer, set_learning_rate
+from blip_fast.train.step import optimizer_step
 
 
 def labelled(label: str):
@@ -118,7 +119,7 @@ def test_pretraining_with_graphs_equals_eager_and_resumes(synthetic_dir, tmp_pat
         assert [r["step"] for r in other] == [r["step"] for r in eager]
         for a, b in zip(eager, other, strict=True):
             assert [b[k] for k in keys] == pytest.approx([a[k] for k in keys], rel=1e-5, abs=1e-6), a["step"]
-    final = {name: load_checkpoint(list_checkpoints(tmp_path / name)[-1])["model"]
+    final = {name: load_training_checkpoint(list_checkpoints(tmp_path / name)[-1])["model"]
              for name in ("eager", "graphed", "halves")}
     for name, tensor in final["eager"].items():
         for other in ("graphed", "halves"):

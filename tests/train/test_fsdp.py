@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 from train_helpers import BATCH, WORLD, assert_rel_close, free_port, rank_batches, tiny_overrides
 
 from blip_fast.models.blip_pretrain import BlipPretrain
-from blip_fast.train.checkpointing import latest_checkpoint, load_checkpoint
+from blip_fast.train.checkpointing import latest_checkpoint, load_training_checkpoint
 from blip_fast.train.config import load_pretrain_config
 from blip_fast.train.optim import build_optimizer, set_learning_rate
 from blip_fast.train.schedule import learning_rate
@@ -116,7 +116,8 @@ def fsdp_run(synthetic_dir, tmp_path_factory):
     gradients = {name: p.grad.clone() for name, p in stepped.named_parameters() if p.grad is not None}
     optimizer.step()
     return SimpleNamespace(out=out, config=config, ranks=ranks, halves=halves, losses=losses, gradients=gradients,
-                           stepped=stepped, optimizer=optimizer, checkpoint=load_checkpoint(latest_checkpoint(out)))
+                           stepped=stepped, optimizer=optimizer,
+                           checkpoint=load_training_checkpoint(latest_checkpoint(out)))
 
 
 def test_fsdp_step_equals_single_process_on_the_same_batches(fsdp_run):

@@ -8,8 +8,8 @@ from blip_fast import ops
 from blip_fast.config import tiny_config
 from blip_fast.models.blip_pretrain import BlipPretrain
 from blip_fast.train.config import OptimConfig
-from blip_fast.train.engine import optimizer_step
 from blip_fast.train.optim import build_optimizer
+from blip_fast.train.step import optimizer_step
 
 
 @pytest.mark.gpu

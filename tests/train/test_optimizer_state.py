@@ -5,7 +5,7 @@ import torch
 from train_helpers import tiny_overrides
 
 from blip_fast.checkpoint import CheckpointError
-from blip_fast.train.checkpointing import list_checkpoints, load_checkpoint
+from blip_fast.train.checkpointing import list_checkpoints, load_training_checkpoint
 from blip_fast.train.config import OptimConfig, load_pretrain_config
 from blip_fast.train.engine import pretrain
 from blip_fast.train.optim import build_optimizer, load_optimizer_state
@@ -82,7 +82,7 @@ def test_resume_trains_with_the_new_settings_and_records_them(synthetic_dir, tmp
     pretrain(load_pretrain_config(None, tiny_overrides(synthetic_dir, out, "train.max_steps=3",
                                                        "optim.weight_decay=0.0")),
              resume=True, printer=lambda *_: None)
-    final = load_checkpoint(list_checkpoints(out)[-1])
+    final = load_training_checkpoint(list_checkpoints(out)[-1])
     assert final["progress"]["step"] == 3
     assert {g["weight_decay"] for g in final["optimizer"]["param_groups"]} == {0.0}  # temperature group: 0 anyway
     assert final["config"]["optim"]["weight_decay"] == 0.0

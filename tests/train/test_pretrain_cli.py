@@ -98,10 +98,10 @@ def test_ctrl_c_ends_with_a_hint_not_a_traceback(synthetic_dir, tmp_path):
     assert process.returncode == 130
     assert "interrupted (checkpoints are written atomically; continue with --resume)" in err
     assert "Traceback" not in err
-    from blip_fast.train.checkpointing import list_checkpoints, load_checkpoint
+    from blip_fast.train.checkpointing import list_checkpoints, load_training_checkpoint
 
     # the interrupt may land inside a checkpoint write: that one is abandoned, the earlier ones stay readable
-    assert load_checkpoint(list_checkpoints(tmp_path)[-1])["progress"]["step"] >= 1
+    assert load_training_checkpoint(list_checkpoints(tmp_path)[-1])["progress"]["step"] >= 1
     assert not list((tmp_path / "checkpoints").glob("*.tmp"))
 
 

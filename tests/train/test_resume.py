@@ -6,7 +6,7 @@ import pytest
 import torch
 from train_helpers import tiny_overrides
 
-from blip_fast.train.checkpointing import list_checkpoints, load_checkpoint
+from blip_fast.train.checkpointing import list_checkpoints, load_training_checkpoint
 from blip_fast.train.config import load_pretrain_config
 from blip_fast.train.engine import pretrain
 
@@ -42,8 +42,8 @@ def test_resume_continues_exactly(synthetic_dir, tmp_path, batch, stop, total, o
     keys = ("step", "loss_itc", "loss_itm", "loss_lm", "lr", "alpha", "temp")
     assert [[r[k] for k in keys] for r in a] == [[r[k] for k in keys] for r in b]
 
-    final_a = load_checkpoint(list_checkpoints(straight)[-1])
-    final_b = load_checkpoint(list_checkpoints(halves)[-1])
+    final_a = load_training_checkpoint(list_checkpoints(straight)[-1])
+    final_b = load_training_checkpoint(list_checkpoints(halves)[-1])
     assert final_a["progress"] == final_b["progress"]
     for name, tensor in final_a["model"].items():
         assert torch.equal(tensor, final_b["model"][name]), name   # includes momentum weights, queues, pointer

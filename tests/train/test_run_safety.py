@@ -12,7 +12,7 @@ from train_helpers import tiny_overrides
 from blip_fast.checkpoint import CheckpointError
 from blip_fast.config import ConfigError
 from blip_fast.models.blip_pretrain import BlipPretrain
-from blip_fast.train.checkpointing import list_checkpoints, load_checkpoint
+from blip_fast.train.checkpointing import list_checkpoints, load_training_checkpoint
 from blip_fast.train.config import load_pretrain_config
 from blip_fast.train.divergence import TrainingDiverged
 from blip_fast.train.engine import Pretrainer, pretrain
@@ -31,7 +31,8 @@ def _records(out):
 
 
 def _finite(path) -> bool:
-    return all(torch.isfinite(t).all() for t in load_checkpoint(path)["model"].values() if t.is_floating_point())
+    weights = load_training_checkpoint(path)["model"].values()
+    return all(torch.isfinite(t).all() for t in weights if t.is_floating_point())
 
 
 def _online_weights(state: dict) -> dict:
@@ -73,7 +74,7 @@ def test_skip_leaves_the_weights_of_a_non_finite_step_untouched(synthetic_dir, t
     summary = pretrain(_config(synthetic_dir, out, "train.nonfinite=skip", "train.max_steps=4",
                                "train.checkpoint_every=1", "train.keep_last=4"), printer=lambda *_: None)
     assert summary.steps == 4
-    step2, step3, step4 = (load_checkpoint(p) for p in list_checkpoints(out)[1:])
+    step2, step3, step4 = (load_training_checkpoint(p) for p in list_checkpoints(out)[1:])
     before, after = _online_weights(step2["model"]), _online_weights(step3["model"])
     assert all(torch.equal(before[k], after[k]) for k in before)
     moments = zip(step2["optimizer"]["state"].values(), step3["optimizer"]["state"].values(), strict=True)
@@ -228,7 +229,7 @@ def test_an_epoch_shortened_by_bad_entries_plans_the_rest_of_the_run_with_its_co
     assert any("5 per epoch, or fewer where entries turn out bad" in line for line in lines)
     assert any("epoch 0 gave 2 steps, not the 5 announced" in line and "missing_image 24" in line for line in lines)
     assert summary.steps == 4
-    assert load_checkpoint(list_checkpoints(out)[0])["progress"]["steps_per_epoch"] == 2
+    assert load_training_checkpoint(list_checkpoints(out)[0])["progress"]["steps_per_epoch"] == 2
     resumed = Pretrainer(load_pretrain_config(None, overrides), resume=str(list_checkpoints(out)[0]),
                          printer=lambda *_: None)
     assert (resumed.steps_per_epoch, resumed.total_steps) == (2, 4)

@@ -3,6 +3,7 @@
 import pytest
 
 from blip_fast.config import ConfigError
+from blip_fast.shapes import QUEUE_SIZE
 from blip_fast.train.config import SHIPPED, load_pretrain_config, parse_override
 from blip_fast.train.optim import parameter_groups
 from blip_fast.train.schedule import distillation_alpha, learning_rate
@@ -13,7 +14,7 @@ def test_shipped_configs_load(name):
     config = load_pretrain_config(name, ["data.paths=[a.json]"] if name != "tiny-synthetic" else [])
     model = config.model_config()
     assert model.vision.image_size == config.data.transform.image_size
-    assert model.queue_size == (57600 if name != "tiny-synthetic" else 96)
+    assert model.queue_size == (QUEUE_SIZE if name != "tiny-synthetic" else 96)
 
 
 def test_base_config_is_the_original_pretrain_yaml():
