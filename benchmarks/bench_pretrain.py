@@ -24,7 +24,7 @@ import torch
 
 from blip_fast.bench_results import command_line, device_name, write_results
 from blip_fast.train.config import load_pretrain_config
-from blip_fast.train.engine import pretrain
+from blip_fast.train.pretraining import pretrain
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,7 @@
     blip-fast bench step --impl original --impl reference --impl fast   # with the original (needs blip-ci)
 
 One step is BlipPretrain's forward (ITC + ITM + LM, momentum update, enqueue), backward and AdamW,
-exactly as ``blip-fast pretrain`` runs it (``blip_fast.train.step.optimizer_step``). The impls:
+exactly as ``blip-fast pretrain`` assembles and runs it (``blip_fast.train.speed``). The impls:
 
 ``reference``  the pure-PyTorch reference ops (``BLIP_FAST_IMPL=reference``), fp32 (TF32 matmuls on
                CUDA, like the original's measured run), captions padded to 30 tokens, AdamW one tensor
@@ -74,10 +74,11 @@ from blip_fast.models.blip_pretrain import BlipPretrain
 from blip_fast.models.packing import PackedText
 from blip_fast.shapes import PRETRAIN_BATCH, PRETRAIN_IMAGE_SIZE, PRETRAIN_TEXT_LENGTH, QUEUE_SIZE
 from blip_fast.text import BlipTokenizer
-from blip_fast.train.config import OptimConfig
-from blip_fast.train.engine import PACKED_TOKENS_MULTIPLE, PACKED_TOKENS_MULTIPLE_GRAPHED
+from blip_fast.train.config import OptimConfig, TrainConfig
+from blip_fast.train.distributed import DistributedContext
 from blip_fast.train.optim import build_optimizer
-from blip_fast.train.step import optimizer_step
+from blip_fast.train.pretraining import PACKED_TOKENS_MULTIPLE, PACKED_TOKENS_MULTIPLE_GRAPHED
+from blip_fast.train.speed import apply_speed, build_step
 
 IMPLS = ("reference", "fast")  # the default; the others run only when asked for
 ALL_IMPLS = ("original", "reference", "fast_no_graph", "fast_padded", "fast_separate", "fast")
@@ -115,10 +116,17 @@ def graphed(impl: str, device: torch.device) -> bool:
     return (impl in ("fast", "fast_padded", "fast_separate") or impl in VARIANTS) and device.type == "cuda"
 
 
+def speed_settings(impl: str, device: torch.device, compile_blocks: bool = False) -> TrainConfig:
+    """What ``impl`` applies to the plain model, as ``blip-fast pretrain``'s train section would say it."""
+    return TrainConfig(precision="fp32" if impl == "reference" else "bf16", compile=compile_blocks,
+                       cuda_graph=graphed(impl, device),
+                       joint_grounded_passes=impl not in ("reference", "fast_separate"))
+
+
 def new_model(impl: str, config) -> BlipPretrain:
-    """blip_fast's pretraining model as ``impl`` runs it (on the CPU, in training mode)."""
+    """blip_fast's pretraining model as ``impl`` runs it, without compile (on the CPU, in training mode)."""
     model = BlipPretrain(config).train()
-    model.joint_grounded_passes = impl not in ("reference", "fast_separate")
+    model.joint_grounded_passes = speed_settings(impl, torch.device("cpu")).joint_grounded_passes
     return model
 
 
@@ -127,24 +135,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def build(impl: str, config, device: torch.device):
-    """(model, run_step): ``run_step(batch)`` is one training step of ``impl``."""
+def build(impl: str, config, device: torch.device, compile_blocks: bool = False):
+    """(model, run_step): ``run_step(batch)`` is one training step of ``impl``, assembled by the trainer's own
+    functions (blip_fast.train.speed: the same order of joint passes, compile and CUDA graph)."""
     if impl == "original":
         model = original_blip().build_original_pretrain(config).to(device).train()
         optimizer = torch.optim.AdamW(params=model.parameters(), lr=ORIGINAL_LR, weight_decay=ORIGINAL_WEIGHT_DECAY)
         return model, lambda batch: original_step(model, optimizer, batch, 0.4)
-    model = new_model(impl, config).to(device)
+    model = BlipPretrain(config).to(device).train()
+    train = speed_settings(impl, device, compile_blocks)
+    parallel = apply_speed(model, train, DistributedContext(device=device))  # one process
+    optim = OptimConfig(fused="loop" if impl == "reference" else "auto")
+    optimizer = build_optimizer(model, optim, device, capturable=train.cuda_graph)
     generator = torch.Generator(device=device).manual_seed(0)
-    capture = graphed(impl, device)
-    optimizer = build_optimizer(model, OptimConfig(fused="loop" if impl == "reference" else "auto"), device,
-                                capturable=capture)
-    if capture:
-        from blip_fast.train.cuda_graph import CudaGraphStep
-
-        graph_step = CudaGraphStep(model, optimizer, generator, "bf16")  # its first step of a shape runs eagerly
-        return model, lambda batch: graph_step(batch, 0.4)
-    precision = "fp32" if impl == "reference" else "bf16"
-    return model, lambda batch: optimizer_step(model, optimizer, [batch], 0.4, generator, precision)
+    step = build_step(model, parallel, optimizer, generator, train, optim)  # graphed: a shape's first step is eager
+    return model, lambda batch: step([batch], 0.4)
 
 
 def original_step(model, optimizer, batch, alpha: float) -> None:
@@ -247,11 +252,7 @@ def profile_steps(impl: str, run_step, batch, device, steps: int) -> str:
 
 def time_steps(impl: str, config, device, batch, steps: int, warmup: int, compile_blocks: bool,
                profile_steps_count: int = 0) -> dict:
-    model, run_step = build(impl, config, device)
-    if compile_blocks:
-        from blip_fast.models.compile import compile_blocks as compile_model
-
-        compile_model(model)
+    model, run_step = build(impl, config, device, compile_blocks)
     if device.type == "cuda":
         gc.collect()  # an earlier impl's model, held by a reference cycle, would count in this one's peak
         torch.cuda.reset_peak_memory_stats(device)

@@ -127,7 +127,7 @@ def cmd_data_synth(args) -> int:
 def cmd_pretrain(args) -> int:
     from .train.config import load_pretrain_config, pretrain_config_to_dict
     from .train.divergence import TrainingDiverged
-    from .train.engine import pretrain
+    from .train.pretraining import pretrain
 
     config = load_pretrain_config(args.config, args.overrides)
     if args.print_config:

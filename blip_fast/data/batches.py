@@ -201,11 +201,12 @@ class _PrepareSample:
 class _CollatePairs:
     """Runs in the worker: tokenize the batch's captions (padded to the longest), stack the images."""
 
-    def __init__(self, tokenizer: BlipTokenizer, max_length: int):
-        self.tokenizer, self.max_length = tokenizer, max_length
+    def __init__(self, tokenizer: BlipTokenizer, max_length: int, prompt: str = ""):
+        self.tokenizer, self.max_length, self.prompt = tokenizer, max_length, prompt
 
     def __call__(self, pairs: list[_Pair]) -> CaptionBatch | _EncodedBatch:
-        text = self.tokenizer([pair.caption for pair in pairs], max_length=self.max_length, padding="longest")
+        text = self.tokenizer([self.prompt + pair.caption for pair in pairs], max_length=self.max_length,
+                              padding="longest")
         keys = [pair.key for pair in pairs]
         ids = [pair.img_id for pair in pairs]
         img_ids = torch.tensor(ids, dtype=torch.long) if all(isinstance(i, int) for i in ids) else None
@@ -245,14 +246,15 @@ class CaptionBatches:
     PIL). ``dali`` configures DALI; its ``batch_size`` is replaced by ``batch_size`` and its ``inputs``
     must be ``encoded``. ``num_workers``, ``seed``, ``shuffle``, ``shuffle_buffer``, ``rank`` and
     ``world_size`` are the :class:`~blip_fast.data.stream.SampleStream`'s; ``drop_last`` drops each
-    worker's last, partial batch (:class:`~blip_fast.data.loader.ResumableLoader`).
+    worker's last, partial batch (:class:`~blip_fast.data.loader.ResumableLoader`). ``prompt`` goes before each
+    cleaned caption, as the original's caption fine-tuning writes ``prompt + pre_caption(caption)``.
     """
 
     def __init__(self, source, transform: TransformConfig, batch_size: int, *, backend: str = "pil",
                  num_workers: int = 0, seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 1000,
                  rank: int | None = None, world_size: int | None = None, max_words: int = 30,
                  max_length: int = 30, drop_last: bool = True, dali: DaliOptions | None = None,
-                 tokenizer: BlipTokenizer | None = None):
+                 tokenizer: BlipTokenizer | None = None, prompt: str = ""):
         if isinstance(source, VqaAnnotations):
             raise ValueError("a VQA source has questions, not captions; use CaptionAnnotations or TarShards")
         if not isinstance(transform, TransformConfig):
@@ -275,7 +277,7 @@ class CaptionBatches:
                               world_size=world_size, decode="pil" if pil else "bytes", transform=self._prepare)
         self._prepare.stream = stream
         self._loader = ResumableLoader(stream, batch_size, num_workers=num_workers, drop_last=drop_last,
-                                       collate_fn=_CollatePairs(tokenizer or BlipTokenizer(), max_length))
+                                       collate_fn=_CollatePairs(tokenizer or BlipTokenizer(), max_length, prompt))
         self._state: dict | None = None          # loader state after the last batch handed out (None: the loader's)
         self._checkpoint: bytes | None = None    # DALI state to build the next pipeline from
         self._dali_loader: DaliTransformLoader | None = None   # the pipeline of the last pass, if unfinished

@@ -28,18 +28,20 @@ Capture does not run the step: the batch that triggers a capture is then trained
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import torch
 
-from .step import optimizer_step
+from .step import optimizer_step, pretraining_losses
 
 
 class CudaGraphStep:
     """``step(batch, alpha)`` = ``optimizer_step(model, optimizer, [batch], alpha, ...)``, replayed from graphs."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator | None,
-                 precision: str = "bf16", clip_grad_norm: float = 0.0, skip_nonfinite: bool = False):
+                 precision: str = "bf16", clip_grad_norm: float = 0.0, skip_nonfinite: bool = False,
+                 forward: Callable = pretraining_losses):
         device = next(model.parameters()).device
         if device.type != "cuda":
             raise ValueError(f"CUDA graphs need the model on a CUDA device, not {device}")
@@ -51,6 +53,7 @@ class CudaGraphStep:
                                "(CUDAGraph.register_generator_state); use train.cuda_graph=false")
         self.model, self.optimizer, self.generator = model, optimizer, generator
         self.precision, self.clip_grad_norm, self.skip_nonfinite = precision, clip_grad_norm, skip_nonfinite
+        self.forward = forward
         self.device = device
         self.alpha = torch.zeros((), device=device)
         self.stream = torch.cuda.Stream(device)
@@ -65,7 +68,8 @@ class CudaGraphStep:
 
     def _step(self, batch) -> torch.Tensor:
         return optimizer_step(self.model, self.optimizer, [batch], self.alpha, self.generator, self.precision,
-                              self.clip_grad_norm, autocast_cache=False, skip_nonfinite=self.skip_nonfinite)
+                              self.clip_grad_norm, autocast_cache=False, skip_nonfinite=self.skip_nonfinite,
+                              forward=self.forward)
 
     @contextlib.contextmanager
     def _on_side_stream(self):

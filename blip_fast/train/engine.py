@@ -1,25 +1,22 @@
-"""``blip-fast pretrain``: the pretraining loop of BLIP's ``pretrain.py``, made fast and restartable.
+"""The training engine every BLIP task runs on: the loop, exact resume, checkpoints, logging, schedules.
 
-One optimizer step, as the original (the order inside the forward is BlipPretrain's):
+A task (pretraining in blip_fast.train.pretrain, caption fine-tuning in blip_fast.train.caption) is a
+:class:`Trainer` subclass that says what it trains -- a model, its losses, its data and its evaluation -- through
+a few methods (:meth:`Trainer.build_model`, :meth:`~Trainer.build_data`, :attr:`~Trainer.forward`, ...). Everything
+else is shared: speed applied to the model in one order (blip_fast.train.speed), the optimizer and its schedule,
+gradient accumulation, the step (eager or a CUDA graph), non-finite losses (blip_fast.train.divergence), logging,
+checkpoints written atomically and resumed exactly, and the distributed machinery.
 
-    lr  <- schedule(epoch, step in epoch)          alpha <- ramp(epoch, step in epoch)
+One optimizer step, as the original's training loops:
+
+    lr  <- schedule(epoch, step in epoch)          alpha <- the task's (pretraining: a ramp)
     for each of grad_accum_steps micro-batches:     (DDP / FSDP reduce gradients only on the last)
-        itc, itm, lm = model(images, captions, alpha)   # momentum update, queue enqueue inside
-        ((itc + itm + lm) / grad_accum_steps).backward()
+        losses = task forward(model, batch, alpha)
+        (sum(losses) / grad_accum_steps).backward()
     clip (optional), AdamW step
 
-With ``train.distributed: fsdp`` the momentum update runs on the sharded weights just before each
-forward instead, and the (unsharded) temperature's gradient is averaged over ranks by hand
-(blip_fast.train.fsdp says why).
-
-Nothing in the step reads a value back to the host: losses are summed on the device and read
-every ``log_every`` steps, which is also when ranks average them. The hard-negative sampler draws
-from its own generator (saved in checkpoints), dropout from torch's.
-
-Speed options (``train``): ``precision: bf16`` (autocast; weights, momentum copies, queues and
-AdamW state stay fp32, so the 0.5% momentum step is not lost to bf16 rounding), ``compile``
-(each transformer block separately, see blip_fast.models.compile), ``activation_checkpointing``;
-``optim.fused``. Captions are padded to the longest of each batch (blip_fast.data.batches).
+Nothing in the step reads a value back to the host: losses are summed on the device and read every
+``log_every`` steps, which is also when ranks average them.
 """
 
 from __future__ import annotations
@@ -38,13 +35,9 @@ from .. import ops
 from ..checkpoint.io import CheckpointError, atomic_write
 from ..checkpoint.salesforce import TRAINING_CONFIG_KEY
 from ..config import ConfigError, architecture, config_to_dict
-from ..data.annotations import RetrievalAnnotations
 from ..data.batches import CaptionBatches, open_caption_source
 from ..data.synth import write_synthetic_dataset
-from ..evaluation.retrieval import RetrievalResult, evaluate_retrieval
-from ..models.blip_pretrain import BlipPretrain
-from ..models.packing import PackedText
-from ..ops.momentum import enqueue_op
+from ..evaluation.retrieval import RetrievalResult
 from .checkpointing import (
     checkpoint_step,
     latest_checkpoint,
@@ -57,26 +50,19 @@ from .checkpointing import (
     set_rng_state,
 )
 from .config import PretrainConfig, pretrain_config_to_dict
-from .cuda_graph import CudaGraphStep
 from .distributed import (
     DistributedContext,
     barrier,
     init_distributed,
     mean_across_ranks,
-    wrap_model,
 )
 from .divergence import DivergenceGuard, TrainingDiverged, kept, state_is_finite
 from .metrics import RunLog
 from .optim import build_optimizer, load_optimizer_state, set_learning_rate
-from .schedule import distillation_alpha, learning_rate
-from .step import LOSSES, optimizer_step
+from .schedule import learning_rate
+from .speed import apply_speed, build_step
 
 log = logging.getLogger("blip_fast.train")
-
-# packed captions' token counts are rounded up to these (blip_fast.models.packing): a multiple of 8 keeps GEMM rows
-# aligned; under CUDA graphs, where each count is a graph of its own, 64 bounds the graphs a run captures
-PACKED_TOKENS_MULTIPLE, PACKED_TOKENS_MULTIPLE_GRAPHED = 8, 64
-
 
 @dataclass
 class RunSummary:
@@ -116,8 +102,9 @@ class Progress:
 class LossWindow:
     """The losses summed on the device since the last log step; steps a skip left out count as nothing."""
 
-    def __init__(self, device: torch.device):
-        self.sums = torch.zeros(3, device=device)
+    def __init__(self, device: torch.device, names: tuple[str, ...]):
+        self.names = names
+        self.sums = torch.zeros(len(names), device=device)
         self.counted = torch.zeros((), device=device)
         self.steps = 0
         self.started = time.perf_counter()
@@ -133,7 +120,7 @@ class LossWindow:
         sums = mean_across_ranks(torch.cat([self.sums, self.counted[None]]), ctx).tolist()
         counted = sums.pop()
         means = [value / counted if counted else None for value in sums]
-        self.last_losses = dict(zip(LOSSES, means, strict=True))
+        self.last_losses = dict(zip(self.names, means, strict=True))
         total = sum(means) if counted else None
         return {"loss": total, **{f"loss_{k}": v for k, v in self.last_losses.items()}}
 
@@ -170,9 +157,14 @@ def _data_source(config: dict) -> dict:
                                      "synthetic_image_size")}
 
 
+def synthetic_folder(config: PretrainConfig) -> Path:
+    """Where the built-in synthetic dataset of a run lives (``data.synthetic_dir``, default ``<train.out>/data``)."""
+    return Path(config.data.synthetic_dir or Path(config.train.out) / "data")
+
+
 def ensure_synthetic_data(config: PretrainConfig, ctx: DistributedContext, printer) -> Path:
     data = config.data
-    folder = Path(data.synthetic_dir or Path(config.train.out) / "data")
+    folder = synthetic_folder(config)
     info_path = folder / "info.json"
     if ctx.is_main and not info_path.is_file():
         printer(f"writing the synthetic dataset ({data.synthetic_n} scenes, {data.synthetic_image_size} px) "
@@ -190,8 +182,14 @@ def ensure_synthetic_data(config: PretrainConfig, ctx: DistributedContext, print
     return folder
 
 
-class Pretrainer:
-    """Builds model, data and optimizer from a :class:`PretrainConfig` and runs :meth:`run`."""
+class Trainer:
+    """Builds model, data and optimizer from a run's config and runs :meth:`run`; a task subclasses it (see the
+    module docstring) and defines what the methods marked *task* below say."""
+
+    task_name = "training"
+    """What the start line calls the run."""
+    loss_names: tuple[str, ...] = ()
+    """*Task*: the names :meth:`forward` returns, in its order."""
 
     def __init__(self, config: PretrainConfig, resume: str | bool = False, printer=print):
         self.config, self.printer = config, printer
@@ -201,45 +199,104 @@ class Pretrainer:
         if config.train.cuda_graph:
             self._check_cuda_graph()
         self.model_config = config.model_config()
-        if config.train.activation_checkpointing:
-            self.model_config.vision.grad_checkpointing = True
         seed = config.train.seed + self.ctx.rank  # as the original: DDP then copies rank 0's weights
         torch.manual_seed(seed)
-        self._build_data()
-        self._check_queue()
-        self.model = BlipPretrain(self.model_config).to(self.device)
+        self.build_data()
+        self.check()
+        self.model = self.build_model().to(self.device)
         self.skip_nonfinite = config.train.nonfinite == "skip"
         self.guard = DivergenceGuard(self.device, config.train.nonfinite, config.train.max_consecutive_skips)
         self.last_checkpoint: str | None = None  # the newest checkpoint of this run's lineage on disk
-        self.model.joint_grounded_passes = config.train.joint_grounded_passes
-        if config.train.compile:
-            from ..models.compile import compile_blocks
-
-            compiled = compile_blocks(self.model)
-            log.info("torch.compile: %d transformer blocks", compiled)
-        if self.ctx.sharded:  # shard in place, then the optimizer over the shards, then load them
+        self.parallel_model = apply_speed(self.model, config.train, self.ctx)
+        if self.ctx.sharded:  # the optimizer over FSDP's shards, which the resume then loads
             from . import fsdp
 
-            fsdp.apply_fsdp(self.model, self.device, config.train.precision)
             self.optimizer = fsdp.build_sharded_optimizer(self.model, config.optim, self.device)
         else:
             self.optimizer = build_optimizer(self.model, config.optim, self.device,
                                              capturable=config.train.cuda_graph, skip_nonfinite=self.skip_nonfinite)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
-        # a captured graph has one token count: rounding it up to 64 bounds the number of graphs
-        self.pack_multiple = PACKED_TOKENS_MULTIPLE_GRAPHED if config.train.cuda_graph else PACKED_TOKENS_MULTIPLE
-        self.graph_step = None
-        if config.train.cuda_graph:
-            self.graph_step = CudaGraphStep(self.model, self.optimizer, self.generator, config.train.precision,
-                                            config.optim.clip_grad_norm, self.skip_nonfinite)
+        self.step = build_step(self.model, self.parallel_model, self.optimizer, self.generator, config.train,
+                               config.optim, self.forward)
         self.progress = Progress()
-        self.alpha = 0.0  # the distillation weight of the last step (logged)
+        self.alpha = 0.0  # the task's alpha of the last step (pretraining's distillation weight; logged)
         self.resumed_from = self._resume(resume)
-        self.parallel_model = wrap_model(self.model, self.ctx)
         self.samples_per_step = config.data.batch_size * self.ctx.world_size * config.optim.grad_accum_steps
         if self.progress.steps_per_epoch is not None:  # counted by the run this one resumes
             self.steps_per_epoch = self.progress.steps_per_epoch
         self.total_steps = self._planned_steps()
+
+    # ------------------------------------------------------------------ what a task defines
+
+    def forward(self, model, batch, alpha, generator) -> dict:
+        """*Task*: ``{loss name: loss}`` of ``model`` (or its DDP wrapper) on a batch (blip_fast.train.step)."""
+        raise NotImplementedError
+
+    def build_data(self) -> None:
+        """*Task*: set ``self.batches`` (resumable training batches) and ``self.steps_per_epoch``."""
+        raise NotImplementedError
+
+    def build_model(self) -> torch.nn.Module:
+        """*Task*: the plain model, from ``self.model_config`` (speed is applied afterwards, the same for all)."""
+        raise NotImplementedError
+
+    def check(self) -> None:
+        """*Task*: start-up checks of the data against the model, before anything is built (none by default)."""
+
+    def prepare(self, batch):
+        """*Task*: a batch as the step takes it, still on the host (as it comes by default)."""
+        return batch
+
+    def step_alpha(self) -> float:
+        """*Task*: the ``alpha`` the forward gets at the current progress (0 by default)."""
+        return 0.0
+
+    def log_values(self) -> dict:
+        """*Task*: values of the model logged with each step record (none by default)."""
+        return {}
+
+    def evaluate(self, runlog: RunLog) -> RetrievalResult | None:
+        """*Task*: the end-of-run evaluation, logged to ``runlog`` (none by default)."""
+        return None
+
+    # ------------------------------------------------------------------ caption data, for the tasks that train on it
+
+    def caption_source(self):
+        """The training pairs ``data`` names: the built-in synthetic scenes (written on first use), or JSON lists or
+        tar shards of the user's."""
+        data = self.config.data
+        if data.kind == "synthetic":
+            folder = ensure_synthetic_data(self.config, self.ctx, self.printer)
+            return open_caption_source("json", [folder / "train.json"], folder)
+        return open_caption_source(data.kind, data.paths, data.image_root)
+
+    def use_caption_batches(self, source, prompt: str = "") -> None:
+        """``self.batches`` of ``source``'s pairs (each caption after ``prompt``) and ``self.steps_per_epoch``."""
+        config, data = self.config, self.config.data
+        self.batches = CaptionBatches(
+            source, data.transform, data.batch_size, backend=data.backend, num_workers=data.num_workers,
+            seed=config.train.seed, shuffle=True, shuffle_buffer=data.shuffle_buffer, rank=self.ctx.rank,
+            world_size=self.ctx.world_size, max_words=data.max_words, max_length=self.model_config.max_text_length,
+            drop_last=True, prompt=prompt)
+        if hasattr(source, "__len__") and data.kind != "shards":
+            self.steps_per_epoch = steps_per_epoch(len(source), self.ctx.rank, self.ctx.world_size,
+                                                   max(1, data.num_workers), data.batch_size,
+                                                   config.optim.grad_accum_steps)
+        elif data.steps_per_epoch is not None:  # batches per rank: optimizer steps take grad_accum_steps each
+            self.steps_per_epoch = data.steps_per_epoch // config.optim.grad_accum_steps
+            if self.steps_per_epoch < 1:
+                raise ConfigError(f"data.steps_per_epoch={data.steps_per_epoch} batches give no optimizer step of "
+                                  f"optim.grad_accum_steps={config.optim.grad_accum_steps}")
+        else:
+            raise ConfigError("data.kind=shards: set data.steps_per_epoch (batches per epoch per rank), which the "
+                              "alpha ramp and the ETA need; shards do not say how many samples they hold")
+        if self.steps_per_epoch < 1:
+            raise ConfigError(f"{len(source)} training pairs give no full batch of {data.batch_size} per rank "
+                              f"({self.ctx.world_size} ranks x {max(1, data.num_workers)} workers): lower "
+                              "data.batch_size or data.num_workers")
+
+
+    # ------------------------------------------------------------------ the run
 
     def _planned_steps(self) -> int:
         """Optimizer steps of the whole run: those done, then the rest of this epoch and of the later ones."""
@@ -262,53 +319,6 @@ class Pretrainer:
             problems.append("torch's fused AdamW (optim.fused=auto or torch)")
         if problems:
             raise ConfigError("train.cuda_graph=true needs " + "; ".join(problems))
-
-    def _check_queue(self) -> None:
-        """The queues take every micro-batch's momentum features of all ranks at once: refused here, not at step 1."""
-        queue = self.model_config.queue_size
-        batch = self.config.data.batch_size * self.ctx.world_size
-        if batch > queue:
-            raise ConfigError(f"model.queue_size={queue} is smaller than the global batch of {batch} pairs "
-                              f"(data.batch_size={self.config.data.batch_size} x {self.ctx.world_size} ranks)")
-        with ops.impl_scope(self.config.train.impl):
-            backend = enqueue_op.select(self.device)
-        if backend == "reference" and queue % batch:  # the original's enqueue writes whole batches only
-            raise ConfigError(f"model.queue_size={queue} must be a multiple of the global batch of {batch} pairs "
-                              f"with the reference enqueue (train.impl={self.config.train.impl})")
-
-    def _build_data(self) -> None:
-        config, data = self.config, self.config.data
-        self.eval_annotations = None
-        if data.kind == "synthetic":
-            folder = ensure_synthetic_data(config, self.ctx, self.printer)
-            source = open_caption_source("json", [folder / "train.json"], folder)
-            if config.train.eval_size and not data.eval_path:
-                self.eval_annotations = RetrievalAnnotations(folder / "test.json", folder)
-        else:
-            source = open_caption_source(data.kind, data.paths, data.image_root)
-        if data.eval_path and config.train.eval_size:
-            self.eval_annotations = RetrievalAnnotations(data.eval_path, data.image_root)
-        self.batches = CaptionBatches(
-            source, data.transform, data.batch_size, backend=data.backend, num_workers=data.num_workers,
-            seed=config.train.seed, shuffle=True, shuffle_buffer=data.shuffle_buffer, rank=self.ctx.rank,
-            world_size=self.ctx.world_size, max_words=data.max_words, max_length=self.model_config.max_text_length,
-            drop_last=True)
-        if hasattr(source, "__len__") and data.kind != "shards":
-            self.steps_per_epoch = steps_per_epoch(len(source), self.ctx.rank, self.ctx.world_size,
-                                                   max(1, data.num_workers), data.batch_size,
-                                                   config.optim.grad_accum_steps)
-        elif data.steps_per_epoch is not None:  # batches per rank: optimizer steps take grad_accum_steps each
-            self.steps_per_epoch = data.steps_per_epoch // config.optim.grad_accum_steps
-            if self.steps_per_epoch < 1:
-                raise ConfigError(f"data.steps_per_epoch={data.steps_per_epoch} batches give no optimizer step of "
-                                  f"optim.grad_accum_steps={config.optim.grad_accum_steps}")
-        else:
-            raise ConfigError("data.kind=shards: set data.steps_per_epoch (batches per epoch per rank), which the "
-                              "alpha ramp and the ETA need; shards do not say how many samples they hold")
-        if self.steps_per_epoch < 1:
-            raise ConfigError(f"{len(source)} training pairs give no full batch of {data.batch_size} per rank "
-                              f"({self.ctx.world_size} ranks x {max(1, data.num_workers)} workers): lower "
-                              "data.batch_size or data.num_workers")
 
     def _resume(self, resume: str | bool) -> str | None:
         if not resume:
@@ -438,16 +448,11 @@ class Pretrainer:
     # ------------------------------------------------------------------ the loop
 
     def train_step(self, micro_batches) -> torch.Tensor:
-        """One optimizer step at the current progress (learning rate and alpha from the schedules)."""
+        """One optimizer step at the current progress (learning rate from the schedule, alpha from the task)."""
         p = self.progress
         set_learning_rate(self.optimizer, learning_rate(self.config.optim, p.epoch, p.step_in_epoch))
-        self.alpha = distillation_alpha(self.model_config.alpha, p.epoch, p.step_in_epoch, self.steps_per_epoch,
-                                        self.config.train.alpha_ramp_epochs)
-        if self.graph_step is not None:
-            return self.graph_step(micro_batches[0], self.alpha)
-        return optimizer_step(self.parallel_model, self.optimizer, micro_batches, self.alpha, self.generator,
-                              self.config.train.precision, self.config.optim.clip_grad_norm,
-                              skip_nonfinite=self.skip_nonfinite)
+        self.alpha = self.step_alpha()
+        return self.step(micro_batches, self.alpha)
 
     def run(self) -> RunSummary:
         if self.ctx.is_main:
@@ -469,8 +474,9 @@ class Pretrainer:
     def _run(self, runlog: RunLog) -> RunSummary:
         config, p = self.config, self.progress
         trained = sum(param.numel() for param in self.model.parameters() if param.requires_grad)
-        self.printer(f"pretraining {config.preset} BLIP ({trained / 1e6:.1f} M trained parameters) on {self.device}"
-                     f"{f' x {self.ctx.world_size} ranks' if self.ctx.active else ''}: {self.total_steps} steps of "
+        ranks = f" x {self.ctx.world_size} ranks" if self.ctx.active else ""
+        self.printer(f"{self.task_name} {config.preset} BLIP ({trained / 1e6:.1f} M trained parameters) on "
+                     f"{self.device}{ranks}: {self.total_steps} steps of "
                      f"{self.samples_per_step} pairs ({self.steps_per_epoch} per epoch{self._counted()}), images via "
                      f"{self.batches.backend}, {config.train.precision}, out {self.out}")
         if self.resumed_from:  # steps after this one may be in metrics.jsonl already, from the abandoned run
@@ -478,7 +484,7 @@ class Pretrainer:
                          f"resumed at step {p.step}: records of later steps above this line come from the run it "
                          "continues")
         last_saved = p.step if self.resumed_from else None
-        window = LossWindow(self.device)
+        window = LossWindow(self.device, self.loss_names)
         started = time.perf_counter()
         start_samples = p.samples
         runlog.start(p.step)
@@ -489,9 +495,7 @@ class Pretrainer:
                 # a pass resumed at the end of its epoch's data has nothing left to give, and that is no fault
                 pending, steps_in_pass, from_epoch_start = [], 0, p.step_in_epoch == 0
                 for batch in self.batches:
-                    if config.train.pack_text:  # counted on the host, from the tokenizer's mask
-                        batch.packing = PackedText.from_mask(batch.attention_mask, self.pack_multiple)
-                    pending.append(batch.to(self.device, non_blocking=True))
+                    pending.append(self.prepare(batch).to(self.device, non_blocking=True))
                     if len(pending) < config.optim.grad_accum_steps:
                         continue
                     losses = self.train_step(pending)
@@ -520,7 +524,7 @@ class Pretrainer:
                 self._log(runlog, window, started)
             seconds = time.perf_counter() - started
             path = self.save(final=True) if last_saved != p.step else self.last_checkpoint
-            retrieval = self._evaluate(runlog)
+            retrieval = self.evaluate(runlog)
         samples = p.samples - start_samples
         summary = RunSummary(p.step, p.epoch, samples, seconds, samples / seconds if seconds > 0 else math.nan,
                              window.last_losses, str(path) if path else None, self.batches.stats.summary(),
@@ -558,8 +562,7 @@ class Pretrainer:
         p = self.progress
         now = time.perf_counter()
         record = {"step": p.step, "epoch": p.epoch, "lr": float(self.optimizer.param_groups[0]["lr"]),
-                  "alpha": self.alpha, "temp": float(self.model.temp.detach()),
-                  **window.read(self.ctx),
+                  "alpha": self.alpha, **self.log_values(), **window.read(self.ctx),
                   "samples_per_s": window.steps * self.samples_per_step / (now - window.started),
                   "elapsed_s": now - started, "skipped": self.batches.stats.total_skipped}
         if self.skip_nonfinite:
@@ -567,31 +570,5 @@ class Pretrainer:
         runlog.step(record)
         window.reset(now)
 
-    def _evaluate(self, runlog: RunLog) -> RetrievalResult | None:
-        if self.eval_annotations is None or not self.config.train.eval_size:
-            return None
-        result = None
-        model = self.model
-        if self.ctx.sharded:  # the evaluation calls the model's parts directly, outside FSDP's forward hooks
-            from . import fsdp
-
-            model = fsdp.unsharded_copy(self.model)
-        if self.ctx.is_main:  # in fp32 whatever the training precision, as the original: bf16 similarities tie
-            # and reorder candidates (on the tiny model, 61 distinct values in a row of 200 instead of 189)
-            result = evaluate_retrieval(model, self.eval_annotations, self.model_config.vision.image_size,
-                                        limit=self.config.train.eval_size, itm_k=self.config.train.eval_itm_k)
-            runlog.event({"kind": "eval", "step": self.progress.step, **result.metrics},
-                         f"zero-shot {result.summary()}")
-        barrier(self.ctx)
-        return result
-
     def close(self) -> None:
         self.ctx.close()
-
-
-def pretrain(config: PretrainConfig, resume: str | bool = False, printer=print) -> RunSummary:
-    trainer = Pretrainer(config, resume=resume, printer=printer)
-    try:
-        return trainer.run()
-    finally:
-        trainer.close()

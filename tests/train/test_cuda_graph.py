@@ -7,15 +7,15 @@ import pytest
 import torch
 from train_helpers import synthetic_step_batch, tiny_overrides
 
+import blip_fast.train.pretraining as pretraining
 from blip_fast import ops
 from blip_fast.config import tiny_config
 from blip_fast.models.blip_pretrain import BlipPretrain
-from blip_fast.train import engine
 from blip_fast.train.checkpointing import list_checkpoints, load_training_checkpoint
 from blip_fast.train.config import OptimConfig, load_pretrain_config
 from blip_fast.train.cuda_graph import CudaGraphStep
-from blip_fast.train.engine import pretrain
 from blip_fast.train.optim import build_optimizer, set_learning_rate
+from blip_fast.train.pretraining import pretrain
 from blip_fast.train.step import optimizer_step
 
 
@@ -103,7 +103,7 @@ def test_pretraining_with_graphs_equals_eager_and_resumes(synthetic_dir, tmp_pat
     new length run eagerly once, so the run mixes eager steps, captures and replays. The eager run packs its
     captions to the graphed run's token multiple: the gradient of a key projection's bias is zero but for rounding,
     which the GEMMs' shapes change, and Adam's first steps turn its sign into a full learning-rate step."""
-    monkeypatch.setattr(engine, "PACKED_TOKENS_MULTIPLE", engine.PACKED_TOKENS_MULTIPLE_GRAPHED)
+    monkeypatch.setattr(pretraining, "PACKED_TOKENS_MULTIPLE", pretraining.PACKED_TOKENS_MULTIPLE_GRAPHED)
     def run(out, steps, graph, resume=False):
         config = load_pretrain_config(None, tiny_overrides(synthetic_dir, out, "train.device=cuda",
                                                            f"train.max_steps={steps}", f"train.cuda_graph={graph}"))

@@ -7,7 +7,7 @@ from train_helpers import tiny_overrides
 
 from blip_fast.data.dali_pipeline import HAS_DALI
 from blip_fast.train.config import load_pretrain_config
-from blip_fast.train.engine import pretrain
+from blip_fast.train.pretraining import pretrain
 
 
 def _run(overrides, tmp_path):

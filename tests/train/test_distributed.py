@@ -30,7 +30,7 @@ def _overrides(synthetic_dir, out):
 
 
 def _rank_main(rank, port, synthetic_dir, out, batches):
-    from blip_fast.train.engine import Pretrainer
+    from blip_fast.train.pretraining import Pretrainer
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                       LOCAL_RANK=str(rank))

@@ -9,7 +9,7 @@ from train_helpers import tiny_overrides
 from blip_fast import ops
 from blip_fast.models.blip_pretrain import BlipPretrain
 from blip_fast.train.config import load_pretrain_config
-from blip_fast.train.engine import pretrain
+from blip_fast.train.pretraining import pretrain
 
 
 def _batch(synthetic_dir, n=8):

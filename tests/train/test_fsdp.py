@@ -52,7 +52,7 @@ def _full_gradients(model) -> dict:
 
 def _rank_main(rank, port, synthetic_dir, out, batches):
     from blip_fast.train import fsdp
-    from blip_fast.train.engine import Pretrainer
+    from blip_fast.train.pretraining import Pretrainer
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                       LOCAL_RANK=str(rank))
@@ -184,7 +184,7 @@ BF16_STEPS = 3
 
 def _bf16_rank_main(rank, port, synthetic_dir, out, batches, distributed):
     """Three bf16 steps on this rank's batch; under FSDP also the dtypes a block's weights have in its forward."""
-    from blip_fast.train.engine import Pretrainer
+    from blip_fast.train.pretraining import Pretrainer
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                       LOCAL_RANK=str(rank))

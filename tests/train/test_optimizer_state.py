@@ -7,8 +7,8 @@ from train_helpers import tiny_overrides
 from blip_fast.checkpoint import CheckpointError
 from blip_fast.train.checkpointing import list_checkpoints, load_training_checkpoint
 from blip_fast.train.config import OptimConfig, load_pretrain_config
-from blip_fast.train.engine import pretrain
 from blip_fast.train.optim import build_optimizer, load_optimizer_state
+from blip_fast.train.pretraining import pretrain
 
 CPU = torch.device("cpu")
 

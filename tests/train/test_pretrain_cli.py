@@ -62,7 +62,7 @@ def test_resume_of_a_file_that_is_not_a_training_checkpoint(synthetic_dir, tmp_p
 ])
 def test_training_options_run(synthetic_dir, tmp_path, options):
     from blip_fast.train.config import load_pretrain_config
-    from blip_fast.train.engine import pretrain
+    from blip_fast.train.pretraining import pretrain
 
     config = load_pretrain_config(None, [*tiny_overrides(synthetic_dir, tmp_path), "train.max_steps=4", *options])
     summary = pretrain(config, printer=lambda *_: None)
@@ -110,18 +110,18 @@ def test_the_evaluation_runs_in_fp32_after_bf16_training(synthetic_dir, tmp_path
     end-of-training evaluation whatever train.precision says."""
     import torch
 
-    from blip_fast.train import engine
+    import blip_fast.train.pretraining as pretraining
     from blip_fast.train.config import load_pretrain_config
 
     seen = []
-    evaluate = engine.evaluate_retrieval
+    evaluate = pretraining.evaluate_retrieval
 
     def recording(*args, **kwargs):
         seen.append(torch.is_autocast_enabled("cpu"))
         return evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "evaluate_retrieval", recording)
-    engine.pretrain(load_pretrain_config(None, tiny_overrides(synthetic_dir, tmp_path, "train.max_steps=1",
+    monkeypatch.setattr(pretraining, "evaluate_retrieval", recording)
+    pretraining.pretrain(load_pretrain_config(None, tiny_overrides(synthetic_dir, tmp_path, "train.max_steps=1",
                                                               "train.precision=bf16", "train.eval_size=20")),
                     printer=lambda *_: None)
     assert seen == [False]
@@ -129,10 +129,10 @@ def test_the_evaluation_runs_in_fp32_after_bf16_training(synthetic_dir, tmp_path
 
 def test_resume_followed_by_an_override_resumes_the_latest_checkpoint(tmp_path, monkeypatch):
     """`--resume train.max_steps=5`: the override is an override, not the path of a checkpoint."""
-    import blip_fast.train.engine as engine
+    import blip_fast.train.pretraining as pretraining
 
     seen = {}
-    monkeypatch.setattr(engine, "pretrain", lambda config, resume: seen.update(config=config, resume=resume))
+    monkeypatch.setattr(pretraining, "pretrain", lambda config, resume: seen.update(config=config, resume=resume))
     assert main(["pretrain", f"train.out={tmp_path}", "--resume", "train.max_steps=5"]) == 0
     assert seen["resume"] is True and seen["config"].train.max_steps == 5
 

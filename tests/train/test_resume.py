@@ -8,7 +8,7 @@ from train_helpers import tiny_overrides
 
 from blip_fast.train.checkpointing import list_checkpoints, load_training_checkpoint
 from blip_fast.train.config import load_pretrain_config
-from blip_fast.train.engine import pretrain
+from blip_fast.train.pretraining import pretrain
 
 
 def _losses(out):

@@ -15,7 +15,7 @@ from blip_fast.models.blip_pretrain import BlipPretrain
 from blip_fast.train.checkpointing import list_checkpoints, load_training_checkpoint
 from blip_fast.train.config import load_pretrain_config
 from blip_fast.train.divergence import TrainingDiverged
-from blip_fast.train.engine import Pretrainer, pretrain
+from blip_fast.train.pretraining import Pretrainer, pretrain
 
 
 def _config(synthetic_dir, out, *extra):

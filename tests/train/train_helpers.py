@@ -35,7 +35,7 @@ def rank_batches(synthetic_dir, packed: bool = True):
     images = torch.stack([eval_transform(decode_image(read_image_file(s.image_path)), TransformConfig.eval(64))
                           for s in samples])
     from blip_fast.models.packing import PackedText
-    from blip_fast.train.engine import PACKED_TOKENS_MULTIPLE
+    from blip_fast.train.pretraining import PACKED_TOKENS_MULTIPLE
 
     tokens = BlipTokenizer()([s.caption for s in samples], max_length=30)
     batches = []

@@ -1,0 +1,46 @@
+"""Caption fine-tuning (the original ``train_caption.py``) as a task of the shared engine.
+
+The model is :class:`~blip_fast.models.BlipCaption`: the ViT and the image-grounded decoder; the loss is the LM loss
+of ``prompt + caption`` with the prompt's tokens excluded, as the original (``"a picture of "``, the model config's
+``prompt``). Captions come from the same sources as pretraining's (JSON lists, shards, the built-in scenes), each
+written after the prompt; everything else -- speed, the step, resume, logging, checkpoints -- is the engine's
+(blip_fast.train.engine).
+
+Not done yet (the fine-tuning issue): starting from a pretraining checkpoint (the weights are random here), the
+original's caption evaluation (generation + CIDEr), and a ``blip-fast finetune`` command.
+"""
+
+from __future__ import annotations
+
+from ..models.blip_caption import BlipCaption
+from ..text import BlipTokenizer
+from .config import PretrainConfig
+from .engine import RunSummary, Trainer
+
+
+class CaptionTrainer(Trainer):
+    """Caption fine-tuning on the shared engine: build it from a run config and :meth:`run` it."""
+
+    task_name = "caption fine-tuning"
+    loss_names = ("lm",)
+
+    def build_model(self) -> BlipCaption:
+        return BlipCaption(self.model_config)
+
+    def build_data(self) -> None:
+        prompt = self.model_config.prompt
+        # the original's prompt_length: [CLS] and the prompt's tokens, without the [SEP] the tokenizer appends
+        tokens = BlipTokenizer()([prompt], max_length=self.model_config.max_text_length)
+        self.prompt_length = tokens.input_ids.shape[1] - 1
+        self.use_caption_batches(self.caption_source(), prompt=prompt)
+
+    def forward(self, model, batch, alpha, generator) -> dict:
+        return {"lm": model(batch.images, batch.input_ids, batch.attention_mask, self.prompt_length)}
+
+
+def finetune_caption(config: PretrainConfig, resume: str | bool = False, printer=print) -> RunSummary:
+    trainer = CaptionTrainer(config, resume=resume, printer=printer)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()

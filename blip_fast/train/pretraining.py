@@ -1,0 +1,109 @@
+"""``blip-fast pretrain``: BLIP's pretraining (the original ``pretrain.py``) as a task of the shared engine.
+
+The forward is BlipPretrain's: ITC against the momentum queues with momentum distillation, ITM with hard negatives,
+LM; momentum update and enqueue inside. What pretraining adds to the engine (blip_fast.train.engine):
+
+* alpha, the distillation weight, ramped from 0 over ``train.alpha_ramp_epochs`` as the original;
+* the captions packed without their padding (``train.pack_text``), counted on the host from the tokenizer's mask;
+* the queues checked against the global batch at start-up;
+* the zero-shot retrieval evaluation at the end, on the held-out split, in fp32;
+* with ``train.distributed: fsdp``, the momentum update on the sharded weights just before each forward, and the
+  (unsharded) temperature's gradient averaged over ranks by hand (blip_fast.train.fsdp says why).
+"""
+
+from __future__ import annotations
+
+from .. import ops
+from ..config import ConfigError
+from ..data.annotations import RetrievalAnnotations
+from ..evaluation.retrieval import RetrievalResult, evaluate_retrieval
+from ..models.blip_pretrain import BlipPretrain
+from ..models.packing import PackedText
+from ..ops.momentum import enqueue_op
+from .config import PretrainConfig
+from .distributed import barrier
+from .engine import RunSummary, Trainer, synthetic_folder
+from .metrics import RunLog
+from .schedule import distillation_alpha
+from .step import LOSSES, pretraining_losses
+
+# packed captions' token counts are rounded up to these (blip_fast.models.packing): a multiple of 8 keeps GEMM rows
+# aligned; under CUDA graphs, where each count is a graph of its own, 64 bounds the graphs a run captures
+PACKED_TOKENS_MULTIPLE, PACKED_TOKENS_MULTIPLE_GRAPHED = 8, 64
+
+
+class Pretrainer(Trainer):
+    """BLIP pretraining on the shared engine: build it from a :class:`PretrainConfig` and :meth:`run` it."""
+
+    task_name = "pretraining"
+    loss_names = LOSSES
+    forward = staticmethod(pretraining_losses)
+
+    def build_model(self) -> BlipPretrain:
+        return BlipPretrain(self.model_config)
+
+    def build_data(self) -> None:
+        config, data = self.config, self.config.data
+        self.use_caption_batches(self.caption_source())
+        self.eval_annotations = None
+        if data.eval_path and config.train.eval_size:
+            self.eval_annotations = RetrievalAnnotations(data.eval_path, data.image_root)
+        elif data.kind == "synthetic" and config.train.eval_size:  # the held-out split of the built-in scenes
+            folder = synthetic_folder(config)
+            self.eval_annotations = RetrievalAnnotations(folder / "test.json", folder)
+        # a captured graph has one token count: rounding it up to 64 bounds the number of graphs
+        self.pack_multiple = PACKED_TOKENS_MULTIPLE_GRAPHED if config.train.cuda_graph else PACKED_TOKENS_MULTIPLE
+        # a captured graph has one token count: rounding it up to 64 bounds the number of graphs
+        self.pack_multiple = PACKED_TOKENS_MULTIPLE_GRAPHED if config.train.cuda_graph else PACKED_TOKENS_MULTIPLE
+
+    def check(self) -> None:
+        """The queues take every micro-batch's momentum features of all ranks at once: refused here, not at step 1."""
+        queue = self.model_config.queue_size
+        batch = self.config.data.batch_size * self.ctx.world_size
+        if batch > queue:
+            raise ConfigError(f"model.queue_size={queue} is smaller than the global batch of {batch} pairs "
+                              f"(data.batch_size={self.config.data.batch_size} x {self.ctx.world_size} ranks)")
+        with ops.impl_scope(self.config.train.impl):
+            backend = enqueue_op.select(self.device)
+        if backend == "reference" and queue % batch:  # the original's enqueue writes whole batches only
+            raise ConfigError(f"model.queue_size={queue} must be a multiple of the global batch of {batch} pairs "
+                              f"with the reference enqueue (train.impl={self.config.train.impl})")
+
+    def prepare(self, batch):
+        if self.config.train.pack_text:  # counted on the host, from the tokenizer's mask
+            batch.packing = PackedText.from_mask(batch.attention_mask, self.pack_multiple)
+        return batch
+
+    def step_alpha(self) -> float:
+        p = self.progress
+        return distillation_alpha(self.model_config.alpha, p.epoch, p.step_in_epoch, self.steps_per_epoch,
+                                  self.config.train.alpha_ramp_epochs)
+
+    def log_values(self) -> dict:
+        return {"temp": float(self.model.temp.detach())}
+
+    def evaluate(self, runlog: RunLog) -> RetrievalResult | None:
+        if self.eval_annotations is None or not self.config.train.eval_size:
+            return None
+        result = None
+        model = self.model
+        if self.ctx.sharded:  # the evaluation calls the model's parts directly, outside FSDP's forward hooks
+            from . import fsdp
+
+            model = fsdp.unsharded_copy(self.model)
+        if self.ctx.is_main:  # in fp32 whatever the training precision, as the original: bf16 similarities tie
+            # and reorder candidates (on the tiny model, 61 distinct values in a row of 200 instead of 189)
+            result = evaluate_retrieval(model, self.eval_annotations, self.model_config.vision.image_size,
+                                        limit=self.config.train.eval_size, itm_k=self.config.train.eval_itm_k)
+            runlog.event({"kind": "eval", "step": self.progress.step, **result.metrics},
+                         f"zero-shot {result.summary()}")
+        barrier(self.ctx)
+        return result
+
+
+def pretrain(config: PretrainConfig, resume: str | bool = False, printer=print) -> RunSummary:
+    trainer = Pretrainer(config, resume=resume, printer=printer)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()
