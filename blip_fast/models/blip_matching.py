@@ -18,7 +18,8 @@ from torch import nn
 from .. import ops
 from ..config import BlipConfig
 from ..text.tokenizer import with_first_token
-from .med import BlockContext, TextTransformer
+from .fast_passes import BlockContext
+from .med import TextTransformer
 from .packing import PackedText
 from .vit import VisionTransformer
 
@@ -91,7 +92,7 @@ class ImageTextMatchingModel(nn.Module):
                                     input_ids: torch.Tensor, attention_mask: torch.Tensor,
                                     packing: PackedText | None = None) -> torch.Tensor:
         """:meth:`itm_logits` with the images given by :meth:`image_keys_values` (every image token valid), per
-        layer as the rows' (k, v) or as a :class:`~blip_fast.models.med.BlockContext`."""
+        layer as the rows' (k, v) or as a :class:`~blip_fast.models.fast_passes.BlockContext`."""
         return self.itm_head(first_states(self.text_encoder, input_ids, attention_mask, packing, context_kv=image_kv))
 
     def with_enc(self, input_ids: torch.Tensor) -> torch.Tensor:

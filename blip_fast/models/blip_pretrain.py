@@ -12,7 +12,7 @@ Order of one step, as the original:
 6. LM: the decoder reads the caption with [DEC] first, cross-attending to the image tokens.
 
 Steps 5 and 6 run their text passes layer by layer together by default (``joint_grounded_passes``,
-:func:`~blip_fast.models.med.joint_text_passes`): the same losses, with the ITM and LM rows through each weight
+:func:`~blip_fast.models.fast_passes.joint_text_passes`): the same losses, with the ITM and LM rows through each weight
 the encoder and decoder share as one batch.
 
 Captions arrive tokenized (``input_ids`` starting with [CLS], ``attention_mask``), so no host
@@ -48,7 +48,8 @@ from .. import ops
 from ..config import BlipConfig
 from ..text.tokenizer import with_first_token
 from .blip_matching import ImageTextMatchingModel, first_rows, first_states
-from .med import BlockContext, TextDecoder, TextPass, joint_text_passes, share_all_but_self_attention
+from .fast_passes import BlockContext, TextPass, joint_text_passes
+from .med import TextDecoder, share_all_but_self_attention
 from .packing import PackedText
 
 
@@ -58,7 +59,7 @@ class BlipPretrain(ImageTextMatchingModel):
     """Clamp the temperature and run the momentum update inside :meth:`forward`, as the original
     (False: the caller does both before each forward, see the module docstring)."""
     joint_grounded_passes = True
-    """Run ITM's and LM's text passes layer by layer together (:func:`~blip_fast.models.med.joint_text_passes`):
+    """Run ITM's and LM's text passes layer by layer together (:func:`~blip_fast.models.fast_passes.joint_text_passes`):
     the same losses; False: one after the other, as the original."""
 
     def __init__(self, config: BlipConfig):

@@ -14,6 +14,11 @@ symbolic; every later length reuses that graph. So each use of a text layer (uni
 ITM encoder, LM decoder, momentum encoder) costs two compilations in all, not one per length.
 ``dynamic=True`` would skip the static first graph but also make the ViT's shapes symbolic, for
 no gain; ``dynamic=False`` would recompile for every caption length.
+
+A text layer also takes the per-layer object that says how its rows attend (``med.PaddedRows``, or
+``fast_passes.FastRows`` / ``JointRows``): NamedTuples of tensors, bools, modules and the layer's
+index, which dynamo guards field by field as the layer reads them, so they add no graphs of their
+own (as many as when the layer took those values as arguments).
 """
 
 from __future__ import annotations

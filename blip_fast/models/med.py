@@ -9,6 +9,10 @@ One BERT-base transformer used in three functionalities:
 * **image-grounded text decoder** -- causal self-attention, same cross-attention and
   feed-forward; input starts with [DEC]; an LM head tied to the word embeddings.
 
+Each layer is self-attention, cross-attention where there is a context, feed-forward
+(:class:`TextLayer`). How the rows attend -- their padding, causality, context -- is the pass's, not
+the layer's: the transformer hands every layer a small context object, here :class:`PaddedRows`.
+
 In pretraining the encoder and the decoder share every weight except the self-attention
 (``share_all_but_self_attention``). Parameter names are those of the original (BERT's), so
 checkpoints load without renaming.
@@ -16,22 +20,18 @@ checkpoints load without renaming.
 The context (image tokens, or the question's states for VQA's answer decoder) enters the text
 transformer only through each layer's cross-attention keys and values. They can be computed once
 (``TextTransformer.context_keys_values``) and handed to several passes over the same context
-(``context_kv=``): pretraining projects the image tokens once for its 3B ITM rows and B LM rows
-instead of 4B times, and generation keeps them in its ``KVCache``. Passes over transformers that share all but
-their self-attention (pretraining's ITM encoder and LM decoder) can run layer by layer together
-(:func:`joint_text_passes`): the rows of both through each shared weight at once.
+(``context_kv=``): pretraining projects the image tokens once for its ITM and LM rows. When
+decoding, a :class:`KVCache` keeps the context's keys and values of the first step and every
+generated token's self-attention keys and values, so each step computes its new token only.
 
-The hidden states can also travel without the captions' padding (``packing=``, a
-:class:`~blip_fast.models.packing.PackedText`): (T, hidden) for the T real tokens, unpacked to
-(B, L) only around attention. Pretraining's fast path runs its text passes that way. Where the
-packed attention kernel is the selected backend (opt-in), attention too reads the packed rows and is not
-unpacked (:class:`PackedAttention`): self-attention with :func:`~blip_fast.ops.varlen_attention`,
-cross-attention with :func:`~blip_fast.ops.varlen_cross_attention`, each chosen on its own.
+Faster ways through the same layers -- captions without their padding (``packing=``), a packed
+attention kernel, image keys/values shared by blocks of rows (:class:`BlockContext`), passes of the
+encoder and the decoder run together (:func:`joint_text_passes`) -- live in
+:mod:`blip_fast.models.fast_passes`, which hands the layers context objects of its own.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -41,8 +41,12 @@ from torch import nn
 
 from .. import ops
 from ..config import TextConfig
-from ..ops import AttentionSequences
+from .fast_passes import BlockContext, PackedAttention, TextPass, fast_text_pass, joint_text_passes
 from .packing import PackedText
+
+# the fast passes' public names too: callers import them from here, with the model they run
+__all__ = ["BlockContext", "KVCache", "PackedAttention", "PaddedRows", "TextDecoder", "TextLayer", "TextPass",
+           "TextTransformer", "joint_text_passes", "share_all_but_self_attention"]
 
 
 @dataclass
@@ -74,132 +78,6 @@ class KVCache:
         self.cross_kv = [pick(e) for e in self.cross_kv]
 
 
-class BlockContext(NamedTuple):
-    """One layer's cross-attention context for rows that come in blocks sharing context rows.
-
-    ``segments``: ``(keys, values, repeats, rows)``, keys/values (C, H, N, D) each and ``rows`` None or a (R,)
-    index of their rows, whose picked rows (all C for None) are the segment's context rows; a segment covers the
-    next ``repeats * R`` query rows, in ``repeats`` blocks of R rows, row r of every block attending to context
-    row r. Such a block's queries are stacked along the sequence into one row of ``repeats * L`` queries: with no
-    key mask and no causality each query attends on its own, so the result is the same attention, while the
-    context rows are neither copied nor read more than once. Pretraining's ITM uses it: the positive and the
-    negative-text rows of an image share its keys/values, and the negative-image rows pick theirs
-    (blip_fast.models.blip_pretrain). Packed attention (:func:`~blip_fast.ops.varlen_cross_attention`) reads the picked
-    rows where they are, without gathering them, when every segment shares one keys tensor.
-    """
-
-    segments: tuple[tuple[torch.Tensor, torch.Tensor, int, torch.Tensor | None], ...]
-
-    def attend(self, q: torch.Tensor, dropout_p: float) -> torch.Tensor:
-        """Attention of queries ``q`` (sum of repeats * R, H, L, D) to the segments' keys/values."""
-        outputs, start = [], 0
-        for keys, values, repeats, rows in self.segments:
-            if rows is not None:
-                keys, values = keys[rows], values[rows]
-            count = keys.shape[0]
-            block = q[start:start + repeats * count]
-            start += repeats * count
-            if repeats == 1:
-                outputs.append(ops.attention(block, keys, values, None, False, dropout_p))
-                continue
-            _, heads, length, dim = block.shape
-            stacked = block.reshape(repeats, count, heads, length, dim).permute(1, 2, 0, 3, 4)
-            out = ops.attention(stacked.reshape(count, heads, repeats * length, dim), keys, values, None, False,
-                                dropout_p)
-            outputs.append(out.reshape(count, heads, repeats, length, dim).permute(2, 0, 1, 3, 4)
-                           .reshape(repeats * count, heads, length, dim))
-        if start != q.shape[0]:
-            raise ValueError(f"the context's segments cover {start} rows, the queries have {q.shape[0]}")
-        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
-
-    def shared_keys_values(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(keys, values) when every segment reads the same ones (packed attention then reads them in place)."""
-        keys, values = self.segments[0][:2]
-        if any(k is not keys or v is not values for k, v, _, _ in self.segments):
-            return None
-        return keys, values
-
-    def picks_like(self, other: BlockContext) -> bool:
-        """Whether the segments repeat and pick the very same rows as ``other``'s (by identity: comparing values
-        would wait for the device)."""
-        return len(self.segments) == len(other.segments) and all(
-            mine[2] == theirs[2] and mine[3] is theirs[3]
-            for mine, theirs in zip(self.segments, other.segments, strict=True))
-
-    def context_rows(self) -> torch.Tensor:
-        """The row of the (shared) keys that each query row attends to."""
-        count = self.segments[0][0].shape[0]
-        return torch.cat([(torch.arange(count, device=keys.device) if rows is None else rows).repeat(repeats)
-                          for keys, _, repeats, rows in self.segments])
-
-
-class PackedAttention(NamedTuple):
-    """The sequence tables with which one packed text pass attends on its packed rows (no unpacking), made once per
-    pass (:meth:`plan`) and used by every layer: its self-attention's and its cross-attention's, each None where
-    that attention unpacks around :func:`~blip_fast.ops.attention` instead."""
-
-    self_attention: AttentionSequences | None
-    """None also in a joint call (:func:`joint_text_passes`), whose groups carry their own."""
-    cross_attention: AttentionSequences | None
-
-    @classmethod
-    def plan(cls, packing: PackedText, padding_mask: torch.Tensor, causal: bool, context_kv, context_mask,
-             like: torch.Tensor) -> PackedAttention | None:
-        """The tables of a pass over ``packing``'s rows for the attentions whose packed op takes tensors like
-        ``like`` with its kernel (:func:`~blip_fast.ops.packed_attention_on`), or None where neither does. The
-        cross-attention's table is also None where the context is not one a table can describe (a padded context,
-        a :class:`BlockContext` whose segments read different keys, or layers whose contexts pick different rows;
-        one table serves every layer): that attention unpacks.
-
-        Self-attention: row b's queries are its packed tokens (all L positions of a dense row), its keys its real
-        tokens (``padding_mask``). Cross-attention: row b's queries attend to every token of its context row, which
-        is row b of a (k, v) pair or the row a :class:`BlockContext` picks for it, read where it lies.
-        All of it is computed on the device: no synchronisation.
-        """
-        self_attention = cross = None
-        if ops.packed_attention_on(like):
-            self_attention = cls.self_attention_table(packing, padding_mask, causal)
-        if context_kv is not None and ops.packed_attention_on(like, cross=True):
-            cross = cls.cross_attention_table(packing, context_kv, context_mask)
-        return None if self_attention is None and cross is None else cls(self_attention, cross)
-
-    @staticmethod
-    def self_attention_table(packing: PackedText, padding_mask: torch.Tensor, causal: bool) -> AttentionSequences:
-        """The self-attention table of :meth:`plan`."""
-        q_len = packing.valid.sum(dim=1)
-        kv_len = q_len if causal else padding_mask.sum(dim=1)
-        return AttentionSequences.self_attention(packing.first, q_len, kv_len, packing.length)
-
-    @staticmethod
-    def cross_attention_table(packing: PackedText, context_kv, context_mask) -> AttentionSequences | None:
-        """The cross-attention table of :meth:`plan`, or None where no table can describe the context."""
-        if context_mask is not None:
-            return None
-        device = packing.valid.device
-        first = context_kv[0]
-        if isinstance(first, BlockContext):
-            if any(not isinstance(layer, BlockContext) or layer.shared_keys_values() is None
-                   or not layer.picks_like(first) for layer in context_kv):
-                return None
-            keys, kv_group = first.segments[0][0], first.context_rows()
-        else:
-            keys, kv_group = first[0], torch.arange(packing.batch, device=device)
-            if keys.shape[0] != packing.batch:
-                return None
-        contexts, tokens = keys.shape[0], keys.shape[2]
-        kv_start = torch.arange(contexts, device=device) * tokens
-        return AttentionSequences.grouped(packing.first, packing.valid.sum(dim=1), kv_group, kv_start,
-                                          torch.full_like(kv_start, tokens), packing.length, tokens)
-
-
-def _packed_context(keys_values) -> tuple[torch.Tensor, torch.Tensor]:
-    """A cross-attention context's keys and values as rows (C * N, H, D) (views where their layout allows); a
-    :class:`BlockContext`'s shared ones, which :meth:`PackedAttention.plan` checked."""
-    if isinstance(keys_values, BlockContext):
-        keys_values = keys_values.shared_keys_values()
-    return tuple(t.transpose(1, 2).flatten(0, 1) for t in keys_values)
-
-
 class TextEmbeddings(nn.Module):
     """Word + learned position embeddings, LayerNorm, dropout (no token types in BLIP)."""
 
@@ -211,18 +89,19 @@ class TextEmbeddings(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout)
         self.max_positions = config.max_position_embeddings
 
-    def forward(self, input_ids: torch.Tensor, past_length: int = 0, packing: PackedText | None = None) -> torch.Tensor:
-        """(B, L) ids -> (B, L, hidden); with ``packing``, (T, hidden) for its packed tokens."""
+    def forward(self, input_ids: torch.Tensor, past_length: int = 0) -> torch.Tensor:
+        """(B, L) ids, following ``past_length`` cached tokens -> (B, L, hidden)."""
         length = input_ids.shape[1]
-        if past_length + length > self.max_positions:
-            raise ValueError(f"text of {past_length + length} tokens exceeds the {self.max_positions} "
-                             "position embeddings")
-        if packing is not None:
-            x = self.word_embeddings(packing.pack(input_ids)) + self.position_embeddings(packing.positions)
-        else:
-            positions = torch.arange(past_length, past_length + length, device=input_ids.device)
-            x = self.word_embeddings(input_ids) + self.position_embeddings(positions)[None]
-        return self.dropout(self.LayerNorm(x))
+        self.check_length(past_length + length)
+        return self.tokens(input_ids, torch.arange(past_length, past_length + length, device=input_ids.device))
+
+    def tokens(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Embeddings of tokens ``ids`` at ``positions`` (broadcast against ``ids``)."""
+        return self.dropout(self.LayerNorm(self.word_embeddings(ids) + self.position_embeddings(positions)))
+
+    def check_length(self, length: int) -> None:
+        if length > self.max_positions:
+            raise ValueError(f"text of {length} tokens exceeds the {self.max_positions} position embeddings")
 
 
 class SelfAttentionProjections(nn.Module):
@@ -235,29 +114,21 @@ class SelfAttentionProjections(nn.Module):
         self.key = nn.Linear(kv_width, config.hidden_size)
         self.value = nn.Linear(kv_width, config.hidden_size)
 
-    def heads(self, x: torch.Tensor, packing: PackedText | None = None) -> torch.Tensor:
-        """(B, L, width), or packed (T, width) with its ``packing``, -> (B, H, L, D)."""
-        if packing is not None:
-            x = packing.unpack(x)
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, L, width) -> (B, H, L, D)."""
         batch, length, width = x.shape
         return x.view(batch, length, self.num_heads, width // self.num_heads).transpose(1, 2)
 
-    def queries_keys_values(self, x: torch.Tensor, packing: PackedText | None = None) -> tuple[torch.Tensor, ...]:
-        """Self-attention's (q, k, v), each (B, H, L, D), of ``x`` (B, L, hidden) or packed (T, hidden).
+    def queries_keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Self-attention's (q, k, v), each (B, H, L, D), of ``x`` (B, L, hidden)."""
+        return tuple(self.heads(t) for t in self.stacked(x).split(self.query.out_features, dim=-1))
+
+    def stacked(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., hidden) -> (..., 3 * hidden): queries, keys and values.
 
         One GEMM over the three weights stacked: the same products as three, but ``x`` is read once and its
-        gradient is that GEMM's sum instead of three gradients added; packed, one unpack instead of three.
+        gradient is that GEMM's sum instead of three gradients added.
         """
-        qkv = self._stacked(x)
-        if packing is not None:
-            qkv = packing.unpack(qkv)
-        return tuple(self.heads(t) for t in qkv.split(self.query.out_features, dim=-1))
-
-    def packed_queries_keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(q, k, v), each (T, H, D), of packed ``x`` (T, hidden): views of the one GEMM's output, not unpacked."""
-        return self._stacked(x).unflatten(-1, (3, self.num_heads, -1)).unbind(-3)
-
-    def _stacked(self, x: torch.Tensor) -> torch.Tensor:
         weight = torch.cat([self.query.weight, self.key.weight, self.value.weight])
         bias = torch.cat([self.query.bias, self.key.bias, self.value.bias])
         return F.linear(x, weight, bias)
@@ -277,84 +148,64 @@ class AttentionOutput(nn.Module):
 class TextAttention(nn.Module):
     """Self- or cross-attention sublayer: projections, the ops-layer attention, output + residual."""
 
-    def __init__(self, config: TextConfig, kv_width: int, cross: bool = False):
+    def __init__(self, config: TextConfig, kv_width: int):
         super().__init__()
         self.self = SelfAttentionProjections(config, kv_width)
         self.output = AttentionOutput(config)
         self.dropout_p = config.attention_dropout
-        self.cross = cross
-
-    def forward(self, x, key_padding_mask, causal, keys_values, packing: PackedText | None = None,
-                queries: torch.Tensor | None = None, sequences: AttentionSequences | None = None) -> torch.Tensor:
-        """``keys_values``: (k, v) each (B, H, N, D), or a :class:`BlockContext` (no mask, not causal);
-        ``x`` (B, L, hidden), or packed (T, hidden) with its ``packing``; ``queries`` (B, H, L, D) when already
-        projected (self-attention projects them with its keys and values).
-
-        With ``sequences`` (a table of :class:`PackedAttention`) the packed rows attend where they are
-        (:func:`~blip_fast.ops.varlen_attention`, or :func:`~blip_fast.ops.varlen_cross_attention` for a
-        cross-attention sublayer): ``queries`` and ``keys_values`` are then rows (T, H, D) and the table holds the
-        masking (``key_padding_mask`` unused)."""
-        dropout_p = self.dropout_p if self.training else 0.0
-        if sequences is not None:
-            q = self.self.query(x).unflatten(-1, (self.self.num_heads, -1)) if queries is None else queries
-            k, v = keys_values
-            if self.cross:
-                out = ops.varlen_cross_attention(q, k, v, sequences, dropout_p)
-            else:
-                out = ops.varlen_attention(q, k, v, sequences, causal, dropout_p)
-            return self.output(out.flatten(1), x)
-        q = self.self.heads(self.self.query(x), packing) if queries is None else queries
-        if isinstance(keys_values, BlockContext):
-            out = keys_values.attend(q, dropout_p)
-        else:
-            k, v = keys_values
-            out = ops.attention(q, k, v, key_padding_mask, causal, dropout_p)
-        batch, _, length, _ = out.shape
-        out = out.transpose(1, 2).reshape(batch, length, -1)
-        if packing is not None:
-            out = packing.pack(out)
-        return self.output(out, x)
-
-    def attend_self(self, x, padding_mask, causal, packing: PackedText | None = None,
-                    sequences: AttentionSequences | None = None, cache: KVCache | None = None, index: int = 0
-                    ) -> torch.Tensor:
-        """The self-attention sublayer on ``x`` (B, L, hidden), or packed (T, hidden) with its ``packing``;
-        ``sequences``: its packed rows attend where they are (a self-attention table of :class:`PackedAttention`);
-        ``cache`` and ``index`` (this layer's entry) only when decoding."""
-        if sequences is not None:
-            q, k, v = self.self.packed_queries_keys_values(x)
-            return self(x, None, causal, (k, v), packing, queries=q, sequences=sequences)
-        q, k, v = self.self.queries_keys_values(x, packing)
-        if cache is not None:  # append this step's keys/values
-            past = cache.self_kv[index]
-            if past is not None:
-                k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-            cache.self_kv[index] = (k, v)
-            causal = causal and k.shape[2] == x.shape[1]  # one new query sees every cached key
-        # Packed captions are right-padded (PackedText.from_mask checks it), so under causal masking no real token
-        # sees a padding key: the padding mask would only shape rows that are never read, and without it SDPA takes
-        # its unmasked causal kernels (cuDNN 253 against 269 us for the masked memory-efficient one at B96 L35,
-        # docs/benchmarks.md).
-        self_mask = None if causal and packing is not None and cache is None else padding_mask
-        return self(x, self_mask, causal, (k, v), packing, queries=q)
-
-
-class SelfAttentionRows(NamedTuple):
-    """Rows of a joint layer call (:meth:`TextLayer.forward`'s ``groups``, :func:`joint_text_passes`) that
-    attend among themselves with their own self-attention sublayer, as the text pass they belong to would."""
-
-    attention: TextAttention
-    padding_mask: torch.Tensor
-    """(B, L) of the pass's captions."""
-    causal: bool
-    packing: PackedText | None
-    sequences: AttentionSequences | None
-    """Their self-attention table when the joint call attends packed (:class:`PackedAttention`), else None."""
 
     @property
-    def rows(self) -> int:
-        """Rows of ``x`` they take: packed tokens, or captions (a tensor's size, so symbolic under compile)."""
-        return self.padding_mask.shape[0] if self.packing is None else self.packing.tokens
+    def dropout_p_now(self) -> float:
+        """Attention dropout: ``dropout_p`` in training, 0 in eval."""
+        return self.dropout_p if self.training else 0.0
+
+    def forward(self, x: torch.Tensor, keys_values: tuple[torch.Tensor, torch.Tensor], key_padding_mask,
+                causal: bool, queries: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` (B, L, hidden) attends to ``keys_values`` (k, v) each (B, H, N, D) where ``key_padding_mask``
+        (B, N) is True (None: every key); ``queries`` (B, H, L, D) when already projected."""
+        q = self.self.heads(self.self.query(x)) if queries is None else queries
+        out = ops.attention(q, *keys_values, key_padding_mask, causal, self.dropout_p_now)
+        return self.output(out.transpose(1, 2).flatten(2), x)  # (B, H, L, D) -> (B, L, hidden)
+
+
+class PaddedRows(NamedTuple):
+    """How the padded rows (B, L, hidden) of one text pass attend in one layer: the per-layer context of
+    :meth:`TextLayer.forward`. The fast passes have their own (blip_fast.models.fast_passes), with the same
+    ``grounded``, ``attend_self`` and ``attend_context``.
+
+    A tuple of tensors, bools and the layer's index, made afresh for each layer: under ``torch.compile``
+    (blip_fast.models.compile) it is an argument of the compiled layer, guarded field by field as it is read.
+    """
+
+    padding_mask: torch.Tensor | None
+    """(B, L_total) True on real tokens (with a cache, the cached ones too); None: all real."""
+    causal: bool
+    context: tuple[torch.Tensor, torch.Tensor] | None
+    """This layer's cross-attention (k, v), each (B, H, N, D); None: no cross-attention."""
+    context_mask: torch.Tensor | None
+    """(B, N) True on valid context tokens; None: all valid."""
+    cache: KVCache | None
+    """Only when decoding: the self-attention keys/values of the past tokens, extended in place."""
+    index: int
+    """The layer's entry in ``cache``."""
+
+    @property
+    def grounded(self) -> bool:
+        return self.context is not None
+
+    def attend_self(self, attention: TextAttention, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = attention.self.queries_keys_values(x)
+        causal = self.causal
+        if self.cache is not None:  # append this step's keys/values
+            past = self.cache.self_kv[self.index]
+            if past is not None:
+                k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+            self.cache.self_kv[self.index] = (k, v)
+            causal = causal and k.shape[2] == x.shape[1]  # one new query sees every cached key
+        return attention(x, (k, v), self.padding_mask, causal, queries=q)
+
+    def attend_context(self, crossattention: TextAttention, x: torch.Tensor) -> torch.Tensor:
+        return crossattention(x, self.context, self.context_mask, False)
 
 
 class TextLayer(nn.Module):
@@ -362,39 +213,19 @@ class TextLayer(nn.Module):
         super().__init__()
         self.attention = TextAttention(config, config.hidden_size)
         if encoder_width is not None:
-            self.crossattention = TextAttention(config, encoder_width, cross=True)
+            self.crossattention = TextAttention(config, encoder_width)
         self.intermediate = nn.Module()
         self.intermediate.dense = nn.Linear(config.hidden_size, config.intermediate_size)
         self.output = AttentionOutput(config)
         self.output.dense = nn.Linear(config.intermediate_size, config.hidden_size)
 
-    def forward(self, x, padding_mask, causal, context_kv=None, context_mask=None, cache=None, index=0,
-                packing: PackedText | None = None, plan: PackedAttention | None = None,
-                groups: tuple[SelfAttentionRows, ...] | None = None):
-        """``context_kv``: this layer's cross-attention keys/values (B, H, N, D) or :class:`BlockContext`,
-        or None for no cross-attention; ``cache`` and ``index`` (this layer's entry) only when decoding;
-        ``packing``: ``x`` is packed (T, hidden), see :class:`~blip_fast.models.packing.PackedText`; ``plan``: its
-        rows attend packed, see :class:`PackedAttention`.
-
-        ``groups``: ``x`` holds the rows of several text passes, one after the other, each self-attending with its
-        own sublayer (:class:`SelfAttentionRows`; ``padding_mask``, ``causal`` and the plan's self-attention table
-        then unused); the cross-attention and feed-forward, which the passes share, take all rows at once
-        (:func:`joint_text_passes`)."""
-        if groups is None:
-            x = self.attention.attend_self(x, padding_mask, causal, packing,
-                                           None if plan is None else plan.self_attention, cache, index)
-        else:
-            x = torch.cat([group.attention.attend_self(rows, group.padding_mask, group.causal, group.packing,
-                                                       group.sequences)
-                           for group, rows in zip(groups, x.split([group.rows for group in groups]), strict=True)])
-        if context_kv is not None:
-            if plan is not None and plan.cross_attention is not None:
-                x = self.crossattention(x, None, False, _packed_context(context_kv), packing,
-                                        sequences=plan.cross_attention)
-            else:
-                x = self.crossattention(x, context_mask, False, context_kv, packing)
-        hidden = F.gelu(self.intermediate.dense(x))
-        return self.output(hidden, x)
+    def forward(self, x: torch.Tensor, rows: PaddedRows) -> torch.Tensor:
+        """BERT's layer (``BertLayer``) with BLIP's cross-attention; ``rows``: how the rows of ``x`` attend (its
+        padding, causality and context, :class:`PaddedRows`, or a fast pass's)."""
+        x = rows.attend_self(self.attention, x)
+        if rows.grounded:
+            x = rows.attend_context(self.crossattention, x)
+        return self.output(F.gelu(self.intermediate.dense(x)), x)
 
 
 class TextTransformer(nn.Module):
@@ -460,106 +291,42 @@ class TextTransformer(nn.Module):
         ``encoder_attention_mask`` (B, N) marks its valid tokens (None: all; a BlockContext takes none).
         A cache keeps the context's keys/values of its first step for the later ones.
         """
+        context_kv = self._layers_context(input_ids, encoder_hidden_states, context_kv, cache)
+        padding_mask = None if attention_mask is None else attention_mask.bool()
+        context_mask = None if encoder_attention_mask is None else encoder_attention_mask.bool()
+        if packing is not None or (context_kv is not None and isinstance(context_kv[0], BlockContext)):
+            # rows without their padding, or blocks of rows sharing context rows: the same layers, attending
+            # another way (blip_fast.models.fast_passes)
+            if cache is not None:
+                raise ValueError("packing and a BlockContext take no cache")
+            return fast_text_pass(self, input_ids, padding_mask, causal, context_kv, context_mask, packing)
+        x = self.embeddings(input_ids, 0 if cache is None else cache.length)
+        for index, layer in enumerate(self.encoder.layer):
+            context = None if context_kv is None else context_kv[index]
+            x = layer(x, PaddedRows(padding_mask, causal, context, context_mask, cache, index))
+        return x
+
+    def _layers_context(self, input_ids: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
+                        context_kv: list | None, cache: KVCache | None) -> list | None:
+        """Each layer's cross-attention context of :meth:`forward` (None: none), checked; a cache keeps it at the
+        first decoding step and gives it back at the later ones."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (B, L); got {tuple(input_ids.shape)}")
         if encoder_hidden_states is not None and context_kv is not None:
             raise ValueError("give the context as encoder_hidden_states or as context_kv, not both")
-        has_context = encoder_hidden_states is not None or context_kv is not None
-        if has_context and not hasattr(self.encoder.layer[0], "crossattention"):
+        if encoder_hidden_states is None and context_kv is None:
+            return None
+        if cache is not None and cache.cross_kv and cache.cross_kv[0] is not None:
+            return cache.cross_kv  # a later decoding step: the first step's (beam-reordered) entries
+        if encoder_hidden_states is not None:
+            context_kv = self.context_keys_values(encoder_hidden_states)
+        elif not hasattr(self.encoder.layer[0], "crossattention"):
             raise ValueError("this text transformer has no cross-attention layers")
-        if context_kv is not None and len(context_kv) != len(self.encoder.layer):
+        elif len(context_kv) != len(self.encoder.layer):
             raise ValueError(f"context_kv has {len(context_kv)} entries for {len(self.encoder.layer)} layers")
-        if context_kv is not None and isinstance(context_kv[0], BlockContext) and (
-                encoder_attention_mask is not None or cache is not None):
-            raise ValueError("a BlockContext takes no encoder_attention_mask and no cache")
-        if packing is not None and (cache is not None or attention_mask is None
-                                    or packing.inverse.shape != input_ids.shape):
-            raise ValueError(f"packing needs the attention mask of its {tuple(packing.inverse.shape)} captions "
-                             f"(input_ids {tuple(input_ids.shape)}) and no cache")
-        if has_context and cache is not None and cache.cross_kv and cache.cross_kv[0] is not None:
-            context_kv = cache.cross_kv  # a later decoding step: the first step's (beam-reordered) entries
-        else:
-            if encoder_hidden_states is not None:
-                context_kv = self.context_keys_values(encoder_hidden_states)
-            if cache is not None and context_kv is not None:
-                cache.cross_kv = list(context_kv)
-        past = cache.length if cache is not None else 0
-        x = self.embeddings(input_ids, past, packing)
-        padding_mask = None if attention_mask is None else attention_mask.bool()
-        context_mask = None if encoder_attention_mask is None else encoder_attention_mask.bool()
-        plan = None
-        if packing is not None:
-            plan = PackedAttention.plan(packing, padding_mask, causal, context_kv, context_mask, like=x)
-        for index, layer in enumerate(self.encoder.layer):
-            layer_kv = None if context_kv is None else context_kv[index]
-            x = layer(x, padding_mask, causal, layer_kv, context_mask, cache, index, packing, plan)
-        return x
-
-
-class TextPass(NamedTuple):
-    """One text pass of :func:`joint_text_passes`: what ``transformer(input_ids, attention_mask, causal=causal,
-    packing=packing, context_kv=...)`` computes."""
-
-    transformer: TextTransformer
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    causal: bool
-    packing: PackedText | None
-
-
-def joint_text_passes(passes: Sequence[TextPass], context_kv: list) -> list[torch.Tensor]:
-    """The last hidden states of text passes over transformers that share all but their self-attention
-    (pretraining's image-grounded encoder and decoder, :func:`share_all_but_self_attention`), computed layer by
-    layer together; per pass, what its :class:`TextPass` says.
-
-    The rows of all passes go through the shared sublayers (embeddings, cross-attention, feed-forward) as one
-    batch. Each shared weight then takes part in one GEMM per layer instead of one per pass and receives one
-    gradient, where separate passes give it one each for autograd to add (a kernel per weight and extra pass), and
-    each layer is one call of its compiled block. Rows are independent outside attention, and each pass's rows
-    self-attend apart, so the results are those of separate passes up to the summation order of the weight
-    gradients (and dropout draws its masks in another order).
-
-    ``context_kv``: per layer the cross-attention context of all the passes' rows in order, a (k, v) pair or a
-    :class:`BlockContext`. The passes' captions share one length and are all packed or all padded.
-    """
-    first = passes[0].transformer
-    shared = all(other.transformer.embeddings is first.embeddings
-                 and len(other.transformer.encoder.layer) == len(first.encoder.layer)
-                 and all(_shares_all_but_self_attention(mine, theirs)
-                         for mine, theirs in zip(first.encoder.layer, other.transformer.encoder.layer, strict=True))
-                 for other in passes[1:])
-    if not shared or not hasattr(first.encoder.layer[0], "crossattention"):
-        raise ValueError("joint text passes need transformers with cross-attention that share all but their "
-                         "self-attention")
-    if len(context_kv) != len(first.encoder.layer):
-        raise ValueError(f"context_kv has {len(context_kv)} entries for {len(first.encoder.layer)} layers")
-    lengths = {p.input_ids.shape[1] for p in passes}
-    if len(lengths) != 1 or len({p.packing is None for p in passes}) != 1:
-        raise ValueError(f"joint text passes need captions of one length (got {sorted(lengths)}), all packed or all "
-                         "padded")
-    for p in passes:
-        if p.attention_mask.shape != p.input_ids.shape or (
-                p.packing is not None and p.packing.inverse.shape != p.input_ids.shape):
-            raise ValueError(f"input_ids {tuple(p.input_ids.shape)} need an attention mask and a packing of their "
-                             "shape")
-    masks = [p.attention_mask.bool() for p in passes]
-    padding_mask = torch.cat(masks)
-    packing = None if passes[0].packing is None else PackedText.concat([p.packing for p in passes])
-    x = first.embeddings(torch.cat([p.input_ids for p in passes]), 0, packing)
-    # packed attention: each pass's self-attention table, and one cross-attention table over all rows (the plan's
-    # self-attention slot stays empty: the groups carry theirs)
-    cross = None
-    if packing is not None and ops.packed_attention_on(x, cross=True):
-        cross = PackedAttention.cross_attention_table(packing, context_kv, None)
-    plan = None if cross is None else PackedAttention(None, cross)
-    packed_self = packing is not None and ops.packed_attention_on(x)
-    tables = [PackedAttention.self_attention_table(p.packing, mask, p.causal) if packed_self else None
-              for p, mask in zip(passes, masks, strict=True)]
-    for index, layers in enumerate(zip(*(p.transformer.encoder.layer for p in passes), strict=True)):
-        groups = tuple(SelfAttentionRows(layer.attention, mask, p.causal, p.packing, table)
-                       for layer, p, mask, table in zip(layers, passes, masks, tables, strict=True))
-        x = layers[0](x, padding_mask, False, context_kv[index], None, None, index, packing, plan, groups)
-    return list(x.split([group.rows for group in groups]))
+        if cache is not None:
+            cache.cross_kv = list(context_kv)
+        return context_kv
 
 
 class LMPredictionHead(nn.Module):
@@ -635,11 +402,6 @@ class TextDecoder(nn.Module):
         if packing is not None:  # back to (B, L) by a gather, then summed: no atomics, deterministic
             return (packing.unpack(per_token) * packing.valid).sum(dim=1)
         return per_token.view(targets.shape[0], -1).sum(dim=1)
-
-
-def _shares_all_but_self_attention(layer: TextLayer, other: TextLayer) -> bool:
-    return all(getattr(layer, name, None) is getattr(other, name, False)
-               for name in ("crossattention", "intermediate", "output"))
 
 
 def share_all_but_self_attention(encoder: TextTransformer, decoder: TextDecoder) -> None:

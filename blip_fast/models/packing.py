@@ -4,9 +4,9 @@ A batch of captions is padded to its longest one, and every padded position cost
 costs in each linear layer, LayerNorm, GELU and dropout of the text transformer. Only attention needs
 the (B, L) layout, to know which tokens share a caption. So the text transformer can carry its
 hidden states packed, (T, hidden) for the T real tokens, and unpack them into (B, L) only around
-attention (blip_fast.models.med). Every packed row is computed exactly as in the padded layout:
+attention (blip_fast.models.fast_passes). Every packed row is computed exactly as in the padded layout:
 rows are independent outside attention, and attention sees the same keys, queries and padding mask
-(causal attention needs no padding mask at all over right-padded captions, see med.TextLayer).
+(causal attention needs no padding mask at all over right-padded captions, see fast_passes.FastRows).
 With BLIP's synthetic captions a batch of 96 is ~70% real tokens; with web captions truncated to 30
 tokens (most around 15), ~50%.
 

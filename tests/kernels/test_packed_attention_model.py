@@ -17,7 +17,7 @@ from tensor_checks import rel_err
 
 from blip_fast import ops, tolerances
 from blip_fast.models import build_model
-from blip_fast.models.med import BlockContext, PackedAttention
+from blip_fast.models.fast_passes import BlockContext, PackedAttention
 from blip_fast.models.packing import PackedText
 from blip_fast.ops.varlen_attention import varlen_attention_op, varlen_cross_attention_op
 

@@ -193,7 +193,7 @@ def test_generation_with_a_cache_seeded_from_context_kv():
 def test_block_context_equals_attention_to_copied_rows(impl):
     """A BlockContext attends as the same attention with every row's keys/values copied out (fp64 1e-12 in
     outputs and gradients of queries, keys and values; fp32 for the auto backend, 1e-5)."""
-    from blip_fast.models.med import BlockContext
+    from blip_fast.models.fast_passes import BlockContext
 
     dtype = torch.float64 if impl == "reference" else torch.float32
     tol = 1e-12 if dtype == torch.float64 else 1e-5
@@ -223,15 +223,18 @@ def test_block_context_equals_attention_to_copied_rows(impl):
 def test_stacked_self_attention_projection_equals_three(packed):
     """Self-attention's query/key/value projections in one GEMM equal three separate ones: outputs and the gradients
     of the input and of every weight and bias (fp64 1e-12), padded or packed."""
+    from blip_fast.models.fast_passes import queries_keys_values
     from blip_fast.models.packing import PackedText
 
-    projections = build_model("pretrain", tiny_config()).double().text_encoder.encoder.layer[0].attention.self
+    attention = build_model("pretrain", tiny_config()).double().text_encoder.encoder.layer[0].attention
+    projections = attention.self
     ids, mask = captions([5, 8, 3])
     packing = PackedText.from_mask(mask, multiple=8) if packed else None
     x = torch.randn(packing.tokens if packed else 3, *(() if packed else (8,)), 64, dtype=torch.float64,
                     requires_grad=True)
-    stacked = projections.queries_keys_values(x, packing)
-    each = [projections.heads(linear(x), packing) for linear in (projections.query, projections.key, projections.value)]
+    stacked = queries_keys_values(attention, x, packing)
+    each = [projections.heads(linear(x) if packing is None else packing.unpack(linear(x)))
+            for linear in (projections.query, projections.key, projections.value)]
     weights = [torch.randn_like(t) * mask[:, None, :, None] for t in each]  # padding positions are not read
     params = [x, *projections.parameters()]
 

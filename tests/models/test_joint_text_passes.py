@@ -17,7 +17,8 @@ from tensor_checks import rel_err
 from blip_fast import ops
 from blip_fast.config import tiny_config
 from blip_fast.models import build_model
-from blip_fast.models.med import BlockContext, TextPass, TextTransformer, joint_text_passes
+from blip_fast.models.fast_passes import BlockContext, TextPass, joint_text_passes
+from blip_fast.models.med import TextTransformer
 from blip_fast.models.packing import PackedText
 from blip_fast.tolerances import RTOL
 

@@ -17,7 +17,7 @@ from tensor_checks import rel_err
 from blip_fast import ops
 from blip_fast.config import tiny_config
 from blip_fast.models import BlipPretrain, build_model
-from blip_fast.models.med import BlockContext
+from blip_fast.models.fast_passes import BlockContext
 from blip_fast.models.packing import PackedText
 from blip_fast.tolerances import RTOL
 
