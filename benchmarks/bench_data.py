@@ -19,9 +19,9 @@ smooth colour field, a dozen shapes, blur and grain -- photo-like in size and en
 Each timed run transforms ``--batches`` batches (cycling over the JPEGs) after a warm-up run; the
 figure is the median of ``--runs`` runs, in images per second, outputs materialised (GPU: synchronised).
 
-    python benchmarks/bench_data.py [ARGS]       or      blip-fast bench data [ARGS]
+    python benchmarks/bench_data.py [ARGS]
 
-both call :func:`main` with ``ARGS``: ``--impls fast,dali_cpu,pil`` ``--cases pretrain_224,eval_384,
+calls :func:`main` with ``ARGS``: ``--impls fast,dali_cpu,pil`` ``--cases pretrain_224,eval_384,
 captions_pretrain_224`` ``--workers 1,16`` (PIL processes; DataLoader workers of the captions case)
 ``--threads N`` ``--prefetch N`` ``--hw-decoder-load F`` ``--no-fancy-upsampling`` ``--batch-size N``
 ``--batches N`` ``--runs N`` ``--images N`` ``--json PATH``, with PATH like
@@ -44,12 +44,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from blip_fast.bench_results import command_line, device_name, write_results
 from blip_fast.data.batches import CaptionBatches, open_caption_source
 from blip_fast.data.dali_pipeline import HAS_DALI, DaliOptions, DaliTransformLoader, PilTransformLoader
 from blip_fast.data.synthetic import photo_like_jpeg
 from blip_fast.data.transforms import TransformConfig
 from blip_fast.shapes import FINETUNE_IMAGE_SIZE, PRETRAIN_IMAGE_SIZE
+
+from results_file import command_line, device_name, write_results
 
 IMPLS = ("fast", "dali_cpu", "pil")
 CASES = {

@@ -21,8 +21,9 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from blip_fast.bench_results import benchmark_arguments, run_gpu_benchmark
 from blip_fast.shapes import PRETRAIN_BATCH
+
+from results_file import benchmark_arguments, run_gpu_benchmark
 
 # (B, N): BLIP base pretraining batches per GPU, in-batch negatives
 CASES = ((PRETRAIN_BATCH, PRETRAIN_BATCH), (3 * PRETRAIN_BATCH, 3 * PRETRAIN_BATCH))

@@ -21,8 +21,9 @@ import sys
 
 import torch
 
-from blip_fast.bench_results import benchmark_arguments, run_gpu_benchmark
 from blip_fast.shapes import BASE_WIDTH, FINETUNE_TEXT_LENGTH, PRETRAIN_BATCH, PRETRAIN_TEXT_LENGTH, VOCAB_SIZE
+
+from results_file import benchmark_arguments, run_gpu_benchmark
 
 # (batch, text length): BLIP base pretraining per GPU (captions up to 30 tokens, 35 in fine-tuning)
 CASES = ((PRETRAIN_BATCH, PRETRAIN_TEXT_LENGTH), (PRETRAIN_BATCH, FINETUNE_TEXT_LENGTH),

@@ -1,7 +1,7 @@
-"""``blip-fast bench pretrain``: the main job end to end -- a whole pretraining run and its zero-shot retrieval.
+"""Benchmark of the main job end to end: a whole pretraining run and its zero-shot retrieval.
 
-    blip-fast bench pretrain --json benchmarks/results/eval-cpu-YYYYMMDD.json
-    blip-fast bench pretrain --config base data.paths=[...] train.max_steps=1000 --json ...   (any config)
+    python benchmarks/bench_pretrain.py --json benchmarks/results/eval-cpu-YYYYMMDD.json
+    python benchmarks/bench_pretrain.py --config base data.paths=[...] train.max_steps=1000 --json ...   (any config)
 
 Runs ``blip-fast pretrain`` with the given config (default: the built-in ``tiny-synthetic``, which
 writes its dataset first) in a temporary run folder unless ``train.out`` is given, then writes one
@@ -22,13 +22,14 @@ from pathlib import Path
 
 import torch
 
-from blip_fast.bench_results import command_line, device_name, write_results
 from blip_fast.train.config import load_pretrain_config
 from blip_fast.train.pretraining import pretrain
 
+from results_file import command_line, device_name, write_results
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="blip-fast bench pretrain", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python benchmarks/bench_pretrain.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, as blip-fast pretrain")
     parser.add_argument("--config", help="YAML file or shipped config (default tiny-synthetic)")
     parser.add_argument("--json", help="write the results file here")

@@ -1,9 +1,9 @@
-"""``blip-fast bench step``: the full BLIP pretraining step, reference path against fast path, in one run.
+"""``python benchmarks/bench_step.py``: the full BLIP pretraining step, reference path against fast path, in one run.
 
-    blip-fast bench step                                   # ViT-B/16 224 px, batch 96, queue 57,600 (a GPU)
-    blip-fast bench step --preset tiny --image-size 64 --batch 16 --queue 96 --steps 3   # a CPU smoke run
+    python benchmarks/bench_step.py                        # ViT-B/16 224 px, batch 96, queue 57,600 (a GPU)
+    python benchmarks/bench_step.py --preset tiny --image-size 64 --batch 16 --queue 96 --steps 3   # a CPU smoke run
     python benchmarks/bench_step.py --json benchmarks/results/step-h100-YYYYMMDD.json
-    blip-fast bench step --impl original --impl reference --impl fast   # with the original (needs blip-ci)
+    python benchmarks/bench_step.py --impl original --impl reference --impl fast   # with the original (needs blip-ci)
 
 One step is BlipPretrain's forward (ITC + ITM + LM, momentum update, enqueue), backward and AdamW,
 exactly as ``blip-fast pretrain`` assembles and runs it (``blip_fast.train.speed``). The impls:
@@ -67,7 +67,6 @@ from types import SimpleNamespace
 import torch
 
 from blip_fast import ops
-from blip_fast.bench_results import command_line, write_results
 from blip_fast.config import preset
 from blip_fast.data.synthetic import caption, random_scene
 from blip_fast.models.blip_pretrain import BlipPretrain
@@ -79,6 +78,8 @@ from blip_fast.train.distributed import DistributedContext
 from blip_fast.train.optim import build_optimizer
 from blip_fast.train.pretraining import PACKED_TOKENS_MULTIPLE, PACKED_TOKENS_MULTIPLE_GRAPHED
 from blip_fast.train.speed import apply_speed, build_step
+
+from results_file import command_line, write_results
 
 IMPLS = ("reference", "fast")  # the default; the others run only when asked for
 ALL_IMPLS = ("original", "reference", "fast_no_graph", "fast_padded", "fast_separate", "fast")
@@ -276,7 +277,7 @@ def time_steps(impl: str, config, device, batch, steps: int, warmup: int, compil
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="blip-fast bench step", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python benchmarks/bench_step.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="base", choices=("tiny", "base", "large"))
     parser.add_argument("--image-size", type=int, default=PRETRAIN_IMAGE_SIZE)
     parser.add_argument("--batch", type=int, default=PRETRAIN_BATCH)
@@ -318,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     if "original" in impls:
         original = original_blip()
         if not original.is_available():
-            sys.exit(f"bench step: --impl original needs the original BLIP code: {original.INSTALL_HINT}")
+            sys.exit(f"bench_step.py: --impl original needs the original BLIP code: {original.INSTALL_HINT}")
         if args.preset == "tiny":
             parser.error("--impl original: the original has ViT-B/16 and ViT-L/16 only (--preset base or large)")
     device = torch.device(args.device)

@@ -27,8 +27,9 @@ import sys
 import torch
 
 from blip_fast import ops
-from blip_fast.bench_results import benchmark_arguments, run_gpu_benchmark
 from blip_fast.shapes import BASE_HEADS, FINETUNE_TEXT_LENGTH, HEAD_DIM, IMAGE_TOKENS_224, PRETRAIN_BATCH
+
+from results_file import benchmark_arguments, run_gpu_benchmark
 
 # both packed attention ops on the kernel: self-attention (bidirectional, causal) and cross-attention
 PACKED_KERNEL = "auto,varlen_attention=triton,varlen_cross_attention=triton"
@@ -60,7 +61,7 @@ def cases():
 
     for causal in (False, True):
         qkv = rand(packing.tokens, 3 * HEADS * DIM)
-        plan = PackedAttention.plan(packing, mask, causal, None, None)
+        plan = PackedAttention.plan(packing, mask, causal, None, None, like=qkv)
 
         def padded(qkv, dropout_p, causal=causal):
             q, k, v = (heads(t) for t in packing.unpack(qkv).split(HEADS * DIM, dim=-1))
@@ -90,7 +91,7 @@ def cases():
         return itm.pack(out.transpose(1, 2).flatten(2))
 
     # the model plans once per pass, for all its layers: so here once, outside the timed calls
-    itm_plan = PackedAttention.plan(itm, itm_mask, False, [context(keys, values)], None)
+    itm_plan = PackedAttention.plan(itm, itm_mask, False, [context(keys, values)], None, like=queries)
 
     def itm_packed(queries, keys, values, dropout_p):
         keys_rows, values_rows = (t.flatten(0, 1).unflatten(-1, (HEADS, DIM)) for t in (keys, values))

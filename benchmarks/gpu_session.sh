@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything that waits for a GPU, in one run on a GPU machine (docs/gpu-machine.md: torch 2.11 + CUDA 13 there).
 #
-#   bash benchmarks/gpu_session.sh [STAGE ...]
+#   bash benchmarks/gpu_session.sh [STAGE ...]          (from the repository root)
 #
 # stages: build tests parity step step_variants hard_negatives lm_loss attention step_attention distributed main data
 # report (default: all but data and report; data needs DALI carried in first with benchmarks/dali_carry.sh, and
@@ -42,26 +42,28 @@ for stage in "${STAGES[@]}"; do
         step) ORIGINAL=$(python -c "import importlib.metadata as m; m.version('blip-ci')" 2>/dev/null \
                          && echo "--impl original" || true)
               PROFILES=$(mktemp -d)
-              run step blip-fast bench step $ORIGINAL --impl reference --impl fast_no_graph --impl fast \
+              run step python benchmarks/bench_step.py $ORIGINAL --impl reference --impl fast_no_graph --impl fast \
                   --json "$OUT/step-$DEV-$DAY.json" --profile "$PROFILES"
               # one archive: a remote run brings back at most 8 files
               tar -czf "$OUT/profiles-step-$DEV-$DAY.tgz" -C "$PROFILES" . ;;
         # what single techniques are worth within the graphed step, in a run of their own (each impl compiles and
         # captures anew, and one call to the machine lasts 10 minutes): fast_padded weighs packed captions, the
         # variant the fused LM loss (lm_loss_ref: without it). Commit the file under benchmarks/results/runs/.
-        step_variants) run step_variants blip-fast bench step --impl fast --impl fast_padded \
+        step_variants) run step_variants python benchmarks/bench_step.py --impl fast --impl fast_padded \
                            --variant lm_loss_ref:auto,lm_loss=reference --json "$OUT/step-$DEV-$DAY-variants.json" ;;
         # the packed attention kernel in the graphed step against fast, in a run of its own (auto leaves it out): for
         # every text attention (8% slower; docs/benchmarks.md), and for the cross-attention alone (it won alone); and
         # fast_separate: ITM's and LM's text passes one after the other (lost 5%); also under benchmarks/results/runs/
-        step_attention) run step_attention blip-fast bench step --impl fast --impl fast_separate \
+        step_attention) run step_attention python benchmarks/bench_step.py --impl fast --impl fast_separate \
                             --variant packed_attention:auto,varlen_attention=triton,varlen_cross_attention=triton \
                             --variant packed_cross_attention:auto,varlen_cross_attention=triton \
                             --json "$OUT/step-$DEV-$DAY-packed-attention.json" ;;
-        hard_negatives) run hard_negatives blip-fast bench hard_negatives --json "$OUT/kernels-$DEV-$DAY.json" ;;
-        lm_loss) run lm_loss blip-fast bench lm_loss --json "$OUT/losses-$DEV-$DAY.json" ;;
+        hard_negatives) run hard_negatives python benchmarks/bench_hard_negatives.py \
+                            --json "$OUT/kernels-$DEV-$DAY.json" ;;
+        lm_loss) run lm_loss python benchmarks/bench_lm_loss.py --json "$OUT/losses-$DEV-$DAY.json" ;;
         # the packed attention kernel against unpacking around SDPA, per attention of the text passes
-        attention) run attention blip-fast bench varlen_attention --json "$OUT/kernels-$DEV-$DAY-attention.json" ;;
+        attention) run attention python benchmarks/bench_varlen_attention.py \
+                       --json "$OUT/kernels-$DEV-$DAY-attention.json" ;;
         # FSDP2 and DDP over NCCL, one rank per GPU (NCCL refuses two ranks on one device), a short bf16 run each
         distributed) GPUS=$(python -c "import torch; print(torch.cuda.device_count())")
                      if [ "$GPUS" -lt 2 ]; then echo "== distributed: skipped, NCCL needs two GPUs (this machine: $GPUS)"
@@ -71,9 +73,10 @@ for stage in "${STAGES[@]}"; do
                              train.eval_size=200 train.out="/tmp/blip-$mode"
                      done; fi ;;
         # the main job on the GPU: the built-in default, bf16 and compiled
-        main) run main blip-fast bench pretrain train.precision=bf16 train.compile=true --json "$OUT/eval-$DEV-$DAY.json" ;;
-        data) run data blip-fast bench data --workers 1,16 --json "$OUT/data-$DEV-$DAY.json" ;;
-        report) run report blip-fast bench report --results "$OUT" ;;
+        main) run main python benchmarks/bench_pretrain.py train.precision=bf16 train.compile=true \
+                  --json "$OUT/eval-$DEV-$DAY.json" ;;
+        data) run data python benchmarks/bench_data.py --workers 1,16 --json "$OUT/data-$DEV-$DAY.json" ;;
+        report) run report python benchmarks/report.py --results "$OUT" ;;
         *) echo "unknown stage $stage"; exit 2 ;;
     esac
 done

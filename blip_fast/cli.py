@@ -142,22 +142,6 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
-BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
-
-
-def cmd_bench(args) -> int:
-    import importlib.util
-
-    script = BENCHMARKS_DIR / ("report.py" if args.suite == "report" else f"bench_{args.suite}.py")
-    if not script.is_file():
-        raise FileNotFoundError(f"{script} not found: `blip-fast bench` runs the scripts of a source checkout "
-                                "(pip install -e .), which this installation is not")
-    spec = importlib.util.spec_from_file_location(f"blip_fast_bench_{args.suite}", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(args.args)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blip-fast", description="The fastest correct BLIP.")
     parser.add_argument("-v", "--verbose", action="store_true",
@@ -180,16 +164,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from the latest checkpoint of train.out, or from this checkpoint file")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.set_defaults(run=cmd_pretrain)
-
-    p = sub.add_parser("bench", help="benchmarks (scripts in benchmarks/): data, step, hard_negatives, lm_loss, "
-                       "varlen_attention, pretrain, report",
-                       description="Run benchmarks/bench_SUITE.py (or report.py) with the remaining arguments; "
-                       "results files follow docs/results-format.md.")
-    p.add_argument("suite", choices=("data", "step", "hard_negatives", "lm_loss", "varlen_attention", "pretrain",
-                                     "report"),
-                   help="which benchmark")
-    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the benchmark script (see its --help)")
-    p.set_defaults(run=cmd_bench)
 
     p = sub.add_parser("caption", help="caption images with a captioning checkpoint")
     p.add_argument("images", nargs="+", help="image files")

@@ -1,8 +1,8 @@
-"""The results files' header (blip_fast.bench_results): which code a results file measured."""
+"""The results files' header (benchmarks/results_file.py): which code a results file measured."""
 
 import subprocess
 
-from blip_fast.bench_results import git_commit, git_tree
+from results_file import git_commit, git_tree  # benchmarks/ is on sys.path (pyproject.toml: pytest pythonpath)
 
 
 def git(repo, *args: str) -> str:

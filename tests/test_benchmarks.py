@@ -48,6 +48,9 @@ def test_bench_step_profiles_each_impl_by_phase(step_results):
 def test_bench_step_writes_the_shared_format(step_results):
     data = json.loads(step_results.read_text())
     assert FORMAT_KEYS <= set(data) and data["suite"] == "step" and data["device"] == "cpu"
+    # the command that made it, as one types it in the repository root
+    assert data["command"].startswith("python benchmarks/bench_step.py --preset tiny --image-size 64 --batch 8 ")
+    assert (BENCHMARKS.parent / data["command"].split()[1]).is_file()
     values = {(r["impl"], r["metric"], r.get("flops")): r["value"] for r in data["records"]}
     for impl in ("reference", "fast"):
         assert values[(impl, "samples_per_s", None)] > 0
@@ -135,10 +138,10 @@ def test_bench_step_refuses_a_warm_up_shorter_than_compiling(capsys):
 
 def test_results_files_are_replaced_whole(tmp_path, monkeypatch):
     """A results write that fails part-way leaves the previous file as it was, not a truncated one."""
-    from blip_fast import bench_results
+    import results_file
 
     path = tmp_path / "step-cpu-test.json"
-    bench_results.write_results(path, "step", "cpu", "first", [])
+    results_file.write_results(path, "step", "cpu", "first", [])
     before = path.read_text()
 
     def fail_midway(self, text, *args, **kwargs):
@@ -147,8 +150,8 @@ def test_results_files_are_replaced_whole(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Path, "write_text", fail_midway)
     with pytest.raises(OSError, match="No space"):
-        bench_results.write_results(path, "step", "cpu", "second", [{"case": "c", "impl": "i", "metric": "us",
-                                                                        "value": 1.0}])
+        results_file.write_results(path, "step", "cpu", "second", [{"case": "c", "impl": "i", "metric": "us",
+                                                                       "value": 1.0}])
     assert path.read_text() == before and json.loads(before)["command"] == "first"
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
 
@@ -162,6 +165,7 @@ def test_bench_pretrain_writes_run_and_retrieval_records(tmp_path):
     assert code == 0
     data = json.loads(out.read_text())
     assert FORMAT_KEYS <= set(data) and data["suite"] == "eval"
+    assert data["command"].startswith("python benchmarks/bench_pretrain.py data.synthetic_n=300 ")
     metrics = {(r["case"], r["metric"]): r["value"] for r in data["records"]}
     assert metrics[("pretrain_tiny-synthetic_2x8", "samples_per_s")] > 0
     assert metrics[("zero_shot_retrieval_12img_itm3", "chance_r1")] == pytest.approx(100 / 12)
@@ -174,4 +178,4 @@ def test_gpu_microbenchmarks_need_a_gpu_and_say_so(capsys, monkeypatch, suite):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a machine without CUDA, here or on a GPU
     assert _script(f"bench_{suite}").main([]) == 1
-    assert f"bench {suite}: needs a CUDA device" in capsys.readouterr().err
+    assert f"bench_{suite}.py: needs a CUDA device" in capsys.readouterr().err

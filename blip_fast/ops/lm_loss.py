@@ -184,7 +184,7 @@ def _projection_flops(hidden_shape, weight_shape, gemms: int) -> int:
 
 
 # torch.utils.flop_counter cannot see the GEMMs inside an opaque op: tell it what they cost, so that
-# `blip-fast bench step` counts the fused loss's FLOPs (its hardware MFU) like the reference's.
+# `python benchmarks/bench_step.py` counts the fused loss's FLOPs (its hardware MFU) like the reference's.
 @register_flop_formula(torch.ops.blip_fast.lm_loss_mean_triton)
 def _mean_flops(hidden_shape, weight_shape, bias_shape, targets_shape, label_smoothing, compute_grads,
                 out_shape=None, **kwargs) -> int:

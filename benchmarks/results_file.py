@@ -1,8 +1,10 @@
-"""Results files of the benchmark scripts in ``benchmarks/`` (format: docs/results-format.md).
+"""Results files of the benchmark scripts beside this one (format: docs/results-format.md).
 
 Every script writes the same header -- suite, device, library versions, the commit measured (and the
 git tree of the files measured, which names that commit even where the checkout's HEAD is stale), the
-date and the command -- then its records; this module is the one place that header is made.
+date and the command -- then its records; this module is the one place that header is made. It is part
+of the benchmarks, not of the ``blip_fast`` package: the scripts import it as a sibling module
+(``python benchmarks/bench_step.py`` puts ``benchmarks/`` on ``sys.path``; the tests put it there too).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint.io import atomic_write
+from blip_fast.checkpoint.io import atomic_write
 
 
 def git_commit(where: str | Path = Path(__file__).parent) -> str:
@@ -64,17 +66,17 @@ def triton_version() -> str | None:
 
 
 def command_line(suite: str, argv: list[str] | None) -> str:
-    """The command that made a results file, as ``blip-fast bench SUITE ARGS`` (what the script's ``main`` got,
-    or the command line when it runs as a script)."""
-    return " ".join(["blip-fast bench", suite, *(sys.argv[1:] if argv is None else argv)])
+    """The command that made a results file, as ``python benchmarks/bench_SUITE.py ARGS`` run from the repository
+    root (ARGS: what the script's ``main`` got, or the command line when it runs as a script)."""
+    return " ".join(["python", f"benchmarks/bench_{suite}.py", *(sys.argv[1:] if argv is None else argv)])
 
 
 def gpu_timing_unavailable(suite: str) -> str | None:
     """Why a benchmark timed on the GPU with ``triton.testing.do_bench`` cannot run here, or None."""
     if not torch.cuda.is_available():
-        return f"bench {suite}: needs a CUDA device (timings are GPU-only); none found."
+        return f"bench_{suite}.py: needs a CUDA device (timings are GPU-only); none found."
     if triton_version() is None:
-        return f"bench {suite}: needs triton (pip install triton==3.6.0) for do_bench."
+        return f"bench_{suite}.py: needs triton (pip install triton==3.6.0) for do_bench."
     return None
 
 
