@@ -15,7 +15,7 @@ from __future__ import annotations
 from ..models.blip_caption import BlipCaption
 from ..text import BlipTokenizer
 from .config import PretrainConfig
-from .engine import RunSummary, Trainer
+from .engine import RunSummary, Trainer, train_task
 
 
 class CaptionTrainer(Trainer):
@@ -39,8 +39,4 @@ class CaptionTrainer(Trainer):
 
 
 def finetune_caption(config: PretrainConfig, resume: str | bool = False, printer=print) -> RunSummary:
-    trainer = CaptionTrainer(config, resume=resume, printer=printer)
-    try:
-        return trainer.run()
-    finally:
-        trainer.close()
+    return train_task(CaptionTrainer, config, resume, printer)

@@ -21,6 +21,7 @@ Nothing in the step reads a value back to the host: losses are summed on the dev
 
 from __future__ import annotations
 
+import abc
 import json
 import logging
 import math
@@ -182,7 +183,7 @@ def ensure_synthetic_data(config: PretrainConfig, ctx: DistributedContext, print
     return folder
 
 
-class Trainer:
+class Trainer(abc.ABC):
     """Builds model, data and optimizer from a run's config and runs :meth:`run`; a task subclasses it (see the
     module docstring) and defines what the methods marked *task* below say."""
 
@@ -228,20 +229,21 @@ class Trainer:
 
     # ------------------------------------------------------------------ what a task defines
 
+    @abc.abstractmethod
     def forward(self, model, batch, alpha, generator) -> dict:
         """*Task*: ``{loss name: loss}`` of ``model`` (or its DDP wrapper) on a batch (blip_fast.train.step)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def build_data(self) -> None:
         """*Task*: set ``self.batches`` (resumable training batches) and ``self.steps_per_epoch``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def build_model(self) -> torch.nn.Module:
         """*Task*: the plain model, from ``self.model_config`` (speed is applied afterwards, the same for all)."""
-        raise NotImplementedError
 
     def check(self) -> None:
         """*Task*: start-up checks of the data against the model, before anything is built (none by default)."""
+        return None
 
     def prepare(self, batch):
         """*Task*: a batch as the step takes it, still on the host (as it comes by default)."""
@@ -572,3 +574,13 @@ class Trainer:
 
     def close(self) -> None:
         self.ctx.close()
+
+
+def train_task(trainer_class: type[Trainer], config: PretrainConfig, resume: str | bool = False,
+               printer=print) -> RunSummary:
+    """Build the task's trainer, run it, and release its process group whatever happens."""
+    trainer = trainer_class(config, resume=resume, printer=printer)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()

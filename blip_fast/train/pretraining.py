@@ -22,7 +22,7 @@ from ..models.packing import PackedText
 from ..ops.momentum import enqueue_op
 from .config import PretrainConfig
 from .distributed import barrier
-from .engine import RunSummary, Trainer, synthetic_folder
+from .engine import RunSummary, Trainer, synthetic_folder, train_task
 from .metrics import RunLog
 from .schedule import distillation_alpha
 from .step import LOSSES, pretraining_losses
@@ -102,8 +102,4 @@ class Pretrainer(Trainer):
 
 
 def pretrain(config: PretrainConfig, resume: str | bool = False, printer=print) -> RunSummary:
-    trainer = Pretrainer(config, resume=resume, printer=printer)
-    try:
-        return trainer.run()
-    finally:
-        trainer.close()
+    return train_task(Pretrainer, config, resume, printer)
