@@ -4,12 +4,13 @@
 #   bash benchmarks/gpu_session.sh [STAGE ...]          (from the repository root)
 #
 # stages: build tests parity step step_variants hard_negatives lm_loss attention step_attention distributed main data
-# report (default: all but data and report; data needs DALI carried in first with benchmarks/dali_carry.sh, and
-# report runs anywhere on the results files). The machine is offline, so `build`
-# installs without dependencies: it has all of them but ruff (docs/gpu-machine.md). Results files go to $OUT
-# (default benchmarks/results), named as docs/results-format.md says; copy the ones to keep into benchmarks/results/
-# and commit them. Every stage's output is appended to $OUT/session.log and the step profiles are archived in one
-# file: a remote run brings back at most 8 files from $OUT.
+# before_after report (default: all but data, before_after and report; data needs DALI carried in first with
+# benchmarks/dali_carry.sh, before_after the earlier version's sources carried in .before/, prepared here with
+# `bash benchmarks/step_before_after.sh prepare`, and report runs anywhere on the results files). The machine is
+# offline, so `build` installs without dependencies: it has all of them but ruff (docs/gpu-machine.md). Results files
+# go to $OUT (default benchmarks/results), named as docs/results-format.md says; copy the ones to keep into
+# benchmarks/results/ and commit them. Every stage's output is appended to $OUT/session.log and the step profiles are
+# archived in one file: a remote run brings back at most 8 files from $OUT.
 set -euo pipefail
 # DALI, when benchmarks/dali_carry.sh installed it on this machine
 [ -d /tmp/site/nvidia/dali ] && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
@@ -75,6 +76,9 @@ for stage in "${STAGES[@]}"; do
         # the main job on the GPU: the built-in default, bf16 and compiled
         main) run main python benchmarks/bench_pretrain.py train.precision=bf16 train.compile=true \
                   --json "$OUT/eval-$DEV-$DAY.json" ;;
+        # the step of the version before the model/engine restructure against this tree, in turns, each built apart;
+        # alone, it takes one call (two builds, four compiled and graphed runs). Keep the files under results/runs/.
+        before_after) run before_after env OUT="$OUT" bash benchmarks/step_before_after.sh run ;;
         data) run data python benchmarks/bench_data.py --workers 1,16 --json "$OUT/data-$DEV-$DAY.json" ;;
         report) run report python benchmarks/report.py --results "$OUT" ;;
         *) echo "unknown stage $stage"; exit 2 ;;
