@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-TASKS = ("pretrain", "retrieval", "caption", "vqa")
+TASKS = ("pretrain", "retrieval", "caption", "vqa", "nlvr")
 
 
 class ConfigError(ValueError):

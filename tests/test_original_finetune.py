@@ -10,8 +10,8 @@ images and text:
   transcribed below on the original's modules), and the ITM match probability of image-caption pairs; the
   original's own fine-tuning step runs offline (we have no retrieval training step to compare it with);
 - VQA (``blip_vqa.BLIP_VQA`` / :class:`BlipVQA`): the weighted answer loss and every gradient; greedy answers;
-- NLVR2 (``blip_nlvr.BLIP_NLVR``; we have no model yet): it builds offline and a tiny batch gives a finite loss
-  and finite gradients, so that a model of ours can be compared with it later.
+- NLVR2 (``blip_nlvr.BLIP_NLVR`` / :class:`BlipNLVR`): the loss of a batch of statements about image pairs, every
+  gradient (the learned merge of the two images' branches included) and the logits.
 
 transformers 5's ``PreTrainedModel`` no longer has ``generate``, so the original's ``generate`` (beam search,
 nucleus sampling) cannot run; greedy decoding is compared instead, the original's decoder run over the whole
@@ -34,7 +34,7 @@ from original_checks import CAPTIONS, assert_same_gradients, needs_original, ori
 
 from blip_fast.config import preset
 from blip_fast.evaluation.retrieval import retrieval_scores
-from blip_fast.models import BlipCaption, BlipRetrieval, BlipVQA, GenerationConfig
+from blip_fast.models import BlipCaption, BlipNLVR, BlipRetrieval, BlipVQA, GenerationConfig
 from blip_fast.text import BlipTokenizer
 
 QUESTIONS = ["what colour is the cube?", "how many balls are there?"]
@@ -258,26 +258,35 @@ def test_vqa_greedy_answers_match(vqa_models):
 # ---------------------------------------------------------------- NLVR2
 
 
-@needs_original
-def test_original_nlvr_builds_offline_and_gives_a_finite_loss():
+@pytest.fixture(scope="module")
+def nlvr_models():
     torch.manual_seed(0)
-    model = original_blip.build_original_nlvr(small_config(drop_path_rate=0.1, text_layers=8)).train()
-    layers = model.text_encoder.encoder.layer
-    # one cross-attention per image; from layer 6 on their outputs are merged by a linear layer, before by a mean
-    assert hasattr(layers[0].crossattention, "self1") and not layers[5].crossattention.output.merge
-    assert layers[6].crossattention.output.merge
-    pixels = images(4)  # the first image of each pair, then the second
-    sentences = ["the left image has more cubes", "both images show a sphere"]
-    targets = torch.tensor([1, 0])
-    loss = model(pixels, sentences, targets, train=True)
-    assert torch.isfinite(loss)
-    loss.backward()
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    assert grads and all(torch.isfinite(g).all() for g in grads)
-    assert model.text_encoder.encoder.layer[6].crossattention.output.merge_layer.weight.grad.abs().sum() > 0
+    # 8 layers: the original merges the two images' branches with a learned layer from the 7th on; eval mode, as
+    # the ViT's drop-path 0.1 draws at random in training (the text has no dropout here)
+    return loaded_pair(BlipNLVR(small_config(drop_path_rate=0.1, text_layers=8)).eval(),
+                       original_blip.build_original_nlvr, ["text_encoder"])
+
+
+@needs_original
+def test_nlvr_loss_logits_and_gradients_match(nlvr_models):
+    ours, original = nlvr_models
+    layers = ours.text_encoder.encoder.layer
+    assert not hasattr(layers[5].crossattention.output, "merge_layer")
+    assert original.text_encoder.encoder.layer[6].crossattention.output.merge
+    pixels = images(6)  # every pair's first image, then every pair's second image
+    sentences = ["the left image has more cubes", "both images show a sphere", "a red ball"]
+    targets = torch.tensor([1, 0, 1])
+    tokens = BlipTokenizer()(sentences, max_length=40, padding="longest")  # as BLIP_NLVR.forward tokenizes
+    our_loss = ours(pixels, tokens.input_ids, tokens.attention_mask, targets)
+    original_loss = original(pixels, sentences, targets, train=True)
+    torch.testing.assert_close(our_loss, original_loss.detach(), rtol=1e-5, atol=0)
+    our_loss.backward()
+    original_loss.backward()
+    assert_same_gradients(ours, original)
+    assert layers[6].crossattention.output.merge_layer.weight.grad.abs().sum() > 0
     with torch.no_grad():
-        prediction = model.eval()(pixels, sentences, targets, train=False)
-    assert prediction.shape == (2, 2) and torch.isfinite(prediction).all()
+        torch.testing.assert_close(ours.logits(pixels, tokens.input_ids, tokens.attention_mask),
+                                   original(pixels, sentences, targets, train=False), rtol=0, atol=1e-5)
 
 
 # ---------------------------------------------------------------- without the original

@@ -41,9 +41,11 @@ def check_tensors(state: dict, source: str) -> None:
 
 def detect_task(state: dict[str, torch.Tensor]) -> str:
     has = {prefix: any(k.startswith(prefix + ".") for k in state)
-           for prefix in ("visual_encoder", "text_encoder", "text_decoder", "itm_head")}
+           for prefix in ("visual_encoder", "text_encoder", "text_decoder", "itm_head", "cls_head")}
     if not has["visual_encoder"]:
         raise CheckpointError("not a BLIP checkpoint: no visual_encoder.* weights")
+    if has["text_encoder"] and has["cls_head"]:
+        return "nlvr"
     if has["text_encoder"] and has["text_decoder"] and has["itm_head"]:
         return "pretrain"
     if has["text_encoder"] and has["itm_head"]:
@@ -57,7 +59,8 @@ def detect_task(state: dict[str, torch.Tensor]) -> str:
 
 # the modules of each task that hold a text transformer (a caption model's is its decoder's BERT)
 TEXT_MODULES = {"pretrain": ("text_encoder", "text_decoder.bert"), "retrieval": ("text_encoder",),
-                "caption": ("text_decoder.bert",), "vqa": ("text_encoder", "text_decoder.bert")}
+                "caption": ("text_decoder.bert",), "vqa": ("text_encoder", "text_decoder.bert"),
+                "nlvr": ("text_encoder",)}
 
 
 def check_config_fits(config: BlipConfig, state: dict[str, torch.Tensor], task: str, source: str) -> None:

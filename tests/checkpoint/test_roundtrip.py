@@ -24,7 +24,7 @@ from blip_fast.config import BlipConfig, TextConfig, VisionConfig, config_to_dic
 from blip_fast.models import GenerationConfig, build_model
 from blip_fast.models.vit import position_embedding_for
 
-TASKS = ("pretrain", "retrieval", "caption", "vqa")
+TASKS = ("pretrain", "retrieval", "caption", "vqa", "nlvr")  # nlvr: the released model_base_nlvr.pth shape
 HF_CLASSES = {"retrieval": BlipForImageTextRetrieval, "caption": BlipForConditionalGeneration,
               "vqa": BlipForQuestionAnswering}
 RTOL = tolerances.RTOL[torch.float32]
@@ -117,6 +117,9 @@ def task_outputs(model, task: str, size: int = 64) -> dict[str, torch.Tensor]:
         dec = with_first(ids, DEC)
         return {"logits": model.text_decoder.logits(model.text_decoder.hidden_states(dec, mask, embeds)),
                 "loss": model(x, ids, mask, 2), "tokens": model.generate(x, ids[:, :2], GREEDY)}
+    if task == "nlvr":  # three statements about three pairs of images
+        pairs = torch.cat([x, torch.randn(3, 3, size, size)])
+        return {"logits": model.logits(pairs, with_first(ids, CLS), mask)}
     return {"states": model.question_states(x, ids, mask), "answers": model.generate(x, ids, mask, GREEDY)}
 
 
