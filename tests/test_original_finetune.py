@@ -7,8 +7,9 @@ images and text:
   every parameter; greedy captions token for token;
 - retrieval (``blip_retrieval.BLIP_Retrieval`` / :class:`BlipRetrieval`): the ITC similarity matrix and the
   ITM-re-ranked score matrices of the original ``evaluation`` (``train_retrieval.py``, not packaged in blip-ci:
-  transcribed below on the original's modules), and the ITM match probability of image-caption pairs; the
-  original's own fine-tuning step runs offline (we have no retrieval training step to compare it with);
+  transcribed below on the original's modules), the ITM match probability of image-caption pairs, and the
+  fine-tuning step (ITC with image ids, ITM negatives with same-image pairs masked out, both drawing the hardest
+  negative so that the draws agree): losses, gradients and the queues with their image ids;
 - VQA (``blip_vqa.BLIP_VQA`` / :class:`BlipVQA`): the weighted answer loss and every gradient; greedy answers;
 - NLVR2 (``blip_nlvr.BLIP_NLVR`` / :class:`BlipNLVR`): the loss of a batch of statements about image pairs, every
   gradient (the learned merge of the two images' branches included) and the logits.
@@ -196,16 +197,35 @@ def test_retrieval_match_probability_matches(retrievers):
     torch.testing.assert_close(probability, expected, rtol=0, atol=1e-5)
 
 
+def hardest_negative(weights, num_samples, generator=None, **_):
+    """``torch.multinomial`` made deterministic for a comparison: the most probable column (rows of a 2-D input)."""
+    assert num_samples == 1
+    return weights.argmax(dim=-1, keepdim=True)
+
+
 @needs_original
-def test_original_retrieval_finetuning_step_runs_offline():
+def test_retrieval_finetuning_losses_gradients_and_queues_match(monkeypatch):
     torch.manual_seed(0)
-    original = original_blip.build_original_retrieval(small_config()).train()
-    idx = torch.tensor([0, 1, 1, 2])  # two captions of image 1: positives of each other in ITC
-    loss_ita, loss_itm = original(images(4), CAPTIONS, 0.4, idx)
-    assert torch.isfinite(loss_ita) and torch.isfinite(loss_itm)
+    config = small_config()
+    config.queue_size = 12  # the original's enqueue needs a multiple of the batch of 6
+    ours = BlipRetrieval(config).train()
+    ours, original = loaded_pair(ours, original_blip.build_original_retrieval, ["text_encoder", "text_encoder_m"])
+    # two captions of image 1 (positives of each other in ITC, never each other's ITM negatives) and of image 2
+    idx = torch.tensor([0, 1, 1, 2, 2, 3])
+    captions = CAPTIONS + ["a small grey cube", "three spheres in a row"]
+    tokens = BlipTokenizer()(captions, max_length=35, padding="max_length")  # as BLIP_Retrieval.forward tokenizes
+    pixels = images(6)
+    monkeypatch.setattr(torch, "multinomial", hardest_negative)  # both sides draw the hardest negative
+    losses = ours(pixels, tokens.input_ids, tokens.attention_mask, idx, alpha=0.4)
+    loss_ita, loss_itm = original(pixels, captions, 0.4, idx)
+    torch.testing.assert_close(losses["itc"], loss_ita.detach(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(losses["itm"], loss_itm.detach(), rtol=1e-5, atol=0)
+    (losses["itc"] + losses["itm"]).backward()
     (loss_ita + loss_itm).backward()
-    # the one-process concat_all_gather put this batch's ids into the queue
-    assert original.ptr_queue.item() == 4 and torch.equal(original.idx_queue[0, :4], idx)
+    assert_same_gradients(ours, original)
+    for name in ("image_queue", "text_queue", "idx_queue", "ptr_queue"):
+        torch.testing.assert_close(getattr(ours, name), getattr(original, name), rtol=0, atol=1e-6, msg=name)
+    assert torch.equal(ours.idx_queue[0, :6], idx)
 
 
 # ---------------------------------------------------------------- VQA
