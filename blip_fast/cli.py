@@ -114,10 +114,25 @@ def cmd_data_synth(args) -> int:
     import time
 
     from .data.synth import write_synthetic_dataset
+    from .data.synth_tasks import write_task_dataset
 
     start = time.perf_counter()
-    info = write_synthetic_dataset(args.out, args.n, noise=args.noise, image_size=args.image_size, seed=args.seed,
-                                   shard_size=args.shard_size, overwrite=args.overwrite)
+    if args.task:
+        unused = [option for option, value in (("--noise", args.noise), ("--shard-size", args.shard_size))
+                  if value is not None]
+        if unused:
+            raise ValueError(f"{' and '.join(unused)} apply to the pretraining set only, not to --task {args.task}")
+        info = write_task_dataset(args.out, args.task, args.n, image_size=args.image_size, seed=args.seed,
+                                  overwrite=args.overwrite)
+        counts = "; ".join(f"{split}: " + ", ".join(f"{value} {name}" for name, value in entry.items()
+                                                    if isinstance(value, int))
+                           for split, entry in info["splits"].items())
+        print(f"wrote the synthetic {args.task} set ({counts}) to {args.out} in {time.perf_counter() - start:.1f} s")
+        return 0
+    noise = 0.0 if args.noise is None else args.noise
+    shard_size = 100 if args.shard_size is None else args.shard_size
+    info = write_synthetic_dataset(args.out, args.n, noise=noise, image_size=args.image_size, seed=args.seed,
+                                   shard_size=shard_size, overwrite=args.overwrite)
     counts = ", ".join(f"{split} {entry['samples']}" for split, entry in info["splits"].items())
     print(f"wrote {args.n} synthetic samples ({counts}; {info['noisy']} noisy training captions) to {args.out} "
           f"in {time.perf_counter() - start:.1f} s")
@@ -193,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="checkpoint to read (file or Hugging Face directory)")
     p.add_argument("destination", help="file (salesforce) or directory (hf) to write")
     p.add_argument("--to", choices=("salesforce", "hf"), required=True, help="format to write")
-    p.add_argument("--task", choices=("pretrain", "retrieval", "caption", "vqa"),
+    p.add_argument("--task", choices=("pretrain", "retrieval", "caption", "vqa", "nlvr"),
                    help="expected task of the source (checked)")
     p.set_defaults(run=cmd_convert)
 
@@ -213,12 +228,18 @@ def build_parser() -> argparse.ArgumentParser:
     data_sub = p.add_subparsers(dest="data_command", required=True)
     p = data_sub.add_parser("synth", help="write synthetic scenes as webdataset shards and BLIP JSON lists")
     p.add_argument("--out", required=True, help="output directory (created; must be empty unless --overwrite)")
-    p.add_argument("--n", type=int, required=True, help="number of samples (90%% train, 5%% val, 5%% test)")
-    p.add_argument("--noise", type=float, default=0.0,
+    p.add_argument("--task", choices=("retrieval", "vqa", "nlvr"),
+                   help="a downstream set in the original BLIP's annotation format instead of the pretraining set: "
+                        "retrieval (Karpathy COCO, 5 captions per image), vqa (VQA v2), nlvr (NLVR2 pairs)")
+    p.add_argument("--n", type=int, required=True,
+                   help="number of samples (90%% train, 5%% val, 5%% test); with --task: images (nlvr: pairs), "
+                        "80/10/10%% (vqa: 90%% train, 10%% test)")
+    # None: not given (the pretraining set's default), so that --task can refuse an option it has no use for
+    p.add_argument("--noise", type=float,
                    help="fraction of training captions replaced by another scene's, recorded in noise.json (0)")
     p.add_argument("--image-size", type=int, default=128, help="image side in pixels (128)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed writes the same bytes (0)")
-    p.add_argument("--shard-size", type=int, default=100, help="samples per tar shard (100)")
+    p.add_argument("--shard-size", type=int, help="samples per tar shard (100)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a synthetic dataset already in --out (only the files this command writes)")
     p.set_defaults(run=cmd_data_synth)

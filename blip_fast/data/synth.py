@@ -47,9 +47,10 @@ def split_sizes(n: int, fractions: tuple[float, float, float]) -> dict[str, int]
     return {"train": n - val - test, "val": val, "test": test}
 
 
-def _prepare_output(out: Path, overwrite: bool) -> None:
+def prepare_output(out: Path, overwrite: bool, run_folders: tuple[str, ...] = FOLDERS) -> None:
     """Make ``out`` ready to write into: new or empty, or (``overwrite``) holding only a previous run's files,
-    which are deleted. Anything else is a ValueError that names the folder (the CLI and the trainer both call)."""
+    which are deleted. Anything else is a ValueError that names the folder (the CLI and the trainer both call).
+    ``run_folders`` are made by every run; the downstream task sets (:mod:`.synth_tasks`) share these rules."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
@@ -57,7 +58,7 @@ def _prepare_output(out: Path, overwrite: bool) -> None:
         if not overwrite:
             raise ValueError(f"{out} is not empty: it holds a synthetic dataset (use --overwrite to replace it)")
         folders, files = _contents(out)
-        ours_folders = {str(parent) for name in ours for parent in PurePosixPath(name).parents} | set(FOLDERS)
+        ours_folders = {str(parent) for name in ours for parent in PurePosixPath(name).parents} | set(run_folders)
         unknown = (folders - ours_folders) | (files - ours - {MANIFEST})
         unknown = sorted(name for name in unknown if not unknown.intersection(map(str, PurePosixPath(name).parents)))
         if unknown:
@@ -66,9 +67,22 @@ def _prepare_output(out: Path, overwrite: bool) -> None:
                              "its own files: move them, or choose another folder")
         for name in sorted(ours & files):
             (out / name).unlink()
+        # then the folders those files leave empty: a run of another kind (a task set after the pretraining set)
+        # makes other folders, and an empty one its manifest does not name would block the next --overwrite
+        for folder in sorted(ours_folders - {"."}, key=lambda name: -len(PurePosixPath(name).parts)):
+            if (out / folder).is_dir() and not any((out / folder).iterdir()):
+                (out / folder).rmdir()
         (out / MANIFEST).unlink()          # last: an interrupted delete can be overwritten again
-    for folder in FOLDERS:
+    for folder in run_folders:
         (out / folder).mkdir(parents=True, exist_ok=True)
+
+
+def write_manifest(out: Path, info: dict, written: list[str]) -> dict:
+    """Write ``info`` with ``files`` (every file the run wrote, relative to ``out``) as ``info.json``. Call it last:
+    the manifest marks a complete dataset, and its files are all that a later ``overwrite`` deletes."""
+    info["files"] = sorted(written)
+    (out / MANIFEST).write_text(json.dumps(info, indent=1) + "\n")
+    return info
 
 
 def _files_written_before(out: Path) -> set[str]:
@@ -136,7 +150,7 @@ def write_synthetic_dataset(out: str | Path, n: int, *, noise: float = 0.0, imag
     if sizes["train"] < 1:
         raise ValueError(f"{n} samples leave no training split")
     out = Path(out)
-    _prepare_output(out, overwrite)
+    prepare_output(out, overwrite)
 
     # scenes first (the noise draws need every training caption), then one drawing per scene
     scene_rng, draw_rng, noise_rng = random.Random(seed), random.Random(seed + 1), random.Random(seed + 2)
@@ -183,6 +197,4 @@ def write_synthetic_dataset(out: str | Path, n: int, *, noise: float = 0.0, imag
         info["splits"][split] = {"samples": sizes[split], "json": f"{split}.json", "shards": shards}
     (out / "noise.json").write_text(json.dumps({"fraction": noise, "seed": seed, "count": len(noise_record),
                                                 "samples": noise_record}, indent=1, sort_keys=True) + "\n")
-    info["files"] = sorted([*written, "noise.json"])
-    (out / MANIFEST).write_text(json.dumps(info, indent=1) + "\n")      # last: the dataset is complete
-    return info
+    return write_manifest(out, info, [*written, "noise.json"])

@@ -4,7 +4,9 @@ Each scene holds one to three objects, each a colour, a shape, a size and a posi
 plain background; the caption names them (``"a big red circle on the left and a small blue
 square at the top"``). A model has to see colours, shapes and places to match captions to
 images, which makes the set a quick, honest check that a tiny model learns -- in seconds, with no
-download.
+download. :func:`caption` is the one fixed wording (the pretraining set's); :func:`describe` and
+:func:`captions` word the same scene in other true ways (object order, synonyms, a lead-in), as
+the five captions per image of COCO and Flickr30k do.
 
 :func:`photo_like_jpeg` draws the other kind of synthetic image: photo-like JPEGs (shading, edges,
 grain) for decoder and transform comparisons and the data benchmark, where flat scenes would hide
@@ -28,6 +30,15 @@ PLACES = {"on the left": (0.25, 0.5), "on the right": (0.75, 0.5), "at the top":
           "at the bottom": (0.5, 0.75), "in the middle": (0.5, 0.5)}
 BACKGROUNDS = ((30, 30, 30), (90, 90, 90), (200, 190, 170))
 
+# other true wordings of a size and a place (the first is the one caption() uses), and lead-ins
+SIZE_WORDS = {"small": ("small", "little"), "big": ("big", "large")}
+PLACE_WORDS = {"on the left": ("on the left", "at the left side", "on the left side"),
+               "on the right": ("on the right", "at the right side", "on the right side"),
+               "at the top": ("at the top", "near the top", "in the upper part"),
+               "at the bottom": ("at the bottom", "near the bottom", "in the lower part"),
+               "in the middle": ("in the middle", "in the center", "at the center")}
+LEADS = ("", "a picture of ", "there is ", "an image of ", "a drawing of ")
+
 
 @dataclass
 class SceneObject:
@@ -48,6 +59,28 @@ def random_scene(rng: random.Random, max_objects: int = 3) -> list[SceneObject]:
 
 def caption(scene: list[SceneObject]) -> str:
     return " and ".join(obj.phrase() for obj in scene)
+
+
+def describe(scene: list[SceneObject], rng: random.Random) -> str:
+    """One true wording of ``scene``, drawn from ``rng``: its objects in any order, each size and place in any of
+    its words, after any lead-in (``"there is a large red circle in the center and a little blue square ..."``)."""
+    objects = rng.sample(scene, len(scene))
+    phrases = [f"a {rng.choice(SIZE_WORDS[obj.size])} {obj.color} {obj.shape} {rng.choice(PLACE_WORDS[obj.place])}"
+               for obj in objects]
+    return rng.choice(LEADS) + " and ".join(phrases)
+
+
+def captions(scene: list[SceneObject], n: int, rng: random.Random) -> list[str]:
+    """``n`` different true wordings of ``scene`` (:func:`describe`). Any scene has at least 2 x 3 x 5 = 30 (one
+    object: size words x place words x lead-ins), so up to 30 are always found."""
+    found: list[str] = []
+    for _ in range(1000 * n):
+        text = describe(scene, rng)
+        if text not in found:
+            found.append(text)
+            if len(found) == n:
+                return found
+    raise ValueError(f"found only {len(found)} different wordings of a scene, {n} asked for")
 
 
 def draw(scene: list[SceneObject], size: int, rng: random.Random) -> Image.Image:
