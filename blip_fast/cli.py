@@ -157,6 +157,49 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
+# blip-fast finetune TASK: the trainer of each task and its shipped config (the original's)
+FINETUNE_TASKS = {"retrieval": "retrieval_coco", "caption": "caption_coco"}
+
+
+def cmd_finetune(args) -> int:
+    from .train.caption import finetune_caption
+    from .train.config import load_pretrain_config, pretrain_config_to_dict
+    from .train.divergence import TrainingDiverged
+    from .train.retrieval import finetune_retrieval
+
+    config = load_pretrain_config(args.config or FINETUNE_TASKS[args.task], args.overrides)
+    if args.print_config:
+        print(json.dumps(pretrain_config_to_dict(config), indent=1))
+        return 0
+    run = {"retrieval": finetune_retrieval, "caption": finetune_caption}[args.task]
+    try:
+        run(config, resume=(True if args.resume == "latest" else args.resume) or False)
+    except TrainingDiverged as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_eval_retrieval(args) -> int:
+    from .api import load
+    from .data.annotations import RetrievalAnnotations
+    from .evaluation.retrieval import evaluate_retrieval
+
+    blip = load(args.checkpoint, device=_device(args.device), image_size=args.image_size)
+    if blip.model.task not in ("retrieval", "pretrain"):
+        raise ValueError(f"{args.checkpoint} holds a {blip.model.task} model: retrieval needs ITC features and an "
+                         "ITM head (a retrieval or pretraining checkpoint)")
+    annotations = RetrievalAnnotations(args.annotations, args.image_root)
+    result = evaluate_retrieval(blip.model, annotations, blip.model.config.vision.image_size, limit=args.limit,
+                                itm_k=args.k, batch_size=args.batch_size)
+    print(result.summary())
+    if args.json:
+        from .checkpoint import atomic_write
+
+        atomic_write(args.json, lambda t: Path(t).write_text(json.dumps(result.metrics, indent=1)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blip-fast", description="The fastest correct BLIP.")
     parser.add_argument("-v", "--verbose", action="store_true",
@@ -179,6 +222,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from the latest checkpoint of train.out, or from this checkpoint file")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.set_defaults(run=cmd_pretrain)
+
+    p = sub.add_parser("finetune", help="fine-tune a downstream task (retrieval, caption) with the original's "
+                       "recipe, usually from a pretrained checkpoint (train.init_from=...)",
+                       description="Fine-tune BLIP on a downstream task from a YAML config (default: the original's "
+                       "config of the task: retrieval_coco, caption_coco). Overrides: section.key=value, e.g. "
+                       "train.init_from=model_base.pth 'data.paths=[coco_karpathy_train.json]'.")
+    p.add_argument("task", choices=tuple(FINETUNE_TASKS), help="the downstream task")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides (values are YAML)")
+    p.add_argument("--config", help="YAML file, or a shipped config: retrieval_coco, retrieval_flickr, caption_coco")
+    p.add_argument("--resume", nargs="?", const="latest",
+                   help="continue from the latest checkpoint of train.out, or from this checkpoint file")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.set_defaults(run=cmd_finetune)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint on a downstream task's test split (retrieval)")
+    eval_sub = p.add_subparsers(dest="eval_task", required=True)
+    p = eval_sub.add_parser("retrieval", help="image-text retrieval: ITC top-k re-ranked by ITM, recall@1/5/10",
+                            description="Recall@1/5/10 both ways as the original's train_retrieval.py evaluation: "
+                            "ITC similarity of every pair, the top k of each image and caption re-ranked by "
+                            "ITM logit + ITC similarity.")
+    checkpoint_options(p)
+    p.add_argument("--annotations", required=True,
+                   help="the split: [{\"image\": path, \"caption\": [captions]}] (coco_karpathy_test.json)")
+    p.add_argument("--image-root", help="folder the image paths are relative to")
+    p.add_argument("--k", type=int, default=256, help="candidates re-ranked by ITM (COCO 256, Flickr30k 128; 0: "
+                   "ITC only)")
+    p.add_argument("--limit", type=int, help="only the first N images (and their captions)")
+    p.add_argument("--batch-size", type=int, default=64, help="images, captions or ITM pairs per forward (64)")
+    p.add_argument("--json", help="also write the metrics to this JSON file")
+    p.set_defaults(run=cmd_eval_retrieval)
 
     p = sub.add_parser("caption", help="caption images with a captioning checkpoint")
     p.add_argument("images", nargs="+", help="image files")
@@ -264,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except KeyboardInterrupt:
-        hint = " (checkpoints are written atomically; continue with --resume)" if args.command == "pretrain" else ""
+        hint = (" (checkpoints are written atomically; continue with --resume)"
+                if args.command in ("pretrain", "finetune") else "")
         print(f"interrupted{hint}", file=sys.stderr)
         return 130
     except USER_ERRORS as error:

@@ -28,7 +28,10 @@ from .divergence import NONFINITE_MODES
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 SHIPPED = {"base": "pretrain_base.yaml", "large": "pretrain_large.yaml",
-           "tiny-synthetic": "pretrain_tiny_synthetic.yaml"}
+           "tiny-synthetic": "pretrain_tiny_synthetic.yaml",
+           # fine-tuning (blip-fast finetune TASK): the original's configs of each task
+           "retrieval_coco": "retrieval_coco.yaml", "retrieval_flickr": "retrieval_flickr.yaml",
+           "caption_coco": "caption_coco.yaml"}
 DEFAULT_CONFIG = "tiny-synthetic"
 
 
@@ -110,15 +113,20 @@ class OptimConfig:
     fused: str = "auto"
     """``auto`` (apex's FusedAdam when installed on CUDA, else torch's fused AdamW), ``torch``, ``apex``,
     ``foreach`` (multi-tensor, unfused) or ``loop`` (one parameter at a time, the reference)."""
+    schedule: str = "step"
+    """``step``: pretraining's per-epoch decay by ``lr_decay_rate``; ``cosine``: the fine-tuning scripts' per-epoch
+    cosine from ``init_lr`` to ``min_lr`` over ``train.epochs`` (blip_fast.train.schedule)."""
     grad_accum_steps: int = 1
     """Micro-batches per optimizer step."""
     clip_grad_norm: float = 0.0
     """Clip the global gradient norm to this value; 0 turns clipping off (the original does not clip)."""
 
     def __post_init__(self):
-        for name in ("init_lr", "min_lr", "warmup_lr", "eps"):
+        for name in ("init_lr", "warmup_lr", "eps"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"optim.{name} must be positive; got {getattr(self, name)}")
+        if self.min_lr < 0:  # the fine-tuning configs' cosine ends at 0
+            raise ConfigError(f"optim.min_lr must be >= 0; got {self.min_lr}")
         if self.temp_lr is not None and self.temp_lr < 0:
             raise ConfigError(f"optim.temp_lr must be >= 0; got {self.temp_lr}")
         if self.warmup_steps < 0 or self.weight_decay < 0 or self.clip_grad_norm < 0:
@@ -129,6 +137,8 @@ class OptimConfig:
             raise ConfigError(f"optim.grad_accum_steps must be at least 1; got {self.grad_accum_steps}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"optim.betas must be two numbers in [0, 1); got {self.betas}")
+        if self.schedule not in ("step", "cosine"):
+            raise ConfigError(f"optim.schedule must be step or cosine; got {self.schedule!r}")
         if self.fused not in ("auto", "torch", "apex", "foreach", "loop"):
             raise ConfigError(f"optim.fused must be auto, torch, apex, foreach or loop; got {self.fused!r}")
 
@@ -191,6 +201,11 @@ class TrainConfig:
     """Re-rank this many ITC candidates with ITM in the evaluation (the original: 256 on COCO; 0: ITC only)."""
     device: str = "auto"
     """``auto`` (this rank's GPU, else CPU), ``cpu`` or ``cuda``."""
+    init_from: str | None = None
+    """Start from this trained checkpoint (a Salesforce ``.pth`` such as ``model_base.pth``, one of ours, or a
+    Hugging Face directory) of any task, loaded as the original's fine-tuning loads it
+    (blip_fast.checkpoint.transfer); ``null``: the model's own initialisation (``model.init``). A resumed run
+    takes its weights from its checkpoint instead."""
 
     def __post_init__(self):
         if self.epochs < 1:
@@ -222,17 +237,33 @@ class TrainConfig:
 
 
 @dataclass
+class ModelInit:
+    """``model.init``: the pretrained files the recipe starts from, read offline (blip_fast.checkpoint.init)."""
+
+    vision: str | None = None
+    """A timm / DeiT ViT checkpoint (``deit_base_patch16_224-b5f2ef4d.pth`` for ViT-B), position embeddings
+    resampled to the image size; ``null``: random."""
+    text: str | None = None
+    """A Hugging Face ``bert-base-uncased`` folder, for the text encoder and decoder; ``null``: random."""
+
+
+@dataclass
 class PretrainConfig:
     preset: str = "base"
     """Architecture: tiny | base | large (``blip_fast.config`` presets)."""
     model: dict[str, Any] = field(default_factory=dict)
-    """BlipConfig fields over the preset (``vision.image_size`` always follows ``data.transform.image_size``)."""
+    """BlipConfig fields over the preset (``vision.image_size`` always follows ``data.transform.image_size``), and
+    ``init`` (:class:`ModelInit`): the files the weights start from."""
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
         self.model_config()  # validate the model overrides now, not at step 0
+        init = self.model_init()
+        if self.train.init_from and (init.vision or init.text):
+            raise ConfigError("train.init_from (a trained BLIP checkpoint) and model.init (the ViT and BERT files "
+                              "pretraining starts from) both say where the weights come from: give one")
         if self.train.nonfinite == "skip" and self.optim.fused not in ("auto", "torch"):
             # only torch's fused AdamW can skip a step on the device (found_inf); the others would need a host sync
             raise ConfigError(f"train.nonfinite=skip needs torch's fused AdamW (optim.fused=auto or torch); "
@@ -240,9 +271,12 @@ class PretrainConfig:
         if self.train.nonfinite == "skip" and self.train.distributed == "fsdp":
             raise ConfigError("train.nonfinite=skip is not supported with train.distributed=fsdp yet; use stop")
 
+    def model_init(self) -> ModelInit:
+        return config_from_dict(ModelInit, self.model.get("init") or {}, "model.init")
+
     def model_config(self) -> BlipConfig:
         base = config_to_dict(preset(self.preset, image_size=self.data.transform.image_size))
-        merged = _merge(base, self.model, "model")
+        merged = _merge(base, {k: v for k, v in self.model.items() if k != "init"}, "model")
         merged["vision"]["image_size"] = self.data.transform.image_size
         return config_from_dict(BlipConfig, merged, "model")
 

@@ -35,6 +35,7 @@ import torch.distributed as dist
 from .. import ops
 from ..checkpoint.io import CheckpointError, atomic_write
 from ..checkpoint.salesforce import TRAINING_CONFIG_KEY
+from ..checkpoint.transfer import init_from_checkpoint
 from ..config import ConfigError, architecture, config_to_dict
 from ..data.batches import CaptionBatches, open_caption_source
 from ..data.synth import write_synthetic_dataset
@@ -204,7 +205,10 @@ class Trainer(abc.ABC):
         torch.manual_seed(seed)
         self.build_data()
         self.check()
-        self.model = self.build_model().to(self.device)
+        model = self.build_model()
+        if not self._resumes(resume):  # a resumed run's weights come from its checkpoint
+            self.initialise(model)
+        self.model = model.to(self.device)
         self.skip_nonfinite = config.train.nonfinite == "skip"
         self.guard = DivergenceGuard(self.device, config.train.nonfinite, config.train.max_consecutive_skips)
         self.last_checkpoint: str | None = None  # the newest checkpoint of this run's lineage on disk
@@ -307,6 +311,29 @@ class Trainer(abc.ABC):
         return total if self.config.train.max_steps is None else min(total, self.config.train.max_steps)
 
     # ------------------------------------------------------------------ set-up
+
+    def _resumes(self, resume: str | bool) -> bool:
+        return bool(resume) and (resume is not True or latest_checkpoint(self.out) is not None)
+
+    def initialise(self, model: torch.nn.Module) -> None:
+        """The weights the run starts from, where the config names files: a trained checkpoint of any task
+        (``train.init_from``, loaded as the original's fine-tuning loads it), or the ViT and BERT files of the
+        pretraining recipe (``model.init``); each says in a few lines what it loaded and what it left fresh."""
+        reports = []
+        if self.config.train.init_from:
+            reports.append(init_from_checkpoint(model, self.config.train.init_from))
+        init = self.config.model_init()
+        if init.vision or init.text:
+            from ..checkpoint.init import init_text, init_vision
+
+            if init.vision:
+                reports.append(init_vision(model, init.vision))
+            if init.text:
+                reports.append(init_text(model, init.text))
+        if self.ctx.is_main:
+            for report in reports:
+                for line in report.lines():
+                    self.printer(line)
 
     def _check_cuda_graph(self) -> None:
         config = self.config
@@ -452,7 +479,8 @@ class Trainer(abc.ABC):
     def train_step(self, micro_batches) -> torch.Tensor:
         """One optimizer step at the current progress (learning rate from the schedule, alpha from the task)."""
         p = self.progress
-        set_learning_rate(self.optimizer, learning_rate(self.config.optim, p.epoch, p.step_in_epoch))
+        set_learning_rate(self.optimizer, learning_rate(self.config.optim, p.epoch, p.step_in_epoch,
+                                                         self.config.train.epochs))
         self.alpha = self.step_alpha()
         return self.step(micro_batches, self.alpha)
 

@@ -36,6 +36,8 @@ class Pretrainer(Trainer):
     """BLIP pretraining on the shared engine: build it from a :class:`PretrainConfig` and :meth:`run` it."""
 
     task_name = "pretraining"
+    eval_name = "zero-shot"
+    """What the end-of-run evaluation's line calls the model's retrieval."""
     loss_names = LOSSES
     forward = staticmethod(pretraining_losses)
 
@@ -44,7 +46,9 @@ class Pretrainer(Trainer):
 
     def build_data(self) -> None:
         config, data = self.config, self.config.data
-        self.use_caption_batches(self.caption_source())
+        source = self.caption_source()
+        self.check_source(source)
+        self.use_caption_batches(source)
         self.eval_annotations = None
         if data.eval_path and config.train.eval_size:
             self.eval_annotations = RetrievalAnnotations(data.eval_path, data.image_root)
@@ -53,8 +57,10 @@ class Pretrainer(Trainer):
             self.eval_annotations = RetrievalAnnotations(folder / "test.json", folder)
         # a captured graph has one token count: rounding it up to 64 bounds the number of graphs
         self.pack_multiple = PACKED_TOKENS_MULTIPLE_GRAPHED if config.train.cuda_graph else PACKED_TOKENS_MULTIPLE
-        # a captured graph has one token count: rounding it up to 64 bounds the number of graphs
-        self.pack_multiple = PACKED_TOKENS_MULTIPLE_GRAPHED if config.train.cuda_graph else PACKED_TOKENS_MULTIPLE
+
+    def check_source(self, source) -> None:
+        """What the task needs of its training pairs, checked before the first batch (pretraining: nothing)."""
+        return None
 
     def check(self) -> None:
         """The queues take every micro-batch's momentum features of all ranks at once: refused here, not at step 1."""
@@ -96,7 +102,7 @@ class Pretrainer(Trainer):
             result = evaluate_retrieval(model, self.eval_annotations, self.model_config.vision.image_size,
                                         limit=self.config.train.eval_size, itm_k=self.config.train.eval_itm_k)
             runlog.event({"kind": "eval", "step": self.progress.step, **result.metrics},
-                         f"zero-shot {result.summary()}")
+                         f"{self.eval_name} {result.summary()}")
         barrier(self.ctx)
         return result
 

@@ -4,7 +4,7 @@ import pytest
 
 from blip_fast.config import ConfigError
 from blip_fast.shapes import QUEUE_SIZE
-from blip_fast.train.config import SHIPPED, load_pretrain_config, parse_override
+from blip_fast.train.config import SHIPPED, OptimConfig, load_pretrain_config, parse_override
 from blip_fast.train.optim import parameter_groups
 from blip_fast.train.schedule import distillation_alpha, learning_rate
 
@@ -67,13 +67,25 @@ def test_missing_or_bad_config_file(tmp_path):
 
 def test_learning_rate_follows_the_original_schedule():
     o = load_pretrain_config("base", ["data.paths=[a.json]"]).optim
-    assert learning_rate(o, 0, 0) == pytest.approx(1e-6)
-    assert learning_rate(o, 0, 1500) == pytest.approx(1e-6 + (3e-4 - 1e-6) * 0.5)
-    assert learning_rate(o, 0, 3000) == pytest.approx(3e-4)
-    assert learning_rate(o, 0, 9000) == pytest.approx(3e-4)
-    assert learning_rate(o, 1, 0) == pytest.approx(3e-4 * 0.9)
-    assert learning_rate(o, 5, 123) == pytest.approx(3e-4 * 0.9 ** 5)
-    assert learning_rate(o, 500, 0) == pytest.approx(1e-6)  # the floor
+    assert learning_rate(o, 0, 0, 20) == pytest.approx(1e-6)
+    assert learning_rate(o, 0, 1500, 20) == pytest.approx(1e-6 + (3e-4 - 1e-6) * 0.5)
+    assert learning_rate(o, 0, 3000, 20) == pytest.approx(3e-4)
+    assert learning_rate(o, 0, 9000, 20) == pytest.approx(3e-4)
+    assert learning_rate(o, 1, 0, 20) == pytest.approx(3e-4 * 0.9)
+    assert learning_rate(o, 5, 123, 20) == pytest.approx(3e-4 * 0.9 ** 5)
+    assert learning_rate(o, 500, 0, 20) == pytest.approx(1e-6)  # the floor
+
+
+def test_fine_tuning_learning_rate_is_the_original_cosine_per_epoch():
+    # the original's cosine_lr_schedule(optimizer, epoch, max_epoch=6, init_lr=1e-5, min_lr=0) as in
+    # train_retrieval.py: lr = (init_lr - min_lr) * 0.5 * (1 + cos(pi * epoch / max_epoch)) + min_lr
+    o = OptimConfig(init_lr=1e-5, min_lr=1e-9, warmup_steps=0, schedule="cosine")
+    assert learning_rate(o, 0, 0, 6) == pytest.approx(1e-5)
+    assert learning_rate(o, 0, 777, 6) == pytest.approx(1e-5)  # constant within an epoch
+    assert learning_rate(o, 3, 0, 6) == pytest.approx(1e-9 + (1e-5 - 1e-9) * 0.5)
+    assert learning_rate(o, 2, 5, 6) == pytest.approx(1e-9 + (1e-5 - 1e-9) * 0.5 * (1 + 0.5))  # cos(pi/3) = 0.5
+    with pytest.raises(ConfigError, match="optim.schedule must be step or cosine"):
+        OptimConfig(schedule="linear")
 
 
 def test_alpha_ramps_over_two_epochs():
