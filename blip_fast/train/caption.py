@@ -6,8 +6,9 @@ of ``prompt + caption`` with the prompt's tokens excluded, as the original (``"a
 written after the prompt; everything else -- speed, the step, resume, logging, checkpoints -- is the engine's
 (blip_fast.train.engine).
 
-Not done yet (the fine-tuning issue): starting from a pretraining checkpoint (the weights are random here), the
-original's caption evaluation (generation + CIDEr), and a ``blip-fast finetune`` command.
+``blip-fast finetune caption`` runs it (shipped config ``caption_coco``, the original's), usually from a
+pretrained checkpoint (``train.init_from``). Not done yet: the original's caption evaluation after training (beam
+search, then BLEU, METEOR, ROUGE-L, CIDEr) and the best epoch's checkpoint.
 """
 
 from __future__ import annotations
