@@ -50,8 +50,13 @@ class DataConfig:
     synthetic_image_size: int = 64
     """``synthetic``: side of the drawn JPEGs."""
     eval_path: str | None = None
-    """Retrieval evaluation list (Karpathy shape: ``caption`` is a list) for the end-of-run zero-shot check;
-    ``synthetic`` uses its test split when unset."""
+    """The evaluation split: for pretraining and retrieval a Karpathy-shape list (``caption`` is a list; pretraining's
+    ``synthetic`` uses its test split when unset), for VQA the questions with their answers, for NLVR2 the
+    statements with their labels."""
+    vg_image_root: str | None = None
+    """VQA: folder of the Visual Genome images that ``"dataset": "vg"`` entries name (``image_root`` holds COCO's)."""
+    answer_list: str | None = None
+    """VQA: the candidate answers (the original's ``answer_list.json``) that rank inference scores."""
     batch_size: int = 75
     """Pairs per step on each rank (the original: 75 per GPU)."""
     num_workers: int = 4
@@ -199,6 +204,10 @@ class TrainConfig:
     """Images of the held-out split used by the end-of-run zero-shot retrieval (0: no evaluation)."""
     eval_itm_k: int = 16
     """Re-rank this many ITC candidates with ITM in the evaluation (the original: 256 on COCO; 0: ITC only)."""
+    vqa_inference: str = "rank"
+    """VQA evaluation: ``rank`` the answer list (the original's ``inference: rank``) or ``generate`` answers."""
+    vqa_k: int = 128
+    """VQA rank inference: answers kept by their first token's probability, then scored whole (``k_test``)."""
     device: str = "auto"
     """``auto`` (this rank's GPU, else CPU), ``cpu`` or ``cuda``."""
     init_from: str | None = None
@@ -229,6 +238,10 @@ class TrainConfig:
         for name in ("log_every", "keep_last", "max_consecutive_skips"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be at least 1; got {getattr(self, name)}")
+        if self.vqa_inference not in ("rank", "generate"):
+            raise ConfigError(f"train.vqa_inference must be rank or generate; got {self.vqa_inference!r}")
+        if self.vqa_k < 1:
+            raise ConfigError(f"train.vqa_k must be at least 1; got {self.vqa_k}")
         for name in ("checkpoint_every", "eval_size", "eval_itm_k", "seed"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0; got {getattr(self, name)}")
