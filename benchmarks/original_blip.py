@@ -30,6 +30,11 @@ fine-tuning ones only the tokenizer; here:
   from the vocabulary shipped in ``blip_fast/text`` with the original's two added tokens
   (:func:`offline_tokenizer`).
 
+:func:`build_original_pretrain_from_files` builds ``BLIP_Pretrain`` initialised as its own ``__init__`` initialises
+pretraining, its downloads answered by local files (a DeiT or JAX ViT file; a BERT folder, read as transformers 4.15's
+``from_pretrained`` read ``bert-base-uncased``: :func:`from_pretrained_4_15`), the reference of
+tests/test_original_init.py.
+
 Everything the step does is left as it is, because it is the baseline being measured: captions are
 tokenized inside ``forward`` (padded to 30), hard negatives are drawn one row at a time with
 ``torch.multinomial(...).item()``, the momentum update is a Python loop over parameters. One change:
@@ -575,3 +580,108 @@ def build_original_nlvr(config: BlipConfig) -> nn.Module:
     _check_drop_path(config, vit, 0.1)
     with _offline(config, blip_nlvr) as med_config:
         return blip_nlvr.BLIP_NLVR(med_config=med_config, image_size=config.vision.image_size, vit=vit)
+
+
+# ---------------------------------------------------------------- the original's own initialisation, from files
+
+
+def from_pretrained_4_15(folder: str | Path):
+    """A ``from_pretrained`` for the original's ``BertModel`` and ``BertLMHeadModel`` that reads the BERT of ``folder``
+    whatever name it is given (``'bert-base-uncased'``), as transformers 4.15's did; set it on the class as a
+    classmethod.
+
+    transformers 5's own cannot build the original's classes (they never call ``post_init``), and it loads
+    differently. 4.15's, the one the original was written for, builds ``cls(config, ...)`` around the very config
+    object it is given (pretraining builds its momentum text encoder from that object after
+    ``resize_token_embeddings`` grew its vocabulary; 5 copies it); renames ``gamma``/``beta`` in the keys of older
+    files to ``weight``/``bias``; loads from under ``bert.`` into a model without that prefix (``BertModel``), or a
+    file without it into the model's ``bert`` (a ``BertModel`` file into ``BertLMHeadModel``); loads what the model
+    has, the rest keeping its init (a shape mismatch fails); ties the LM head to the word embeddings again and
+    returns the model in eval mode. 4.15 read ``pytorch_model.bin`` only; ``model.safetensors`` is read first, as
+    later 4.x did, with the same keys.
+    """
+    folder = Path(folder)
+
+    def from_pretrained(cls, name, *args, config, **kwargs):
+        model = cls(config, *args, **kwargs)
+        if (folder / "model.safetensors").is_file():
+            from safetensors.torch import load_file
+
+            state = load_file(folder / "model.safetensors")
+        else:
+            state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        renamed = {}
+        for key, value in state.items():
+            new_key = key
+            if "gamma" in key:
+                new_key = key.replace("gamma", "weight")
+            if "beta" in key:
+                new_key = key.replace("beta", "bias")
+            renamed[new_key] = value
+        prefix = cls.base_model_prefix
+        has_prefix_module = any(key.startswith(prefix) for key in renamed)
+        start_prefix, model_to_load = "", model
+        if not hasattr(model, prefix) and has_prefix_module:
+            start_prefix = prefix + "."
+        if hasattr(model, prefix) and not has_prefix_module:
+            model_to_load = getattr(model, prefix)
+        model_to_load.load_state_dict({key[len(start_prefix):]: value for key, value in renamed.items()
+                                       if key.startswith(start_prefix)}, strict=False)
+        model.tie_weights()
+        return model.eval()
+
+    return from_pretrained
+
+
+def build_original_pretrain_from_files(config: BlipConfig, vit_file: str | Path, bert_folder: str | Path) -> nn.Module:
+    """The original ``BLIP_Pretrain`` initialised as its ``__init__`` initialises pretraining, from local files in
+    place of its downloads.
+
+    The ViT: a torch file goes through the ViT-B branch, as ``torch.hub.load_state_dict_from_url`` returns DeiT-B
+    (``{'model': state_dict}``, loaded with ``strict=False``); a JAX ``.npz`` through the ViT-L branch, timm's
+    ``load_custom_pretrained``, which downloads the file its config names and hands it to the ViT's
+    ``load_pretrained`` (the original's ``_load_weights``). The ViT is the original's ``VisionTransformer`` at
+    ``config.vision``'s shape: ``create_vit`` builds ViT-B/16 and ViT-L/16 only, and neither branch depends on the
+    shape, so tests can stay small. The text encoder and decoder: ``bert_folder`` read by
+    :func:`from_pretrained_4_15`, with the original's ``bert_config.json`` written for ``config.text`` and the folder's
+    vocabulary (BERT's 30,522, which ``resize_token_embeddings`` grows to the tokenizer's 30,524). The tokenizer is
+    :func:`offline_tokenizer`. Nothing is downloaded.
+    """
+    blip_pretrain = load_original()
+    vit_module = sys.modules["blip.models.vit"]
+    med = importlib.import_module("blip.models.med")
+    vision, vit_file, jax = config.vision, Path(vit_file), Path(vit_file).suffix == ".npz"
+
+    def create_vit(vit, image_size, use_grad_checkpointing=False, ckpt_layer=0, drop_path_rate=0):
+        return vit_module.VisionTransformer(
+            img_size=image_size, patch_size=vision.patch_size, embed_dim=vision.width, depth=vision.depth,
+            num_heads=vision.num_heads, mlp_ratio=vision.mlp_ratio, drop_path_rate=vision.drop_path_rate), vision.width
+
+    def load_state_dict_from_url(url, *args, **kwargs):  # DeiT-B's download
+        return torch.load(vit_file, map_location="cpu", weights_only=True)
+
+    def load_custom_pretrained(model, default_cfg=None, load_fn=None, progress=False, check_hash=False):
+        model.load_pretrained(default_cfg["url"])  # timm's, the download being the file itself
+
+    bert_vocab = json.loads((Path(bert_folder) / "config.json").read_text())["vocab_size"]
+    with tempfile.TemporaryDirectory() as folder, contextlib.ExitStack() as stack:
+        med_config = Path(folder) / "bert_config.json"
+        med_config.write_text(json.dumps({**med_config_dict(config), "vocab_size": bert_vocab}))
+        stack.enter_context(_shims_installed())
+        stack.enter_context(_patched(blip_pretrain, "init_tokenizer", offline_tokenizer))
+        stack.enter_context(_patched(blip_pretrain, "create_vit", create_vit))
+        stack.enter_context(_patched(torch.hub, "load_state_dict_from_url", load_state_dict_from_url))
+        for cls in (med.BertModel, med.BertLMHeadModel):
+            stack.enter_context(_patched(cls, "from_pretrained", classmethod(from_pretrained_4_15(bert_folder))))
+        if jax:
+            helpers = importlib.import_module("timm.models.helpers")
+            stack.enter_context(_patched(helpers, "load_custom_pretrained", load_custom_pretrained))
+            stack.enter_context(_patched(importlib.import_module("timm.models.vision_transformer"), "default_cfgs",
+                                         {"vit_large_patch16_224_in21k": {"url": str(vit_file)}}))
+        stack.enter_context(contextlib.redirect_stdout(io.StringIO()))  # tie_encoder_decoder_weights prints a line
+        stack.enter_context(warnings.catch_warnings())                  # per tied module
+        warnings.simplefilter("ignore")
+        stack.enter_context(_quiet_transformers())
+        return blip_pretrain.BLIP_Pretrain(med_config=str(med_config), image_size=vision.image_size,
+                                           vit="large" if jax else "base", embed_dim=config.embed_dim,
+                                           queue_size=config.queue_size, momentum=config.momentum)
