@@ -101,7 +101,9 @@ setup(
     extras_require={
         # numpy < 2.4: Triton 3.6's interpreter, which runs the kernels in CI, takes a loop bound read from memory
         # (the packed attention's sequence lengths) as a 1-element array, and NumPy 2.4 no longer converts those
-        "test": ["pytest>=8", "transformers==5.17.0", "ruff", "matplotlib", "numpy<2.4"],
+        "test": ["pytest>=8", "transformers==5.17.0", "ruff", "matplotlib", "numpy<2.4", "pycocoevalcap==1.2"],
+        # COCO caption metrics (blip_fast.evaluation.caption_metrics); PTBTokenizer, METEOR and SPICE also need Java
+        "eval": ["pycocoevalcap==1.2"],
         "bench": ["matplotlib"],  # plots of `python benchmarks/report.py`
         "triton": ["triton==3.6.0"],
         # DALI's CUDA 13 wheel also runs CPU-only pipelines (device_id=None): CI tests those
