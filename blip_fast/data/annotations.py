@@ -1,6 +1,6 @@
 """The JSON annotation files BLIP is trained and evaluated on, as indexed sample sources.
 
-Three shapes, as the original ``data/*_dataset.py`` read them:
+Four shapes, as the original ``data/*_dataset.py`` read them:
 
 * **Caption lists** -- ``[{"image": path, "caption": str | [str], ...}]``: the pretraining files
   (``pretrain_dataset``: one caption or a list per image) and the training splits of COCO and
@@ -16,6 +16,9 @@ Three shapes, as the original ``data/*_dataset.py`` read them:
   ``{"question_id", "question", "answer": [..], "image", "dataset": "vqa" | "vg"}``. As
   ``vqa_dataset`` does, a ``vqa`` question weighs each distinct answer by its share of the
   answers and a ``vg`` answer gets weight 0.2; images resolve against the root of their dataset.
+* **NLVR2** -- ``nlvr_train.json`` / ``nlvr_dev.json`` / ``nlvr_test.json``:
+  ``[{"images": [path0, path1], "sentence": str, "label": "True" | "False"}]``, a statement about a
+  pair of images and whether it is true (``nlvr_dataset``).
 
 Each source has ``len()`` and ``sample(index, stats) -> Sample``; ``sample`` raises
 :class:`~blip_fast.data.sample.BadSample` for an entry it cannot use. Entries are checked when
@@ -188,3 +191,39 @@ class VqaAnnotations:
             extra["answers"], extra["weights"] = list(weights), list(weights.values())
         key = str(entry["question_id"]) if "question_id" in entry else str(index)
         return Sample(key=key, image_path=path, caption=None, extra=extra)
+
+
+NLVR_LABELS = {"True": 1, "False": 0}
+
+
+class NlvrAnnotations:
+    """NLVR2 statements about pairs of images; several files are concatenated, ``image_root`` is joined to each path.
+
+    A sample's image is the pair's first; ``extra`` holds ``second_image`` (its path, read and decoded by whoever
+    prepares the sample), ``sentence`` (raw; clean with ``clean_caption``), ``label`` (1 for ``"True"``, 0 for
+    ``"False"``) and ``index``. ``caption`` is ``None``. An entry without two image paths, with a sentence that has
+    no word left after cleaning, or with a label other than ``"True"`` or ``"False"`` is a :class:`BadSample` (the
+    original reads any other label as false, which would train on a typo as a fact).
+    """
+
+    def __init__(self, paths, image_root: str | Path | None = None):
+        self.entries = _load_all(paths)
+        self.image_root = None if image_root is None else str(image_root)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def sample(self, index: int, stats: DataStats) -> Sample:
+        entry = self.entries[index]
+        if not isinstance(entry, dict):
+            raise BadSample(BAD_RECORD, f"entry {index} is {type(entry).__name__}, not an object")
+        images = entry.get("images")
+        if not (isinstance(images, list) and len(images) == 2 and all(isinstance(i, str) and i for i in images)):
+            raise BadSample(BAD_RECORD, f"entry {index}: images must be a list of two paths; got {images!r}"[:300])
+        label = entry.get("label")
+        if not isinstance(label, str) or label not in NLVR_LABELS:
+            raise BadSample(BAD_RECORD, f"entry {index}: label must be \"True\" or \"False\"; got {label!r}"[:300])
+        first, second = (os.path.join(self.image_root, i) if self.image_root is not None else i for i in images)
+        extra = {"second_image": second, "sentence": check_caption(entry.get("sentence"), what=f"entry {index}"),
+                 "label": NLVR_LABELS[label], "index": index}
+        return Sample(key=str(index), image_path=first, extra=extra)

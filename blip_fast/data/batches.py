@@ -1,4 +1,12 @@
-"""Training batches of (image, caption) pairs: a caption source -> image transforms -> tokenized captions, resumable.
+"""Resumable training batches (:class:`ResumableBatches`), and those of image-caption pairs (:class:`CaptionBatches`).
+
+:class:`ResumableBatches` is what every task's training batches share: a source read by a
+:class:`~blip_fast.data.stream.SampleStream` whose transform prepares each sample (a
+:class:`SamplePrepare`, in the DataLoader workers), batched by a
+:class:`~blip_fast.data.loader.ResumableLoader` with the task's collate function, with ``set_epoch``,
+``state_dict`` / ``load_state_dict`` as of the last batch handed out, and ``stats``.
+:class:`CaptionBatches` is the caption task's (pretraining, retrieval and caption fine-tuning);
+:mod:`blip_fast.data.task_batches` has VQA's and NLVR2's.
 
     source = open_caption_source("shards", "data/cc3m/{00000..00331}.tar")
     batches = CaptionBatches(source, TransformConfig.pretrain(224), batch_size=64, num_workers=8)
@@ -51,6 +59,7 @@ random augmentation, and says so in the log.
 
 from __future__ import annotations
 
+import abc
 import base64
 import binascii
 import dataclasses
@@ -70,7 +79,7 @@ from PIL import Image
 
 from ..text.clean import clean_caption
 from ..text.tokenizer import BlipTokenizer
-from .annotations import CaptionAnnotations, VqaAnnotations
+from .annotations import CaptionAnnotations, NlvrAnnotations, VqaAnnotations
 from .dali_pipeline import HAS_DALI, DaliOptions, DaliTransformLoader
 from .decode import JPEG_END_MISSING, decode_image, has_words
 from .jpeg import jpeg_frame_kind, jpeg_scan_complete
@@ -167,17 +176,40 @@ def _dali_readable(data: bytes, stats: DataStats, what: str) -> bytes:
     return out.getvalue()
 
 
-class _PrepareSample:
-    """The SampleStream transform (it runs in the DataLoader workers): choose and clean the caption, then
-    transform the image (``transform``) or make its bytes safe for DALI (``transform=None``)."""
+class SamplePrepare(abc.ABC):
+    """A :class:`~blip_fast.data.stream.SampleStream` transform that a task's batches run in the DataLoader workers:
+    a checked sample (its image decoded, or read only, per ``decode``) -> what the task's collate function takes,
+    or :class:`BadSample`.
+
+    Its random choices draw from :meth:`rng`, generators of the sample's own, which is what makes them the same
+    whatever the worker count and a resumed pass the same as the uninterrupted one. :class:`ResumableBatches` sets
+    ``epoch`` before each pass and ``stream`` to the stream it runs in (whose live counters take the repairs made
+    here, such as a second image's).
+    """
+
+    def __init__(self, seed: int):
+        self.seed, self.epoch = seed, 0
+        self.stream: SampleStream | None = None
+
+    def rng(self, key: str, draw: int) -> np.random.Generator:
+        """The generator of the sample ``key``'s draw number ``draw`` (one per random choice): a function of
+        ``(seed, epoch, key, draw)`` only, so different each epoch."""
+        return np.random.default_rng([self.seed, self.epoch, _key_word(key), draw])
+
+    @abc.abstractmethod
+    def __call__(self, sample: Sample):
+        """The prepared sample."""
+
+
+class _PrepareSample(SamplePrepare):
+    """The caption task's preparation: choose and clean the caption, then transform the image (``transform``) or
+    make its bytes safe for DALI (``transform=None``)."""
 
     def __init__(self, transform: PilTransform | None, max_words: int, seed: int):
-        self.transform, self.max_words, self.seed = transform, max_words, seed
-        self.epoch = 0
-        self.stream: SampleStream | None = None      # for its live counters (repairs are counted there)
+        super().__init__(seed)
+        self.transform, self.max_words = transform, max_words
 
     def __call__(self, sample: Sample) -> _Pair:
-        key = _key_word(sample.key)
         caption = sample.caption
         if isinstance(caption, str):
             caption = [caption]
@@ -188,10 +220,9 @@ class _PrepareSample:
         if not usable:
             raise BadSample(NO_CAPTION, f"sample {sample.key}: no caption left after cleaning in {caption!r}"[:300])
         # pretrain_dataset: random.choice(ann['caption']), drawn here from the sample's own generator
-        pick = np.random.default_rng([self.seed, self.epoch, key, _CAPTION_DRAW]).integers(len(usable))
-        caption = usable[pick]
+        caption = usable[self.rng(sample.key, _CAPTION_DRAW).integers(len(usable))]
         if self.transform is not None:
-            image = self.transform(sample.image, np.random.default_rng([self.seed, self.epoch, key, _IMAGE_DRAW]))
+            image = self.transform(sample.image, self.rng(sample.key, _IMAGE_DRAW))
         else:
             what = sample.image_path or f"{sample.extra.get('shard', '')}:{sample.key}"
             image = _dali_readable(sample.image_bytes, self.stream.stats, what)
@@ -216,6 +247,14 @@ class _CollatePairs:
                             img_ids)
 
 
+def check_batch_settings(transform: TransformConfig, batch_size: int) -> None:
+    """The checks every task's batches make of the settings they share (a ValueError for a mistake)."""
+    if not isinstance(transform, TransformConfig):
+        raise ValueError(f"transform must be a TransformConfig; got {type(transform).__name__}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+
+
 def _resolve_backend(backend: str, dali: DaliOptions) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
@@ -237,53 +276,39 @@ def _resolve_backend(backend: str, dali: DaliOptions) -> str:
     return f"dali_{device}"
 
 
-class CaptionBatches:
-    """Training batches of (image, caption) pairs from any caption source, resumable (see the module docstring).
+class ResumableBatches:
+    """A task's training batches, resumable mid-epoch: the samples of ``source``, each made by ``prepare`` in the
+    DataLoader workers, batched by ``collate`` (a list of prepared samples -> a batch).
 
-    ``source``: :class:`~blip_fast.data.annotations.CaptionAnnotations`, ``RetrievalAnnotations`` or
-    :class:`~blip_fast.data.shards.TarShards` (:func:`open_caption_source`). ``backend``: ``pil``,
-    ``dali`` (an error if DALI is not installed) or ``auto`` (DALI on the GPU when both are there, else
-    PIL). ``dali`` configures DALI; its ``batch_size`` is replaced by ``batch_size`` and its ``inputs``
-    must be ``encoded``. ``num_workers``, ``seed``, ``shuffle``, ``shuffle_buffer``, ``rank`` and
-    ``world_size`` are the :class:`~blip_fast.data.stream.SampleStream`'s; ``drop_last`` drops each
-    worker's last, partial batch (:class:`~blip_fast.data.loader.ResumableLoader`). ``prompt`` goes before each
-    cleaned caption, as the original's caption fine-tuning writes ``prompt + pre_caption(caption)``.
+    ``decode`` is the :class:`~blip_fast.data.stream.SampleStream`'s (``pil``: ``prepare`` gets the decoded
+    image); ``backend`` names what transforms the images, for the log and the state. ``num_workers``, ``seed``,
+    ``shuffle``, ``shuffle_buffer``, ``rank`` and ``world_size`` are the stream's; ``drop_last`` drops each worker's
+    last, partial batch (:class:`~blip_fast.data.loader.ResumableLoader`). Iterating gives the rest of the current
+    epoch; ``state_dict()`` is the place as of the last batch handed out, and an object built with the same
+    settings that loads it continues with exactly the batches this one would have given.
     """
 
-    def __init__(self, source, transform: TransformConfig, batch_size: int, *, backend: str = "pil",
-                 num_workers: int = 0, seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 1000,
-                 rank: int | None = None, world_size: int | None = None, max_words: int = 30,
-                 max_length: int = 30, drop_last: bool = True, dali: DaliOptions | None = None,
-                 tokenizer: BlipTokenizer | None = None, prompt: str = ""):
-        if isinstance(source, VqaAnnotations):
-            raise ValueError("a VQA source has questions, not captions; use CaptionAnnotations or TarShards")
-        if not isinstance(transform, TransformConfig):
-            raise ValueError(f"transform must be a TransformConfig; got {type(transform).__name__}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        if max_words < 1:
-            raise ValueError(f"max_words must be at least 1, got {max_words}")
-        if max_length < 2:
-            raise ValueError(f"max_length must be at least 2 ([CLS] and [SEP]), got {max_length}")
-        dali = dali or DaliOptions()
-        if dali.inputs != "encoded":
-            raise ValueError("CaptionBatches feeds DALI encoded image bytes; leave DaliOptions.inputs='encoded'")
+    what = "batches"
+    """What the batches are, for the log."""
+    state_keys: tuple[str, ...] = ("loader", "backend")
+    """The keys of :meth:`state_dict`."""
+
+    def __init__(self, source, transform: TransformConfig, batch_size: int, prepare: SamplePrepare, collate, *,
+                 decode: str = "pil", backend: str = "pil", num_workers: int = 0, seed: int = 0,
+                 shuffle: bool = True, shuffle_buffer: int = 1000, rank: int | None = None,
+                 world_size: int | None = None, drop_last: bool = True):
         self.transform, self.seed = transform, seed
-        self._backend = _resolve_backend(backend, dali)
-        self.dali = dataclasses.replace(dali, batch_size=batch_size)
-        pil = self._backend == "pil"
-        self._prepare = _PrepareSample(PilTransform(transform) if pil else None, max_words, seed)
+        self._backend = backend
+        self._prepare = prepare
         stream = SampleStream(source, seed=seed, shuffle=shuffle, shuffle_buffer=shuffle_buffer, rank=rank,
-                              world_size=world_size, decode="pil" if pil else "bytes", transform=self._prepare)
-        self._prepare.stream = stream
+                              world_size=world_size, decode=decode, transform=prepare)
+        prepare.stream = stream
         self._loader = ResumableLoader(stream, batch_size, num_workers=num_workers, drop_last=drop_last,
-                                       collate_fn=_CollatePairs(tokenizer or BlipTokenizer(), max_length, prompt))
+                                       collate_fn=collate)
         self._state: dict | None = None          # loader state after the last batch handed out (None: the loader's)
-        self._checkpoint: bytes | None = None    # DALI state to build the next pipeline from
-        self._dali_loader: DaliTransformLoader | None = None   # the pipeline of the last pass, if unfinished
         self._open: weakref.ref | None = None    # the pass under way, if the caller still holds it
-        log.info("caption batches: %s, %s %dpx, batch %d, %d workers", self._backend, transform.kind,
-                 transform.image_size, batch_size, num_workers)
+        log.info("%s: %s, %s %dpx, batch %d, %d workers", self.what, backend, transform.kind, transform.image_size,
+                 batch_size, num_workers)
 
     @property
     def backend(self) -> str:
@@ -306,22 +331,125 @@ class CaptionBatches:
         """Go to ``epoch``: from its beginning, unless it is the current epoch (then it continues)."""
         self._rewind()
         if epoch != self._loader.epoch:
-            self._checkpoint = None
+            self._leave_epoch()
         self._loader.set_epoch(epoch)
+
+    def _leave_epoch(self) -> None:
+        """What the batches hold for the epoch they leave, dropped (nothing here)."""
 
     def state_dict(self) -> dict:
         """Where the batches are, as of the last one handed out (JSON-serialisable)."""
+        return {"loader": self._loader_state(), "backend": self._backend}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state`` (:meth:`state_dict` of an object of this class with the same settings)."""
+        if not isinstance(state, dict) or not set(self.state_keys) <= set(state):
+            keys = ", ".join(self.state_keys[:-1]) + " and " + self.state_keys[-1]
+            raise ValueError(f"not a {type(self).__name__} state: expected the keys {keys}")
+        self._close_open_pass()
+        self._loader.load_state_dict(state["loader"])
+        self._state = None
+
+    def _close_open_pass(self) -> None:
+        open_pass = self._open() if self._open is not None else None
+        if open_pass is not None:
+            open_pass.close()
+
+    def _rewind(self) -> None:
+        """Close an unfinished pass and take the loader back to the last batch handed out (it may have read further)."""
+        self._close_open_pass()
+        if self._state is not None:
+            self._loader.load_state_dict(self._state)
+            self._state = None
+
+    def __iter__(self) -> Iterator:
+        """The rest of the current epoch; the next call continues with the next epoch."""
+        self._rewind()
+        batches = self._pass()
+        # a weak reference: an iterator the caller drops is closed at once (with a DALI pipeline still whole)
+        self._open = weakref.ref(batches)
+        return batches
+
+    def _pass(self) -> Iterator:
+        self._prepare.epoch = self._loader.epoch
+        batches = self._batches()
+        try:
+            for batch, state in batches:
+                self._state = state
+                yield batch
+            self._state = None          # the epoch is over: the loader is at the next one's start
+            self._leave_epoch()
+        finally:
+            batches.close()
+            self._open = None
+
+    def _batches(self) -> Iterator[tuple[object, dict]]:
+        """Each batch of the pass with the loader state after it."""
+        loader = iter(self._loader)
+        try:
+            for batch in loader:
+                yield batch, self._loader.state_dict()
+        finally:
+            loader.close()
+
+
+class CaptionBatches(ResumableBatches):
+    """Training batches of (image, caption) pairs from any caption source, resumable (see the module docstring).
+
+    ``source``: :class:`~blip_fast.data.annotations.CaptionAnnotations`, ``RetrievalAnnotations`` or
+    :class:`~blip_fast.data.shards.TarShards` (:func:`open_caption_source`). ``backend``: ``pil``,
+    ``dali`` (an error if DALI is not installed) or ``auto`` (DALI on the GPU when both are there, else
+    PIL). ``dali`` configures DALI; its ``batch_size`` is replaced by ``batch_size`` and its ``inputs``
+    must be ``encoded``. ``num_workers``, ``seed``, ``shuffle``, ``shuffle_buffer``, ``rank`` and
+    ``world_size`` are the :class:`~blip_fast.data.stream.SampleStream`'s; ``drop_last`` drops each
+    worker's last, partial batch (:class:`~blip_fast.data.loader.ResumableLoader`). ``prompt`` goes before each
+    cleaned caption, as the original's caption fine-tuning writes ``prompt + pre_caption(caption)``.
+    """
+
+    what = "caption batches"
+    state_keys = ("loader", "backend", "dali_checkpoint")
+
+    def __init__(self, source, transform: TransformConfig, batch_size: int, *, backend: str = "pil",
+                 num_workers: int = 0, seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 1000,
+                 rank: int | None = None, world_size: int | None = None, max_words: int = 30,
+                 max_length: int = 30, drop_last: bool = True, dali: DaliOptions | None = None,
+                 tokenizer: BlipTokenizer | None = None, prompt: str = ""):
+        if isinstance(source, VqaAnnotations):
+            raise ValueError("a VQA source has questions, not captions; use CaptionAnnotations or TarShards")
+        if isinstance(source, NlvrAnnotations):
+            raise ValueError("an NLVR2 source has statements about pairs of images, not captions; use NlvrBatches")
+        check_batch_settings(transform, batch_size)
+        if max_words < 1:
+            raise ValueError(f"max_words must be at least 1, got {max_words}")
+        if max_length < 2:
+            raise ValueError(f"max_length must be at least 2 ([CLS] and [SEP]), got {max_length}")
+        dali = dali or DaliOptions()
+        if dali.inputs != "encoded":
+            raise ValueError("CaptionBatches feeds DALI encoded image bytes; leave DaliOptions.inputs='encoded'")
+        resolved = _resolve_backend(backend, dali)
+        self.dali = dataclasses.replace(dali, batch_size=batch_size)
+        pil = resolved == "pil"
+        self._checkpoint: bytes | None = None    # DALI state to build the next pipeline from
+        self._dali_loader: DaliTransformLoader | None = None   # the pipeline of the last pass, if unfinished
+        super().__init__(source, transform, batch_size, _PrepareSample(PilTransform(transform) if pil else None,
+                                                                         max_words, seed),
+                         _CollatePairs(tokenizer or BlipTokenizer(), max_length, prompt),
+                         decode="pil" if pil else "bytes", backend=resolved, num_workers=num_workers, seed=seed,
+                         shuffle=shuffle, shuffle_buffer=shuffle_buffer, rank=rank, world_size=world_size,
+                         drop_last=drop_last)
+
+    def _leave_epoch(self) -> None:
+        self._checkpoint = None      # another epoch's pipeline starts from its own seed
+
+    def state_dict(self) -> dict:
         checkpoint = self._dali_loader.checkpoint() if self._dali_loader is not None else self._checkpoint
-        return {"loader": self._loader_state(), "backend": self._backend,
+        return {**super().state_dict(),
                 "dali_checkpoint": None if checkpoint is None else base64.b64encode(checkpoint).decode("ascii")}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from ``state`` (:meth:`state_dict` of a ``CaptionBatches`` with the same settings)."""
-        if not isinstance(state, dict) or not {"loader", "backend", "dali_checkpoint"} <= set(state):
-            raise ValueError("not a CaptionBatches state: expected the keys loader, backend and dali_checkpoint")
-        self._close_open_pass()
-        self._loader.load_state_dict(state["loader"])
-        self._state, self._checkpoint = None, None
+        super().load_state_dict(state)
+        # the pipeline of a pass this object left unfinished reads where that pass was, not where the state is
+        self._checkpoint, self._dali_loader = None, None
         if state["backend"] != self._backend:
             if self.transform.train:
                 log.warning("data state saved with backend %s, resuming with %s: the same samples and captions, "
@@ -332,54 +460,14 @@ class CaptionBatches:
             except binascii.Error:
                 raise ValueError("the state's dali_checkpoint is not base64 (was it edited?)") from None
 
-    def _close_open_pass(self) -> None:
-        open_pass = self._open() if self._open is not None else None
-        if open_pass is not None:
-            open_pass.close()
-
     def _rewind(self) -> None:
-        """Close an unfinished pass and take the loader back to the last batch handed out (DALI read further)."""
-        self._close_open_pass()
-        if self._dali_loader is not None:
+        super()._rewind()
+        if self._dali_loader is not None:        # DALI read further: its checkpoint is as of the last batch handed out
             self._checkpoint = self._dali_loader.checkpoint()
             self._dali_loader = None
-        if self._state is not None:
-            self._loader.load_state_dict(self._state)
-            self._state = None
 
-    def __iter__(self) -> Iterator[CaptionBatch]:
-        """The rest of the current epoch; the next call continues with the next epoch."""
-        self._rewind()
-        batches = self._pass()
-        # a weak reference: an iterator the caller drops is closed at once, with the DALI pipeline still whole
-        self._open = weakref.ref(batches)
-        return batches
-
-    def _pass(self) -> Iterator[CaptionBatch]:
-        self._prepare.epoch = self._loader.epoch
-        batches = self._pil_batches() if self._backend == "pil" else self._dali_batches()
-        interrupted = False
-        try:
-            for batch, state in batches:
-                self._state = state
-                yield batch
-            self._state, self._checkpoint = None, None     # the epoch is over: the loader is at the next one's start
-        except GeneratorExit:
-            interrupted = True      # keep the pipeline: its checkpoint is the state as of the last batch handed out
-            raise
-        finally:
-            batches.close()
-            self._open = None
-            if not interrupted:
-                self._dali_loader = None
-
-    def _pil_batches(self) -> Iterator[tuple[CaptionBatch, dict]]:
-        loader = iter(self._loader)
-        try:
-            for batch in loader:
-                yield batch, self._loader.state_dict()
-        finally:
-            loader.close()
+    def _batches(self) -> Iterator[tuple[CaptionBatch, dict]]:
+        return super()._batches() if self._backend == "pil" else self._dali_batches()
 
     def _dali_seed(self, epoch: int) -> int:
         base = self.dali.seed if self.dali.seed is not None else self.seed
@@ -398,15 +486,21 @@ class CaptionBatches:
         options = dataclasses.replace(self.dali, seed=self._dali_seed(self._loader.epoch))
         self._dali_loader = DaliTransformLoader(self.transform, feeder, options, checkpointing=True,
                                                  checkpoint=self._checkpoint)
+        interrupted = False
         try:
             for images, indices in self._dali_loader:
                 encoded, state = fed.popleft()
                 img_ids = None if encoded.img_ids is None else encoded.img_ids[indices]
                 yield CaptionBatch(images, encoded.input_ids[indices], encoded.attention_mask[indices],
                                    [encoded.keys[i] for i in indices.tolist()], img_ids), state
+        except GeneratorExit:
+            interrupted = True      # keep the pipeline: its checkpoint is the state as of the last batch handed out
+            raise
         finally:
             feeder.close()
             loader.close()
+            if not interrupted:
+                self._dali_loader = None
 
 
 def open_caption_source(kind: str, paths, image_root=None):
