@@ -10,7 +10,8 @@ images and text:
   transcribed below on the original's modules), the ITM match probability of image-caption pairs, and the
   fine-tuning step (ITC with image ids, ITM negatives with same-image pairs masked out, both drawing the hardest
   negative so that the draws agree): losses, gradients and the queues with their image ids;
-- VQA (``blip_vqa.BLIP_VQA`` / :class:`BlipVQA`): the weighted answer loss and every gradient; greedy answers;
+- VQA (``blip_vqa.BLIP_VQA`` / :class:`BlipVQA`): the weighted answer loss and every gradient; greedy answers; the
+  answers picked from a list (``inference='rank'``), with the list tokenized as the original's evaluation does;
 - NLVR2 (``blip_nlvr.BLIP_NLVR`` / :class:`BlipNLVR`): the loss of a batch of statements about image pairs, every
   gradient (the learned merge of the two images' branches included) and the logits.
 
@@ -36,6 +37,7 @@ from original_checks import CAPTIONS, assert_same_gradients, needs_original, ori
 from blip_fast.config import preset
 from blip_fast.evaluation.retrieval import retrieval_scores
 from blip_fast.models import BlipCaption, BlipNLVR, BlipRetrieval, BlipVQA, GenerationConfig
+from blip_fast.models.blip_vqa import tokenize_answer_list
 from blip_fast.text import BlipTokenizer
 
 QUESTIONS = ["what colour is the cube?", "how many balls are there?"]
@@ -273,6 +275,73 @@ def test_vqa_greedy_answers_match(vqa_models):
     original_ids = original_greedy(original.text_decoder, start, states, generation.max_length,
                                    generation.min_length)
     assert torch.equal(our_ids, original_ids)
+
+
+# candidates of different lengths, some sharing a first token ("dark ..."), so that the first-token shortlist and
+# the whole-answer score can disagree
+ANSWER_LIST = ["red", "dark red", "two", "dark blue", "a big red ball", "yes", "no", "blue"]
+
+
+@pytest.fixture(scope="module")
+def vqa_ranking_models():
+    torch.manual_seed(0)
+    ours = BlipVQA(small_config(drop_path_rate=0.1)).eval()
+    # the decoder's matrices drawn wider than BERT's init (std 0.02), under which every question gets nearly the
+    # same first-token distribution: here the shortlists differ between questions and follow their padding mask
+    with torch.no_grad():
+        for name, weight in ours.text_decoder.named_parameters():
+            if weight.dim() == 2 and "word_embeddings" not in name:
+                weight.normal_(0, 0.1)
+    return loaded_pair(ours, original_blip.build_original_vqa, ["text_encoder", "text_decoder.bert"])
+
+
+@needs_original
+@pytest.mark.parametrize("k", [3, len(ANSWER_LIST)])
+def test_vqa_ranked_answers_match(vqa_ranking_models, k):
+    ours, original = vqa_ranking_models
+    pixels = images(4, seed=3)
+    # a long question, so that the others' padding is long
+    questions = QUESTIONS + ["is the ball red?", "what is on the left of the small green ball next to the big cube?"]
+    tokens = BlipTokenizer()(questions, max_length=35, padding="longest")
+    # the original's evaluation (train_vqa.py): the answer list padded to the longest, [DEC] first
+    candidates = original.tokenizer(ANSWER_LIST, padding="longest", return_tensors="pt")
+    candidates.input_ids[:, 0] = original.tokenizer.bos_token_id
+    answers = tokenize_answer_list(ANSWER_LIST, ours.config.text.max_position_embeddings)
+    assert torch.equal(answers.input_ids, candidates.input_ids)
+    assert torch.equal(answers.attention_mask, candidates.attention_mask)
+
+    # rank_answer returns only the pick: its shortlist and scores are read off its decoder's call with labels
+    scored = []
+
+    def keep_scored(module, args, kwargs, output):
+        if kwargs.get("labels") is not None:
+            scored.append((args[0], -output.loss))
+
+    hook = original.text_decoder.register_forward_hook(keep_scored, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            original_picked = original(pixels, questions, candidates, train=False, inference="rank", k_test=k)
+    finally:
+        hook.remove()
+    (rows, original_scores), = scored
+    original_shortlist = (rows[:, None] == candidates.input_ids[None]).all(dim=-1).float().argmax(dim=1)
+
+    def by_answer(shortlist, scores):
+        # answers that share a first token ("dark ...") tie in probability: compare shortlists in answer order
+        shortlist, order = shortlist.view(len(questions), k).sort(dim=1)
+        return shortlist, scores.view(len(questions), k).gather(1, order)
+
+    ours_shortlist, ours_scores = by_answer(*ours.score_answers(pixels, tokens.input_ids, tokens.attention_mask,
+                                                                answers.input_ids, answers.attention_mask, k))
+    original_shortlist, original_scores = by_answer(original_shortlist, original_scores)
+    assert torch.equal(ours_shortlist, original_shortlist)
+    torch.testing.assert_close(ours_scores, original_scores, rtol=1e-5, atol=1e-5)
+    picked = ours.rank_answers(pixels, tokens.input_ids, tokens.attention_mask, answers.input_ids,
+                               answers.attention_mask, k)
+    assert torch.equal(picked, original_picked)
+    # scored in passes of one question, the picks are the same
+    assert torch.equal(ours.rank_answers(pixels, tokens.input_ids, tokens.attention_mask, answers.input_ids,
+                                         answers.attention_mask, k, max_rows=1), picked)
 
 
 # ---------------------------------------------------------------- NLVR2
