@@ -45,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     case = f"pretrain_{Path(args.config or 'tiny-synthetic').stem}_{summary.steps}x{config.data.batch_size}"
     records = [{"case": case, "impl": "fast", "metric": "samples_per_s", "value": summary.samples_per_s},
                {"case": case, "impl": "fast", "metric": "wall_s", "value": wall}]
-    if summary.retrieval:
-        r = summary.retrieval
+    if summary.evaluation:
+        r = summary.evaluation
         eval_case = f"zero_shot_retrieval_{r['images']}img_itm{r['itm_k']}"
         records += [{"case": eval_case, "impl": "fast", "metric": k, "value": v} for k, v in r["metrics"].items()]
     print("\n".join(f"{x['case']:<40} {x['metric']:<14} {x['value']:.2f}" for x in records))

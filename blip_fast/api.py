@@ -103,20 +103,12 @@ class Blip:
         config = GenerationConfig(strategy=strategy, max_length=max_length, min_length=min_length,
                                   num_beams=num_beams, top_k=top_k, top_p=top_p,
                                   repetition_penalty=repetition_penalty)
-        prompt = self.model.config.prompt
-        prompt_ids = self.tokenizer([prompt]).input_ids[:, :-1]  # [DEC] + prompt, no [SEP]
-        # max_length counts the prompt: say so in its words before any image is read
-        if max_length <= prompt_ids.shape[1]:
-            raise ValueError(f"max_length ({max_length}) counts the prompt {prompt!r}, which is "
-                             f"{prompt_ids.shape[1]} tokens: it must be at least {prompt_ids.shape[1] + 1}")
+        self.model.prompt_ids(self.tokenizer, config)  # a max_length too short for the prompt: before any image is read
         pixels = self._images(images)
-        prompt_ids = prompt_ids.repeat(pixels.shape[0], 1).to(self.device)
         generator = None
         if seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(seed)
-        ids = self.model.generate(pixels, prompt_ids, config, generator)
-        # as the original: drop the prompt's characters from the decoded text
-        return [text[len(prompt):] for text in self.tokenizer.batch_decode(ids)]
+        return self.model.captions(pixels, config, self.tokenizer, generator)
 
     @torch.no_grad()
     def answer(self, images, questions, max_length: int = 10, num_beams: int = 3) -> list[str]:

@@ -158,20 +158,23 @@ def cmd_pretrain(args) -> int:
 
 
 # blip-fast finetune TASK: the trainer of each task and its shipped config (the original's)
-FINETUNE_TASKS = {"retrieval": "retrieval_coco", "caption": "caption_coco"}
+FINETUNE_TASKS = {"retrieval": "retrieval_coco", "caption": "caption_coco", "vqa": "vqa", "nlvr": "nlvr"}
 
 
 def cmd_finetune(args) -> int:
     from .train.caption import finetune_caption
     from .train.config import load_pretrain_config, pretrain_config_to_dict
     from .train.divergence import TrainingDiverged
+    from .train.nlvr import finetune_nlvr
     from .train.retrieval import finetune_retrieval
+    from .train.vqa import finetune_vqa
 
     config = load_pretrain_config(args.config or FINETUNE_TASKS[args.task], args.overrides)
     if args.print_config:
         print(json.dumps(pretrain_config_to_dict(config), indent=1))
         return 0
-    run = {"retrieval": finetune_retrieval, "caption": finetune_caption}[args.task]
+    run = {"retrieval": finetune_retrieval, "caption": finetune_caption, "vqa": finetune_vqa,
+           "nlvr": finetune_nlvr}[args.task]
     try:
         run(config, resume=(True if args.resume == "latest" else args.resume) or False)
     except TrainingDiverged as error:
@@ -181,23 +184,70 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_eval_retrieval(args) -> int:
-    from .api import load
     from .data.annotations import RetrievalAnnotations
     from .evaluation.retrieval import evaluate_retrieval
 
+    model = _evaluated_model(args, ("retrieval", "pretrain"))
+    result = evaluate_retrieval(model, RetrievalAnnotations(args.annotations, args.image_root),
+                                model.config.vision.image_size, limit=args.limit, itm_k=args.k,
+                                batch_size=args.batch_size)
+    return _report(result, args.json)
+
+
+def _evaluated_model(args, tasks: tuple[str, ...]):
+    from .api import load
+
     blip = load(args.checkpoint, device=_device(args.device), image_size=args.image_size)
-    if blip.model.task not in ("retrieval", "pretrain"):
-        raise ValueError(f"{args.checkpoint} holds a {blip.model.task} model: retrieval needs ITC features and an "
-                         "ITM head (a retrieval or pretraining checkpoint)")
-    annotations = RetrievalAnnotations(args.annotations, args.image_root)
-    result = evaluate_retrieval(blip.model, annotations, blip.model.config.vision.image_size, limit=args.limit,
-                                itm_k=args.k, batch_size=args.batch_size)
+    if blip.model.task not in tasks:
+        raise ValueError(f"{args.checkpoint} holds a {blip.model.task} model; this evaluation needs a "
+                         f"{' or '.join(tasks)} checkpoint")
+    return blip.model
+
+
+def _report(result, json_path: str | None) -> int:
     print(result.summary())
-    if args.json:
+    if json_path:
         from .checkpoint import atomic_write
 
-        atomic_write(args.json, lambda t: Path(t).write_text(json.dumps(result.metrics, indent=1)))
+        atomic_write(json_path, lambda t: Path(t).write_text(json.dumps(result.metrics, indent=1)))
     return 0
+
+
+def cmd_eval_caption(args) -> int:
+    from .data.annotations import RetrievalAnnotations
+    from .evaluation.captioning import evaluate_captioning
+
+    model = _evaluated_model(args, ("caption",))
+    result = evaluate_captioning(model, RetrievalAnnotations(args.annotations, args.image_root),
+                                 model.config.vision.image_size, limit=args.limit, batch_size=args.batch_size,
+                                 java=not args.no_java)
+    return _report(result, args.json)
+
+
+def cmd_eval_vqa(args) -> int:
+    from .data.annotations import VqaAnnotations, load_json_list
+    from .evaluation.vqa import evaluate_vqa
+
+    model = _evaluated_model(args, ("vqa",))
+    if args.inference == "rank" and not args.answer_list:
+        raise ValueError("--inference rank ranks the candidate answers of --answer-list (answer_list.json)")
+    answer_list = load_json_list(args.answer_list) if args.answer_list else None
+    result = evaluate_vqa(model, VqaAnnotations(args.questions, args.image_root), model.config.vision.image_size,
+                          answer_list, inference=args.inference, k=args.k, batch_size=args.batch_size,
+                          limit=args.limit)
+    if args.answers:
+        result.write_answers(args.answers)
+    return _report(result, args.json)
+
+
+def cmd_eval_nlvr(args) -> int:
+    from .data.annotations import NlvrAnnotations
+    from .evaluation.nlvr import evaluate_nlvr
+
+    model = _evaluated_model(args, ("nlvr",))
+    result = evaluate_nlvr(model, NlvrAnnotations(args.annotations, args.image_root), model.config.vision.image_size,
+                           batch_size=args.batch_size, limit=args.limit)
+    return _report(result, args.json)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -223,20 +273,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.set_defaults(run=cmd_pretrain)
 
-    p = sub.add_parser("finetune", help="fine-tune a downstream task (retrieval, caption) with the original's "
-                       "recipe, usually from a pretrained checkpoint (train.init_from=...)",
+    p = sub.add_parser("finetune", help="fine-tune a downstream task (retrieval, caption, vqa, nlvr) with the "
+                       "original's recipe, usually from a pretrained checkpoint (train.init_from=...)",
                        description="Fine-tune BLIP on a downstream task from a YAML config (default: the original's "
-                       "config of the task: retrieval_coco, caption_coco). Overrides: section.key=value, e.g. "
-                       "train.init_from=model_base.pth 'data.paths=[coco_karpathy_train.json]'.")
+                       "config of the task: retrieval_coco, caption_coco, vqa, nlvr). Overrides: section.key=value, "
+                       "e.g. train.init_from=model_base.pth 'data.paths=[coco_karpathy_train.json]'.")
     p.add_argument("task", choices=tuple(FINETUNE_TASKS), help="the downstream task")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides (values are YAML)")
-    p.add_argument("--config", help="YAML file, or a shipped config: retrieval_coco, retrieval_flickr, caption_coco")
+    p.add_argument("--config", help="YAML file, or a shipped config: retrieval_coco, retrieval_flickr, caption_coco, "
+                   "vqa, nlvr")
     p.add_argument("--resume", nargs="?", const="latest",
                    help="continue from the latest checkpoint of train.out, or from this checkpoint file")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.set_defaults(run=cmd_finetune)
 
-    p = sub.add_parser("eval", help="evaluate a checkpoint on a downstream task's test split (retrieval)")
+    p = sub.add_parser("eval", help="evaluate a checkpoint on a downstream task's split (retrieval, caption, vqa, "
+                       "nlvr)")
     eval_sub = p.add_subparsers(dest="eval_task", required=True)
     p = eval_sub.add_parser("retrieval", help="image-text retrieval: ITC top-k re-ranked by ITM, recall@1/5/10",
                             description="Recall@1/5/10 both ways as the original's train_retrieval.py evaluation: "
@@ -252,6 +304,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="images, captions or ITM pairs per forward (64)")
     p.add_argument("--json", help="also write the metrics to this JSON file")
     p.set_defaults(run=cmd_eval_retrieval)
+
+    def split_options(p, what: str):
+        checkpoint_options(p)
+        p.add_argument("--image-root", help="folder the image paths are relative to")
+        p.add_argument("--limit", type=int, help=f"only the first N {what}")
+        p.add_argument("--batch-size", type=int, default=32, help=f"{what} per forward (32)")
+        p.add_argument("--json", help="also write the metrics to this JSON file")
+
+    p = eval_sub.add_parser("caption", help="captioning: beam search (3 beams, 5-20 tokens), then BLEU, METEOR, "
+                            "ROUGE-L, CIDEr (SPICE where installed)")
+    p.add_argument("--annotations", required=True,
+                   help="the split: [{\"image\": path, \"caption\": [references]}] (coco_karpathy_test.json)")
+    p.add_argument("--no-java", action="store_true",
+                   help="tokenize in Python and skip METEOR and SPICE (no Java needed; not the official numbers)")
+    split_options(p, "images")
+    p.set_defaults(run=cmd_eval_caption)
+
+    p = eval_sub.add_parser("vqa", help="VQA: answers by ranking the answer list (or generation), VQA accuracy "
+                            "where the questions carry their answers, the official result file")
+    p.add_argument("--questions", required=True, help="[{\"question_id\", \"question\", \"image\"[, \"answer\"]}]")
+    p.add_argument("--answer-list", help="candidate answers (answer_list.json), needed by --inference rank")
+    p.add_argument("--inference", choices=("rank", "generate"), default="rank", help="rank (default) or generate")
+    p.add_argument("--k", type=int, default=128, help="rank: answers kept by their first token, then scored (128)")
+    p.add_argument("--answers", help="write the answers here in the official format [{question_id, answer}]")
+    split_options(p, "questions")
+    p.set_defaults(run=cmd_eval_vqa)
+
+    p = eval_sub.add_parser("nlvr", help="NLVR2: accuracy of true/false statements about image pairs")
+    p.add_argument("--annotations", required=True,
+                   help="[{\"images\": [a, b], \"sentence\": str, \"label\": \"True\"|\"False\"}]")
+    split_options(p, "statements")
+    p.set_defaults(run=cmd_eval_nlvr)
 
     p = sub.add_parser("caption", help="caption images with a captioning checkpoint")
     p.add_argument("images", nargs="+", help="image files")

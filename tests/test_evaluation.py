@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from blip_fast.config import tiny_config
-from blip_fast.evaluation.retrieval import recall_at_k, retrieval_scores
+from blip_fast.evaluation.recall import recall_at_k
+from blip_fast.evaluation.retrieval import retrieval_scores
 from blip_fast.models.blip_pretrain import BlipPretrain
 
 

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..config import BlipConfig
+from .init import abbreviate
 from .io import CheckpointError
 from .state import resize_position_embeddings
 
@@ -54,23 +55,9 @@ class TransferReport:
         lines = [f"initialised the {self.task} model from the {self.source_task} checkpoint {self.source}: "
                  f"{self.loaded} tensors loaded"
                  + (f", {', '.join(self.resized)} resampled to the image size" if self.resized else "")]
-        lines.append(f"left fresh ({len(self.fresh)}): {summarise(self.fresh)}")
-        lines.append(f"unused from the checkpoint ({len(self.unused)}): {summarise(self.unused)}")
+        lines.append(f"left fresh ({len(self.fresh)}): {abbreviate(self.fresh)}")
+        lines.append(f"unused from the checkpoint ({len(self.unused)}): {abbreviate(self.unused)}")
         return lines
-
-
-def summarise(keys: list[str], limit: int = 8) -> str:
-    """Keys grouped by their pattern with layer numbers as ``*`` (``text_encoder.encoder.layer.*.crossattention.*``
-    once, not per layer), the first ``limit`` groups shown."""
-    if not keys:
-        return "none"
-    groups: dict[str, int] = {}
-    for key in keys:
-        pattern = re.sub(r"\.\d+\.", ".*.", key)
-        groups[pattern] = groups.get(pattern, 0) + 1
-    shown = [pattern if count == 1 else f"{pattern} (x{count})" for pattern, count in list(groups.items())[:limit]]
-    more = f", ... and {len(groups) - limit} more" if len(groups) > limit else ""
-    return ", ".join(shown) + more
 
 
 def check_same_architecture(model_config: BlipConfig, source_config: BlipConfig, source: str) -> None:

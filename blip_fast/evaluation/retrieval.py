@@ -4,8 +4,9 @@
 2. ITM re-ranking (``itm_k > 0``): for each image its ``k`` most similar captions, and for each
    caption its ``k`` most similar images, are scored by the image-grounded encoder; a candidate's
    score is ``itm_match_logit + itc_sim`` (the original adds the two), others stay at -100.
-3. Recall@K: an image is retrieved correctly at K when any of its captions is among the top K
-   (text retrieval); a caption when its image is (image retrieval). ``r_mean`` averages all six.
+3. Recall@K (blip_fast.evaluation.recall, ties counted against the model): an image is retrieved correctly at K
+   when any of its captions is among the top K (text retrieval); a caption when its image is (image retrieval).
+   ``r_mean`` averages all six.
 
 Images of a split share the evaluation transform (bicubic resize, no crop); captions are cleaned
 with the split's ``max_words`` and tokenized to at most ``max_length`` tokens (35 in the original).
@@ -23,8 +24,7 @@ from ..data.sample import BadSample
 from ..data.transforms import TransformConfig, eval_transform
 from ..models.med import BlockContext
 from ..text import BlipTokenizer, clean_caption
-
-KS = (1, 5, 10)
+from .recall import recall_at_k
 
 
 @dataclass
@@ -36,30 +36,17 @@ class RetrievalResult:
     """``txt_r1, txt_r5, txt_r10`` (image -> text), ``img_r1, img_r5, img_r10`` (text -> image), ``r_mean``,
     in percent; ``chance_r1`` is the R@1 of a random ranking of the images."""
 
+    @property
+    def score(self) -> float:
+        """What picks the best epoch: the mean of the six recalls (the original's ``r_mean``)."""
+        return self.metrics["r_mean"]
+
     def summary(self) -> str:
         m = self.metrics
         how = f"ITC top-{self.itm_k} re-ranked by ITM" if self.itm_k else "ITC"
         return (f"retrieval on {self.images} images / {self.texts} captions ({how}): image->text R@1 {m['txt_r1']:.1f} "
                 f"R@5 {m['txt_r5']:.1f} R@10 {m['txt_r10']:.1f}; text->image R@1 {m['img_r1']:.1f} R@5 "
                 f"{m['img_r5']:.1f} R@10 {m['img_r10']:.1f} (chance R@1 {m['chance_r1']:.1f})")
-
-
-def recall_at_k(score_i2t: torch.Tensor, score_t2i: torch.Tensor, img2txt: list[list[int]],
-                txt2img: list[int]) -> dict[str, float]:
-    """Recall@1/5/10 in percent from (images, texts) and (texts, images) score matrices."""
-    order_i2t = score_i2t.argsort(dim=1, descending=True)
-    ranks_i2t = []
-    for i, gold in enumerate(img2txt):
-        positions = (order_i2t[i][:, None] == torch.tensor(gold)[None]).nonzero()[:, 0]
-        ranks_i2t.append(int(positions.min()))
-    order_t2i = score_t2i.argsort(dim=1, descending=True)
-    ranks_t2i = [int((order_t2i[t] == gold).nonzero()[0, 0]) for t, gold in enumerate(txt2img)]
-    ranks_i2t, ranks_t2i = torch.tensor(ranks_i2t), torch.tensor(ranks_t2i)
-    metrics = {f"txt_r{k}": 100.0 * (ranks_i2t < k).float().mean().item() for k in KS}
-    metrics |= {f"img_r{k}": 100.0 * (ranks_t2i < k).float().mean().item() for k in KS}
-    metrics["r_mean"] = sum(metrics.values()) / len(metrics)
-    metrics["chance_r1"] = 100.0 / len(img2txt)
-    return metrics
 
 
 @torch.no_grad()

@@ -58,3 +58,23 @@ class BlipCaption(nn.Module):
         ids = self.decoder_inputs(prompt_ids)
         return generate(self.text_decoder, ids, image_embeds, None, generation,
                         self.config.text.sep_token_id, self.config.text.pad_token_id, generator)
+
+    @torch.no_grad()
+    def captions(self, images: torch.Tensor, generation: GenerationConfig, tokenizer,
+                 generator: torch.Generator | None = None) -> list[str]:
+        """Caption texts of ``images``, as the original ``BLIP_Decoder.generate``: the prompt (``config.prompt``,
+        tokenized by ``tokenizer`` without its [SEP]) starts every caption and counts towards ``max_length``; the
+        decoded text loses the prompt's characters."""
+        prompt_ids = self.prompt_ids(tokenizer, generation).repeat(images.shape[0], 1).to(images.device)
+        ids = self.generate(images, prompt_ids, generation, generator)
+        return [text[len(self.config.prompt):] for text in tokenizer.batch_decode(ids)]
+
+    def prompt_ids(self, tokenizer, generation: GenerationConfig) -> torch.Tensor:
+        """(1, P) ids of the prompt as generation starts from it ([CLS] + prompt, no [SEP]), checked to leave room
+        for a caption within ``max_length``, which counts the prompt."""
+        prompt = self.config.prompt
+        ids = tokenizer([prompt]).input_ids[:, :-1]
+        if generation.max_length <= ids.shape[1]:
+            raise ValueError(f"max_length ({generation.max_length}) counts the prompt {prompt!r}, which is "
+                             f"{ids.shape[1]} tokens: it must be at least {ids.shape[1] + 1}")
+        return ids

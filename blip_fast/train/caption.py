@@ -7,12 +7,15 @@ written after the prompt; everything else -- speed, the step, resume, logging, c
 (blip_fast.train.engine).
 
 ``blip-fast finetune caption`` runs it (shipped config ``caption_coco``, the original's), usually from a
-pretrained checkpoint (``train.init_from``). Not done yet: the original's caption evaluation after training (beam
-search, then BLEU, METEOR, ROUGE-L, CIDEr) and the best epoch's checkpoint.
+pretrained checkpoint (``train.init_from``). With ``data.val_path`` every epoch is evaluated as the original's
+(beam search, then the COCO metrics: blip_fast.evaluation.captioning) and the best by CIDEr + BLEU-4 kept; the
+end-of-run evaluation reads ``data.eval_path`` (``train.eval_size`` images at most).
 """
 
 from __future__ import annotations
 
+from ..data.annotations import RetrievalAnnotations
+from ..evaluation.captioning import CaptionResult, evaluate_captioning
 from ..models.blip_caption import BlipCaption
 from ..text import BlipTokenizer
 from .config import PretrainConfig
@@ -23,6 +26,7 @@ class CaptionTrainer(Trainer):
     """Caption fine-tuning on the shared engine: build it from a run config and :meth:`run` it."""
 
     task_name = "caption fine-tuning"
+    eval_name = "fine-tuned"
     loss_names = ("lm",)
 
     def build_model(self) -> BlipCaption:
@@ -37,6 +41,11 @@ class CaptionTrainer(Trainer):
 
     def forward(self, model, batch, alpha, generator) -> dict:
         return {"lm": model(batch.images, batch.input_ids, batch.attention_mask, self.prompt_length)}
+
+    def evaluate_split(self, model, path: str) -> CaptionResult:
+        annotations = RetrievalAnnotations(path, self.config.data.image_root)
+        return evaluate_captioning(model, annotations, self.model_config.vision.image_size,
+                                   limit=self.config.train.eval_size or None, java=self.config.train.eval_java)
 
 
 def finetune_caption(config: PretrainConfig, resume: str | bool = False, printer=print) -> RunSummary:

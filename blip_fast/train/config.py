@@ -31,7 +31,7 @@ SHIPPED = {"base": "pretrain_base.yaml", "large": "pretrain_large.yaml",
            "tiny-synthetic": "pretrain_tiny_synthetic.yaml",
            # fine-tuning (blip-fast finetune TASK): the original's configs of each task
            "retrieval_coco": "retrieval_coco.yaml", "retrieval_flickr": "retrieval_flickr.yaml",
-           "caption_coco": "caption_coco.yaml"}
+           "caption_coco": "caption_coco.yaml", "vqa": "vqa.yaml", "nlvr": "nlvr.yaml"}
 DEFAULT_CONFIG = "tiny-synthetic"
 
 
@@ -53,6 +53,9 @@ class DataConfig:
     """The evaluation split: for pretraining and retrieval a Karpathy-shape list (``caption`` is a list; pretraining's
     ``synthetic`` uses its test split when unset), for VQA the questions with their answers, for NLVR2 the
     statements with their labels."""
+    val_path: str | None = None
+    """The validation split (same shape as ``eval_path``): evaluated after every epoch, the best epoch's weights kept
+    in ``<out>/best.pth`` and evaluated on ``eval_path`` at the end, as the original's fine-tuning scripts do."""
     vg_image_root: str | None = None
     """VQA: folder of the Visual Genome images that ``"dataset": "vg"`` entries name (``image_root`` holds COCO's)."""
     answer_list: str | None = None
@@ -204,6 +207,9 @@ class TrainConfig:
     """Images of the held-out split used by the end-of-run zero-shot retrieval (0: no evaluation)."""
     eval_itm_k: int = 16
     """Re-rank this many ITC candidates with ITM in the evaluation (the original: 256 on COCO; 0: ITC only)."""
+    eval_java: bool = True
+    """Caption evaluation: the COCO tokenizer and METEOR run on Java, as the official scores (``false``: tokenized
+    in Python, BLEU, ROUGE-L and CIDEr only; blip_fast.evaluation.caption_metrics)."""
     vqa_inference: str = "rank"
     """VQA evaluation: ``rank`` the answer list (the original's ``inference: rank``) or ``generate`` answers."""
     vqa_k: int = 128

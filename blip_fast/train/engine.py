@@ -39,7 +39,6 @@ from ..checkpoint.transfer import init_from_checkpoint
 from ..config import ConfigError, architecture, config_to_dict
 from ..data.batches import CaptionBatches, open_caption_source
 from ..data.synth import write_synthetic_dataset
-from ..evaluation.retrieval import RetrievalResult
 from .checkpointing import (
     checkpoint_step,
     latest_checkpoint,
@@ -66,6 +65,9 @@ from .speed import apply_speed, build_step
 
 log = logging.getLogger("blip_fast.train")
 
+BEST = "best.pth"
+"""The run folder's copy of the best epoch's weights (Salesforce format, loadable anywhere)."""
+
 @dataclass
 class RunSummary:
     steps: int
@@ -76,7 +78,8 @@ class RunSummary:
     last_losses: dict[str, float | None]
     checkpoint: str | None
     data: str
-    retrieval: dict | None
+    evaluation: dict | None
+    """The end-of-run evaluation of the task (on the best epoch's weights where there was a validation split)."""
 
     def lines(self) -> list[str]:
         losses = ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} n/a" for k, v in self.last_losses.items())
@@ -99,6 +102,10 @@ class Progress:
     steps_per_epoch: int | None = None
     """Steps the first whole epoch gave, where they differ from the count announced before it (bad entries, which
     are found only as they are read, shorten an epoch); later epochs, the alpha ramp and the ETA use it."""
+    best_score: float | None = None
+    """The best validation score of the epochs done (``data.val_path``), and its epoch: ``best.pth`` holds its
+    weights."""
+    best_epoch: int | None = None
 
 
 class LossWindow:
@@ -190,6 +197,8 @@ class Trainer(abc.ABC):
 
     task_name = "training"
     """What the start line calls the run."""
+    eval_name = "evaluation:"
+    """What the end-of-run evaluation's line starts with."""
     loss_names: tuple[str, ...] = ()
     """*Task*: the names :meth:`forward` returns, in its order."""
 
@@ -205,6 +214,10 @@ class Trainer(abc.ABC):
         torch.manual_seed(seed)
         self.build_data()
         self.check()
+        # a mistyped split must not wait for the end of training to show
+        for name, path in (("data.val_path", config.data.val_path), ("evaluation split", self.final_evaluation_path())):
+            if path and not Path(path).is_file():
+                raise ConfigError(f"{name} {path} is not a file")
         model = self.build_model()
         if not self._resumes(resume):  # a resumed run's weights come from its checkpoint
             self.initialise(model)
@@ -261,9 +274,15 @@ class Trainer(abc.ABC):
         """*Task*: values of the model logged with each step record (none by default)."""
         return {}
 
-    def evaluate(self, runlog: RunLog) -> RetrievalResult | None:
-        """*Task*: the end-of-run evaluation, logged to ``runlog`` (none by default)."""
+    def evaluate_split(self, model: torch.nn.Module, path: str):
+        """*Task*: ``model`` (the plain model, in eval mode) evaluated on the split in ``path``: a result with
+        ``metrics`` (a dict), ``score`` (higher is better: what picks the best epoch) and ``summary()``; None when the
+        task has no evaluation (the default)."""
         return None
+
+    def final_evaluation_path(self) -> str | None:
+        """*Task*: the split the end-of-run evaluation reads (``data.eval_path`` by default)."""
+        return self.config.data.eval_path
 
     # ------------------------------------------------------------------ caption data, for the tasks that train on it
 
@@ -285,10 +304,9 @@ class Trainer(abc.ABC):
             world_size=self.ctx.world_size, max_words=data.max_words, max_length=self.model_config.max_text_length,
             drop_last=True, prompt=prompt)
         if hasattr(source, "__len__") and data.kind != "shards":
-            self.steps_per_epoch = steps_per_epoch(len(source), self.ctx.rank, self.ctx.world_size,
-                                                   max(1, data.num_workers), data.batch_size,
-                                                   config.optim.grad_accum_steps)
-        elif data.steps_per_epoch is not None:  # batches per rank: optimizer steps take grad_accum_steps each
+            self.count_steps(len(source))
+            return
+        if data.steps_per_epoch is not None:  # batches per rank: optimizer steps take grad_accum_steps each
             self.steps_per_epoch = data.steps_per_epoch // config.optim.grad_accum_steps
             if self.steps_per_epoch < 1:
                 raise ConfigError(f"data.steps_per_epoch={data.steps_per_epoch} batches give no optimizer step of "
@@ -296,8 +314,14 @@ class Trainer(abc.ABC):
         else:
             raise ConfigError("data.kind=shards: set data.steps_per_epoch (batches per epoch per rank), which the "
                               "alpha ramp and the ETA need; shards do not say how many samples they hold")
+
+    def count_steps(self, samples: int) -> None:
+        """``self.steps_per_epoch`` of a list of ``samples`` training samples (refused when it gives no step)."""
+        data = self.config.data
+        self.steps_per_epoch = steps_per_epoch(samples, self.ctx.rank, self.ctx.world_size, max(1, data.num_workers),
+                                               data.batch_size, self.config.optim.grad_accum_steps)
         if self.steps_per_epoch < 1:
-            raise ConfigError(f"{len(source)} training pairs give no full batch of {data.batch_size} per rank "
+            raise ConfigError(f"{samples} training samples give no full batch of {data.batch_size} per rank "
                               f"({self.ctx.world_size} ranks x {max(1, data.num_workers)} workers): lower "
                               "data.batch_size or data.num_workers")
 
@@ -474,6 +498,72 @@ class Trainer(abc.ABC):
                      f"{_last_on_disk(self.last_checkpoint)} Training continues; the next checkpoint tries again.")
         return None
 
+    # ------------------------------------------------------------------ evaluation
+
+    def _evaluated(self, path: str, weights: Path | None = None):
+        """The task's evaluation of the current weights (or of ``weights``, a saved model) on ``path``, computed on
+        the main rank in fp32 whatever the training precision, as the original (bf16 similarities tie and reorder
+        candidates); None elsewhere. Every rank must call it."""
+        model, result = self.model, None
+        if weights is None and self.ctx.sharded:  # the evaluation calls the model's parts outside FSDP's hooks
+            from . import fsdp
+
+            model = fsdp.unsharded_copy(self.model)
+        if self.ctx.is_main:
+            if weights is not None:
+                from ..checkpoint import load_salesforce
+
+                model = load_salesforce(weights).to(self.device)
+            was_training = model.training
+            model.eval()
+            try:
+                with ops.impl_scope(self.config.train.impl):
+                    result = self.evaluate_split(model, path)
+            finally:
+                model.train(was_training)
+        barrier(self.ctx)
+        return result
+
+    def validate(self, runlog: RunLog, epoch: int) -> None:
+        """After each epoch, where ``data.val_path`` is set: evaluate on it and keep the best epoch's weights in
+        ``best.pth`` (written atomically; the original's ``checkpoint_best.pth``)."""
+        if not self.config.data.val_path:
+            return
+        p = self.progress
+        result = self._evaluated(self.config.data.val_path)
+        improved = self.ctx.is_main and result is not None and (p.best_score is None or result.score > p.best_score)
+        if self.ctx.is_main and result is not None:
+            runlog.event({"kind": "val", "epoch": epoch, "step": p.step, **result.metrics},
+                         f"validation after epoch {epoch}: {result.summary()}"
+                         + (" (best so far)" if improved else ""))
+        if improved:
+            from ..checkpoint import save_salesforce
+
+            model = self.model
+            if self.ctx.sharded:
+                from . import fsdp
+
+                model = fsdp.unsharded_copy(self.model)
+            save_salesforce(model, self.out / BEST)
+            p.best_score, p.best_epoch = result.score, epoch
+        best = self._gather((p.best_score, p.best_epoch))[0]  # every rank keeps the same progress
+        p.best_score, p.best_epoch = best
+
+    def evaluate(self, runlog: RunLog) -> dict | None:
+        """The end-of-run evaluation on the task's split, with the best epoch's weights where a validation split
+        chose one (the original reports the test split at the best epoch)."""
+        path = self.final_evaluation_path()
+        if not path:
+            return None
+        best = self.out / BEST if self.progress.best_epoch is not None else None
+        result = self._evaluated(path, best)
+        if result is None:
+            return None
+        which = f"the best epoch's ({self.progress.best_epoch}) " if best else ""
+        runlog.event({"kind": "eval", "step": self.progress.step, "best_epoch": self.progress.best_epoch,
+                      **result.metrics}, f"{self.eval_name} {which}{result.summary()}")
+        return {**asdict(result), "metrics": result.metrics}  # (a property of some results)
+
     # ------------------------------------------------------------------ the loop
 
     def train_step(self, micro_batches) -> torch.Tensor:
@@ -541,6 +631,10 @@ class Trainer(abc.ABC):
                     if config.train.checkpoint_every and p.step % config.train.checkpoint_every == 0 and self.save():
                         last_saved = p.step
                     if p.step >= self.total_steps:
+                        if p.step_in_epoch == self.steps_per_epoch:  # the run ends with an epoch: validate it
+                            # (its pass is not closed here: a run resuming from this step closes it and advances
+                            # the epoch, and validates the same weights again, which changes nothing)
+                            self.validate(runlog, p.epoch)
                         break
                 else:  # the epoch's data is used up
                     if steps_in_pass == 0 and from_epoch_start:
@@ -550,15 +644,16 @@ class Trainer(abc.ABC):
                         self._recount(steps_in_pass, runlog)
                     if config.train.checkpoint_every == 0 and self.save():
                         last_saved = p.step
+                    self.validate(runlog, p.epoch - 1)
             if window.steps:  # steps after the last log step
                 self._log(runlog, window, started)
             seconds = time.perf_counter() - started
             path = self.save(final=True) if last_saved != p.step else self.last_checkpoint
-            retrieval = self.evaluate(runlog)
+            evaluation = self.evaluate(runlog)
         samples = p.samples - start_samples
         summary = RunSummary(p.step, p.epoch, samples, seconds, samples / seconds if seconds > 0 else math.nan,
                              window.last_losses, str(path) if path else None, self.batches.stats.summary(),
-                             asdict(retrieval) if retrieval else None)
+                             evaluation)
         if self.ctx.is_main:
             for line in summary.lines():
                 self.printer(line)

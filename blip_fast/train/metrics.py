@@ -1,7 +1,7 @@
 """What a user sees of a run: a progress line or bar, metrics.jsonl, TensorBoard events, the summary.
 
 Only rank 0 writes. ``metrics.jsonl`` gets one JSON object per logged step (``step``, ``epoch``,
-``lr``, ``alpha``, ``temp``, ``loss``, ``loss_itc``, ``loss_itm``, ``loss_lm``, ``samples_per_s``,
+``lr``, ``alpha``, ``temp``, ``loss``, ``loss_<name>`` per loss of the task, ``samples_per_s``,
 ``elapsed_s``, ``skipped``; ``skipped_steps`` with ``train.nonfinite: skip``) and one per event: an
 evaluation (``kind: "eval"``), a resume (``kind: "resume"``: records of later steps before it come from
 the run it continues), a divergence (``kind: "diverged"``). A resumed run appends to the same file. A
@@ -76,7 +76,7 @@ class RunLog:
         self._write(record)
         done = record["step"] - self._start_step
         eta = (time.perf_counter() - self._started) / max(1, done) * (self.total_steps - record["step"])
-        losses = "  ".join(f"{k[5:]} {_number(record[k])}" for k in ("loss_itc", "loss_itm", "loss_lm") if k in record)
+        losses = "  ".join(f"{k[5:]} {_number(value)}" for k, value in record.items() if k.startswith("loss_"))
         text = (f"loss {_number(record['loss'])} ({losses})  lr {record['lr']:.2e}  "
                 f"{record['samples_per_s']:.0f} samples/s")
         if record.get("skipped_steps"):

@@ -13,6 +13,8 @@ LM; momentum update and enqueue inside. What pretraining adds to the engine (bli
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .. import ops
 from ..config import ConfigError
 from ..data.annotations import RetrievalAnnotations
@@ -21,9 +23,7 @@ from ..models.blip_pretrain import BlipPretrain
 from ..models.packing import PackedText
 from ..ops.momentum import enqueue_op
 from .config import PretrainConfig
-from .distributed import barrier
 from .engine import RunSummary, Trainer, synthetic_folder, train_task
-from .metrics import RunLog
 from .schedule import distillation_alpha
 from .step import LOSSES, pretraining_losses
 
@@ -45,16 +45,10 @@ class Pretrainer(Trainer):
         return BlipPretrain(self.model_config)
 
     def build_data(self) -> None:
-        config, data = self.config, self.config.data
+        config = self.config
         source = self.caption_source()
         self.check_source(source)
         self.use_caption_batches(source)
-        self.eval_annotations = None
-        if data.eval_path and config.train.eval_size:
-            self.eval_annotations = RetrievalAnnotations(data.eval_path, data.image_root)
-        elif data.kind == "synthetic" and config.train.eval_size:  # the held-out split of the built-in scenes
-            folder = synthetic_folder(config)
-            self.eval_annotations = RetrievalAnnotations(folder / "test.json", folder)
         # a captured graph has one token count: rounding it up to 64 bounds the number of graphs
         self.pack_multiple = PACKED_TOKENS_MULTIPLE_GRAPHED if config.train.cuda_graph else PACKED_TOKENS_MULTIPLE
 
@@ -88,23 +82,21 @@ class Pretrainer(Trainer):
     def log_values(self) -> dict:
         return {"temp": float(self.model.temp.detach())}
 
-    def evaluate(self, runlog: RunLog) -> RetrievalResult | None:
-        if self.eval_annotations is None or not self.config.train.eval_size:
+    def final_evaluation_path(self) -> str | None:
+        if not self.config.train.eval_size:
             return None
-        result = None
-        model = self.model
-        if self.ctx.sharded:  # the evaluation calls the model's parts directly, outside FSDP's forward hooks
-            from . import fsdp
+        if self.config.data.eval_path:
+            return self.config.data.eval_path
+        if self.config.data.kind == "synthetic":  # the held-out split of the built-in scenes
+            return str(synthetic_folder(self.config) / "test.json")
+        return None
 
-            model = fsdp.unsharded_copy(self.model)
-        if self.ctx.is_main:  # in fp32 whatever the training precision, as the original: bf16 similarities tie
-            # and reorder candidates (on the tiny model, 61 distinct values in a row of 200 instead of 189)
-            result = evaluate_retrieval(model, self.eval_annotations, self.model_config.vision.image_size,
-                                        limit=self.config.train.eval_size, itm_k=self.config.train.eval_itm_k)
-            runlog.event({"kind": "eval", "step": self.progress.step, **result.metrics},
-                         f"{self.eval_name} {result.summary()}")
-        barrier(self.ctx)
-        return result
+    def evaluate_split(self, model, path: str) -> RetrievalResult:
+        # relative image paths of a synthetic split are relative to its folder, of the user's to data.image_root
+        root = Path(path).parent if self.config.data.kind == "synthetic" and not self.config.data.eval_path else \
+            self.config.data.image_root
+        return evaluate_retrieval(model, RetrievalAnnotations(path, root), self.model_config.vision.image_size,
+                                  limit=self.config.train.eval_size or None, itm_k=self.config.train.eval_itm_k)
 
 
 def pretrain(config: PretrainConfig, resume: str | bool = False, printer=print) -> RunSummary:

@@ -22,7 +22,7 @@ def test_json_lists_with_an_evaluation_list(synthetic_dir, tmp_path):
     summary, records, _ = _run([*base, "data.kind=json", f"data.paths=[{synthetic_dir / 'train.json'}]",
                                 f"data.image_root={synthetic_dir}", f"data.eval_path={synthetic_dir / 'val.json'}",
                                 "train.eval_size=20", "train.eval_itm_k=0", "train.max_steps=3"], tmp_path)
-    assert summary.steps == 3 and summary.retrieval["images"] == 20 and summary.retrieval["itm_k"] == 0
+    assert summary.steps == 3 and summary.evaluation["images"] == 20 and summary.evaluation["itm_k"] == 0
     assert records[-1]["kind"] == "eval"
 
 

@@ -79,7 +79,7 @@ def test_ddp_step_equals_single_process_on_the_same_batches(synthetic_dir, tmp_p
     stepped = BlipPretrain(config.model_config())
     stepped.load_state_dict(initial)
     optimizer = build_optimizer(stepped, config.optim, torch.device("cpu"))
-    set_learning_rate(optimizer, learning_rate(config.optim, 0, 0))
+    set_learning_rate(optimizer, learning_rate(config.optim, 0, 0, config.train.epochs))
     for param, *replicas in zip(stepped.parameters(), *(m.parameters() for m in halves), strict=True):
         if param.requires_grad:
             param.grad = sum(r.grad for r in replicas) / WORLD

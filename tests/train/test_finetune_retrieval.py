@@ -39,7 +39,7 @@ def test_pretrain_then_finetune_retrieval_then_evaluate(tmp_path, capsys):
     assert "left fresh (2): idx_queue, ptr_queue" in printed
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 500
-    metrics = summary["retrieval"]["metrics"]
+    metrics = summary["evaluation"]["metrics"]
     assert metrics["chance_r1"] == pytest.approx(2.5)
     assert metrics["txt_r1"] >= 12.5 and metrics["img_r1"] >= 12.5, metrics
     # the CLI evaluation of the final checkpoint gives the run's own numbers
@@ -58,3 +58,40 @@ def test_retrieval_fine_tuning_refuses_captions_without_image_ids(tmp_path, caps
                    f"train.out={tmp_path / 'out'}"])
     assert status == 2
     assert "retrieval fine-tuning needs an image_id" in capsys.readouterr().err
+
+
+def test_the_best_epoch_on_validation_is_kept_and_evaluated_at_the_end(tmp_path, capsys):
+    data = tmp_path / "retrieval"
+    write_task_dataset(data, "retrieval", 80, image_size=64)
+    out = tmp_path / "finetune"
+    status = main(["finetune", "retrieval", "--config", "tiny-synthetic", "data.kind=json", "data.batch_size=16",
+                   "model.queue_size=64", f"data.paths=[{data / 'train.json'}]", f"data.image_root={data}",
+                   f"data.val_path={data / 'val.json'}", f"data.eval_path={data / 'test.json'}", "train.epochs=3",
+                   "optim.schedule=cosine", "optim.warmup_steps=0", f"train.out={out}", "train.tensorboard=false",
+                   "train.eval_itm_k=4", "train.checkpoint_every=0"])
+    printed = capsys.readouterr().out
+    assert status == 0, printed
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    validations = [r for r in records if r.get("kind") == "val"]
+    assert [r["epoch"] for r in validations] == [0, 1, 2]
+    best = max(validations, key=lambda r: (r["r_mean"], -r["epoch"]))  # the first of equal scores is kept
+    final = next(r for r in records if r.get("kind") == "eval")
+    assert final["best_epoch"] == best["epoch"]
+    assert f"fine-tuned the best epoch's ({best['epoch']}) retrieval on 8 images" in printed
+    assert (out / "best.pth").is_file()
+    # the final evaluation is the best weights' own, not the last epoch's (unless the last is the best)
+    status = main(["eval", "retrieval", "--checkpoint", str(out / "best.pth"), "--annotations",
+                   str(data / "test.json"), "--image-root", str(data), "--k", "4", "--json", str(tmp_path / "m.json")])
+    assert status == 0
+    assert json.loads((tmp_path / "m.json").read_text()) == pytest.approx(
+        {k: v for k, v in final.items() if k not in ("kind", "step", "best_epoch", "time")})
+
+
+def test_a_missing_validation_split_is_refused_before_training(tmp_path, capsys):
+    data = tmp_path / "retrieval"
+    write_task_dataset(data, "retrieval", 40, image_size=64)
+    status = main(["finetune", "retrieval", "--config", "tiny-synthetic", "data.kind=json",
+                   f"data.paths=[{data / 'train.json'}]", f"data.image_root={data}",
+                   f"data.val_path={data / 'vall.json'}", f"train.out={tmp_path / 'out'}"])
+    assert status == 2
+    assert f"data.val_path {data / 'vall.json'} is not a file" in capsys.readouterr().err

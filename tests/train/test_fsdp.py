@@ -107,7 +107,7 @@ def fsdp_run(synthetic_dir, tmp_path_factory):
     stepped = BlipPretrain(config.model_config())
     stepped.load_state_dict(ranks[0]["initial"])
     optimizer = build_optimizer(stepped, config.optim, torch.device("cpu"))
-    set_learning_rate(optimizer, learning_rate(config.optim, 0, 0))
+    set_learning_rate(optimizer, learning_rate(config.optim, 0, 0, config.train.epochs))
     for param, *replicas in zip(stepped.parameters(), *(m.parameters() for m in halves), strict=True):
         if param.requires_grad:
             param.grad = sum(r.grad for r in replicas) / WORLD

@@ -22,7 +22,7 @@ def test_short_run_writes_everything(synthetic_dir, tmp_path, capsys):
     evaluation = next(r for r in records if r.get("kind") == "eval")
     assert 0 <= evaluation["txt_r1"] <= 100 and evaluation["chance_r1"] == pytest.approx(100 / 30)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 4 and summary["retrieval"]["images"] == 30
+    assert summary["steps"] == 4 and summary["evaluation"]["images"] == 30
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert (out / "checkpoints" / "step-00000004.pt").is_file()
     assert json.loads((out / "config.json").read_text())["resolved_model"]["vision"]["image_size"] == 64
