@@ -1,4 +1,5 @@
-"""Evaluation of trained models: zero-shot and fine-tuned image-text retrieval."""
+"""Evaluation of trained models: image-text retrieval (zero-shot and fine-tuned), captioning, VQA and NLVR2, and the
+metrics they use (recall@K, the COCO caption metrics, the official VQA accuracy)."""
 
 from .recall import recall_at_k
 from .retrieval import RetrievalResult, evaluate_retrieval, retrieval_scores

@@ -17,11 +17,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..data.annotations import RetrievalAnnotations
-from ..data.decode import decode_image, read_image_file
-from ..data.sample import BadSample
-from ..data.transforms import TransformConfig, eval_transform
 from ..models.generation import GenerationConfig
 from ..text import BlipTokenizer
+from .images import evaluation_images
 
 # the original caption_coco.yaml: num_beams 3, max_length 20, min_length 5
 EVAL_GENERATION = GenerationConfig(strategy="beam", num_beams=3, max_length=20, min_length=5)
@@ -62,20 +60,12 @@ def evaluate_captioning(model, annotations: RetrievalAnnotations, image_size: in
     model.prompt_ids(tokenizer, generation)  # a generation config without room for a caption: before any work
     device = next(model.parameters()).device
     count = len(annotations) if limit is None else min(limit, len(annotations))
-    transform = TransformConfig.eval(image_size)
     references, captions = {}, {}
     for start in range(0, count, batch_size):
-        pixels, paths = [], []
-        for index in range(start, min(start + batch_size, count)):
-            entry = annotations.sample(index, stats=None)
-            try:
-                image = decode_image(read_image_file(entry.image_path), what=entry.image_path)
-            except BadSample as error:
-                raise ValueError(f"evaluation image {index}: {error}") from None
-            pixels.append(eval_transform(image, transform))
-            paths.append(entry.image_path)
-            references[entry.image_path] = entry.caption
-        texts = model.captions(torch.stack(pixels).to(device), generation, tokenizer)
+        entries = [annotations.sample(index, stats=None) for index in range(start, min(start + batch_size, count))]
+        paths = [entry.image_path for entry in entries]
+        references |= {entry.image_path: entry.caption for entry in entries}
+        texts = model.captions(evaluation_images(paths, image_size).to(device), generation, tokenizer)
         captions.update(zip(paths, texts, strict=True))
     metrics = caption_metrics(references, captions, java=java)
     return CaptionResult(count, metrics.scores, list(metrics.notices), captions)

@@ -20,10 +20,9 @@ from dataclasses import dataclass
 import torch
 
 from ..data.annotations import NlvrAnnotations
-from ..data.decode import decode_image, read_image_file
 from ..data.sample import BadSample
-from ..data.transforms import TransformConfig, eval_transform
 from ..text import BlipTokenizer, clean_caption
+from .images import evaluation_images
 
 MAX_WORDS = 40  # the original nlvr_dataset's pre_caption(sentence, 40)
 
@@ -74,32 +73,19 @@ def read_nlvr_statements(annotations: NlvrAnnotations, limit: int | None = None)
     return statements
 
 
-def _batch_images(paths: list[str], transform: TransformConfig) -> torch.Tensor:
-    """(N, 3, S, S) of ``paths``; a path given twice is read once."""
-    images = {}
-    for path in paths:
-        if path not in images:
-            try:
-                image = decode_image(read_image_file(path), what=path)
-            except BadSample as error:
-                raise ValueError(f"evaluation image: {error}") from None
-            images[path] = eval_transform(image, transform)
-    return torch.stack([images[path] for path in paths])
-
-
 @torch.no_grad()
 def nlvr_predictions(model, statements: list[NlvrStatement], image_size: int, batch_size: int = 64) -> list[int]:
     """The model's label of each statement (1 true, 0 false)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1; got {batch_size}")
-    tokenizer, transform = BlipTokenizer(), TransformConfig.eval(image_size)
+    tokenizer = BlipTokenizer()
     parameter = next(model.parameters())
     predictions = []
     for first in range(0, len(statements), batch_size):
         batch = statements[first:first + batch_size]
         # every pair's first image, then every pair's second image, as BlipNLVR.logits takes them
         paths = [s.first_image for s in batch] + [s.second_image for s in batch]
-        images = _batch_images(paths, transform).to(parameter.device, parameter.dtype)
+        images = evaluation_images(paths, image_size).to(parameter.device, parameter.dtype)
         # the original pads to the longest and does not truncate: the model's positions are the only limit
         text = tokenizer([s.sentence for s in batch], max_length=model.config.text.max_position_embeddings)
         logits = model.logits(images, text.input_ids.to(parameter.device), text.attention_mask.to(parameter.device))

@@ -19,11 +19,9 @@ from dataclasses import dataclass
 import torch
 
 from ..data.annotations import RetrievalAnnotations
-from ..data.decode import decode_image, read_image_file
-from ..data.sample import BadSample
-from ..data.transforms import TransformConfig, eval_transform
 from ..models.med import BlockContext
 from ..text import BlipTokenizer, clean_caption
+from .images import evaluation_images
 from .recall import recall_at_k
 
 
@@ -113,22 +111,17 @@ def load_retrieval_split(annotations: RetrievalAnnotations, image_size: int, lim
     """Images (N, 3, S, S), token ids and masks of the split's captions, and the gold links, for the first
     ``limit`` images. An image that cannot be read is an error here: evaluation sets are small and fixed."""
     n = len(annotations) if limit is None else min(limit, len(annotations))
-    transform = TransformConfig.eval(image_size)
-    images, texts, img2txt, txt2img = [], [], [], []
+    paths, texts, img2txt, txt2img = [], [], [], []
     for index in range(n):
         entry = annotations.sample(index, stats=None)
-        try:
-            image = decode_image(read_image_file(entry.image_path), what=entry.image_path)
-        except BadSample as error:
-            raise ValueError(f"evaluation image {index}: {error}") from None
-        images.append(eval_transform(image, transform))
+        paths.append(entry.image_path)
         img2txt.append([])
         for caption in entry.caption:
             img2txt[-1].append(len(texts))
             txt2img.append(index)
             texts.append(clean_caption(caption, max_words))
     tokens = (tokenizer or BlipTokenizer())(texts, max_length=max_length)
-    return torch.stack(images), tokens.input_ids, tokens.attention_mask, img2txt, txt2img
+    return evaluation_images(paths, image_size), tokens.input_ids, tokens.attention_mask, img2txt, txt2img
 
 
 def evaluate_retrieval(model, annotations: RetrievalAnnotations, image_size: int, limit: int | None = None,

@@ -32,12 +32,11 @@ from pathlib import Path
 import torch
 
 from ..data.annotations import VqaAnnotations, load_json_list
-from ..data.decode import decode_image, read_image_file
 from ..data.sample import BadSample
-from ..data.transforms import TransformConfig, eval_transform
 from ..models.blip_vqa import tokenize_answer_list
 from ..models.generation import GenerationConfig
 from ..text import BlipTokenizer, clean_question
+from .images import evaluation_images
 from .vqa_accuracy import VQAAccuracy, write_vqa_results
 from .vqa_accuracy import evaluate_vqa as vqa_accuracy_of
 
@@ -141,19 +140,6 @@ def _check_all_or_none(questions: list[VqaQuestion], field: str, what: str) -> N
                          f"not (first {missing[:3]}): score a split with it on every question, or on none")
 
 
-def _batch_images(paths: list[str], transform: TransformConfig) -> torch.Tensor:
-    """(B, 3, S, S): a path several questions of the batch share is read once (VQA asks ~5 questions an image)."""
-    images = {}
-    for path in paths:
-        if path not in images:
-            try:
-                image = decode_image(read_image_file(path), what=path)
-            except BadSample as error:
-                raise ValueError(f"evaluation image: {error}") from None
-            images[path] = eval_transform(image, transform)
-    return torch.stack([images[path] for path in paths])
-
-
 @torch.no_grad()
 def vqa_answers(model, questions: list[VqaQuestion], image_size: int, answer_list: Sequence[str] | None = None,
                 inference: str = "rank", k: int = 128, batch_size: int = 32) -> list[str]:
@@ -173,11 +159,10 @@ def vqa_answers(model, questions: list[VqaQuestion], image_size: int, answer_lis
     else:
         generation = GenerationConfig(strategy="beam", max_length=ORIGINAL_MAX_LENGTH,
                                       min_length=ORIGINAL_MIN_LENGTH, num_beams=ORIGINAL_BEAMS)
-    transform = TransformConfig.eval(image_size)
     answers = []
     for first in range(0, len(questions), batch_size):
         batch = questions[first:first + batch_size]
-        images = _batch_images([q.image_path for q in batch], transform).to(parameter.device, parameter.dtype)
+        images = evaluation_images([q.image_path for q in batch], image_size).to(parameter.device, parameter.dtype)
         text = tokenizer([q.question for q in batch], max_length=QUESTION_MAX_LENGTH)
         ids, mask = text.input_ids.to(parameter.device), text.attention_mask.to(parameter.device)
         if inference == "rank":
