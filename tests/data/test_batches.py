@@ -328,6 +328,21 @@ def test_resume_dali_is_exact_with_random_augmentation(train_json):
 
 
 @needs_dali
+def test_a_state_loaded_over_an_unfinished_dali_pass_resumes_from_that_state(train_json):
+    """Loading a state must not keep the pipeline of a pass left open before: its random state is another's."""
+    config = TransformConfig.pretrain(32)                           # the full RandomAugment graph
+    reference = epoch_of(CaptionBatches(train_json, config, 4, backend="dali", dali=cpu_dali()))
+    source = CaptionBatches(train_json, config, 4, backend="dali", dali=cpu_dali())
+    take(source, 3)
+    state = json.loads(json.dumps(source.state_dict()))
+    batches = CaptionBatches(train_json, config, 4, backend="dali", dali=cpu_dali())
+    for _ in batches:
+        break                                                       # a pass left open, one batch in
+    batches.load_state_dict(state)
+    assert_same(epoch_of(batches), reference[3:])
+
+
+@needs_dali
 def test_dali_state_of_a_dropped_iterator_is_its_last_batch(train_json):
     """DALI reads batches ahead; the state (and a new pass) follows the batches handed out, not those read."""
     config = TransformConfig.pretrain(32)                           # the full RandomAugment graph
