@@ -3,10 +3,10 @@
 #
 #   bash benchmarks/gpu_session.sh [STAGE ...]          (from the repository root)
 #
-# stages: build tests parity step step_variants hard_negatives lm_loss attention step_attention distributed main data
-# before_after report (default: all but data, before_after and report; data needs DALI carried in first with
-# benchmarks/dali_carry.sh, before_after the earlier version's sources carried in .before/, prepared here with
-# `bash benchmarks/step_before_after.sh prepare`, and report runs anywhere on the results files). The machine is
+# stages: build tests parity step step_variants hard_negatives lm_loss attention step_attention distributed main
+# retrieval_eval data before_after report (default: all but data, before_after and report; data needs DALI carried in
+# first with benchmarks/dali_carry.sh, before_after the earlier version's sources carried in .before/, prepared here
+# with `bash benchmarks/step_before_after.sh prepare`, and report runs anywhere on the results files). The machine is
 # offline, so `build` installs without dependencies: it has all of them but ruff (docs/gpu-machine.md). Results files
 # go to $OUT (default benchmarks/results), named as docs/results-format.md says; copy the ones to keep into
 # benchmarks/results/ and commit them. Every stage's output is appended to $OUT/session.log and the step profiles are
@@ -20,7 +20,7 @@ DAY=$(date +%Y%m%d)
 DEV=$(python -c "import torch; n = torch.cuda.get_device_name(); print('h200' if 'H200' in n else 'h100' if 'H100' in n else 'gpu')")
 STAGES=("$@")
 [ ${#STAGES[@]} -eq 0 ] && STAGES=(build tests parity step step_variants hard_negatives lm_loss attention step_attention distributed
-                                   main)
+                                   main retrieval_eval)
 
 LOG=$OUT/session.log
 run() {  # run STAGE COMMAND...: append to $LOG, keep going after a failure, report it at the end
@@ -79,6 +79,10 @@ for stage in "${STAGES[@]}"; do
         # the step of the version before the model/engine restructure against this tree, in turns, each built apart;
         # alone, it takes one call (two builds, four compiled and graphed runs). Keep the files under results/runs/.
         before_after) run before_after env OUT="$OUT" bash benchmarks/step_before_after.sh run ;;
+        # the retrieval evaluation, ours against the original algorithm, ViT-B/16 at 384 px, k 256, on 1,000 of
+        # COCO's 5,000 test images (the original algorithm at full size outlasts one 10-minute call)
+        retrieval_eval) run retrieval_eval python benchmarks/bench_eval.py --images 1000 \
+                            --json "$OUT/eval-$DEV-$DAY-retrieval.json" ;;
         data) run data python benchmarks/bench_data.py --workers 1,16 --json "$OUT/data-$DEV-$DAY.json" ;;
         report) run report python benchmarks/report.py --results "$OUT" ;;
         *) echo "unknown stage $stage"; exit 2 ;;

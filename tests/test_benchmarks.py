@@ -172,6 +172,21 @@ def test_bench_pretrain_writes_run_and_retrieval_records(tmp_path):
     assert 0 <= metrics[("zero_shot_retrieval_12img_itm3", "img_r10")] <= 100
 
 
+def test_bench_eval_times_both_algorithms_and_they_agree(tmp_path, capsys):
+    out = tmp_path / "eval-cpu-test.json"
+    code = _script("bench_eval").main(["--preset", "tiny", "--image-size", "32", "--images", "6",
+                                       "--captions-per-image", "2", "--k", "3", "--batch-size", "4", "--device", "cpu",
+                                       "--json", str(out)])
+    assert code == 0
+    data = json.loads(out.read_text())
+    assert FORMAT_KEYS <= set(data) and data["suite"] == "eval"
+    metrics = {(r["impl"], r["metric"]): r["value"] for r in data["records"]}
+    assert {r["case"] for r in data["records"]} == {"retrieval_tiny32_6img_12txt_k3"}
+    assert metrics[("original", "wall_s")] > 0 and metrics[("fast", "wall_s")] > 0
+    assert metrics[("fast", "max_abs_diff")] <= 1e-5  # fp32 on the CPU: the same scores
+    assert "fast vs original" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("suite", ["lm_loss", "hard_negatives", "varlen_attention"])
 def test_gpu_microbenchmarks_need_a_gpu_and_say_so(capsys, monkeypatch, suite):
     import torch
