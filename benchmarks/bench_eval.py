@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from blip_fast.config import preset
 from blip_fast.data.synthetic import caption, random_scene
-from blip_fast.evaluation.retrieval import retrieval_scores
+from blip_fast.evaluation.retrieval import retrieval_scores, split_features
 from blip_fast.models import BlipRetrieval
 from blip_fast.text import BlipTokenizer
 
@@ -44,15 +44,9 @@ IMPLS = ("original", "fast")
 def original_scores(model, images, input_ids, attention_mask, k, batch_size):
     """The original ``evaluation`` (``train_retrieval.py``) on our modules: the same algorithm, none of our sharing."""
     device = next(model.parameters()).device
-    embeds, image_feats, text_feats = [], [], []
-    for start in range(0, images.shape[0], batch_size):
-        chunk = model.image_embeds(images[start:start + batch_size].to(device))
-        embeds.append(chunk)
-        image_feats.append(model.image_features(chunk))
-    for start in range(0, input_ids.shape[0], batch_size):
-        ids, mask = input_ids[start:start + batch_size].to(device), attention_mask[start:start + batch_size].to(device)
-        text_feats.append(model.text_features(ids, mask))
-    image_embeds, sims = torch.cat(embeds), torch.cat(image_feats) @ torch.cat(text_feats).t()
+    # the features as the original computes them (in batches, once): only the re-ranking differs
+    image_embeds, image_feat, text_feat = split_features(model, images, input_ids, attention_mask, batch_size)
+    sims = image_feat @ text_feat.t()
     enc_ids, mask = model.with_enc(input_ids.to(device)), attention_mask.to(device)
 
     def itm(ids, atts, context):

@@ -198,12 +198,19 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) ->
                               + "\n  ".join(not_float[:20]))
     _check_tied(model, state, source)
     _check_finite({k: v for k, v in state.items() if k in expected}, source)
-    filled = dict(state)
-    for key in missing:
-        twin = re.sub(r"^(\w+)_m\.", r"\1.", key)
-        if twin != key and twin in state:
-            filled[key] = state[twin]
+    filled = with_momentum_twins(state, expected)
     model.load_state_dict({k: v for k, v in filled.items() if k in expected}, strict=False)
+
+
+def with_momentum_twins(state: dict[str, torch.Tensor], keys) -> dict[str, torch.Tensor]:
+    """``state`` with each momentum key of ``keys`` it lacks (``visual_encoder_m.*``, ...) filled from the online
+    weight it shadows, where ``state`` has that: the momentum encoders start as copies of the online ones."""
+    filled = dict(state)
+    for key in keys:
+        twin = re.sub(r"^(\w+)_m\.", r"\1.", key)
+        if key not in state and twin != key and twin in state:
+            filled[key] = state[twin]
+    return filled
 
 
 def _check_shapes(source: str, shapes: list[tuple[str, tuple[int, ...], tuple[int, ...]]]) -> None:

@@ -20,7 +20,6 @@ in one line each.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from torch import nn
 from ..config import BlipConfig
 from .init import abbreviate
 from .io import CheckpointError
-from .state import resize_position_embeddings
+from .state import resize_position_embeddings, with_momentum_twins
 
 # the sizes two models must share for one's weights to mean anything in the other
 ARCHITECTURE = {"vision": ("patch_size", "width", "depth", "num_heads", "mlp_ratio"),
@@ -105,10 +104,7 @@ def transfer_state(model: nn.Module, state: dict[str, torch.Tensor], source_task
     usable = {k: v for k, v in state.items() if k in expected and v.shape == expected[k].shape}
     # momentum twins the checkpoint lacks follow the online weights they shadow (the original would keep copies of
     # the random initialisation: a captioner's checkpoint has no momentum encoders)
-    for key in expected:
-        twin = re.sub(r"^(\w+)_m\.", r"\1.", key)
-        if key not in usable and twin != key and twin in usable:
-            usable[key] = usable[twin]
+    usable = with_momentum_twins(usable, expected)
     model.load_state_dict(usable, strict=False)
     report.loaded = len(usable)
     report.fresh = [k for k in expected if k not in usable]

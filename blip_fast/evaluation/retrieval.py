@@ -48,9 +48,10 @@ class RetrievalResult:
 
 
 @torch.no_grad()
-def retrieval_scores(model, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     itm_k: int = 0, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Score matrices ``(images, texts)`` and ``(texts, images)`` of a model with ITC features and an ITM head."""
+def split_features(model, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every image's tokens (N, 1 + patches, width) and ITC feature (N, D), and every caption's ITC feature (T, D),
+    in batches of ``batch_size``, on the model's device."""
     device = next(model.parameters()).device
     embeds, image_feats, text_feats = [], [], []
     for start in range(0, images.shape[0], batch_size):
@@ -60,7 +61,15 @@ def retrieval_scores(model, images: torch.Tensor, input_ids: torch.Tensor, atten
     for start in range(0, input_ids.shape[0], batch_size):
         ids, mask = input_ids[start:start + batch_size].to(device), attention_mask[start:start + batch_size].to(device)
         text_feats.append(model.text_features(ids, mask))
-    image_embeds, image_feat, text_feat = torch.cat(embeds), torch.cat(image_feats), torch.cat(text_feats)
+    return torch.cat(embeds), torch.cat(image_feats), torch.cat(text_feats)
+
+
+@torch.no_grad()
+def retrieval_scores(model, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     itm_k: int = 0, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score matrices ``(images, texts)`` and ``(texts, images)`` of a model with ITC features and an ITM head."""
+    device = next(model.parameters()).device
+    image_embeds, image_feat, text_feat = split_features(model, images, input_ids, attention_mask, batch_size)
     sim = (image_feat @ text_feat.t()).float()
     if itm_k <= 0:
         return sim.cpu(), sim.t().cpu()

@@ -500,20 +500,21 @@ class Trainer(abc.ABC):
 
     # ------------------------------------------------------------------ evaluation
 
-    def _evaluated(self, path: str, weights: Path | None = None):
-        """The task's evaluation of the current weights (or of ``weights``, a saved model) on ``path``, computed on
-        the main rank in fp32 whatever the training precision, as the original (bf16 similarities tie and reorder
-        candidates); None elsewhere. Every rank must call it."""
-        model, result = self.model, None
-        if weights is None and self.ctx.sharded:  # the evaluation calls the model's parts outside FSDP's hooks
+    def _plain_model(self) -> torch.nn.Module:
+        """The model as the evaluations call it: itself, or under FSDP an unsharded copy (every rank must call;
+        the evaluation calls the model's parts directly, outside FSDP's forward hooks)."""
+        if self.ctx.sharded:
             from . import fsdp
 
-            model = fsdp.unsharded_copy(self.model)
-        if self.ctx.is_main:
-            if weights is not None:
-                from ..checkpoint import load_salesforce
+            return fsdp.unsharded_copy(self.model)
+        return self.model
 
-                model = load_salesforce(weights).to(self.device)
+    def _evaluated(self, path: str, model: torch.nn.Module | None):
+        """The task's evaluation of ``model`` on ``path``, computed on the main rank in fp32 whatever the training
+        precision, as the original (bf16 similarities tie and reorder candidates); None elsewhere. Every rank must
+        call it."""
+        result = None
+        if self.ctx.is_main:
             was_training = model.training
             model.eval()
             try:
@@ -530,7 +531,8 @@ class Trainer(abc.ABC):
         if not self.config.data.val_path:
             return
         p = self.progress
-        result = self._evaluated(self.config.data.val_path)
+        model = self._plain_model()
+        result = self._evaluated(self.config.data.val_path, model)
         improved = self.ctx.is_main and result is not None and (p.best_score is None or result.score > p.best_score)
         if self.ctx.is_main and result is not None:
             runlog.event({"kind": "val", "epoch": epoch, "step": p.step, **result.metrics},
@@ -539,11 +541,6 @@ class Trainer(abc.ABC):
         if improved:
             from ..checkpoint import save_salesforce
 
-            model = self.model
-            if self.ctx.sharded:
-                from . import fsdp
-
-                model = fsdp.unsharded_copy(self.model)
             save_salesforce(model, self.out / BEST)
             p.best_score, p.best_epoch = result.score, epoch
         best = self._gather((p.best_score, p.best_epoch))[0]  # every rank keeps the same progress
@@ -556,7 +553,13 @@ class Trainer(abc.ABC):
         if not path:
             return None
         best = self.out / BEST if self.progress.best_epoch is not None else None
-        result = self._evaluated(path, best)
+        if best is None:
+            model = self._plain_model()
+        else:  # only the main rank evaluates, so only it reads the file
+            from ..checkpoint import load_salesforce
+
+            model = load_salesforce(best).to(self.device) if self.ctx.is_main else None
+        result = self._evaluated(path, model)
         if result is None:
             return None
         which = f"the best epoch's ({self.progress.best_epoch}) " if best else ""
