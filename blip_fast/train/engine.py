@@ -201,6 +201,8 @@ class Trainer(abc.ABC):
     """What the end-of-run evaluation's line starts with."""
     loss_names: tuple[str, ...] = ()
     """*Task*: the names :meth:`forward` returns, in its order."""
+    evaluates_on_every_rank = False
+    """*Task*: :meth:`evaluate_split` runs on every rank, which split the work (else on the main rank alone)."""
 
     def __init__(self, config: PretrainConfig, resume: str | bool = False, printer=print):
         self.config, self.printer = config, printer
@@ -510,11 +512,11 @@ class Trainer(abc.ABC):
         return self.model
 
     def _evaluated(self, path: str, model: torch.nn.Module | None):
-        """The task's evaluation of ``model`` on ``path``, computed on the main rank in fp32 whatever the training
-        precision, as the original (bf16 similarities tie and reorder candidates); None elsewhere. Every rank must
-        call it."""
+        """The task's evaluation of ``model`` on ``path`` in fp32 whatever the training precision, as the original
+        (bf16 similarities tie and reorder candidates): on every rank where the task splits its evaluation over them
+        (:attr:`evaluates_on_every_rank`), else on the main rank, None elsewhere. Every rank must call it."""
         result = None
-        if self.ctx.is_main:
+        if self.ctx.is_main or self.evaluates_on_every_rank:
             was_training = model.training
             model.eval()
             try:
@@ -555,10 +557,11 @@ class Trainer(abc.ABC):
         best = self.out / BEST if self.progress.best_epoch is not None else None
         if best is None:
             model = self._plain_model()
-        else:  # only the main rank evaluates, so only it reads the file
+        else:  # only the ranks that evaluate read the file
             from ..checkpoint import load_salesforce
 
-            model = load_salesforce(best).to(self.device) if self.ctx.is_main else None
+            evaluates = self.ctx.is_main or self.evaluates_on_every_rank
+            model = load_salesforce(best).to(self.device) if evaluates else None
         result = self._evaluated(path, model)
         if result is None:
             return None

@@ -6,7 +6,7 @@ LM; momentum update and enqueue inside. What pretraining adds to the engine (bli
 * alpha, the distillation weight, ramped from 0 over ``train.alpha_ramp_epochs`` as the original;
 * the captions packed without their padding (``train.pack_text``), counted on the host from the tokenizer's mask;
 * the queues checked against the global batch at start-up;
-* the zero-shot retrieval evaluation at the end, on the held-out split, in fp32;
+* the zero-shot retrieval evaluation at the end, on the held-out split, in fp32, split over the ranks;
 * with ``train.distributed: fsdp``, the momentum update on the sharded weights just before each forward, and the
   (unsharded) temperature's gradient averaged over ranks by hand (blip_fast.train.fsdp says why).
 """
@@ -40,6 +40,7 @@ class Pretrainer(Trainer):
     """What the end-of-run evaluation's line calls the model's retrieval."""
     loss_names = LOSSES
     forward = staticmethod(pretraining_losses)
+    evaluates_on_every_rank = True
 
     def build_model(self) -> BlipPretrain:
         return BlipPretrain(self.model_config)
@@ -96,7 +97,8 @@ class Pretrainer(Trainer):
         root = Path(path).parent if self.config.data.kind == "synthetic" and not self.config.data.eval_path else \
             self.config.data.image_root
         return evaluate_retrieval(model, RetrievalAnnotations(path, root), self.model_config.vision.image_size,
-                                  limit=self.config.train.eval_size or None, itm_k=self.config.train.eval_itm_k)
+                                  limit=self.config.train.eval_size or None, itm_k=self.config.train.eval_itm_k,
+                                  distributed=self.ctx.active, workers=max(1, self.config.data.num_workers))
 
 
 def pretrain(config: PretrainConfig, resume: str | bool = False, printer=print) -> RunSummary:

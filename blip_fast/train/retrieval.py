@@ -7,9 +7,11 @@ an ``image_id`` (COCO's and Flickr30k's Karpathy training files, or ``blip-fast 
 The rest is pretraining's (blip_fast.train.pretraining): the queues checked against the batch, alpha ramped in (over
 the first epoch in the shipped configs, as the original), the retrieval evaluation at the end (ITC top-k re-ranked
 by ITM, ``train.eval_itm_k``: 256 for COCO, 128 for Flickr30k) on ``data.eval_path``.
+With ``data.val_path`` the validation split is evaluated after every epoch and the best epoch's weights are kept
+(blip_fast.train.engine); under torchrun every rank evaluates its share of the images
+(blip_fast.evaluation.retrieval.retrieval_scores).
 
-Not done yet: evaluation after every epoch with the best epoch's checkpoint kept, the validation and test splits
-evaluated together, and the fused ITC kernel's image-id targets (the reference ITC runs here).
+Not done yet: the fused ITC kernel's image-id targets (the reference ITC runs here).
 """
 
 from __future__ import annotations

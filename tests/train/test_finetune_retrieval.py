@@ -95,3 +95,44 @@ def test_a_missing_validation_split_is_refused_before_training(tmp_path, capsys)
                    f"data.val_path={data / 'vall.json'}", f"train.out={tmp_path / 'out'}"])
     assert status == 2
     assert f"data.val_path {data / 'vall.json'} is not a file" in capsys.readouterr().err
+
+
+def _finetune_rank(rank, port, args):
+    import os
+
+    import torch
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    assert main(args) == 0
+
+
+def test_two_ranks_evaluate_their_shares_and_report_what_one_process_computes(tmp_path):
+    # validation and the final test both split over two gloo ranks; the single-process CLI evaluation of the kept
+    # best epoch gives the same recalls (fp32; one intra-op thread everywhere, equal to 1e-6)
+    import torch.multiprocessing as mp
+    from train_helpers import free_port
+
+    data = tmp_path / "retrieval"
+    write_task_dataset(data, "retrieval", 60, image_size=64)
+    out = tmp_path / "finetune"
+    args = ["finetune", "retrieval", "--config", "tiny-synthetic", "data.kind=json", "data.batch_size=8",
+            "data.num_workers=0", "model.queue_size=64", f"data.paths=[{data / 'train.json'}]",
+            f"data.image_root={data}", f"data.val_path={data / 'val.json'}", f"data.eval_path={data / 'test.json'}",
+            "train.epochs=2", "optim.warmup_steps=0", f"train.out={out}", "train.tensorboard=false",
+            "train.eval_itm_k=3", "train.checkpoint_every=0", "train.device=cpu"]
+    mp.spawn(_finetune_rank, args=(free_port(), args), nprocs=2, join=True)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    best_epoch = next(r for r in records if r.get("kind") == "eval")["best_epoch"]
+    validation = next(r for r in records if r.get("kind") == "val" and r["epoch"] == best_epoch)
+    evaluation = json.loads((out / "summary.json").read_text())["evaluation"]
+    assert evaluation["ranks"] == 2
+    final = evaluation["metrics"]
+    for split, expected in (("val", validation), ("test", final)):
+        metrics_file = tmp_path / f"{split}.json"
+        assert main(["eval", "retrieval", "--checkpoint", str(out / "best.pth"), "--annotations",
+                     str(data / f"{split}.json"), "--image-root", str(data), "--k", "3", "--json",
+                     str(metrics_file)]) == 0
+        for name, value in json.loads(metrics_file.read_text()).items():
+            assert expected[name] == pytest.approx(value, abs=1e-6), (split, name)
