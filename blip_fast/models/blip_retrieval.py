@@ -21,6 +21,7 @@ from .. import ops
 from ..config import BlipConfig
 from .blip_matching import ImageTextMatchingModel, first_states
 from .blip_pretrain import concat_all_gather
+from .fast_passes import BlockContext
 
 
 class BlipRetrieval(ImageTextMatchingModel):
@@ -77,7 +78,7 @@ class BlipRetrieval(ImageTextMatchingModel):
 
     def itm_loss(self, image_embeds, image_feat, text_feat, input_ids, attention_mask, image_ids, all_image_ids,
                  generator) -> torch.Tensor:
-        """ITM over B positives, B (text, hard-negative image) and B (hard-negative text, image) rows."""
+        """ITM over B positives, B (hard-negative text, image) and B (text, hard-negative image) rows."""
         batch = image_embeds.shape[0]
         enc_ids = self.with_enc(input_ids)
         world = self.config.negative_all_rank and dist.is_available() and dist.is_initialized()
@@ -96,11 +97,19 @@ class BlipRetrieval(ImageTextMatchingModel):
             enc_ids_all, mask_all = concat_all_gather(enc_ids), concat_all_gather(attention_mask)
         else:
             image_embeds_all, enc_ids_all, mask_all = image_embeds, enc_ids, attention_mask
-        ids = torch.cat([enc_ids, enc_ids, enc_ids_all[negative_text]])
-        mask = torch.cat([attention_mask, attention_mask, mask_all[negative_text]])
-        context = torch.cat([image_embeds, image_embeds_all[negative_image], image_embeds])
-        logits = self.itm_logits(context, ids, mask)
-        return ops.itm_loss(logits, batch)
+        # rows: B positives, B (negative text, image i), B (text i, negative image). The first 2B attend to each
+        # image's own keys/values stacked two to an image (BlockContext), the last B to the negative images': B + B
+        # rows of keys/values projected instead of 3B
+        ids = torch.cat([enc_ids, enc_ids_all[negative_text], enc_ids])
+        mask = torch.cat([attention_mask, mask_all[negative_text], attention_mask])
+        image_kv = self.image_keys_values(image_embeds)
+        if world:  # the negatives may be another rank's images: their tokens were gathered, project them
+            negative_kv = self.image_keys_values(image_embeds_all[negative_image])
+            contexts = [BlockContext(((k, v, 2, None), (nk, nv, 1, None)))
+                        for (k, v), (nk, nv) in zip(image_kv, negative_kv, strict=True)]
+        else:
+            contexts = [BlockContext(((k, v, 2, None), (k, v, 1, negative_image))) for k, v in image_kv]
+        return ops.itm_loss(self.itm_logits_from_keys_values(contexts, ids, mask), batch)
 
 
 def sample_negatives(sim: torch.Tensor, excluded: torch.Tensor, offset: int,
