@@ -78,6 +78,7 @@ from blip_fast.train.distributed import DistributedContext
 from blip_fast.train.optim import build_optimizer
 from blip_fast.train.pretraining import PACKED_TOKENS_MULTIPLE, PACKED_TOKENS_MULTIPLE_GRAPHED
 from blip_fast.train.speed import apply_speed, build_step
+from blip_fast.train.step import pretraining_losses
 
 from results_file import command_line, write_results
 
@@ -101,12 +102,13 @@ def original_blip():
 
 
 def make_batch(batch: int, image_size: int, device: torch.device, padding: str, seed: int = 0,
-               pack_multiple: int | None = None):
-    """Images, the captions as strings (``texts``, what the original tokenizes itself) and tokenized; with
-    ``pack_multiple``, also the captions' packing (token count rounded up to it), as the trainer makes it."""
+               pack_multiple: int | None = None, max_length: int = PRETRAIN_TEXT_LENGTH):
+    """Images, the captions as strings (``texts``, what the original tokenizes itself) and tokenized (at most
+    ``max_length`` tokens); with ``pack_multiple``, also the captions' packing (token count rounded up to it), as the
+    trainer makes it."""
     rng = random.Random(seed)
     texts = [caption(random_scene(rng)) for _ in range(batch)]
-    tokens = BlipTokenizer()(texts, max_length=PRETRAIN_TEXT_LENGTH, padding=padding)
+    tokens = BlipTokenizer()(texts, max_length=max_length, padding=padding)
     images = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(seed))
     packing = None if pack_multiple is None else PackedText.from_mask(tokens.attention_mask, pack_multiple).to(device)
     return SimpleNamespace(images=images.to(device), texts=texts, input_ids=tokens.input_ids.to(device),
@@ -144,13 +146,20 @@ def build(impl: str, config, device: torch.device, compile_blocks: bool = False)
         optimizer = torch.optim.AdamW(params=model.parameters(), lr=ORIGINAL_LR, weight_decay=ORIGINAL_WEIGHT_DECAY)
         return model, lambda batch: original_step(model, optimizer, batch, 0.4)
     model = BlipPretrain(config).to(device).train()
-    train = speed_settings(impl, device, compile_blocks)
-    parallel = apply_speed(model, train, DistributedContext(device=device))  # one process
     optim = OptimConfig(fused="loop" if impl == "reference" else "auto")
+    return model, speed_applied_step(model, speed_settings(impl, device, compile_blocks), optim, device)
+
+
+def speed_applied_step(model, train: TrainConfig, optim: OptimConfig, device: torch.device,
+                       forward=pretraining_losses, alpha: float = 0.4):
+    """``run_step(batch)``: one training step of the plain task ``model`` (on ``device``, in training mode) with the
+    speed of ``train`` and the optimizer of ``optim``, assembled by the trainer's own functions; ``forward`` is the
+    task's (``Trainer.forward``: pretraining's by default, ``RetrievalTrainer.forward`` for retrieval)."""
+    parallel = apply_speed(model, train, DistributedContext(device=device))  # one process
     optimizer = build_optimizer(model, optim, device, capturable=train.cuda_graph)
     generator = torch.Generator(device=device).manual_seed(0)
-    step = build_step(model, parallel, optimizer, generator, train, optim)  # graphed: a shape's first step is eager
-    return model, lambda batch: step([batch], 0.4)
+    step = build_step(model, parallel, optimizer, generator, train, optim, forward)  # graphed: a shape's 1st step eager
+    return lambda batch: step([batch], alpha)
 
 
 def original_step(model, optimizer, batch, alpha: float) -> None:
@@ -251,24 +260,32 @@ def profile_steps(impl: str, run_step, batch, device, steps: int) -> str:
     return "\n".join(lines)
 
 
-def time_steps(impl: str, config, device, batch, steps: int, warmup: int, compile_blocks: bool,
-               profile_steps_count: int = 0) -> dict:
-    model, run_step = build(impl, config, device, compile_blocks)
+def measure_steps(run_step, batch, device, steps: int, warmup: int) -> dict:
+    """``warmup`` untimed steps, then ``steps`` steps each bracketed by a synchronisation: the median step
+    (``step_s``, ``samples_per_s``) and, on CUDA, the peak memory allocated since the call (``peak_gib``: the model
+    and its optimizer state included)."""
     if device.type == "cuda":
         gc.collect()  # an earlier impl's model, held by a reference cycle, would count in this one's peak
         torch.cuda.reset_peak_memory_stats(device)
     times = []
-    with impl_scope(impl):
-        for index in range(warmup + steps):
-            _sync(device)
-            start = time.perf_counter()
-            run_step(batch)
-            _sync(device)
-            if index >= warmup:
-                times.append(time.perf_counter() - start)
+    for index in range(warmup + steps):
+        _sync(device)
+        start = time.perf_counter()
+        run_step(batch)
+        _sync(device)
+        if index >= warmup:
+            times.append(time.perf_counter() - start)
     result = {"step_s": statistics.median(times), "samples_per_s": batch.images.shape[0] / statistics.median(times)}
     if device.type == "cuda":
         result["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return result
+
+
+def time_steps(impl: str, config, device, batch, steps: int, warmup: int, compile_blocks: bool,
+               profile_steps_count: int = 0) -> dict:
+    model, run_step = build(impl, config, device, compile_blocks)
+    with impl_scope(impl):
+        result = measure_steps(run_step, batch, device, steps, warmup)
     if profile_steps_count:
         with impl_scope(impl):
             result["profile"] = profile_steps(impl, run_step, batch, device, profile_steps_count)

@@ -4,13 +4,13 @@
 #   bash benchmarks/gpu_session.sh [STAGE ...]          (from the repository root)
 #
 # stages: build tests parity step step_variants hard_negatives lm_loss attention step_attention distributed main
-# retrieval_eval data before_after report (default: all but data, before_after and report; data needs DALI carried in
-# first with benchmarks/dali_carry.sh, before_after the earlier version's sources carried in .before/, prepared here
-# with `bash benchmarks/step_before_after.sh prepare`, and report runs anywhere on the results files). The machine is
-# offline, so `build` installs without dependencies: it has all of them but ruff (docs/gpu-machine.md). Results files
-# go to $OUT (default benchmarks/results), named as docs/results-format.md says; copy the ones to keep into
-# benchmarks/results/ and commit them. Every stage's output is appended to $OUT/session.log and the step profiles are
-# archived in one file: a remote run brings back at most 8 files from $OUT.
+# retrieval_eval finetune_step data before_after report (default: all but data, before_after and report; data needs
+# DALI carried in first with benchmarks/dali_carry.sh, before_after the earlier version's sources carried in .before/,
+# prepared here with `bash benchmarks/step_before_after.sh prepare`, and report runs anywhere on the results files).
+# The machine is offline, so `build` installs without dependencies: it has all of them but ruff (docs/gpu-machine.md).
+# Results files go to $OUT (default benchmarks/results), named as docs/results-format.md says; copy the ones to keep
+# into benchmarks/results/ and commit them. Every stage's output is appended to $OUT/session.log and the step profiles
+# are archived in one file: a remote run brings back at most 8 files from $OUT.
 set -euo pipefail
 # DALI, when benchmarks/dali_carry.sh installed it on this machine
 [ -d /tmp/site/nvidia/dali ] && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
@@ -20,7 +20,7 @@ DAY=$(date +%Y%m%d)
 DEV=$(python -c "import torch; n = torch.cuda.get_device_name(); print('h200' if 'H200' in n else 'h100' if 'H100' in n else 'gpu')")
 STAGES=("$@")
 [ ${#STAGES[@]} -eq 0 ] && STAGES=(build tests parity step step_variants hard_negatives lm_loss attention step_attention distributed
-                                   main retrieval_eval)
+                                   main retrieval_eval finetune_step)
 
 LOG=$OUT/session.log
 run() {  # run STAGE COMMAND...: append to $LOG, keep going after a failure, report it at the end
@@ -83,6 +83,13 @@ for stage in "${STAGES[@]}"; do
         # COCO's 5,000 test images (the original algorithm at full size outlasts one 10-minute call)
         retrieval_eval) run retrieval_eval python benchmarks/bench_eval.py --images 1000 \
                             --json "$OUT/eval-$DEV-$DAY-retrieval.json" ;;
+        # the retrieval fine-tuning step, ViT-B/16 at 384 px, batch 32, queue 57,600: the original BLIP (when blip-ci is
+        # installed, as in `step`) and ours from the same weights in one run; 5 timed steps after 2 untimed ones (the
+        # compile) keep the stage short
+        finetune_step) ORIGINAL=$(python -c "import importlib.metadata as m; m.version('blip-ci')" 2>/dev/null \
+                                  && echo "--impl original" || true)
+                       run finetune_step python benchmarks/bench_finetune.py $ORIGINAL --impl fast --steps 5 \
+                           --warmup 2 --json "$OUT/finetune-$DEV-$DAY.json" ;;
         data) run data python benchmarks/bench_data.py --workers 1,16 --json "$OUT/data-$DEV-$DAY.json" ;;
         report) run report python benchmarks/report.py --results "$OUT" ;;
         *) echo "unknown stage $stage"; exit 2 ;;
