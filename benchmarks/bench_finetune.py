@@ -25,9 +25,10 @@ original) and train on the same batch:
               the trainer's own functions (``bench_step.speed_applied_step``, i.e. blip_fast.train.speed), the task's
               forward (``RetrievalTrainer.forward``), the captions padded to the longest of the batch as the trainer's
               batches are. The config says bf16 autocast, every transformer block compiled, ViT activation
-              checkpointing, torch's fused AdamW, op backends ``auto``, and no CUDA graph: ``train.cuda_graph`` is off
-              there, and the graphed step (blip_fast.train.cuda_graph) does not copy a batch's image ids into its
-              inputs yet.
+              checkpointing, torch's fused AdamW, op backends ``auto``, and no CUDA graph (``train.cuda_graph`` is
+              off there);
+``fast_graph`` the same with ``train.cuda_graph=true``: the whole step replayed as a CUDA graph, the batch's image
+              ids copied in with its other tensors (blip_fast.train.cuda_graph). CUDA only; a default impl there.
 
 One process: ``negative_all_rank`` (on in both configs) is turned off for both, since the original's branch for it
 needs a process group and, on one rank, draws from the same candidates as the other branch.
@@ -63,7 +64,7 @@ from blip_fast.train.retrieval import RetrievalTrainer
 from bench_step import make_batch, measure_steps, original_blip, speed_applied_step
 from results_file import command_line, device_name, write_results
 
-IMPLS = ("original", "fast")
+IMPLS = ("original", "fast", "fast_graph")
 PRESETS = ("tiny", "small", "base", "large")
 CONFIG = "retrieval_coco"  # the shipped config whose train and optim sections the fast impl applies
 
@@ -136,7 +137,9 @@ def build(impl: str, config, ours: BlipRetrieval, weights: dict | None, train, o
         optimizer = torch.optim.AdamW(params=model.parameters(), lr=original["init_lr"],
                                       weight_decay=original["weight_decay"])
         return model, lambda batch: original_step(model, optimizer, batch, original["alpha"])
-    model = ours.to(device)
+    model = ours.to(device) if impl == "fast" else our_model(config).to(device)  # fast_graph: a fresh copy
+    if impl == "fast_graph":
+        train = dataclasses.replace(train, cuda_graph=True)
     return model, speed_applied_step(model, train, optim, device, forward=RetrievalTrainer.forward, alpha=config.alpha)
 
 
@@ -150,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile happens here)")
     parser.add_argument("--impl", action="append", choices=IMPLS,
-                        help="only these impls, in this order (default: original and fast); original needs blip-ci")
+                        help="only these impls, in this order (default: all three on CUDA, original and fast "
+                             "elsewhere); original needs blip-ci, fast_graph CUDA")
     parser.add_argument("--no-compile", action="store_true", help="fast path without torch.compile")
     parser.add_argument("--no-checkpointing", action="store_true",
                         help="both impls without ViT activation checkpointing (both configs turn it on)")
@@ -158,16 +162,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="where to train (default: cuda if there is one)")
     parser.add_argument("--json", help="write the results file here (format: docs/results-format.md)")
     args = parser.parse_args(argv)
-    impls = list(dict.fromkeys(args.impl or IMPLS))
+    on_cuda = torch.device(args.device).type == "cuda"
+    impls = list(dict.fromkeys(args.impl or (IMPLS if on_cuda else IMPLS[:2])))
+    if "fast_graph" in impls and not on_cuda:
+        parser.error("--impl fast_graph: CUDA graphs need a CUDA device")
     config, train, optim, config_batch = model_config(args.preset, args.image_size)
     batch_size = args.batch_size or config_batch
     if batch_size < 2 or args.steps < 1 or args.warmup < 0:
         parser.error("--batch-size must be >= 2, --steps >= 1, --warmup >= 0")
     train = dataclasses.replace(train, compile=train.compile and not args.no_compile,
                                 activation_checkpointing=train.activation_checkpointing and not args.no_checkpointing)
-    if "fast" in impls and train.compile and args.warmup < 1:
+    if {"fast", "fast_graph"} & set(impls) and train.compile and args.warmup < 1:
         parser.error(f"--warmup {args.warmup}: the fast impl compiles its blocks in its first step, which must not be "
                      "timed (--warmup 1 or more, or --no-compile)")
+    if "fast_graph" in impls and args.warmup < 2:  # a shape's first step runs eagerly, its second is captured
+        parser.error(f"--warmup {args.warmup}: fast_graph replays its graph from its third step (--warmup 2 or more)")
     original = None
     if "original" in impls:
         if not original_blip().is_available():
@@ -207,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
                 backends[impl] = {name: op.select(device) for name, op in ops.OPS.items()}
             settings[impl] = {"config": CONFIG, "text_padding": "longest",
                               **{key: getattr(train, key) for key in
-                                 ("precision", "compile", "cuda_graph", "activation_checkpointing", "impl")},
+                                 ("precision", "compile", "activation_checkpointing", "impl")},
+                              "cuda_graph": impl == "fast_graph",
                               "optim_fused": optim.fused, "init_lr": optim.init_lr, "weight_decay": optim.weight_decay}
         model, run_step = build(impl, config, ours, weights, train, optim, original, device)
         with scope:
@@ -226,8 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         peak = f"{timing['peak_gib']:.1f}" if "peak_gib" in timing else "-"
         print(f"{impl:<10} {timing['samples_per_s']:>10.1f} {timing['step_s'] * 1e3:>9.1f} {peak:>9}")
     speed = {impl: timing["samples_per_s"] for impl, timing in rows}
-    if len(speed) == 2:
-        print(f"speed-up fast / original: {speed['fast'] / speed['original']:.2f}x")
+    for impl in ("fast", "fast_graph"):
+        if impl in speed and "original" in speed:
+            print(f"speed-up {impl} / original: {speed[impl] / speed['original']:.2f}x")
     if args.json:
         write_results(args.json, "finetune", name, command_line("finetune", argv), records, settings=settings,
                       ops=backends, text_tokens=text_tokens, threads=torch.get_num_threads())

@@ -84,12 +84,12 @@ for stage in "${STAGES[@]}"; do
         retrieval_eval) run retrieval_eval python benchmarks/bench_eval.py --images 1000 \
                             --json "$OUT/eval-$DEV-$DAY-retrieval.json" ;;
         # the retrieval fine-tuning step, ViT-B/16 at 384 px, batch 32, queue 57,600: the original BLIP (when blip-ci is
-        # installed, as in `step`) and ours from the same weights in one run; 5 timed steps after 2 untimed ones (the
-        # compile) keep the stage short
+        # installed, as in `step`) and ours, eager and graphed, from the same weights in one run; 5 timed steps after 2
+        # untimed ones (the compile, then the graph's capture) keep the stage short
         finetune_step) ORIGINAL=$(python -c "import importlib.metadata as m; m.version('blip-ci')" 2>/dev/null \
                                   && echo "--impl original" || true)
-                       run finetune_step python benchmarks/bench_finetune.py $ORIGINAL --impl fast --steps 5 \
-                           --warmup 2 --json "$OUT/finetune-$DEV-$DAY.json" ;;
+                       run finetune_step python benchmarks/bench_finetune.py $ORIGINAL --impl fast --impl fast_graph \
+                           --steps 5 --warmup 2 --json "$OUT/finetune-$DEV-$DAY.json" ;;
         data) run data python benchmarks/bench_data.py --workers 1,16 --json "$OUT/data-$DEV-$DAY.json" ;;
         report) run report python benchmarks/report.py --results "$OUT" ;;
         *) echo "unknown stage $stage"; exit 2 ;;

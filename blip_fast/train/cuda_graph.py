@@ -9,9 +9,10 @@ What capture needs, and how this module gets it:
 
 - the step reads nothing back to the host (``optimizer_step`` never does; tests/train/test_gpu_step.py
   runs it under ``torch.cuda.set_sync_debug_mode("error")``);
-- everything that changes from step to step lives in device memory: each batch is copied into the
-  graph's input buffers, alpha is a 0-d device tensor, and the learning rates are device tensors of a
-  ``capturable`` AdamW (``build_optimizer(..., capturable=True)``; ``set_learning_rate`` fills them in place);
+- everything that changes from step to step lives in device memory: each batch's tensors (the task's too:
+  retrieval's image ids) are copied into the graph's input buffers, alpha is a 0-d device tensor, and the
+  learning rates are device tensors of a ``capturable`` AdamW (``build_optimizer(..., capturable=True)``;
+  ``set_learning_rate`` fills them in place);
 - random numbers: dropout draws from torch's default CUDA generator, which every graph registers itself;
   the hard-negative sampler's generator is registered with each graph, so each replay draws new numbers;
 - one process and one micro-batch per step (collectives and gradient accumulation stay eager);
@@ -63,8 +64,16 @@ class CudaGraphStep:
 
     @staticmethod
     def key(batch) -> tuple:
-        tokens = None if batch.packing is None else batch.packing.tokens
-        return tuple(batch.images.shape), batch.images.dtype, tuple(batch.input_ids.shape), tokens
+        """What one graph is fixed to: each tensor field's shape and dtype (a task's fields too: retrieval's image
+        ids), the packed token count, and the value of every other field but the sample keys."""
+        packing = getattr(batch, "packing", None)
+        fields = []
+        for name, value in sorted(vars(batch).items()):
+            if isinstance(value, torch.Tensor):
+                fields.append((name, tuple(value.shape), value.dtype))
+            elif name not in ("keys", "packing"):
+                fields.append((name, repr(value)))
+        return tuple(fields), None if packing is None else packing.tokens
 
     def _step(self, batch) -> torch.Tensor:
         return optimizer_step(self.model, self.optimizer, [batch], self.alpha, self.generator, self.precision,
@@ -80,10 +89,13 @@ class CudaGraphStep:
         current.wait_stream(self.stream)
 
     def _capture(self, batch, key: tuple) -> SimpleNamespace:
-        packing = batch.packing
-        static = SimpleNamespace(images=batch.images.clone(), input_ids=batch.input_ids.clone(),
-                                 attention_mask=batch.attention_mask.clone(),
-                                 packing=None if packing is None else type(packing)(*(t.clone() for t in packing)))
+        # the graph reads its own copy of every tensor field; replays copy each batch in (:meth:`__call__`)
+        fields = {name: value.clone() if isinstance(value, torch.Tensor) else value
+                  for name, value in vars(batch).items() if name != "keys"}
+        packing = fields.get("packing")
+        if packing is not None:
+            fields["packing"] = type(packing)(*(t.clone() for t in packing))
+        static = SimpleNamespace(**fields)
         graph = torch.cuda.CUDAGraph()
         if self.generator is not None:
             graph.register_generator_state(self.generator)
@@ -98,8 +110,8 @@ class CudaGraphStep:
         return captured
 
     def __call__(self, batch, alpha: float) -> torch.Tensor:
-        """Train on ``batch`` (images, input_ids, attention_mask and packing or None, on the model's device);
-        returns the (3,) losses."""
+        """Train on ``batch`` (images, input_ids, attention_mask, packing or None, and the task's tensors such as
+        img_ids, on the model's device); returns the losses."""
         self.alpha.fill_(alpha)
         key = self.key(batch)
         captured = self.graphs.get(key)
@@ -110,10 +122,10 @@ class CudaGraphStep:
                     losses = self._step(batch)
                 return losses
             captured = self._capture(batch, key)
-        captured.inputs.images.copy_(batch.images)
-        captured.inputs.input_ids.copy_(batch.input_ids)
-        captured.inputs.attention_mask.copy_(batch.attention_mask)
-        if captured.inputs.packing is not None:
+        for name, value in vars(batch).items():
+            if isinstance(value, torch.Tensor):
+                getattr(captured.inputs, name).copy_(value)
+        if getattr(captured.inputs, "packing", None) is not None:
             for static, new in zip(captured.inputs.packing, batch.packing, strict=True):
                 static.copy_(new)
         captured.graph.replay()

@@ -125,3 +125,58 @@ def test_pretraining_with_graphs_equals_eager_and_resumes(synthetic_dir, tmp_pat
         for other in ("graphed", "halves"):
             torch.testing.assert_close(final[other][name], tensor, rtol=1e-5, atol=1e-6,
                                        msg=labelled(f"{other}: {name}"))
+
+
+def test_a_graph_is_fixed_to_every_tensor_field_of_the_batch_but_not_its_values():
+    from types import SimpleNamespace
+
+    def batch(ids, captions=9, **extra):
+        return SimpleNamespace(images=torch.zeros(4, 3, 8, 8), input_ids=torch.zeros(4, captions, dtype=torch.long),
+                               attention_mask=torch.ones(4, captions, dtype=torch.long), packing=None,
+                               keys=[str(i) for i in ids], img_ids=torch.tensor(ids), **extra)
+
+    key = CudaGraphStep.key
+    assert key(batch([0, 1, 2, 3])) == key(batch([5, 5, 6, 7]))   # new ids and sample keys: a replay
+    assert key(batch([0, 1, 2, 3])) != key(batch([0, 1, 2, 3], captions=10))
+    assert key(batch([0, 1, 2, 3])) != key(batch([0, 1, 2]))       # another batch size of ids
+    with_ids = batch([0, 1, 2, 3])
+    without = batch([0, 1, 2, 3])
+    without.img_ids = None
+    assert key(with_ids) != key(without)
+
+
+@pytest.mark.gpu
+def test_retrieval_graph_replay_copies_the_image_ids_and_equals_eager():
+    """Retrieval fine-tuning's step (image ids decide ITC's positives and ITM's excluded negatives) replayed over
+    batches whose ids differ: losses and weights equal eager steps (fp32, 1e-5 relative, 1e-6 absolute)."""
+    from types import SimpleNamespace
+
+    from blip_fast.models.blip_retrieval import BlipRetrieval
+    from blip_fast.train.retrieval import RetrievalTrainer
+
+    device = torch.device("cuda")
+    config = tiny_config()
+    config.queue_size = 64
+    torch.manual_seed(0)
+    eager_model = BlipRetrieval(config).to(device).train()
+    graph_model = copy.deepcopy(eager_model)
+    optim = OptimConfig()
+    eager_opt = build_optimizer(eager_model, optim, device, capturable=True)
+    graph_opt = build_optimizer(graph_model, optim, device, capturable=True)
+    eager_gen = torch.Generator(device=device).manual_seed(1)
+    graph_step = CudaGraphStep(graph_model, graph_opt, torch.Generator(device=device).manual_seed(1), "fp32",
+                               forward=RetrievalTrainer.forward)
+    batches = []
+    for seed, ids in enumerate(([0, 0, 1, 1, 2, 2, 3, 3], [4, 5, 6, 7, 8, 9, 10, 11], [1, 1, 1, 1, 2, 2, 2, 2])):
+        step = synthetic_step_batch(8, seed, device, 12)
+        batches.append(SimpleNamespace(**vars(step), img_ids=torch.tensor(ids, device=device)))
+    for index, which in enumerate([0, 0, 1, 2, 0, 1]):
+        set_learning_rate(eager_opt, 1e-4)
+        eager = optimizer_step(eager_model, eager_opt, [batches[which]], 0.4, eager_gen, "fp32", 0.0,
+                               autocast_cache=False, forward=RetrievalTrainer.forward)
+        set_learning_rate(graph_opt, 1e-4)
+        graphed = graph_step(batches[which], 0.4)
+        torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-6, msg=labelled(f"losses of step {index}"))
+    assert len(graph_step.graphs) == 1
+    for (name, a), (_, b) in zip(eager_model.state_dict().items(), graph_model.state_dict().items(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=labelled(name))
