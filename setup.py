@@ -101,13 +101,16 @@ setup(
     extras_require={
         # numpy < 2.4: Triton 3.6's interpreter, which runs the kernels in CI, takes a loop bound read from memory
         # (the packed attention's sequence lengths) as a 1-element array, and NumPy 2.4 no longer converts those
-        "test": ["pytest>=8", "transformers==5.17.0", "ruff", "matplotlib", "numpy<2.4", "pycocoevalcap==1.2"],
+        "test": ["pytest>=8", "transformers==5.17.0", "ruff", "matplotlib", "numpy<2.4", "pycocoevalcap==1.2",
+                 "av==18.1.0"],
         # COCO caption metrics (blip_fast.evaluation.caption_metrics); PTBTokenizer, METEOR and SPICE also need Java
         "eval": ["pycocoevalcap==1.2"],
         "bench": ["matplotlib"],  # plots of `python benchmarks/report.py`
         "triton": ["triton==3.6.0"],
         # DALI's CUDA 13 wheel also runs CPU-only pipelines (device_id=None): CI tests those
         "dali": ["nvidia-dali-cuda130==2.4.0"],
+        # video retrieval (blip_fast.data.video): PyAV decodes the videos, and counts their frames for DALI too
+        "video": ["av==18.1.0"],
     },
     entry_points={"console_scripts": ["blip-fast = blip_fast.cli:main"]},
     ext_modules=ext_modules,

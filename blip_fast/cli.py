@@ -213,6 +213,17 @@ def _report(result, json_path: str | None) -> int:
     return 0
 
 
+def cmd_eval_video(args) -> int:
+    from .data.video import VideoAnnotations
+    from .evaluation.video_retrieval import evaluate_video_retrieval
+
+    model = _evaluated_model(args, ("retrieval", "pretrain"))
+    result = evaluate_video_retrieval(model, VideoAnnotations(args.annotations, args.video_root),
+                                      model.config.vision.image_size, frames=args.frames, itm_k=args.k,
+                                      batch_size=args.batch_size, limit=args.limit, decoder=args.decoder)
+    return _report(result, args.json)
+
+
 def cmd_eval_caption(args) -> int:
     from .data.annotations import RetrievalAnnotations
     from .evaluation.captioning import evaluate_captioning
@@ -221,6 +232,27 @@ def cmd_eval_caption(args) -> int:
     result = evaluate_captioning(model, RetrievalAnnotations(args.annotations, args.image_root),
                                  model.config.vision.image_size, limit=args.limit, batch_size=args.batch_size,
                                  java=not args.no_java)
+    return _report(result, args.json)
+
+
+def cmd_eval_nocaps(args) -> int:
+    from .evaluation.nocaps import evaluate_nocaps, read_nocaps_images, read_nocaps_references
+
+    if not args.out and not args.references:
+        raise ValueError("nothing to do: give --out (the submission file for the NoCaps server), --references "
+                         "(nocaps_val_4500_captions.json, scores per domain here), or both")
+    if args.json and not args.references:
+        raise ValueError("--json writes the metrics, which need --references (nocaps_val_4500_captions.json)")
+    for path in (args.out, args.json):
+        if path and Path(path).is_dir():  # found now rather than after captioning every image
+            raise ValueError(f"cannot write {path}: it is a directory")
+    images = read_nocaps_images(args.annotations, args.image_root, args.limit)
+    references = read_nocaps_references(args.references) if args.references else None
+    model = _evaluated_model(args, ("caption",))
+    result = evaluate_nocaps(model, images, model.config.vision.image_size, references, batch_size=args.batch_size,
+                             java=not args.no_java, submission=args.out)
+    if args.out:
+        print(f"wrote {len(result.captions)} captions to {args.out}")
     return _report(result, args.json)
 
 
@@ -305,6 +337,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the metrics to this JSON file")
     p.set_defaults(run=cmd_eval_retrieval)
 
+    # defaults: the original's configs/retrieval_msrvtt.yaml (kept as blip_fast/configs/retrieval_msrvtt.yaml)
+    p = eval_sub.add_parser("video", help="zero-shot video-text retrieval (MSRVTT): frames through the ViT, ITC top-k "
+                            "re-ranked by ITM, recall@1/5/10 and median rank",
+                            description="Zero-shot text-video retrieval as the original's eval_retrieval_video.py: "
+                            "8 frames a video, the video's ITC feature the mean of its frames', ITM over all its "
+                            "frames' tokens; the top k of each video and caption re-ranked by ITM logit + ITC "
+                            "similarity.")
+    checkpoint_options(p)
+    p.add_argument("--annotations", required=True,
+                   help="JSON lines {\"clip_name\": name, \"caption\": str}, one video each (msrvtt_test.jsonl)")
+    p.add_argument("--video-root", required=True, help="folder of the videos: CLIP_NAME.mp4 for each entry")
+    p.add_argument("--frames", type=int, default=8, help="frames sampled per video (num_frm_test, 8)")
+    p.add_argument("--k", type=int, default=128, help="candidates re-ranked by ITM (k_test, 128; 0: ITC only)")
+    p.add_argument("--decoder", choices=("auto", "dali", "cpu"), default="auto",
+                   help="video decoding: dali (NVDEC on a GPU; VP8/VP9/MJPEG only on a CPU), cpu (PyAV), auto "
+                        "(dali for a model on a GPU when DALI is installed, else cpu)")
+    p.add_argument("--limit", type=int, help="only the first N videos (and their captions)")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="videos per ViT forward (times --frames frames), captions or ITM pairs per forward (64)")
+    p.add_argument("--json", help="also write the metrics to this JSON file")
+    p.set_defaults(run=cmd_eval_video)
+
     def split_options(p, what: str):
         checkpoint_options(p)
         p.add_argument("--image-root", help="folder the image paths are relative to")
@@ -320,6 +374,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokenize in Python and skip METEOR and SPICE (no Java needed; not the official numbers)")
     split_options(p, "images")
     p.set_defaults(run=cmd_eval_caption)
+
+    p = eval_sub.add_parser("nocaps", help="NoCaps: captions as the original eval_nocaps.py (3 beams, 5-20 tokens, "
+                            "repetition penalty 1.1) for the EvalAI server; with --references, COCO caption metrics "
+                            "per domain",
+                            description="Caption a NoCaps split for submission to the NoCaps server on EvalAI "
+                            "([{\"image_id\", \"caption\"}]) and, given the public validation references, score the "
+                            "captions per domain (in-domain, near-domain, out-domain, entire) with the COCO caption "
+                            "metrics.")
+    p.add_argument("--annotations", required=True,
+                   help="the split: [{\"image\": path, \"img_id\": int}] (nocaps_val.json, nocaps_test.json)")
+    p.add_argument("--references", help="the validation references in COCO caption format, with each image's "
+                   "domain (nocaps_val_4500_captions.json): score the captions here")
+    p.add_argument("--out", help="write the captions here as the server's submission file "
+                   "[{\"image_id\": int, \"caption\": str}]")
+    p.add_argument("--no-java", action="store_true",
+                   help="tokenize in Python and skip METEOR and SPICE (no Java needed; not the official numbers)")
+    split_options(p, "images")
+    p.set_defaults(run=cmd_eval_nocaps)
 
     p = eval_sub.add_parser("vqa", help="VQA: answers by ranking the answer list (or generation), VQA accuracy "
                             "where the questions carry their answers, the official result file")
@@ -385,12 +457,13 @@ def build_parser() -> argparse.ArgumentParser:
     data_sub = p.add_subparsers(dest="data_command", required=True)
     p = data_sub.add_parser("synth", help="write synthetic scenes as webdataset shards and BLIP JSON lists")
     p.add_argument("--out", required=True, help="output directory (created; must be empty unless --overwrite)")
-    p.add_argument("--task", choices=("retrieval", "vqa", "nlvr"),
+    p.add_argument("--task", choices=("retrieval", "vqa", "nlvr", "video"),
                    help="a downstream set in the original BLIP's annotation format instead of the pretraining set: "
-                        "retrieval (Karpathy COCO, 5 captions per image), vqa (VQA v2), nlvr (NLVR2 pairs)")
+                        "retrieval (Karpathy COCO, 5 captions per image), vqa (VQA v2), nlvr (NLVR2 pairs), video "
+                        "(MSRVTT test videos and msrvtt_test.jsonl)")
     p.add_argument("--n", type=int, required=True,
                    help="number of samples (90%% train, 5%% val, 5%% test); with --task: images (nlvr: pairs), "
-                        "80/10/10%% (vqa: 90%% train, 10%% test)")
+                        "80/10/10%% (vqa: 90%% train, 10%% test; video: videos, all test)")
     # None: not given (the pretraining set's default), so that --task can refuse an option it has no use for
     p.add_argument("--noise", type=float,
                    help="fraction of training captions replaced by another scene's, recorded in noise.json (0)")

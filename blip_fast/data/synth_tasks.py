@@ -38,7 +38,16 @@ nlvr (NLVR2 as ``nlvr_dataset`` reads it; ``n`` pairs, 80/10/10%, the original's
   "left" and "right" of the two images only, never of a place in one: the original trains on the
   pair swapped half the time, with "left" and "right" swapped in the sentence.
 
-Both ``DIR/scenes.json`` (``{image path: [{"color", "shape", "size", "place"}]}``) and
+video (MSRVTT's test split as ``data/video_dataset.py`` reads it; ``n`` videos, all test)::
+
+    DIR/videos/videoI.mp4         12 to 24 frames at 10 fps, VP9 in MP4 (4:2:0, so ``--image-size`` is even)
+    DIR/msrvtt_test.jsonl         one {"clip_name": "videoI", "caption": str} a line; --video-root DIR/videos
+    DIR/videos.json               {video path: {"frames": int, "motion": str}}
+
+  A video is one drawn scene sliding as a whole, :data:`MOTION_SPAN` of its side over the video, in one of four
+  directions; its caption is a true wording of the scene followed by ``moving <direction>``.
+
+Both ``DIR/scenes.json`` (``{image or video path: [{"color", "shape", "size", "place"}]}``) and
 ``DIR/info.json`` (the task, settings, counts per split and every file written) are written by
 every task, the manifest last: the folder rules of :mod:`blip_fast.data.synth` apply unchanged (a
 new or empty folder; ``overwrite`` deletes only the files a previous run's manifest lists).
@@ -54,11 +63,13 @@ import random
 from dataclasses import asdict
 from pathlib import Path
 
+from PIL import Image
+
 from .synth import prepare_output, split_sizes, write_manifest
 from .synthetic import COLORS, PLACES, SHAPES, SIZES, SceneObject, captions, draw, random_scene
 
-TASKS = ("retrieval", "vqa", "nlvr")
-FRACTIONS = {"retrieval": (0.8, 0.1, 0.1), "vqa": (0.9, 0.0, 0.1), "nlvr": (0.8, 0.1, 0.1)}
+TASKS = ("retrieval", "vqa", "nlvr", "video")
+FRACTIONS = {"retrieval": (0.8, 0.1, 0.1), "vqa": (0.9, 0.0, 0.1), "nlvr": (0.8, 0.1, 0.1), "video": (0.0, 0.0, 1.0)}
 QUALITY = 90
 CAPTIONS_PER_IMAGE = 5          # as COCO and Flickr30k
 QUESTIONS_PER_IMAGE = 5         # VQA v2 has 5.4 on average
@@ -72,23 +83,29 @@ PLACE_ANSWERS = {"on the left": "left", "on the right": "right", "at the top": "
 ANSWERS = {"number": ("0", "1", "2", "3"), "yes/no": ("yes", "no"), "color": tuple(COLORS), "shape": SHAPES,
            "place": tuple(PLACE_ANSWERS[place] for place in PLACES), "size": tuple(SIZES)}
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six")
+VIDEO_FRAMES = (12, 24)         # frames per video, drawn uniformly: varied lengths exercise the frame sampling
+VIDEO_FPS = 10
+MOTION_SPAN = 0.12              # how far a scene slides over a whole video, as a fraction of its side
+MOTIONS = {"to the left": (-1, 0), "to the right": (1, 0), "up": (0, -1), "down": (0, 1)}
 
 
 def write_task_dataset(out: str | Path, task: str, n: int, image_size: int = 128, seed: int = 0,
                        overwrite: bool = False) -> dict:
-    """Write the ``task`` set of ``n`` images (nlvr: ``n`` pairs) to ``out`` (layouts in the module docstring);
-    returns ``info.json``'s content."""
+    """Write the ``task`` set of ``n`` images (nlvr: ``n`` pairs, video: ``n`` videos) to ``out`` (layouts in the
+    module docstring); returns ``info.json``'s content."""
     if task not in TASKS:
         raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
     if n < 1:
         raise ValueError(f"--n must be at least 1, got {n}")
     if image_size < 8:
         raise ValueError(f"--image-size must be at least 8, got {image_size}")
+    if task == "video" and image_size % 2:
+        raise ValueError(f"--image-size must be even for --task video (4:2:0 video), got {image_size}")
     if seed < 0:
         raise ValueError(f"--seed must be non-negative, got {seed}")
     sizes = split_sizes(n, FRACTIONS[task])
     out = Path(out)
-    prepare_output(out, overwrite, run_folders=("images",))
+    prepare_output(out, overwrite, run_folders=("videos",) if task == "video" else ("images",))
     folder = _TaskFolder(out, task, seed, image_size)
     info = {"task": task, "n": n, "seed": seed, "image_size": image_size, "quality": QUALITY,
             "splits": _WRITERS[task](folder, sizes)}
@@ -115,6 +132,26 @@ class _TaskFolder:
         draw(scene, self.image_size, self.draw_rng).save(buffer, "JPEG", quality=QUALITY)
         path = f"images/{name}.jpg"
         (self.out / path).write_bytes(buffer.getvalue())
+        self.written.append(path)
+        self.scenes[path] = [asdict(obj) for obj in scene]
+        return path
+
+    def video(self, name: str, scene: list[SceneObject], frames: int, motion: str) -> str:
+        """The scene drawn once, then slid by up to :data:`MOTION_SPAN` of the side towards ``motion``."""
+        from .video import write_video
+
+        still = draw(scene, self.image_size, self.draw_rng)
+        background = still.getpixel((0, 0))  # no shape reaches a corner (places lie 0.25 to 0.75 across)
+        dx, dy = MOTIONS[motion]
+        span = MOTION_SPAN * self.image_size
+        pictures = []
+        for t in range(frames):
+            shift = span * t / (frames - 1)
+            picture = Image.new("RGB", still.size, background)
+            picture.paste(still, (round(dx * shift), round(dy * shift)))
+            pictures.append(picture)
+        path = f"videos/{name}.mp4"
+        write_video(self.out / path, pictures, fps=VIDEO_FPS)
         self.written.append(path)
         self.scenes[path] = [asdict(obj) for obj in scene]
         return path
@@ -298,4 +335,25 @@ def _write_nlvr(folder: _TaskFolder, sizes: dict[str, int]) -> dict:
     return splits
 
 
-_WRITERS = {"retrieval": _write_retrieval, "vqa": _write_vqa, "nlvr": _write_nlvr}
+# --- video --------------------------------------------------------------------------------------------------------
+
+def _write_video(folder: _TaskFolder, sizes: dict[str, int]) -> dict:
+    scene_rng, motion_rng, text_rng = folder.rng("scenes"), folder.rng("motion"), folder.rng("captions")
+    lines, videos = [], {}
+    for _, indices in _splits(sizes, ("test",)):
+        for i in indices:
+            scene = random_scene(scene_rng)
+            frames, motion = motion_rng.randint(*VIDEO_FRAMES), motion_rng.choice(list(MOTIONS))
+            clip_name = f"video{i}"      # MSRVTT's names: video7010 is videos/video7010.mp4
+            path = folder.video(clip_name, scene, frames, motion)
+            videos[path] = {"frames": frames, "motion": motion}
+            caption = f"{captions(scene, 1, text_rng)[0]} moving {motion}"
+            lines.append(json.dumps({"clip_name": clip_name, "caption": caption}))
+    (folder.out / "msrvtt_test.jsonl").write_text("".join(line + "\n" for line in lines))
+    folder.written.append("msrvtt_test.jsonl")
+    folder.write_json("videos.json", videos)
+    return {"test": {"videos": len(lines), "captions": len(lines), "jsonl": "msrvtt_test.jsonl",
+                     "video_root": "videos"}}
+
+
+_WRITERS = {"retrieval": _write_retrieval, "vqa": _write_vqa, "nlvr": _write_nlvr, "video": _write_video}

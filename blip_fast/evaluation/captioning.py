@@ -12,6 +12,7 @@ by :class:`~blip_fast.data.annotations.RetrievalAnnotations`; images through the
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -48,6 +49,28 @@ class CaptionResult:
 
 
 @torch.no_grad()
+def caption_images(model, paths: Sequence[str], image_size: int, generation: GenerationConfig = EVAL_GENERATION,
+                   batch_size: int = 32, tokenizer: BlipTokenizer | None = None) -> list[str]:
+    """One caption per path, in order, by ``model`` (a :class:`~blip_fast.models.BlipCaption`) in eval mode,
+    ``batch_size`` images a forward through the evaluation transform. The evaluation loop of the original's
+    ``train_caption.py`` and ``eval_nocaps.py``; an unreadable image is a ValueError."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1; got {batch_size}")
+    tokenizer = tokenizer or BlipTokenizer()
+    model.prompt_ids(tokenizer, generation)  # a generation config without room for a caption: before any work
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()  # dropout would make the beams random
+    try:
+        captions = []
+        for start in range(0, len(paths), batch_size):
+            batch = list(paths[start:start + batch_size])
+            captions += model.captions(evaluation_images(batch, image_size).to(device), generation, tokenizer)
+    finally:
+        model.train(was_training)
+    return captions
+
+
 def evaluate_captioning(model, annotations: RetrievalAnnotations, image_size: int, limit: int | None = None,
                         generation: GenerationConfig = EVAL_GENERATION, batch_size: int = 32, java: bool = True,
                         tokenizer: BlipTokenizer | None = None) -> CaptionResult:
@@ -56,16 +79,11 @@ def evaluate_captioning(model, annotations: RetrievalAnnotations, image_size: in
     tokenized in Python, no METEOR or SPICE (blip_fast.evaluation.caption_metrics)."""
     from .caption_metrics import caption_metrics  # needs pycocoevalcap, an optional dependency
 
-    tokenizer = tokenizer or BlipTokenizer()
-    model.prompt_ids(tokenizer, generation)  # a generation config without room for a caption: before any work
-    device = next(model.parameters()).device
     count = len(annotations) if limit is None else min(limit, len(annotations))
-    references, captions = {}, {}
-    for start in range(0, count, batch_size):
-        entries = [annotations.sample(index, stats=None) for index in range(start, min(start + batch_size, count))]
-        paths = [entry.image_path for entry in entries]
-        references |= {entry.image_path: entry.caption for entry in entries}
-        texts = model.captions(evaluation_images(paths, image_size).to(device), generation, tokenizer)
-        captions.update(zip(paths, texts, strict=True))
+    entries = [annotations.sample(index, stats=None) for index in range(count)]
+    paths = [entry.image_path for entry in entries]
+    references = {entry.image_path: entry.caption for entry in entries}
+    captions = dict(zip(paths, caption_images(model, paths, image_size, generation, batch_size, tokenizer),
+                        strict=True))
     metrics = caption_metrics(references, captions, java=java)
     return CaptionResult(count, metrics.scores, list(metrics.notices), captions)
