@@ -35,15 +35,21 @@ from .decode import check_answers, check_caption, check_question
 from .sample import BAD_RECORD, BadSample, DataStats, Sample
 
 
-def load_json_list(path: str | Path) -> list:
-    """A JSON file whose top level is a list (a missing or malformed file is a ValueError)."""
+def load_json(path: str | Path, what: str = "annotation file"):
+    """The content of a JSON file; a missing one is a FileNotFoundError and a malformed one a ValueError, each
+    naming ``what`` it is or the path."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"annotation file not found: {path}")
+        raise FileNotFoundError(f"{what} not found: {path}")
     try:
-        entries = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"{path} is not valid JSON: {error}") from None
+
+
+def load_json_list(path: str | Path) -> list:
+    """A JSON file whose top level is a list (a missing or malformed file is a ValueError)."""
+    entries = load_json(path)
     if not isinstance(entries, list):
         raise ValueError(f"{path}: expected a JSON list of annotations, got {type(entries).__name__}")
     return entries

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint.io import atomic_write
-from ..data.annotations import load_json_list
+from ..data.annotations import load_json, load_json_list
 from ..models.generation import GenerationConfig
 from ..text import BlipTokenizer
 from .captioning import EVAL_GENERATION, caption_images
@@ -138,12 +138,7 @@ def read_nocaps_references(path: str | Path) -> NocapsReferences:
     checked: an image without a known domain or without captions, a caption of an unknown image, or an id given twice
     is a ValueError naming the file."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"NoCaps references not found: {path}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    data = load_json(path, "NoCaps references")
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(
             data.get("annotations"), list):
         raise ValueError(f"{path}: NoCaps references are a COCO caption file, an object with \"images\" and "
