@@ -62,7 +62,8 @@ class BlipCaption(nn.Module):
     @torch.no_grad()
     def captions(self, images: torch.Tensor, generation: GenerationConfig, tokenizer,
                  generator: torch.Generator | None = None) -> list[str]:
-        """Caption texts of ``images``, as the original ``BLIP_Decoder.generate``: the prompt (``config.prompt``,
+        """Caption texts of ``images`` (``generation.num_return_sequences`` per image, image by image), as the
+        original ``BLIP_Decoder.generate``: the prompt (``config.prompt``,
         tokenized by ``tokenizer`` without its [SEP]) starts every caption and counts towards ``max_length``; the
         decoded text loses the prompt's characters."""
         prompt_ids = self.prompt_ids(tokenizer, generation).repeat(images.shape[0], 1).to(images.device)

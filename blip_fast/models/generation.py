@@ -49,6 +49,9 @@ class GenerationConfig:
     """> 1 discourages repeating tokens (BLIP uses 1.1 with nucleus sampling)."""
     length_penalty: float = 1.0
     """Exponent of the length normalisation of finished beams."""
+    num_return_sequences: int = 1
+    """Captions ``nucleus`` samples per image (rows come image by image); the image's context is held once for
+    all of them."""
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -65,6 +68,12 @@ class GenerationConfig:
             raise ValueError(f"top_p must be in (0, 1]; got {self.top_p}")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be positive; got {self.repetition_penalty}")
+        if isinstance(self.num_return_sequences, bool) or not isinstance(self.num_return_sequences, int) \
+                or self.num_return_sequences < 1:
+            raise ValueError(f"num_return_sequences must be an int >= 1; got {self.num_return_sequences!r}")
+        if self.num_return_sequences > 1 and self.strategy != "nucleus":
+            raise ValueError(f"num_return_sequences > 1 needs strategy='nucleus' ({self.strategy} gives one "
+                             "sequence per image)")
 
 
 def _process(scores: torch.Tensor, sequences: torch.Tensor, config: GenerationConfig, eos: int) -> torch.Tensor:
@@ -131,7 +140,7 @@ def generate(
 ) -> torch.Tensor:
     """Decode after ``prompt_ids`` (B, P) attending to ``context`` (B, N, width).
 
-    Returns token ids (B, L <= max_length), prompt included, padded with ``pad_token_id``.
+    Returns token ids (B * num_return_sequences, L <= max_length), prompt included, padded with ``pad_token_id``.
     """
     check_prompt(prompt_ids, config)
     if prompt_ids.shape[0] != context.shape[0]:
@@ -147,11 +156,19 @@ def _next_scores(decoder, step_ids, context, context_mask, cache) -> torch.Tenso
     return decoder.logits(hidden).float()  # (N, V)
 
 
+# the loops read a stopping flag back to the host only every this many tokens: a read waits for the device
+# to finish every step queued so far. Steps past the end leave the output as it is (ended rows add padding;
+# a beam search item that cannot improve keeps its finished set), so only the saved work depends on it.
+CHECK_EVERY = 4
+
+
 def _sample_or_greedy(decoder, prompt_ids, context, context_mask, config, eos, pad, generator):
-    cache = KVCache.empty(len(decoder.bert.encoder.layer))
-    sequences = prompt_ids
-    running = torch.ones(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
-    step_ids = prompt_ids
+    samples = config.num_return_sequences
+    cache = KVCache.empty(len(decoder.bert.encoder.layer), config.max_length, shared_by=samples)
+    sequences = prompt_ids.repeat_interleave(samples, dim=0)
+    running = torch.ones(sequences.shape[0], dtype=torch.bool, device=prompt_ids.device)
+    needed = torch.zeros((), dtype=torch.long, device=prompt_ids.device)  # steps taken while a row ran
+    step_ids = sequences
     while sequences.shape[1] < config.max_length:
         scores = _process(_next_scores(decoder, step_ids, context, context_mask, cache), sequences, config, eos)
         if config.strategy == "greedy":
@@ -160,13 +177,14 @@ def _sample_or_greedy(decoder, prompt_ids, context, context_mask, config, eos, p
             probs = _sampling_filter(scores, config).softmax(dim=-1)
             next_ids = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         next_ids = torch.where(running, next_ids, torch.full_like(next_ids, pad))
+        needed += running.any()
         sequences = torch.cat([sequences, next_ids[:, None]], dim=1)
         running = running & (next_ids != eos)
-        # host sync once per token: stop as soon as every row has ended
-        if not bool(running.any()):
+        if (sequences.shape[1] - prompt_ids.shape[1]) % CHECK_EVERY == 0 and not bool(running.any()):
             break
         step_ids = next_ids[:, None]
-    return sequences
+    # the steps run after every row had ended are dropped: the output of stopping at the last row's end
+    return sequences[:, :prompt_ids.shape[1] + int(needed)]
 
 
 def _gather_beams(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -180,10 +198,8 @@ def _beam_search(decoder, prompt_ids, context, context_mask, config, eos, pad):
     batch, prompt_len = prompt_ids.shape
     beams, device = config.num_beams, prompt_ids.device
     keep = 2 * beams  # candidates per step: enough that `beams` of them are still running
-    context = context.repeat_interleave(beams, dim=0)
-    if context_mask is not None:
-        context_mask = context_mask.repeat_interleave(beams, dim=0)
-    cache = KVCache.empty(len(decoder.bert.encoder.layer))
+    # the context stays one row per image: its keys/values are computed once and shared by the image's beams
+    cache = KVCache.empty(len(decoder.bert.encoder.layer), config.max_length, shared_by=beams)
 
     running = torch.full((batch, beams, config.max_length), pad, dtype=torch.long, device=device)
     running[:, :, :prompt_len] = prompt_ids[:, None]
@@ -236,8 +252,7 @@ def _beam_search(decoder, prompt_ids, context, context_mask, config, eos, pad):
         worst_finished = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True).values,
                                      torch.full_like(finished_scores, _NEG))
         improvable = improvable & (best_running > worst_finished).any(dim=1, keepdim=True)
-        # host sync once per token: stop when no batch item can improve or every candidate stopped
-        if not bool(improvable.any()) or bool(stops.all()):
+        if (length - prompt_len) % CHECK_EVERY == 0 and not bool(improvable.any()):
             break
         step_ids = running[:, :, length - 1].reshape(batch * beams, 1)
 

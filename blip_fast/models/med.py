@@ -53,29 +53,52 @@ __all__ = ["BlockContext", "KVCache", "PackedAttention", "PaddedRows", "TextDeco
 class KVCache:
     """Keys/values of past decoder tokens (self-attention) and of the context (cross-attention).
 
-    Tensors are ``(B, H, L, D)`` per layer. The cross-attention entries are computed once from
-    the image (or question) tokens and reused at every generated step.
+    Self-attention: per layer a (k, v) buffer (N, H, ``capacity``, D) allocated at the first step and filled a
+    step at a time (no concatenation, no reallocation); ``length`` tokens are cached. Cross-attention: the
+    context's keys/values, computed once from the image (or question) tokens at the first step. With
+    ``shared_by`` > 1, each context row serves that many consecutive decoded rows (an image's beams or its
+    sampled captions): the context is held once per image, never repeated, and beam search's reordering (within
+    an image's rows) leaves it alone.
     """
 
-    self_kv: list[tuple[torch.Tensor, torch.Tensor] | None]
+    capacity: int
+    """Tokens a row can hold, prompt included."""
+    shared_by: int = 1
+    self_kv: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
     cross_kv: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
+    length: int = 0
+    """Tokens cached so far (the text transformer advances it after each step's layers)."""
 
     @classmethod
-    def empty(cls, num_layers: int) -> KVCache:
-        return cls([None] * num_layers, [None] * num_layers)
+    def empty(cls, num_layers: int, capacity: int, shared_by: int = 1) -> KVCache:
+        if capacity < 1 or shared_by < 1:
+            raise ValueError(f"a cache needs capacity >= 1 and shared_by >= 1; got {capacity}, {shared_by}")
+        return cls(capacity, shared_by, [None] * num_layers, [None] * num_layers)
 
-    @property
-    def length(self) -> int:
-        first = self.self_kv[0]
-        return 0 if first is None else first[0].shape[2]
+    def append(self, index: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``index``'s keys/values (N, H, L, D) of this step written after the cached ones; returns every
+        cached token's, this step's included."""
+        stop = self.length + keys.shape[2]
+        if stop > self.capacity:
+            raise ValueError(f"the cache holds {self.capacity} tokens; this step would make {stop}")
+        if self.self_kv[index] is None:
+            shape = (keys.shape[0], keys.shape[1], self.capacity, keys.shape[3])
+            self.self_kv[index] = (keys.new_empty(shape), values.new_empty(shape))
+        cached_keys, cached_values = self.self_kv[index]
+        cached_keys[:, :, self.length:stop] = keys
+        cached_values[:, :, self.length:stop] = values
+        return cached_keys[:, :, :stop], cached_values[:, :, :stop]
 
     def reorder(self, index: torch.Tensor) -> None:
-        """Keep rows ``index`` of the batch (beam search)."""
-        def pick(entry):
-            return None if entry is None else (entry[0].index_select(0, index), entry[1].index_select(0, index))
-
-        self.self_kv = [pick(e) for e in self.self_kv]
-        self.cross_kv = [pick(e) for e in self.cross_kv]
+        """Row ``i`` continues row ``index[i]`` (beam search; ``index`` stays within each context row's group, so
+        the shared context does not move). Only the cached tokens are copied."""
+        for entry in self.self_kv:
+            if entry is not None:
+                for buffer in entry:
+                    buffer[:, :, :self.length] = buffer[:, :, :self.length].index_select(0, index)
+        if self.shared_by == 1:
+            self.cross_kv = [None if e is None else (e[0].index_select(0, index), e[1].index_select(0, index))
+                             for e in self.cross_kv]
 
 
 class TextEmbeddings(nn.Module):
@@ -160,11 +183,20 @@ class TextAttention(nn.Module):
         return self.dropout_p if self.training else 0.0
 
     def forward(self, x: torch.Tensor, keys_values: tuple[torch.Tensor, torch.Tensor], key_padding_mask,
-                causal: bool, queries: torch.Tensor | None = None) -> torch.Tensor:
+                causal: bool, queries: torch.Tensor | None = None, shared_by: int = 1) -> torch.Tensor:
         """``x`` (B, L, hidden) attends to ``keys_values`` (k, v) each (B, H, N, D) where ``key_padding_mask``
-        (B, N) is True (None: every key); ``queries`` (B, H, L, D) when already projected."""
+        (B, N) is True (None: every key); ``queries`` (B, H, L, D) when already projected. ``shared_by`` > 1: x
+        has ``shared_by`` rows per keys/values row, consecutive; their queries are stacked along the sequence
+        against that row (exact without causality: each query attends on its own)."""
         q = self.self.heads(self.self.query(x)) if queries is None else queries
+        rows, heads, length, dim = q.shape
+        if shared_by > 1:
+            q = q.view(rows // shared_by, shared_by, heads, length, dim).transpose(1, 2)
+            q = q.reshape(rows // shared_by, heads, shared_by * length, dim)
         out = ops.attention(q, *keys_values, key_padding_mask, causal, self.dropout_p_now)
+        if shared_by > 1:
+            out = out.view(rows // shared_by, heads, shared_by, length, dim).transpose(1, 2)
+            out = out.reshape(rows, heads, length, dim)
         return self.output(out.transpose(1, 2).flatten(2), x)  # (B, H, L, D) -> (B, L, hidden)
 
 
@@ -196,16 +228,14 @@ class PaddedRows(NamedTuple):
     def attend_self(self, attention: TextAttention, x: torch.Tensor) -> torch.Tensor:
         q, k, v = attention.self.queries_keys_values(x)
         causal = self.causal
-        if self.cache is not None:  # append this step's keys/values
-            past = self.cache.self_kv[self.index]
-            if past is not None:
-                k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-            self.cache.self_kv[self.index] = (k, v)
+        if self.cache is not None:  # this step's keys/values after the cached ones
+            k, v = self.cache.append(self.index, k, v)
             causal = causal and k.shape[2] == x.shape[1]  # one new query sees every cached key
         return attention(x, (k, v), self.padding_mask, causal, queries=q)
 
     def attend_context(self, crossattention: TextAttention, x: torch.Tensor) -> torch.Tensor:
-        return crossattention(x, self.context, self.context_mask, False)
+        shared_by = 1 if self.cache is None else self.cache.shared_by
+        return crossattention(x, self.context, self.context_mask, False, shared_by=shared_by)
 
 
 class TextLayer(nn.Module):
@@ -304,6 +334,8 @@ class TextTransformer(nn.Module):
         for index, layer in enumerate(self.encoder.layer):
             context = None if context_kv is None else context_kv[index]
             x = layer(x, PaddedRows(padding_mask, causal, context, context_mask, cache, index))
+        if cache is not None:
+            cache.length += input_ids.shape[1]
         return x
 
     def _layers_context(self, input_ids: torch.Tensor, encoder_hidden_states: torch.Tensor | None,
@@ -317,7 +349,7 @@ class TextTransformer(nn.Module):
         if encoder_hidden_states is None and context_kv is None:
             return None
         if cache is not None and cache.cross_kv and cache.cross_kv[0] is not None:
-            return cache.cross_kv  # a later decoding step: the first step's (beam-reordered) entries
+            return cache.cross_kv  # a later decoding step: the first step's entries
         if encoder_hidden_states is not None:
             context_kv = self.context_keys_values(encoder_hidden_states)
         elif not hasattr(self.encoder.layer[0], "crossattention"):

@@ -179,7 +179,7 @@ def test_generation_with_a_cache_seeded_from_context_kv():
     ids = torch.randint(1000, 2000, (2, 5))
     ids[:, 0] = 30522
     full = decoder.logits(decoder.hidden_states(ids, None, context))
-    cache = KVCache.empty(2)
+    cache = KVCache.empty(2, capacity=5)
     kv = decoder.bert.context_keys_values(context)
     steps = [decoder.logits(decoder.hidden_states(ids[:, :2], None, None, cache=cache, context_kv=kv))]
     for t in range(2, 5):

@@ -166,3 +166,67 @@ def test_caption_names_the_prompt_when_max_length_leaves_no_room(caption):
     with pytest.raises(ValueError, match=r"min_length \(10\) must not exceed max_length \(8\)"):
         blip.caption(images, max_length=8)
     assert len(blip.caption(images, strategy="nucleus", max_length=6, min_length=0, top_k=5, seed=0)) == 1
+
+
+@pytest.mark.parametrize("check_every", [1, 3, 8])
+@pytest.mark.parametrize("strategy", ["greedy", "beam", "nucleus"])
+def test_reading_the_stop_flag_less_often_changes_no_output(caption, monkeypatch, strategy, check_every):
+    # the loops read their stopping flag every CHECK_EVERY tokens; the steps run past the end must leave the
+    # output exactly as stopping at once does (rows of a random decoder end at different steps)
+    import blip_fast.models.generation as generation
+
+    images = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    prompt = torch.tensor(PROMPT * 4)
+    config = GenerationConfig(strategy=strategy, max_length=14, min_length=2, num_beams=3)
+    outputs = []
+    for every in (1, check_every):
+        monkeypatch.setattr(generation, "CHECK_EVERY", every)
+        outputs.append(caption.generate(images, prompt, config, torch.Generator().manual_seed(5)))
+    assert torch.equal(outputs[0], outputs[1])
+
+
+def test_sampled_captions_per_image_share_its_context_and_equal_repeated_images(caption):
+    # num_return_sequences: the image's keys/values held once for its samples; the same draws as the image
+    # repeated that many times (fp32; the stacked attention rounds alike here, so the tokens are equal)
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    config = GenerationConfig(strategy="nucleus", max_length=10, min_length=3, top_k=0, num_return_sequences=3)
+    shared = caption.generate(images, torch.tensor(PROMPT * 2), config, torch.Generator().manual_seed(7))
+    repeated = caption.generate(images.repeat_interleave(3, 0), torch.tensor(PROMPT * 6),
+                                GenerationConfig(strategy="nucleus", max_length=10, min_length=3, top_k=0),
+                                torch.Generator().manual_seed(7))
+    assert shared.shape[0] == 6
+    assert torch.equal(shared, repeated)
+    again = caption.generate(images, torch.tensor(PROMPT * 2), config, torch.Generator().manual_seed(7))
+    assert torch.equal(shared, again)  # reproducible under a seed
+
+
+def test_shared_context_cache_decodes_as_a_repeated_context(caption):
+    # a cache whose context rows each serve 3 decoded rows gives the logits of the context repeated 3 times
+    from blip_fast.models.med import KVCache
+
+    decoder = caption.text_decoder
+    context = caption.image_embeds(torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4)))
+    ids = torch.randint(1000, 2000, (6, 5), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = decoder.logits(decoder.hidden_states(ids, None, context.repeat_interleave(3, 0)))
+        shared, repeated = KVCache.empty(2, 5, shared_by=3), KVCache.empty(2, 5)
+        steps = {id(shared): [], id(repeated): []}
+        for cache, ctx in ((shared, context), (repeated, context.repeat_interleave(3, 0))):
+            steps[id(cache)].append(decoder.logits(decoder.hidden_states(ids[:, :2], None, ctx, cache=cache)))
+            for t in range(2, 5):
+                steps[id(cache)].append(decoder.logits(decoder.hidden_states(ids[:, t:t + 1], None, ctx,
+                                                                             cache=cache)))
+    for cache in (shared, repeated):
+        torch.testing.assert_close(torch.cat(steps[id(cache)], dim=1), full, rtol=1e-5, atol=1e-5)
+    assert shared.cross_kv[0][0].shape[0] == 2 and repeated.cross_kv[0][0].shape[0] == 6
+    with pytest.raises(ValueError, match="holds 5 tokens"):
+        decoder.hidden_states(ids[:, :1], None, context, cache=shared)
+
+
+@pytest.mark.parametrize("fields, match", [
+    (dict(strategy="beam", num_return_sequences=2), "needs strategy='nucleus'"),
+    (dict(strategy="nucleus", num_return_sequences=0), "num_return_sequences must be an int >= 1"),
+])
+def test_num_return_sequences_is_checked(fields, match):
+    with pytest.raises(ValueError, match=match):
+        GenerationConfig(**fields)

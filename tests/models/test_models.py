@@ -61,7 +61,7 @@ def test_cached_decoding_equals_full_recomputation():
     ids = torch.randint(1000, 2000, (3, 6))
     ids[:, 0] = 30522
     full = decoder.logits(decoder.hidden_states(ids, None, context))
-    cache = KVCache.empty(2)
+    cache = KVCache.empty(2, capacity=6)
     steps = [decoder.logits(decoder.hidden_states(ids[:, :3], None, context, cache=cache))]
     for t in range(3, 6):
         steps.append(decoder.logits(decoder.hidden_states(ids[:, t:t + 1], None, context, cache=cache)))
