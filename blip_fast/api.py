@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch import nn
 
 from .checkpoint import load_checkpoint
@@ -90,25 +91,48 @@ class Blip:
     @torch.no_grad()
     def caption(self, images, strategy: str = "beam", max_length: int = 30, min_length: int = 10,
                 num_beams: int = 3, top_p: float = 0.9, repetition_penalty: float | None = None,
-                seed: int | None = None, top_k: int = 50) -> list[str]:
+                seed: int | None = None, top_k: int = 50, num_return_sequences: int = 1, batch_size: int = 64,
+                progress: bool = False) -> list[str]:
         """Captions, decoded after the prompt ("a picture of "), as the original ``generate``.
 
         BLIP's defaults: beam search with 3 beams and repetition penalty 1.0, or nucleus sampling
         with top-k 50, then top-p 0.9, and repetition penalty 1.1. ``max_length`` and
-        ``min_length`` count the prompt's tokens ([DEC] included).
+        ``min_length`` count the prompt's tokens ([DEC] included). ``num_return_sequences`` (nucleus):
+        captions per image, image by image. Images are read and captioned ``batch_size`` at a time;
+        ``progress`` shows a progress bar (images/s) on stderr.
         """
         self._require("caption")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1; got {batch_size!r}")
         if repetition_penalty is None:
             repetition_penalty = 1.1 if strategy == "nucleus" else 1.0
         config = GenerationConfig(strategy=strategy, max_length=max_length, min_length=min_length,
                                   num_beams=num_beams, top_k=top_k, top_p=top_p,
-                                  repetition_penalty=repetition_penalty)
+                                  repetition_penalty=repetition_penalty, num_return_sequences=num_return_sequences)
         self.model.prompt_ids(self.tokenizer, config)  # a max_length too short for the prompt: before any image is read
-        pixels = self._images(images)
+        if not isinstance(images, torch.Tensor):  # a list to take chunks of: paths or PIL images
+            images = [images] if isinstance(images, (str, Path, Image.Image)) else list(images)
         generator = None
         if seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(seed)
-        return self.model.captions(pixels, config, self.tokenizer, generator)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(images), unit="image", dynamic_ncols=True)
+        captions = []
+        try:
+            for start in range(0, len(images), batch_size):
+                chunk = images[start:start + batch_size]
+                captions += self.model.captions(self._images(chunk), config, self.tokenizer, generator)
+                if bar is not None:
+                    bar.update(len(chunk))
+        finally:
+            if bar is not None:
+                bar.close()
+        if not captions:
+            raise ValueError("no images given")
+        return captions
 
     @torch.no_grad()
     def answer(self, images, questions, max_length: int = 10, num_beams: int = 3) -> list[str]:

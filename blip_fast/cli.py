@@ -42,8 +42,10 @@ def cmd_caption(args) -> int:
     blip = load(args.checkpoint, task="caption", device=_device(args.device), image_size=args.image_size)
     captions = blip.caption(args.images, strategy=args.strategy, max_length=args.max_length,
                             min_length=args.min_length, num_beams=args.num_beams, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed)
-    for path, text in zip(args.images, captions, strict=True):
+                            top_p=args.top_p, seed=args.seed, num_return_sequences=args.num_return_sequences,
+                            batch_size=args.batch_size, progress=sys.stderr.isatty() and len(args.images) > 1)
+    paths = [path for path in args.images for _ in range(args.num_return_sequences)]
+    for path, text in zip(paths, captions, strict=True):
         print(f"{path}\t{text}")
     return 0
 
@@ -419,6 +421,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=50, help="most likely tokens sampling keeps before top-p; 0: all (50)")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus mass for sampling (0.9)")
     p.add_argument("--seed", type=int, help="seed for nucleus sampling")
+    p.add_argument("--num-return-sequences", type=int, default=1,
+                   help="captions per image for nucleus sampling, a line each (1)")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="images read and captioned at a time (64); a progress bar on a terminal")
     p.set_defaults(run=cmd_caption)
 
     p = sub.add_parser("answer", help="answer a question about an image with a VQA checkpoint")

@@ -151,3 +151,25 @@ def test_pil_image_input(files):
     blip = blip_fast.load(files["caption"], device="cpu")
     image = Image.open(files["a"])
     assert len(blip.caption(image, strategy="greedy", max_length=8, min_length=2)) == 1
+
+
+def test_captions_in_chunks_equal_one_batch_and_samples_come_image_by_image(files, capsys):
+    blip = blip_fast.load(files["caption"], device="cpu")
+    paths = [files["a"], files["gray"], files["cmyk"], files["png"], files["b"]]
+    whole = blip.caption(paths, strategy="beam", max_length=10, min_length=4)
+    assert blip.caption(paths, strategy="beam", max_length=10, min_length=4, batch_size=2) == whole
+    sampled = blip.caption(paths[:2], strategy="nucleus", max_length=10, min_length=4, seed=3,
+                           num_return_sequences=3, batch_size=1)
+    # batch_size 1: each image's three samples drawn alone, as captioning that image alone
+    assert sampled[:3] == blip.caption(paths[:1], strategy="nucleus", max_length=10, min_length=4, seed=3,
+                                       num_return_sequences=3)
+    assert len(sampled) == 6
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+        blip.caption(paths, batch_size=0)
+    with pytest.raises(ValueError, match="no images given"):
+        blip.caption([])
+    assert main(["caption", str(files["a"]), str(files["b"]), "-c", str(files["caption"]), "--device", "cpu",
+                 "--strategy", "nucleus", "--num-return-sequences", "2", "--seed", "1", "--max-length", "10",
+                 "--min-length", "4", "--batch-size", "1"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split("\t")[0] for line in lines] == [str(files["a"])] * 2 + [str(files["b"])] * 2
