@@ -58,17 +58,24 @@ class CaptionMetrics:
     """One line per metric skipped, and one when the captions were not tokenized by PTBTokenizer."""
 
 
+def require_java() -> None:
+    """A ValueError (a missing dependency the user can install, said in one line) when ``java`` is not on PATH:
+    callers that caption first check it before the long part."""
+    if shutil.which("java") is None:
+        raise ValueError(
+            "the COCO caption metrics need Java: `java` is not on PATH, and PTBTokenizer, METEOR and SPICE (jars "
+            "shipped in pycocoevalcap) run on it. Install a Java runtime (e.g. `apt-get install "
+            "default-jre-headless`), or score without it (java=False, --no-java: BLEU, ROUGE-L and CIDEr on a "
+            "Python tokenization)")
+
+
 def caption_metrics(references: Mapping[Hashable, Sequence[str]], predictions: Mapping[Hashable, str],
                     java: bool = True) -> CaptionMetrics:
     """Corpus scores of ``predictions`` (image id -> one caption) against ``references`` (image id -> its
     reference captions). ``java=False`` runs without Java: Python tokenization, no METEOR, no SPICE."""
     _check_captions(references, predictions)
     if java:
-        if shutil.which("java") is None:
-            raise RuntimeError(
-                "the COCO caption metrics need Java: `java` is not on PATH, and PTBTokenizer, METEOR and SPICE (jars "
-                "shipped in pycocoevalcap) run on it. Install a Java runtime (e.g. `apt-get install "
-                "default-jre-headless`), or pass java=False for BLEU, ROUGE-L and CIDEr on a Python tokenization")
+        require_java()
         gts, res = _ptb_tokenize(references, predictions)
         notices = []
     else:

@@ -77,7 +77,10 @@ def evaluate_captioning(model, annotations: RetrievalAnnotations, image_size: in
     """Caption the first ``limit`` images of the split with ``model`` (a :class:`~blip_fast.models.BlipCaption`) and
     score them. An image that cannot be read is an error: evaluation sets are small and fixed. ``java=False``:
     tokenized in Python, no METEOR or SPICE (blip_fast.evaluation.caption_metrics)."""
-    from .caption_metrics import caption_metrics  # needs pycocoevalcap, an optional dependency
+    from .caption_metrics import caption_metrics, require_java  # needs pycocoevalcap, an optional dependency
+
+    if java:
+        require_java()  # before captioning every image, not after
 
     count = len(annotations) if limit is None else min(limit, len(annotations))
     entries = [annotations.sample(index, stats=None) for index in range(count)]

@@ -26,7 +26,6 @@ CIDEr and SPICE; it names BLEU-n ``B1`` .. ``B4`` and ROUGE-L ``ROUGE-L``, the m
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -226,10 +225,10 @@ def evaluate_nocaps(model, images: list[NocapsImage], image_size: int, reference
     is made, and the submission is written before the scoring: captioning the split is the long part."""
     if references is not None:
         _check_referenced(references, [image.image_id for image in images])
-        if java and shutil.which("java") is None:
-            raise ValueError("the COCO caption metrics need Java (`java` is not on PATH) for PTBTokenizer, METEOR and "
-                             "SPICE; install a Java runtime, or score without it (java=False, --no-java: Python "
-                             "tokenization, no METEOR or SPICE)")
+        if java:
+            from .caption_metrics import require_java  # pycocoevalcap: an optional dependency
+
+            require_java()
     texts = caption_images(model, [image.path for image in images], image_size, generation, batch_size, tokenizer)
     result = NocapsResult(len(images), {}, [], {image.image_id: text for image, text in zip(images, texts,
                                                                                              strict=True)})

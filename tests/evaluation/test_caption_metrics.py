@@ -154,7 +154,7 @@ def test_basic_tokenizer_rules(caption, tokens):
 
 def test_without_java_the_default_is_an_error_and_java_false_runs(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))  # a PATH without java
-    with pytest.raises(RuntimeError, match="need Java: `java` is not on PATH.*java=False"):
+    with pytest.raises(ValueError, match="need Java: `java` is not on PATH.*java=False"):
         caption_metrics(REFERENCES, PREDICTIONS)
     result = caption_metrics(REFERENCES, PREDICTIONS, java=False)
     assert list(result.scores) == ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr"]
@@ -290,3 +290,15 @@ def test_missing_spice_models_looks_where_pycocoevalcap_decides_to_download(monk
 def test_malformed_inputs_are_refused(references, predictions, message):
     with pytest.raises(ValueError, match=message):
         caption_metrics(references, predictions, java=False)
+
+
+def test_caption_evaluation_without_java_stops_before_captioning(monkeypatch, tmp_path):
+    from blip_fast.evaluation.captioning import evaluate_captioning
+
+    class NeverCaptions:
+        def prompt_ids(self, *args):
+            raise AssertionError("captioning began although the metrics cannot run")
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # a PATH without java
+    with pytest.raises(ValueError, match="need Java"):
+        evaluate_captioning(NeverCaptions(), annotations=[], image_size=64)
