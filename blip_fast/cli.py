@@ -284,6 +284,21 @@ def cmd_eval_nlvr(args) -> int:
     return _report(result, args.json)
 
 
+def cmd_capfilt(args) -> int:
+    from .capfilt import CapfiltConfig, run_capfilt, summary
+
+    device = _device(args.device) if args.device else None
+    config = CapfiltConfig(captioner=args.captioner, filter=args.filter, data=args.data, out=args.out,
+                           image_root=args.image_root, captions_per_image=args.captions_per_image,
+                           threshold=args.threshold, batch_size=args.batch_size, seed=args.seed,
+                           unit_size=args.unit_size, max_length=args.max_length, min_length=args.min_length,
+                           top_p=args.top_p, device=device)
+    report = run_capfilt(config)
+    if report is not None:  # rank 0 of a torchrun job, or the only process
+        print(summary(report, args.out))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blip-fast", description="The fastest correct BLIP.")
     parser.add_argument("-v", "--verbose", action="store_true",
@@ -438,6 +453,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("texts", nargs="+", help="candidate texts")
     checkpoint_options(p)
     p.set_defaults(run=cmd_match)
+
+    p = sub.add_parser("capfilt", help="bootstrap a dataset as BLIP's CapFilt: synthetic captions by nucleus "
+                       "sampling, every web and synthetic caption filtered by ITM; resumable, one process per GPU "
+                       "under torchrun",
+                       description="For each image of --data, sample --captions-per-image captions with the "
+                       "--captioner; keep each (image, caption) pair, web and synthetic, whose ITM match probability "
+                       "under the --filter is above --threshold. Writes OUT/bootstrapped.json, OUT/shards/*.tar and "
+                       "OUT/report.json; a rerun with the same options resumes where a crash stopped "
+                       "(docs/capfilt.md).")
+    p.add_argument("--captioner", required=True, help="captioning checkpoint (.pth or Hugging Face directory)")
+    p.add_argument("--filter", required=True, help="retrieval (or pretraining) checkpoint: its ITM head filters")
+    p.add_argument("--data", required=True, nargs="+",
+                   help="BLIP JSON list(s) [{\"image\", \"caption\"}], or tar shards (files, a directory, a glob, "
+                        "a {000..009} range)")
+    p.add_argument("--image-root", help="folder the JSON list's image paths are relative to")
+    p.add_argument("--out", required=True, help="output folder: new or empty, or an unfinished run's (resumed)")
+    p.add_argument("--captions-per-image", type=int, default=1, help="synthetic captions per image (1, the paper's)")
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="keep pairs whose ITM match probability is above this (0.5: ITM says match)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward of each model (32)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling, with each unit's number (0)")
+    p.add_argument("--unit-size", type=int, default=1000,
+                   help="JSON input: entries per unit of work, the granularity of resuming (1000; shards: one each)")
+    p.add_argument("--max-length", type=int, default=30, help="synthetic caption tokens, prompt included (30)")
+    p.add_argument("--min-length", type=int, default=10, help="synthetic caption tokens, prompt included (10)")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (0.9)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available; under torchrun each rank "
+                   "takes cuda:LOCAL_RANK)")
+    p.set_defaults(run=cmd_capfilt)
 
     p = sub.add_parser("convert", help="convert between Salesforce .pth and Hugging Face directories")
     p.add_argument("source", help="checkpoint to read (file or Hugging Face directory)")
