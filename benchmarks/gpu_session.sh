@@ -4,8 +4,9 @@
 #   bash benchmarks/gpu_session.sh [STAGE ...]          (from the repository root)
 #
 # stages: build tests parity step step_variants hard_negatives lm_loss attention step_attention distributed main
-# retrieval_eval finetune_step retrieval_eval_full data before_after report (default: all but retrieval_eval_full,
-# data, before_after and report; retrieval_eval_full is COCO's whole 5k x 25k test, ours alone, for time and peak
+# retrieval_eval finetune_step generate retrieval_eval_full data before_after report (default: all but
+# retrieval_eval_full, data, before_after and report; generate is caption generation, ours against HF transformers,
+# sized to stay under 2 minutes; retrieval_eval_full is COCO's whole 5k x 25k test, ours alone, for time and peak
 # memory against the 24 GB goal, a few minutes by itself; data needs
 # DALI carried in first with benchmarks/dali_carry.sh, before_after the earlier version's sources carried in .before/,
 # prepared here with `bash benchmarks/step_before_after.sh prepare`, and report runs anywhere on the results files).
@@ -22,7 +23,7 @@ DAY=$(date +%Y%m%d)
 DEV=$(python -c "import torch; n = torch.cuda.get_device_name(); print('h200' if 'H200' in n else 'h100' if 'H100' in n else 'gpu')")
 STAGES=("$@")
 [ ${#STAGES[@]} -eq 0 ] && STAGES=(build tests parity step step_variants hard_negatives lm_loss attention step_attention distributed
-                                   main retrieval_eval finetune_step)
+                                   main retrieval_eval finetune_step generate)
 
 LOG=$OUT/session.log
 run() {  # run STAGE COMMAND...: append to $LOG, keep going after a failure, report it at the end
@@ -94,6 +95,12 @@ for stage in "${STAGES[@]}"; do
                                   && echo "--impl original" || true)
                        run finetune_step python benchmarks/bench_finetune.py $ORIGINAL --impl fast --impl fast_graph \
                            --steps 5 --warmup 2 --json "$OUT/finetune-$DEV-$DAY.json" ;;
+        # caption generation (issue 18): ours against HF transformers' BlipForConditionalGeneration.generate on the same
+        # weights, ViT-B/16 at 384 px, bf16, greedy / beam 3 / nucleus, each also with a forced length (tokens/s); one
+        # untimed call per case and impl, then 3 timed at batch 64 and 2 at batch 256, where an HF call takes seconds:
+        # the stage is sized to stay under 2 minutes on an H100 (docs/benchmarks.md#caption-generation)
+        generate) run generate python benchmarks/bench_generate.py --batch-size 64 --batch-size 256:2 --repeats 3 \
+                      --json "$OUT/generate-$DEV-$DAY.json" ;;
         data) run data python benchmarks/bench_data.py --workers 1,16 --json "$OUT/data-$DEV-$DAY.json" ;;
         report) run report python benchmarks/report.py --results "$OUT" ;;
         *) echo "unknown stage $stage"; exit 2 ;;

@@ -223,3 +223,51 @@ def test_bench_finetune_times_the_original_and_ours_from_the_same_weights(tmp_pa
     assert data["ops"]["fast"]["attention"] == "torch" and data["text_tokens"]["padded"] <= 35
     with pytest.raises(SystemExit):  # the original builds ViT-B and ViT-L only
         _script("bench_finetune").main(["--preset", "tiny", "--impl", "original", "--device", "cpu"])
+
+
+def test_bench_generate_times_both_impls_and_greedy_agrees_in_fp32(tmp_path, capsys):
+    """Ours and Hugging Face's BLIP ``generate`` on the same random weights, every strategy, natural and forced length,
+    at the smallest size; in fp32 greedy decoding gives the same tokens in both."""
+    out = tmp_path / "generate-cpu-test.json"
+    code = _script("bench_generate").main(["--preset", "tiny", "--image-size", "32", "--batch-size", "4",
+                                           "--max-length", "10", "--min-length", "5", "--repeats", "1",
+                                           "--warmup", "0", "--device", "cpu", "--dtype", "fp32", "--json", str(out)])
+    assert code == 0
+    assert "greedy_forced10_tiny32_b4" in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert FORMAT_KEYS <= set(data) and data["suite"] == "generate" and data["device"] == "cpu"
+    assert data["command"].startswith("python benchmarks/bench_generate.py --preset tiny --image-size 32 ")
+    assert (BENCHMARKS.parent / data["command"].split()[1]).is_file()
+    values = {(r["case"], r["impl"], r["metric"]): r["value"] for r in data["records"]}
+    cases = {f"{strategy}{forced}_tiny32_b4" for strategy in ("greedy", "beam3", "nucleus")
+             for forced in ("", "_forced10")}
+    assert {r["case"] for r in data["records"]} == cases
+    assert {r["metric"] for r in data["records"]} == {"captions_per_s", "tokens_per_s", "agreement"}  # no peak on a CPU
+    for case in cases:
+        for impl in ("fast", "hf_transformers"):
+            assert values[(case, impl, "captions_per_s")] > 0
+            if "forced" in case:  # every caption has max_length - 4 prompt tokens = 6 new tokens
+                assert data["new_tokens"][case][impl] == 6
+                assert values[(case, impl, "tokens_per_s")] == pytest.approx(6 * values[(case, impl, "captions_per_s")])
+    assert values[("greedy_tiny32_b4", "fast", "agreement")] == 1.0
+    assert values[("greedy_forced10_tiny32_b4", "fast", "agreement")] == 1.0
+    assert 0 <= values[("beam3_tiny32_b4", "fast", "agreement")] <= 1
+    assert not any(r["metric"] == "agreement" for r in data["records"] if r["case"].startswith("nucleus"))
+    # BLIP's settings: nucleus with top-k 50, top-p 0.9 and repetition penalty 1.1, beam search with 3 beams and none
+    nucleus, beam = data["settings"]["strategies"]["nucleus"], data["settings"]["strategies"]["beam"]
+    assert (nucleus["top_k"], nucleus["top_p"], nucleus["repetition_penalty"]) == (50, 0.9, 1.1)
+    assert (beam["num_beams"], beam["repetition_penalty"]) == (3, 1.0)
+    with pytest.raises(SystemExit):
+        _script("bench_generate").main(["--preset", "tiny", "--batch-size", "4:x"])
+
+
+def test_bench_generate_agreement_ignores_hf_beam_fill_after_sep():
+    """HF's beam search fills after a caption's [SEP] with [SEP], ours with [PAD]; either may stop a step later."""
+    import torch
+
+    agreement = _script("bench_generate").agreement
+    pad, sep = 0, 102
+    ours = torch.tensor([[30522, 7, 8, sep, pad], [30522, 7, 9, 5, 6]])
+    hf = torch.tensor([[30522, 7, 8, sep, sep, sep], [30522, 7, 9, 5, 6, sep]])
+    assert agreement(ours, hf, 2, sep, pad) == 0.5
+    assert agreement(ours[:1, :4], hf[:1], 2, sep, pad) == 1.0
