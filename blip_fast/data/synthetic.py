@@ -6,7 +6,9 @@ square at the top"``). A model has to see colours, shapes and places to match ca
 images, which makes the set a quick, honest check that a tiny model learns -- in seconds, with no
 download. :func:`caption` is the one fixed wording (the pretraining set's); :func:`describe` and
 :func:`captions` word the same scene in other true ways (object order, synonyms, a lead-in), as
-the five captions per image of COCO and Flickr30k do.
+the five captions per image of COCO and Flickr30k do. :func:`mentioned_objects` reads the objects back out of
+any text, which is how a generated caption is checked against the scene it was drawn from
+(:func:`objects_named`).
 
 :func:`photo_like_jpeg` draws the other kind of synthetic image: photo-like JPEGs (shading, edges,
 grain) for decoder and transform comparisons and the data benchmark, where flat scenes would hide
@@ -17,6 +19,8 @@ from __future__ import annotations
 
 import io
 import random
+import re
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,6 +85,43 @@ def captions(scene: list[SceneObject], n: int, rng: random.Random) -> list[str]:
             if len(found) == n:
                 return found
     raise ValueError(f"found only {len(found)} different wordings of a scene, {n} asked for")
+
+
+_SIZE_OF = {word: size for size, words in SIZE_WORDS.items() for word in words}
+_PLACE_OF = {words: place for place, wordings in PLACE_WORDS.items() for words in wordings}
+# an object is "[size] colour shape [place]": the colour and shape are what any mention must name
+_MENTION = re.compile(r"(?:\b({sizes}) )?\b({colors}) ({shapes})\b(?: ({places})\b)?".format(
+    sizes="|".join(_SIZE_OF), colors="|".join(COLORS), shapes="|".join(SHAPES),
+    places="|".join(sorted(_PLACE_OF, key=len, reverse=True))))
+
+
+def mentioned_objects(text: str) -> list[tuple[str | None, str, str, str | None]]:
+    """The objects ``text`` names, as (size, colour, shape, place) in the words of :class:`SceneObject` (``None``
+    where the text leaves the size or the place out), in the order they are named. Any wording :func:`describe`
+    writes reads back to its scene; a generated caption reads to whatever it names, right or wrong."""
+    return [(_SIZE_OF.get(size), color, shape, _PLACE_OF.get(place))
+            for size, color, shape, place in _MENTION.findall(text.lower())]
+
+
+@dataclass(frozen=True)
+class ObjectsNamed:
+    """How well a text names a scene, counted over objects (a multiset: two red circles are two)."""
+    named: int           # objects the text names
+    present: int         # objects in the scene
+    colour_shape: int    # named objects whose colour and shape match one of the scene's, each used once
+    exact: int           # named objects whose size, colour, shape and place all match one of the scene's
+
+
+def objects_named(text: str, scene: list[SceneObject]) -> ObjectsNamed:
+    """Compare the objects ``text`` names (:func:`mentioned_objects`) with ``scene``. Precision is ``colour_shape /
+    named`` and recall ``colour_shape / present`` (likewise with ``exact``)."""
+    mentions = mentioned_objects(text)
+    truth = Counter((obj.color, obj.shape) for obj in scene)
+    said = Counter((color, shape) for _, color, shape, _ in mentions)
+    full_truth = Counter((obj.size, obj.color, obj.shape, obj.place) for obj in scene)
+    full_said = Counter(mention for mention in mentions if None not in mention)
+    return ObjectsNamed(named=len(mentions), present=len(scene), colour_shape=sum((truth & said).values()),
+                        exact=sum((full_truth & full_said).values()))
 
 
 def draw(scene: list[SceneObject], size: int, rng: random.Random) -> Image.Image:

@@ -42,7 +42,8 @@ class DataConfig:
     paths: list[str] = field(default_factory=list)
     """``json``: annotation files; ``shards``: tar files or brace patterns (``cc3m-{00000..00331}.tar``)."""
     image_root: str | None = None
-    """Folder the ``image`` paths of JSON lists are relative to."""
+    """Folder the ``image`` paths of JSON lists are relative to: the training lists' and the evaluation lists'
+    (``eval_path``, ``val_path``). With ``shards``, which hold their images, it serves the evaluation lists only."""
     synthetic_dir: str | None = None
     """``synthetic``: where the dataset lives (default ``<out>/data``); written when missing."""
     synthetic_n: int = 8000
@@ -94,6 +95,9 @@ class DataConfig:
             raise ConfigError(f"data.num_workers must be >= 0; got {self.num_workers}")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
             raise ConfigError(f"data.steps_per_epoch must be positive; got {self.steps_per_epoch}")
+        if self.kind == "shards" and self.image_root is not None and not (self.eval_path or self.val_path):
+            raise ConfigError("data.image_root applies to JSON lists: tar shards hold their images, and no "
+                              "data.eval_path or data.val_path is set for it to serve")
 
 
 @dataclass

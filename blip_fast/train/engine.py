@@ -295,7 +295,8 @@ class Trainer(abc.ABC):
         if data.kind == "synthetic":
             folder = ensure_synthetic_data(self.config, self.ctx, self.printer)
             return open_caption_source("json", [folder / "train.json"], folder)
-        return open_caption_source(data.kind, data.paths, data.image_root)
+        # shards hold their images: image_root then serves the evaluation lists only
+        return open_caption_source(data.kind, data.paths, data.image_root if data.kind == "json" else None)
 
     def use_caption_batches(self, source, prompt: str = "") -> None:
         """``self.batches`` of ``source``'s pairs (each caption after ``prompt``) and ``self.steps_per_epoch``."""

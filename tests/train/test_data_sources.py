@@ -46,6 +46,22 @@ def test_tar_shards_need_and_use_steps_per_epoch(synthetic_dir, tmp_path):
     assert [r["alpha"] for r in records[-4:]] == pytest.approx([0.0, 0.1, 0.2, 0.3])  # (the file holds both runs)
 
 
+def test_tar_shards_with_an_evaluation_list_under_image_root(synthetic_dir, tmp_path):
+    # shards hold their images; data.image_root then serves the evaluation list (relative paths), and alone it is
+    # refused rather than silently unused
+    base = [o for o in tiny_overrides(synthetic_dir, tmp_path) if not o.startswith(("data.synthetic", "train.eval"))]
+    shards = f"data.paths=[\"{synthetic_dir / 'shards' / 'train-{00000..00005}.tar'}\"]"
+    from blip_fast.config import ConfigError
+
+    with pytest.raises(ConfigError, match="data.image_root applies to JSON lists"):
+        _run([*base, "data.kind=shards", shards, "data.steps_per_epoch=5", f"data.image_root={synthetic_dir}",
+              "train.max_steps=2"], tmp_path)
+    summary, _, _ = _run([*base, "data.kind=shards", shards, "data.steps_per_epoch=5",
+                          f"data.image_root={synthetic_dir}", f"data.eval_path={synthetic_dir / 'val.json'}",
+                          "train.eval_size=10", "train.eval_itm_k=0", "train.max_steps=2"], tmp_path)
+    assert summary.steps == 2 and summary.evaluation["images"] == 10
+
+
 @pytest.mark.skipif(not HAS_DALI, reason="NVIDIA DALI is not installed")
 def test_dali_cpu_pretraining_transform(synthetic_dir, tmp_path):
     # DALI on the CPU with the original pretraining transform (crops, flips, RandomAugment) feeding the engine
