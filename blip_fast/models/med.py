@@ -229,8 +229,12 @@ class PaddedRows(NamedTuple):
         q, k, v = attention.self.queries_keys_values(x)
         causal = self.causal
         if self.cache is not None:  # this step's keys/values after the cached ones
+            # past the first step each new query sees every cached key. Decided by an ``if`` on the cache's length,
+            # not by comparing shapes: under torch.compile a shape comparison is a symbolic bool, which attention's
+            # is_causal refuses, where an ``if`` becomes a guard
+            if self.cache.length > 0:
+                causal = False
             k, v = self.cache.append(self.index, k, v)
-            causal = causal and k.shape[2] == x.shape[1]  # one new query sees every cached key
         return attention(x, (k, v), self.padding_mask, causal, queries=q)
 
     def attend_context(self, crossattention: TextAttention, x: torch.Tensor) -> torch.Tensor:

@@ -123,3 +123,21 @@ def test_inductor_text_layer_matches_eager(packed):
             results.append(({"out": out.detach(), "image": image_in.grad}, grads))
         assert_close(results[1][0], results[0][0], f"L={max(lengths)}")
         assert_close(results[1][1], results[0][1], f"L={max(lengths)} gradient of")
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+def test_block_compiled_captioning_generates_the_eager_tokens(strategy):
+    # decoding steps go through the compiled text layers with a growing cache: the prompt step is causal, the one-token
+    # steps attend to every cached key (a Python bool chosen from the cache's length, never from a symbolic shape)
+    from blip_fast.models import BlipCaption
+    from blip_fast.models.generation import GenerationConfig
+
+    torch.manual_seed(0)
+    eager = BlipCaption(config_without_dropout()).eval()
+    compiled = copy.deepcopy(eager)
+    assert compile_blocks(compiled, backend="aot_eager", fullgraph=True) == 4
+    images = torch.randn(3, 3, 64, 64)
+    prompt = torch.tensor([[101, 1037, 3861, 1997]]).repeat(3, 1)  # [CLS] a picture of
+    generation = GenerationConfig(strategy=strategy, max_length=12, min_length=6, num_beams=2)
+    expected = eager.generate(images, prompt, generation)
+    assert torch.equal(compiled.generate(images, prompt, generation), expected)
