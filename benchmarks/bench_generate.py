@@ -27,7 +27,11 @@ Impls, on the same random weights (ours, seeded, written by blip_fast.checkpoint
 ``fast``             blip_fast's :meth:`BlipCaption.generate` as the tree has it when the script runs (the captions
                      path of ``Blip.caption`` without the image files and the decoding to text);
 ``hf_transformers``  ``transformers.BlipForConditionalGeneration.generate`` with the same settings, as shipped: its
-                     BLIP has one attention implementation (eager) and its default dynamic key/value cache.
+                     BLIP has one attention implementation (eager) and its default dynamic key/value cache;
+``fast_compiled``    ``fast`` on a copy of the model whose ViT blocks and text layers are compiled by
+                     blip_fast.models.compile.compile_blocks (inductor), as ``train.compile`` compiles them; the
+                     compilation happens in the warm-up calls (at least one is required). Not run unless asked for
+                     with ``--impl``.
 
 Both impls hold their weights in ``--dtype`` (bf16 on CUDA, fp32 on the CPU), both on the device. Each case --
 strategy, length rule, batch size -- runs ``--warmup`` untimed calls of each impl, then ``--repeats`` timed calls of
@@ -37,9 +41,10 @@ each, the impls taking turns call by call (a busy machine then slows both alike)
 Nucleus sampling draws from the same seed in every call (ours from a ``torch.Generator``, Hugging Face's from the
 global one), so every repeat does the same work.
 
-``agreement`` (greedy and beam): the fraction of captions whose tokens are equal in both impls (Hugging Face's beam
-search fills the rest of a caption that ended early with [SEP], ours with [PAD]: that fill is not compared). Both
-should give 1.0 in fp32; in bf16 the two round differently and part ways after a near tie, so it is only recorded.
+``agreement`` (greedy and beam, recorded under ``fast`` and ``fast_compiled``): the fraction of captions whose tokens
+are equal in that impl and Hugging Face's (Hugging Face's beam search fills the rest of a caption that ended early
+with [SEP], ours with [PAD]: that fill is not compared). Both should give 1.0 in fp32; in bf16 the two round
+differently and part ways after a near tie, so it is only recorded.
 
 Random weights seldom make [SEP] the most likely token, and barely tell one image from another: most captions run to
 ``max_length``, so the natural cases do nearly the work of the forced ones (``new tokens`` in the table and the file's
@@ -50,6 +55,7 @@ though a batch runs until its longest caption ends. Results file: docs/results-f
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import tempfile
@@ -62,12 +68,14 @@ import torch
 from blip_fast.checkpoint import save_hf
 from blip_fast.config import PRESETS, preset
 from blip_fast.models import BlipCaption, GenerationConfig
+from blip_fast.models.compile import compile_blocks
 from blip_fast.shapes import FINETUNE_IMAGE_SIZE
 from blip_fast.text import BlipTokenizer
 
 from results_file import command_line, device_name, write_results
 
-IMPLS = ("fast", "hf_transformers")
+IMPLS = ("fast", "hf_transformers", "fast_compiled")
+DEFAULT_IMPLS = ("fast", "hf_transformers")
 STRATEGIES = ("greedy", "beam", "nucleus")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 NUM_BEAMS = 3
@@ -125,7 +133,7 @@ def models(preset_name: str, image_size: int, dtype: torch.dtype):
 
 def generate_call(impl: str, model, prompt_ids: torch.Tensor, config: GenerationConfig, sep: int, seed: int):
     """A function of the images that runs ``impl``'s whole ``generate`` and returns its token ids (B, L)."""
-    if impl == "fast":
+    if impl != "hf_transformers":
         def call(images):
             generator = torch.Generator(images.device).manual_seed(seed) if config.strategy == "nucleus" else None
             return model.generate(images, prompt_ids, config, generator)
@@ -226,7 +234,8 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
                         help="images per call, repeatable (default: 64 and 256); SIZE:REPEATS times that size with "
                              "its own number of timed calls")
     parser.add_argument("--strategy", action="append", choices=STRATEGIES, help="only these (default: all three)")
-    parser.add_argument("--impl", action="append", choices=IMPLS, help="only these (default: both)")
+    parser.add_argument("--impl", action="append", choices=IMPLS,
+                        help="only these (default: fast and hf_transformers)")
     parser.add_argument("--max-length", type=int, default=20, help="longest caption in tokens, the prompt's 4 included")
     parser.add_argument("--min-length", type=int, default=5, help="shortest caption in tokens, the prompt's included")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per case and impl (the median is kept)")
@@ -244,7 +253,9 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         parser.error("0 <= --min-length <= --max-length")
     args.batches = batch_sizes(args.batch_size or list(DEFAULT_BATCHES), args.repeats, parser)
     args.strategies = list(dict.fromkeys(args.strategy or STRATEGIES))
-    args.impls = list(dict.fromkeys(args.impl or IMPLS))
+    args.impls = list(dict.fromkeys(args.impl or DEFAULT_IMPLS))
+    if "fast_compiled" in args.impls and args.warmup < 1:
+        parser.error("--impl fast_compiled needs --warmup >= 1: the compilation happens in the warm-up calls")
     if args.dtype == "auto":
         args.dtype = "bf16" if torch.device(args.device).type == "cuda" else "fp32"
     return args
@@ -263,13 +274,17 @@ def main(argv: list[str] | None = None) -> int:
     images = {batch: torch.randn(batch, 3, args.image_size, args.image_size,
                                  generator=torch.Generator().manual_seed(args.seed + batch)).to(dtype)
               for batch, _ in args.batches}
-    resident = {impl: on_device(ours if impl == "fast" else hf, device) for impl in args.impls}
+    by_impl = {"fast": ours, "hf_transformers": hf}
+    if "fast_compiled" in args.impls:
+        by_impl["fast_compiled"] = copy.deepcopy(ours)
+        compile_blocks(by_impl["fast_compiled"])
+    resident = {impl: on_device(by_impl[impl], device) for impl in args.impls}
     results = {}  # (case, impl) -> measure()'s result
     for case in cases:
         config = generation_config(case.strategy, args.max_length, args.max_length if case.forced else args.min_length)
         prompts = prompt_ids.repeat(case.batch, 1).to(device)
-        calls = {impl: generate_call(impl, ours if impl == "fast" else hf, prompts, config, text.sep_token_id,
-                                     args.seed) for impl in args.impls}
+        calls = {impl: generate_call(impl, by_impl[impl], prompts, config, text.sep_token_id, args.seed)
+                 for impl in args.impls}
         measured = measure(calls, images[case.batch].to(device), args.warmup, case.repeats, resident)
         print(case.name(model_name, args.max_length) + ": "
               + ", ".join(f"{impl} {result['seconds']:.3f} s" for impl, result in measured.items()), flush=True)
@@ -288,10 +303,11 @@ def main(argv: list[str] | None = None) -> int:
                 records.append({"case": name, "impl": impl, "metric": "tokens_per_s", "value": captions * new_tokens})
             if "peak_gib" in result:
                 records.append({"case": name, "impl": impl, "metric": "peak_gib", "value": result["peak_gib"]})
-        if case.strategy != "nucleus" and set(IMPLS) <= set(args.impls):
-            same = agreement(results[case, "fast"]["tokens"], results[case, "hf_transformers"]["tokens"],
-                             prompt_length, text.sep_token_id, text.pad_token_id)
-            records.append({"case": name, "impl": "fast", "metric": "agreement", "value": same})
+        for impl in ("fast", "fast_compiled"):
+            if case.strategy != "nucleus" and {impl, "hf_transformers"} <= set(args.impls):
+                same = agreement(results[case, impl]["tokens"], results[case, "hf_transformers"]["tokens"],
+                                 prompt_length, text.sep_token_id, text.pad_token_id)
+                records.append({"case": name, "impl": impl, "metric": "agreement", "value": same})
 
     device_label = device_name(device)
     print(f"\n{model_name}, {args.dtype} on {device_label}, torch {torch.__version__}; captions of at most "
@@ -307,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
             peak = value.get((name, impl, "peak_gib"))
             agree = value.get((name, impl, "agreement"))
             hf_speed = value.get((name, "hf_transformers", "captions_per_s"))
-            ratio = f"{captions / hf_speed:.2f}x" if impl == "fast" and hf_speed else ""
+            ratio = f"{captions / hf_speed:.2f}x" if impl != "hf_transformers" and hf_speed else ""
             print(f"{name:<34} {impl:<16} {captions:>10.1f} {'' if tokens is None else f'{tokens:.0f}':>10} "
                   f"{lengths[name][impl]:>10.1f} {'' if peak is None else f'{peak:.2f}':>8} "
                   f"{'' if agree is None else f'{agree:.3f}':>6} {ratio:>6}")

@@ -259,6 +259,9 @@ def test_bench_generate_times_both_impls_and_greedy_agrees_in_fp32(tmp_path, cap
     assert (beam["num_beams"], beam["repetition_penalty"]) == (3, 1.0)
     with pytest.raises(SystemExit):
         _script("bench_generate").main(["--preset", "tiny", "--batch-size", "4:x"])
+    with pytest.raises(SystemExit):  # the compiled impl compiles in its warm-up calls
+        _script("bench_generate").main(["--preset", "tiny", "--impl", "fast_compiled", "--warmup", "0"])
+    assert "needs --warmup >= 1" in capsys.readouterr().err
 
 
 def test_bench_generate_agreement_ignores_hf_beam_fill_after_sep():
