@@ -19,6 +19,7 @@ from torch import nn
 from .checkpoint import load_checkpoint
 from .images import to_batch
 from .models import GenerationConfig
+from .models.compile import compile_blocks
 from .text import BlipTokenizer, clean_caption, clean_question
 
 _CAPABILITIES = {
@@ -32,8 +33,11 @@ _CAPABILITIES = {
 class Blip:
     """A loaded BLIP model with its tokenizer and image transform."""
 
-    def __init__(self, model: nn.Module, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(self, model: nn.Module, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 compile: bool = False):
         self.model = model.to(device=device, dtype=dtype).eval()
+        if compile:
+            compile_blocks(self.model)
         self.device = torch.device(device)
         self.dtype = dtype
         self.tokenizer = BlipTokenizer()
@@ -147,12 +151,14 @@ class Blip:
 
 
 def load(path: str | Path, task: str | None = None, device: str | torch.device | None = None,
-         image_size: int | None = None, dtype: torch.dtype = torch.float32) -> Blip:
+         image_size: int | None = None, dtype: torch.dtype = torch.float32, compile: bool = False) -> Blip:
     """Load a Salesforce ``.pth`` file or a Hugging Face directory into a :class:`Blip`.
 
     ``task`` (pretrain | retrieval | caption | vqa) is checked against the checkpoint's;
-    ``image_size`` resamples the position embeddings; ``device`` defaults to CUDA if present.
+    ``image_size`` resamples the position embeddings; ``device`` defaults to CUDA if present. ``compile``:
+    ``torch.compile`` each ViT block and text layer (blip_fast.models.compile): the first calls compile, later
+    ones run faster on a GPU.
     """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return Blip(load_checkpoint(path, task, image_size), device, dtype)
+    return Blip(load_checkpoint(path, task, image_size), device, dtype, compile)

@@ -37,9 +37,12 @@ def _device(name: str | None) -> str:
 
 
 def cmd_caption(args) -> int:
+    import torch
+
     from .api import load
 
-    blip = load(args.checkpoint, task="caption", device=_device(args.device), image_size=args.image_size)
+    blip = load(args.checkpoint, task="caption", device=_device(args.device), image_size=args.image_size,
+                dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype], compile=args.compile)
     captions = blip.caption(args.images, strategy=args.strategy, max_length=args.max_length,
                             min_length=args.min_length, num_beams=args.num_beams, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, num_return_sequences=args.num_return_sequences,
@@ -292,7 +295,7 @@ def cmd_capfilt(args) -> int:
                            image_root=args.image_root, captions_per_image=args.captions_per_image,
                            threshold=args.threshold, batch_size=args.batch_size, seed=args.seed,
                            unit_size=args.unit_size, max_length=args.max_length, min_length=args.min_length,
-                           top_p=args.top_p, device=device)
+                           top_p=args.top_p, device=device, compile=args.compile)
     report = run_capfilt(config)
     if report is not None:  # rank 0 of a torchrun job, or the only process
         print(summary(report, args.out))
@@ -440,6 +443,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="captions per image for nucleus sampling, a line each (1)")
     p.add_argument("--batch-size", type=int, default=64,
                    help="images read and captioned at a time (64); a progress bar on a terminal")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="of the weights and images (fp32; bf16 is for GPUs, where it is faster)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the ViT blocks and text layers: a slower start, faster on a GPU")
     p.set_defaults(run=cmd_caption)
 
     p = sub.add_parser("answer", help="answer a question about an image with a VQA checkpoint")
@@ -481,6 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (0.9)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available; under torchrun each rank "
                    "takes cuda:LOCAL_RANK)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile both models' ViT blocks and text layers: a slower start, faster on a GPU "
+                        "(a run resumes only with the same choice)")
     p.set_defaults(run=cmd_capfilt)
 
     p = sub.add_parser("convert", help="convert between Salesforce .pth and Hugging Face directories")

@@ -153,6 +153,42 @@ def test_pil_image_input(files):
     assert len(blip.caption(image, strategy="greedy", max_length=8, min_length=2)) == 1
 
 
+def test_compiled_and_bf16_captioning(files, capsys, monkeypatch):
+    # compile=True compiles the blocks (aot_eager here: dynamo's graphs without inductor's code generation); fp32
+    # captions equal eager's. The CLI's --compile and --dtype reach load().
+    import torch
+
+    from blip_fast import api
+    from blip_fast.models.compile import compile_blocks
+
+    compiled = []
+
+    def aot_eager(model):
+        compiled.append(model.task)
+        return compile_blocks(model, backend="aot_eager", fullgraph=True)
+
+    monkeypatch.setattr(api, "compile_blocks", aot_eager)
+    torch._dynamo.reset()
+    paths = [files["a"], files["b"]]
+    eager = blip_fast.load(files["caption"], device="cpu").caption(paths, max_length=10, min_length=4)
+    assert blip_fast.load(files["caption"], device="cpu", compile=True).caption(paths, max_length=10,
+                                                                                 min_length=4) == eager
+    assert compiled == ["caption"]
+    loaded = []
+    real_load = api.load
+
+    def recording_load(*args, **kwargs):
+        loaded.append(kwargs)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(api, "load", recording_load)
+    assert main(["caption", str(files["a"]), "-c", str(files["caption"]), "--device", "cpu", "--dtype", "bf16",
+                 "--compile", "--strategy", "greedy", "--max-length", "8", "--min-length", "4"]) == 0
+    torch._dynamo.reset()
+    assert (loaded[0]["dtype"], loaded[0]["compile"]) == (torch.bfloat16, True)
+    assert capsys.readouterr().out.startswith(str(files["a"]) + "\t")
+
+
 def test_captions_in_chunks_equal_one_batch_and_samples_come_image_by_image(files, capsys):
     blip = blip_fast.load(files["caption"], device="cpu")
     paths = [files["a"], files["gray"], files["cmyk"], files["png"], files["b"]]

@@ -208,6 +208,33 @@ def shard_run(setup, json_run, tmp_path_factory):
     return out
 
 
+def test_compiled_models_write_what_eager_ones_write(setup, json_run, tmp_path, monkeypatch):
+    # --compile compiles both models' blocks; aot_eager here (dynamo's graphs and guards without inductor's code
+    # generation, tests/models/test_compile.py), fp32: the same captions, kept pairs and scores to 1e-5
+    from blip_fast.models.compile import compile_blocks
+
+    compiled = []
+
+    def aot_eager(model):
+        compiled.append(model.task)
+        return compile_blocks(model, backend="aot_eager", fullgraph=True)
+
+    monkeypatch.setattr(capfilt_run, "compile_blocks", aot_eager)
+    torch._dynamo.reset()
+    out = tmp_path / "compiled"
+    assert main(_args(setup, out, "json", "--unit-size", "10", "--threshold", "0", "--compile")) == 0
+    torch._dynamo.reset()
+    assert compiled == ["caption", "retrieval"]
+    assert json.loads((out / "capfilt.json").read_text())["compile"] is True
+    assert json.loads((json_run / "capfilt.json").read_text())["compile"] is False
+    eager, ours = _unit_records(json_run), _unit_records(out)
+    assert [(r["caption"], r["source"], r["kept"]) for r in ours] == [(r["caption"], r["source"], r["kept"])
+                                                                     for r in eager]
+    for name in ("itm_prob", "itc_sim"):
+        torch.testing.assert_close(torch.tensor([r[name] for r in ours]), torch.tensor([r[name] for r in eager]),
+                                   **TOLERANCE)
+
+
 def test_shard_run_writes_the_images_its_json_list_points_to(setup, shard_run):
     kept = json.loads((shard_run / "bootstrapped.json").read_text())
     records = _unit_records(shard_run)

@@ -44,6 +44,7 @@ import torch.distributed as dist
 from ..checkpoint import CheckpointError, atomic_write, load_checkpoint
 from ..data.sample import DataStats
 from ..data.transforms import TransformConfig, eval_transform
+from ..models.compile import compile_blocks
 from ..models.generation import GenerationConfig
 from ..text import BlipTokenizer, clean_caption
 from .scoring import CAPFILT_GENERATION, FILTER_TASKS, filter_pairs, synthetic_captions
@@ -89,6 +90,10 @@ class CapfiltConfig:
     """cpu, cuda or cuda:N (one process); under torchrun each rank takes cuda:LOCAL_RANK. Default: cuda if any."""
     progress: bool = True
     """Show rank 0's progress bar (images/s and time left) on stderr."""
+    compile: bool = False
+    """``torch.compile`` each ViT block and text layer of both models (blip_fast.models.compile), as
+    ``train.compile`` does: a slower start, then faster batches on a GPU. Part of the run's settings: compiled
+    kernels may round differently, so a run is resumed the way it started."""
 
     def __post_init__(self):
         if isinstance(self.data, (str, Path)):
@@ -222,6 +227,9 @@ class _Capfilt:
         self.tokenizer = BlipTokenizer()
         self.captioner = _load(config.captioner, ("caption",), "--captioner", ranks.device)
         self.filter = _load(config.filter, FILTER_TASKS, "--filter", ranks.device)
+        if config.compile:
+            for model in (self.captioner, self.filter):
+                compile_blocks(model)
         self.captioner.prompt_ids(self.tokenizer, self.generation)  # --max-length leaves room for a caption
         self.caption_transform = TransformConfig.eval(self.captioner.config.vision.image_size)
         self.filter_transform = TransformConfig.eval(self.filter.config.vision.image_size)
@@ -232,7 +240,8 @@ class _Capfilt:
             "captions_per_image": config.captions_per_image, "threshold": config.threshold,
             "batch_size": config.batch_size, "seed": config.seed,
             "unit_size": config.unit_size if self.source.kind == "json" else None,
-            "generation": asdict(self.generation), "units": [unit.name for unit in self.source.units]}
+            "generation": asdict(self.generation), "compile": config.compile,
+            "units": [unit.name for unit in self.source.units]}
 
     # ------------------------------------------------------------------ the output folder
 
