@@ -31,7 +31,10 @@ Impls, on the same random weights (ours, seeded, written by blip_fast.checkpoint
 ``fast_compiled``    ``fast`` on a copy of the model whose ViT blocks and text layers are compiled by
                      blip_fast.models.compile.compile_blocks (inductor), as ``train.compile`` compiles them; the
                      compilation happens in the warm-up calls (at least one is required). Not run unless asked for
-                     with ``--impl``.
+                     with ``--impl``;
+``fast_graph``       ``fast`` with ``decode_step="cuda_graph"``: after the prompt's step, every one-token step is a
+                     CUDA graph, captured once per call (in the timed calls too: it is part of what a call costs)
+                     and replayed (GenerationConfig). CUDA only; not run unless asked for.
 
 Both impls hold their weights in ``--dtype`` (bf16 on CUDA, fp32 on the CPU), both on the device. Each case --
 strategy, length rule, batch size -- runs ``--warmup`` untimed calls of each impl, then ``--repeats`` timed calls of
@@ -41,7 +44,7 @@ each, the impls taking turns call by call (a busy machine then slows both alike)
 Nucleus sampling draws from the same seed in every call (ours from a ``torch.Generator``, Hugging Face's from the
 global one), so every repeat does the same work.
 
-``agreement`` (greedy and beam, recorded under ``fast`` and ``fast_compiled``): the fraction of captions whose tokens
+``agreement`` (greedy and beam, recorded under each of our impls): the fraction of captions whose tokens
 are equal in that impl and Hugging Face's (Hugging Face's beam search fills the rest of a caption that ended early
 with [SEP], ours with [PAD]: that fill is not compared). Both should give 1.0 in fp32; in bf16 the two round
 differently and part ways after a near tie, so it is only recorded.
@@ -60,7 +63,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import NamedTuple
 
 import torch
@@ -74,7 +77,7 @@ from blip_fast.text import BlipTokenizer
 
 from results_file import command_line, device_name, write_results
 
-IMPLS = ("fast", "hf_transformers", "fast_compiled")
+IMPLS = ("fast", "hf_transformers", "fast_compiled", "fast_graph")
 DEFAULT_IMPLS = ("fast", "hf_transformers")
 STRATEGIES = ("greedy", "beam", "nucleus")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -256,6 +259,8 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     args.impls = list(dict.fromkeys(args.impl or DEFAULT_IMPLS))
     if "fast_compiled" in args.impls and args.warmup < 1:
         parser.error("--impl fast_compiled needs --warmup >= 1: the compilation happens in the warm-up calls")
+    if "fast_graph" in args.impls and torch.device(args.device).type != "cuda":
+        parser.error("--impl fast_graph needs --device cuda: it replays CUDA graphs")
     if args.dtype == "auto":
         args.dtype = "bf16" if torch.device(args.device).type == "cuda" else "fp32"
     return args
@@ -274,16 +279,20 @@ def main(argv: list[str] | None = None) -> int:
     images = {batch: torch.randn(batch, 3, args.image_size, args.image_size,
                                  generator=torch.Generator().manual_seed(args.seed + batch)).to(dtype)
               for batch, _ in args.batches}
-    by_impl = {"fast": ours, "hf_transformers": hf}
+    by_impl = {"fast": ours, "hf_transformers": hf, "fast_graph": ours}
     if "fast_compiled" in args.impls:
         by_impl["fast_compiled"] = copy.deepcopy(ours)
         compile_blocks(by_impl["fast_compiled"])
     resident = {impl: on_device(by_impl[impl], device) for impl in args.impls}
+    if "fast_graph" in resident and "fast" in resident:  # the same model: its bytes are fast's
+        resident["fast_graph"] = resident["fast"]
     results = {}  # (case, impl) -> measure()'s result
     for case in cases:
         config = generation_config(case.strategy, args.max_length, args.max_length if case.forced else args.min_length)
         prompts = prompt_ids.repeat(case.batch, 1).to(device)
-        calls = {impl: generate_call(impl, by_impl[impl], prompts, config, text.sep_token_id, args.seed)
+        calls = {impl: generate_call(impl, by_impl[impl], prompts,
+                                     replace(config, decode_step="cuda_graph") if impl == "fast_graph" else config,
+                                     text.sep_token_id, args.seed)
                  for impl in args.impls}
         measured = measure(calls, images[case.batch].to(device), args.warmup, case.repeats, resident)
         print(case.name(model_name, args.max_length) + ": "
@@ -303,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
                 records.append({"case": name, "impl": impl, "metric": "tokens_per_s", "value": captions * new_tokens})
             if "peak_gib" in result:
                 records.append({"case": name, "impl": impl, "metric": "peak_gib", "value": result["peak_gib"]})
-        for impl in ("fast", "fast_compiled"):
+        for impl in ("fast", "fast_compiled", "fast_graph"):
             if case.strategy != "nucleus" and {impl, "hf_transformers"} <= set(args.impls):
                 same = agreement(results[case, impl]["tokens"], results[case, "hf_transformers"]["tokens"],
                                  prompt_length, text.sep_token_id, text.pad_token_id)

@@ -4,9 +4,10 @@
 #   bash benchmarks/gpu_session.sh [STAGE ...]          (from the repository root)
 #
 # stages: build tests parity step step_variants hard_negatives lm_loss attention step_attention distributed main
-# retrieval_eval finetune_step generate generate_compiled retrieval_eval_full data before_after report (default: all
+# retrieval_eval finetune_step generate generate_variants retrieval_eval_full data before_after report (default: all
 # but retrieval_eval_full, data, before_after and report; generate is caption generation, ours against HF transformers,
-# sized to stay under 2 minutes, generate_compiled the same at batch 64 with our blocks compiled beside eager; retrieval_eval_full is COCO's whole 5k x 25k test, ours alone, for time and peak
+# sized to stay under 2 minutes, generate_variants the same at batch 64 with our blocks compiled and with the decode
+# step as a CUDA graph beside eager; retrieval_eval_full is COCO's whole 5k x 25k test, ours alone, for time and peak
 # memory against the 24 GB goal, a few minutes by itself; data needs
 # DALI carried in first with benchmarks/dali_carry.sh, before_after the earlier version's sources carried in .before/,
 # prepared here with `bash benchmarks/step_before_after.sh prepare`, and report runs anywhere on the results files).
@@ -23,7 +24,7 @@ DAY=$(date +%Y%m%d)
 DEV=$(python -c "import torch; n = torch.cuda.get_device_name(); print('h200' if 'H200' in n else 'h100' if 'H100' in n else 'gpu')")
 STAGES=("$@")
 [ ${#STAGES[@]} -eq 0 ] && STAGES=(build tests parity step step_variants hard_negatives lm_loss attention step_attention distributed
-                                   main retrieval_eval finetune_step generate generate_compiled)
+                                   main retrieval_eval finetune_step generate generate_variants)
 
 LOG=$OUT/session.log
 run() {  # run STAGE COMMAND...: append to $LOG, keep going after a failure, report it at the end
@@ -101,11 +102,12 @@ for stage in "${STAGES[@]}"; do
         # the stage is sized to stay under 2 minutes on an H100 (docs/benchmarks.md#caption-generation)
         generate) run generate python benchmarks/bench_generate.py --batch-size 64 --batch-size 256:2 --repeats 3 \
                       --json "$OUT/generate-$DEV-$DAY.json" ;;
-        # the same at batch 64 with the ViT blocks and text layers compiled (inductor), eager and HF beside it in the
-        # same run; inductor compiles in the 2 untimed calls of each case (issue 18: "the ViT and decoder compiled")
-        generate_compiled) run generate_compiled python benchmarks/bench_generate.py --batch-size 64 --repeats 3 \
-                      --warmup 2 --impl fast --impl fast_compiled --impl hf_transformers \
-                      --json "$OUT/generate-$DEV-$DAY-compiled.json" ;;
+        # the same at batch 64: our ViT blocks and text layers compiled (inductor, which compiles in the 2 untimed calls
+        # of each case) and our one-token steps replayed as a CUDA graph, eager and HF beside them in the same run
+        # (issue 18: "the decode step captured in a CUDA graph", "the ViT and decoder compiled")
+        generate_variants) run generate_variants python benchmarks/bench_generate.py --batch-size 64 --repeats 3 \
+                      --warmup 2 --impl fast --impl fast_compiled --impl fast_graph --impl hf_transformers \
+                      --json "$OUT/generate-$DEV-$DAY-variants.json" ;;
         data) run data python benchmarks/bench_data.py --workers 1,16 --json "$OUT/data-$DEV-$DAY.json" ;;
         report) run report python benchmarks/report.py --results "$OUT" ;;
         *) echo "unknown stage $stage"; exit 2 ;;

@@ -262,6 +262,9 @@ def test_bench_generate_times_both_impls_and_greedy_agrees_in_fp32(tmp_path, cap
     with pytest.raises(SystemExit):  # the compiled impl compiles in its warm-up calls
         _script("bench_generate").main(["--preset", "tiny", "--impl", "fast_compiled", "--warmup", "0"])
     assert "needs --warmup >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # CUDA graphs
+        _script("bench_generate").main(["--preset", "tiny", "--impl", "fast_graph", "--device", "cpu"])
+    assert "needs --device cuda" in capsys.readouterr().err
 
 
 def test_bench_generate_agreement_ignores_hf_beam_fill_after_sep():

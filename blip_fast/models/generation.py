@@ -27,6 +27,7 @@ import torch
 from .med import KVCache, TextDecoder
 
 STRATEGIES = ("greedy", "beam", "nucleus")
+DECODE_STEPS = ("dynamic", "static", "cuda_graph")
 _NEG = -1.0e9
 
 
@@ -52,6 +53,11 @@ class GenerationConfig:
     num_return_sequences: int = 1
     """Captions ``nucleus`` samples per image (rows come image by image); the image's context is held once for
     all of them."""
+    decode_step: str = "dynamic"
+    """How the one-token steps after the prompt run: ``dynamic`` attends to the tokens cached so far; ``static``
+    attends to every slot of the preallocated cache with the ones not yet written masked, the position a device
+    tensor, so that every step has the same shapes and buffers; ``cuda_graph`` captures that static step once
+    per call as a CUDA graph and replays it (CUDA only). The three compute the same scores up to rounding."""
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -71,6 +77,8 @@ class GenerationConfig:
         if isinstance(self.num_return_sequences, bool) or not isinstance(self.num_return_sequences, int) \
                 or self.num_return_sequences < 1:
             raise ValueError(f"num_return_sequences must be an int >= 1; got {self.num_return_sequences!r}")
+        if self.decode_step not in DECODE_STEPS:
+            raise ValueError(f"decode_step must be one of {', '.join(DECODE_STEPS)}; got {self.decode_step!r}")
         if self.num_return_sequences > 1 and self.strategy != "nucleus":
             raise ValueError(f"num_return_sequences > 1 needs strategy='nucleus' ({self.strategy} gives one "
                              "sequence per image)")
@@ -145,6 +153,9 @@ def generate(
     check_prompt(prompt_ids, config)
     if prompt_ids.shape[0] != context.shape[0]:
         raise ValueError(f"{prompt_ids.shape[0]} prompts for {context.shape[0]} contexts")
+    if config.decode_step == "cuda_graph" and context.device.type != "cuda":
+        raise ValueError(f"decode_step='cuda_graph' needs CUDA; the context is on {context.device}")
+    decoder.bert.embeddings.check_length(config.max_length)  # the cache's slots are positions
     if config.strategy == "beam":
         return _beam_search(decoder, prompt_ids, context, context_mask, config, eos_token_id, pad_token_id)
     return _sample_or_greedy(decoder, prompt_ids, context, context_mask, config, eos_token_id, pad_token_id,
@@ -156,6 +167,50 @@ def _next_scores(decoder, step_ids, context, context_mask, cache) -> torch.Tenso
     return decoder.logits(hidden).float()  # (N, V)
 
 
+class _DecodeSteps:
+    """The decoder's next-token scores (N, V), step by step: the prompt's step as it comes (its length varies),
+    then each one-token step as ``decode_step`` says (GenerationConfig). A graph's output is overwritten by the
+    next replay: the loops read each step's scores before taking the next."""
+
+    def __init__(self, decoder, context, context_mask, cache: KVCache, decode_step: str):
+        self.decoder, self.context, self.context_mask, self.cache = decoder, context, context_mask, cache
+        self.decode_step = decode_step
+        self.graph = self.graph_ids = self.graph_scores = None
+
+    def __call__(self, step_ids: torch.Tensor) -> torch.Tensor:
+        cache = self.cache
+        if self.decode_step == "dynamic" or cache.length == 0:
+            return _next_scores(self.decoder, step_ids, self.context, self.context_mask, cache)
+        if cache.position is None:
+            cache.position = torch.zeros((), dtype=torch.long, device=step_ids.device)
+        cache.position.fill_(cache.length)
+        if self.decode_step == "static":
+            scores = _next_scores(self.decoder, step_ids, self.context, self.context_mask, cache)
+        else:
+            if self.graph is None:
+                self._capture(step_ids)
+            self.graph_ids.copy_(step_ids)
+            self.graph.replay()
+            scores = self.graph_scores
+        cache.length += 1
+        return scores
+
+    def _capture(self, step_ids: torch.Tensor) -> None:
+        """Capture the static step on its first use. Its warm-up runs write this step's slot, which the replay
+        then writes again; the context's keys/values and the cache buffers keep their addresses for the call."""
+        self.graph_ids = step_ids.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # lazy initialisation and backend choices happen outside the capture
+                _next_scores(self.decoder, self.graph_ids, self.context, self.context_mask, self.cache)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.graph_scores = _next_scores(self.decoder, self.graph_ids, self.context, self.context_mask,
+                                             self.cache)
+
+
 # the loops read a stopping flag back to the host only every this many tokens: a read waits for the device
 # to finish every step queued so far. Steps past the end leave the output as it is (ended rows add padding;
 # a beam search item that cannot improve keeps its finished set), so only the saved work depends on it.
@@ -165,12 +220,13 @@ CHECK_EVERY = 4
 def _sample_or_greedy(decoder, prompt_ids, context, context_mask, config, eos, pad, generator):
     samples = config.num_return_sequences
     cache = KVCache.empty(len(decoder.bert.encoder.layer), config.max_length, shared_by=samples)
+    steps = _DecodeSteps(decoder, context, context_mask, cache, config.decode_step)
     sequences = prompt_ids.repeat_interleave(samples, dim=0)
     running = torch.ones(sequences.shape[0], dtype=torch.bool, device=prompt_ids.device)
     needed = torch.zeros((), dtype=torch.long, device=prompt_ids.device)  # steps taken while a row ran
     step_ids = sequences
     while sequences.shape[1] < config.max_length:
-        scores = _process(_next_scores(decoder, step_ids, context, context_mask, cache), sequences, config, eos)
+        scores = _process(steps(step_ids), sequences, config, eos)
         if config.strategy == "greedy":
             next_ids = scores.argmax(dim=-1)
         else:
@@ -200,6 +256,7 @@ def _beam_search(decoder, prompt_ids, context, context_mask, config, eos, pad):
     keep = 2 * beams  # candidates per step: enough that `beams` of them are still running
     # the context stays one row per image: its keys/values are computed once and shared by the image's beams
     cache = KVCache.empty(len(decoder.bert.encoder.layer), config.max_length, shared_by=beams)
+    steps = _DecodeSteps(decoder, context, context_mask, cache, config.decode_step)
 
     running = torch.full((batch, beams, config.max_length), pad, dtype=torch.long, device=device)
     running[:, :, :prompt_len] = prompt_ids[:, None]
@@ -217,7 +274,7 @@ def _beam_search(decoder, prompt_ids, context, context_mask, config, eos, pad):
     length = prompt_len
     while length < config.max_length:
         flat = running[:, :, :length].reshape(batch * beams, length)
-        scores = torch.log_softmax(_next_scores(decoder, step_ids, context, context_mask, cache), dim=-1)
+        scores = torch.log_softmax(steps(step_ids), dim=-1)
         scores = _process(scores, flat, config, eos)
         vocab = scores.shape[-1]
         totals = (scores.view(batch, beams, vocab) + running_scores[:, :, None]).view(batch, beams * vocab)

@@ -67,7 +67,11 @@ class KVCache:
     self_kv: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
     cross_kv: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
     length: int = 0
-    """Tokens cached so far (the text transformer advances it after each step's layers)."""
+    """Tokens cached so far (the text transformer advances it after each step's layers; in static mode, the caller)."""
+    position: torch.Tensor | None = None
+    """Static mode (set by the caller, after the prompt's step): a 0-d long tensor on the device, where this step's
+    one token goes. The step then writes there, attends to every slot of the buffers with the ones past it masked,
+    and leaves ``length`` alone: its shapes and buffers are the same at every step, as a CUDA graph needs."""
 
     @classmethod
     def empty(cls, num_layers: int, capacity: int, shared_by: int = 1) -> KVCache:
@@ -88,6 +92,19 @@ class KVCache:
         cached_keys[:, :, self.length:stop] = keys
         cached_values[:, :, self.length:stop] = values
         return cached_keys[:, :, :stop], cached_values[:, :, :stop]
+
+    def write(self, index: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Static mode: layer ``index``'s keys/values (N, H, 1, D) written at ``position``; returns the whole
+        buffers (N, H, capacity, D), which :meth:`visible` masks."""
+        cached_keys, cached_values = self.self_kv[index]
+        cached_keys.index_copy_(2, self.position.view(1), keys)
+        cached_values.index_copy_(2, self.position.view(1), values)
+        return cached_keys, cached_values
+
+    def visible(self, rows: int) -> torch.Tensor:
+        """Static mode: (rows, capacity) True on the slots up to ``position``."""
+        slots = torch.arange(self.capacity, device=self.position.device)
+        return (slots <= self.position)[None].expand(rows, self.capacity)
 
     def reorder(self, index: torch.Tensor) -> None:
         """Row ``i`` continues row ``index[i]`` (beam search; ``index`` stays within each context row's group, so
@@ -228,6 +245,11 @@ class PaddedRows(NamedTuple):
     def attend_self(self, attention: TextAttention, x: torch.Tensor) -> torch.Tensor:
         q, k, v = attention.self.queries_keys_values(x)
         causal = self.causal
+        if self.cache is not None and self.cache.position is not None:  # static mode: one token at a device position
+            if self.padding_mask is not None or x.shape[1] != 1:
+                raise ValueError("a static-mode decoding step takes one token per row and no padding mask")
+            k, v = self.cache.write(self.index, k, v)
+            return attention(x, (k, v), self.cache.visible(x.shape[0]), False, queries=q)
         if self.cache is not None:  # this step's keys/values after the cached ones
             # past the first step each new query sees every cached key. Decided by an ``if`` on the cache's length,
             # not by comparing shapes: under torch.compile a shape comparison is a symbolic bool, which attention's
@@ -334,11 +356,14 @@ class TextTransformer(nn.Module):
             if cache is not None:
                 raise ValueError("packing and a BlockContext take no cache")
             return fast_text_pass(self, input_ids, padding_mask, causal, context_kv, context_mask, packing)
-        x = self.embeddings(input_ids, 0 if cache is None else cache.length)
+        if cache is not None and cache.position is not None:  # static mode: the position is a device tensor
+            x = self.embeddings.tokens(input_ids, cache.position.view(1))
+        else:
+            x = self.embeddings(input_ids, 0 if cache is None else cache.length)
         for index, layer in enumerate(self.encoder.layer):
             context = None if context_kv is None else context_kv[index]
             x = layer(x, PaddedRows(padding_mask, causal, context, context_mask, cache, index))
-        if cache is not None:
+        if cache is not None and cache.position is None:  # (a static step is replayed without Python: the caller)
             cache.length += input_ids.shape[1]
         return x
 

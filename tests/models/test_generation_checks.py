@@ -230,3 +230,66 @@ def test_shared_context_cache_decodes_as_a_repeated_context(caption):
 def test_num_return_sequences_is_checked(fields, match):
     with pytest.raises(ValueError, match=match):
         GenerationConfig(**fields)
+
+
+def _static_and_dynamic_step_scores(decoder, context, ids, shared_by):
+    """Per one-token step after a 2-token prompt, the scores of a dynamic cache and of a static-mode one."""
+    from blip_fast.models.generation import _DecodeSteps
+    from blip_fast.models.med import KVCache
+
+    scores = {}
+    for mode in ("dynamic", "static"):
+        cache = KVCache.empty(2, ids.shape[1], shared_by=shared_by)
+        steps = _DecodeSteps(decoder, context, None, cache, mode)
+        with torch.no_grad():
+            scores[mode] = [steps(ids[:, :2]).clone()] + [steps(ids[:, t:t + 1]).clone()
+                                                          for t in range(2, ids.shape[1])]
+        assert cache.length == ids.shape[1]
+    return scores
+
+
+@pytest.mark.parametrize("shared_by", [1, 3])
+def test_static_decode_steps_give_the_dynamic_scores(caption, shared_by):
+    # static mode: every step writes its slot at a device position and attends to the whole buffer, masked past
+    # it; fp32 scores equal the dynamic cache's to 1e-5 at every step (odd capacity 9, shared and unshared context)
+    decoder = caption.text_decoder
+    context = caption.image_embeds(torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(6)))
+    ids = torch.randint(1000, 2000, (2 * shared_by, 9), generator=torch.Generator().manual_seed(6))
+    scores = _static_and_dynamic_step_scores(decoder, context, ids, shared_by)
+    for dynamic, static in zip(scores["dynamic"], scores["static"], strict=True):
+        torch.testing.assert_close(static, dynamic, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "beam", "nucleus"])
+@pytest.mark.parametrize("forced", [False, True], ids=["natural", "forced"])
+def test_static_decoding_writes_the_dynamic_tokens(caption, strategy, forced):
+    images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(8))
+    prompt = torch.tensor(PROMPT * 3)
+    outputs = [caption.generate(images, prompt, GenerationConfig(
+        strategy=strategy, max_length=15, min_length=15 if forced else 5, num_beams=3, decode_step=mode),
+        torch.Generator().manual_seed(9)) for mode in ("dynamic", "static")]
+    assert torch.equal(outputs[0], outputs[1])
+
+
+def test_decode_step_is_checked(caption):
+    with pytest.raises(ValueError, match="decode_step must be one of dynamic, static, cuda_graph"):
+        GenerationConfig(decode_step="graph")
+    images, prompt = torch.randn(1, 3, 64, 64), torch.tensor(PROMPT)
+    with pytest.raises(ValueError, match="needs CUDA; the context is on cpu"):
+        caption.generate(images, prompt, GenerationConfig(decode_step="cuda_graph", max_length=8, min_length=5))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("strategy", ["greedy", "beam", "nucleus"])
+def test_cuda_graph_decoding_writes_the_dynamic_tokens(caption, strategy):
+    # the static step captured once per call and replayed; fp32 on the GPU: the tokens of the dynamic cache
+    import copy
+
+    model = copy.deepcopy(caption).cuda()
+    images = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(10)).cuda()
+    prompt = torch.tensor(PROMPT * 4).cuda()
+    outputs = [model.generate(images, prompt, GenerationConfig(strategy=strategy, max_length=16, min_length=6,
+                                                               num_beams=3, decode_step=mode),
+                              torch.Generator("cuda").manual_seed(11)) for mode in ("dynamic", "cuda_graph")]
+    assert torch.equal(outputs[0], outputs[1])
