@@ -133,6 +133,16 @@ def mean_across_ranks(values: torch.Tensor, ctx: DistributedContext) -> torch.Te
     return values
 
 
+def from_main(value, ctx: DistributedContext):
+    """Rank 0's ``value`` (any picklable object) on every rank; all ranks must call it. It also synchronises them,
+    as a barrier does."""
+    if not ctx.active:
+        return value
+    shared = [value if ctx.is_main else None]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
+
+
 def barrier(ctx: DistributedContext) -> None:
     if ctx.active:
         dist.barrier()

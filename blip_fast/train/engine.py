@@ -54,6 +54,7 @@ from .config import PretrainConfig, pretrain_config_to_dict
 from .distributed import (
     DistributedContext,
     barrier,
+    from_main,
     init_distributed,
     mean_across_ranks,
 )
@@ -175,14 +176,23 @@ def ensure_synthetic_data(config: PretrainConfig, ctx: DistributedContext, print
     data = config.data
     folder = synthetic_folder(config)
     info_path = folder / "info.json"
+    failure = None
     if ctx.is_main and not info_path.is_file():
         printer(f"writing the synthetic dataset ({data.synthetic_n} scenes, {data.synthetic_image_size} px) "
                 f"to {folder}")
         # never overwrite: a folder without info.json is not a dataset this command wrote, so whatever is there
         # belongs to the user; the writer refuses a folder that is not empty
-        write_synthetic_dataset(folder, data.synthetic_n, image_size=data.synthetic_image_size,
-                                seed=config.train.seed, overwrite=False)
-    barrier(ctx)
+        try:
+            write_synthetic_dataset(folder, data.synthetic_n, image_size=data.synthetic_image_size,
+                                    seed=config.train.seed, overwrite=False)
+        except (OSError, ValueError) as error:
+            failure = error
+    # the other ranks wait for rank 0's dataset: they learn that it failed rather than wait for it forever
+    reason = from_main(None if failure is None else str(failure), ctx)
+    if failure is not None:
+        raise failure
+    if reason is not None:
+        raise ConfigError(f"rank 0 could not write the synthetic dataset to {folder}: {reason}")
     info = json.loads(info_path.read_text())
     if (info["n"], info["image_size"]) != (data.synthetic_n, data.synthetic_image_size):
         raise ConfigError(f"{folder} holds a synthetic dataset of {info['n']} scenes at {info['image_size']} px, "

@@ -99,3 +99,43 @@ def test_ddp_step_equals_single_process_on_the_same_batches(synthetic_dir, tmp_p
             assert_rel_close(final[queue][:, rank * BATCH:(rank + 1) * BATCH],
                              halves[rank].state_dict()[queue][:, :BATCH], f"{queue} columns of rank {rank}")
         assert torch.equal(final[queue][:, WORLD * BATCH:], initial[queue][:, WORLD * BATCH:])
+
+
+def _synth_failure_rank(rank, port, out, folder):
+    from blip_fast.train.pretraining import Pretrainer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    config = load_pretrain_config(None, [f"data.synthetic_dir={folder}", "data.synthetic_n=40", "data.batch_size=4",
+                                         "model.queue_size=8", "train.device=cpu", f"train.out={out}",
+                                         "train.tensorboard=false"])
+    try:
+        Pretrainer(config, printer=lambda *_: None).close()
+        message = "no error"
+    except Exception as error:  # noqa: BLE001 -- the test records what each rank raised
+        message = f"{type(error).__name__}: {error}"
+    (out / f"rank{rank}.txt").write_text(message)
+
+
+def test_a_synthetic_dataset_rank_0_cannot_write_stops_every_rank(tmp_path):
+    # rank 0 writes the built-in dataset while the others wait; when it cannot (here: a folder of someone else's
+    # files), every rank stops with the reason instead of waiting at a barrier forever
+    import time
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("not a dataset")
+    context = mp.spawn(_synth_failure_rank, args=(free_port(), tmp_path, folder), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + 120
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("a rank still waits for rank 0's dataset")
+    messages = [(tmp_path / f"rank{r}.txt").read_text() for r in range(WORLD)]
+    assert messages[0].startswith("ValueError:") and "is not empty and is not a dataset" in messages[0]
+    for message in messages[1:]:
+        assert message.startswith("ConfigError: rank 0 could not write the synthetic dataset to"), message
+        assert "is not empty and is not a dataset" in message
+    assert (folder / "notes.txt").read_text() == "not a dataset"
