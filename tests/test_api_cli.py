@@ -157,17 +157,11 @@ def test_compiled_and_bf16_captioning(files, capsys, monkeypatch):
     # compile=True compiles the blocks (aot_eager here: dynamo's graphs without inductor's code generation); fp32
     # captions equal eager's. The CLI's --compile and --dtype reach load().
     import torch
+    from compile_checks import compile_with_aot_eager
 
     from blip_fast import api
-    from blip_fast.models.compile import compile_blocks
 
-    compiled = []
-
-    def aot_eager(model):
-        compiled.append(model.task)
-        return compile_blocks(model, backend="aot_eager", fullgraph=True)
-
-    monkeypatch.setattr(api, "compile_blocks", aot_eager)
+    compiled = compile_with_aot_eager(monkeypatch, api)
     torch._dynamo.reset()
     paths = [files["a"], files["b"]]
     eager = blip_fast.load(files["caption"], device="cpu").caption(paths, max_length=10, min_length=4)

@@ -211,15 +211,9 @@ def shard_run(setup, json_run, tmp_path_factory):
 def test_compiled_models_write_what_eager_ones_write(setup, json_run, tmp_path, monkeypatch):
     # --compile compiles both models' blocks; aot_eager here (dynamo's graphs and guards without inductor's code
     # generation, tests/models/test_compile.py), fp32: the same captions, kept pairs and scores to 1e-5
-    from blip_fast.models.compile import compile_blocks
+    from compile_checks import compile_with_aot_eager
 
-    compiled = []
-
-    def aot_eager(model):
-        compiled.append(model.task)
-        return compile_blocks(model, backend="aot_eager", fullgraph=True)
-
-    monkeypatch.setattr(capfilt_run, "compile_blocks", aot_eager)
+    compiled = compile_with_aot_eager(monkeypatch, capfilt_run)
     torch._dynamo.reset()
     out = tmp_path / "compiled"
     assert main(_args(setup, out, "json", "--unit-size", "10", "--threshold", "0", "--compile")) == 0
