@@ -41,8 +41,8 @@ What is measured (records of the results file, suite ``capfilt``; docs/results-f
     case ``pretrain_mean`` their means over seeds.
 
 Every stage writes into ``--work`` and is skipped when its output is complete, so an interrupted run continues where
-it stopped; a stage's command and output go to ``--work/logs/STAGE.log``. Numbers vary between machines and torch
-versions (floating-point reductions), not between reruns on one machine.
+it stopped; a stage's command and output go to ``--work/logs/STAGE.log``. Rerun on the same machine, a pretraining
+stage repeated its losses and recalls exactly (docs/capfilt.md); other machines and torch versions round otherwise.
 """
 
 from __future__ import annotations
