@@ -87,7 +87,8 @@ class KVCache:
             raise ValueError(f"the cache holds {self.capacity} tokens; this step would make {stop}")
         if self.self_kv[index] is None:
             shape = (keys.shape[0], keys.shape[1], self.capacity, keys.shape[3])
-            self.self_kv[index] = (keys.new_empty(shape), values.new_empty(shape))
+            # zeros, not empty: a static step attends to the unwritten slots with weight 0, and 0 x NaN garbage is NaN
+            self.self_kv[index] = (keys.new_zeros(shape), values.new_zeros(shape))
         cached_keys, cached_values = self.self_kv[index]
         cached_keys[:, :, self.length:stop] = keys
         cached_values[:, :, self.length:stop] = values
@@ -245,11 +246,9 @@ class PaddedRows(NamedTuple):
     def attend_self(self, attention: TextAttention, x: torch.Tensor) -> torch.Tensor:
         q, k, v = attention.self.queries_keys_values(x)
         causal = self.causal
-        if self.cache is not None and self.cache.position is not None:  # static mode: one token at a device position
-            if self.padding_mask is not None or x.shape[1] != 1:
-                raise ValueError("a static-mode decoding step takes one token per row and no padding mask")
+        if self.cache is not None and self.cache.position is not None:  # static mode: padding_mask is the visible slots
             k, v = self.cache.write(self.index, k, v)
-            return attention(x, (k, v), self.cache.visible(x.shape[0]), False, queries=q)
+            return attention(x, (k, v), self.padding_mask, False, queries=q)
         if self.cache is not None:  # this step's keys/values after the cached ones
             # past the first step each new query sees every cached key. Decided by an ``if`` on the cache's length,
             # not by comparing shapes: under torch.compile a shape comparison is a symbolic bool, which attention's
@@ -357,6 +356,9 @@ class TextTransformer(nn.Module):
                 raise ValueError("packing and a BlockContext take no cache")
             return fast_text_pass(self, input_ids, padding_mask, causal, context_kv, context_mask, packing)
         if cache is not None and cache.position is not None:  # static mode: the position is a device tensor
+            if padding_mask is not None or input_ids.shape[1] != 1:
+                raise ValueError("a static-mode decoding step takes one token per row and no attention mask")
+            padding_mask = cache.visible(input_ids.shape[0])  # the written slots, once for every layer
             x = self.embeddings.tokens(input_ids, cache.position.view(1))
         else:
             x = self.embeddings(input_ids, 0 if cache is None else cache.length)
