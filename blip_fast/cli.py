@@ -37,12 +37,12 @@ def _device(name: str | None) -> str:
 
 
 def cmd_caption(args) -> int:
-    import torch
-
     from .api import load
+    from .parity import DTYPE_NAMES
 
+    dtype = {name: dtype for dtype, name in DTYPE_NAMES.items()}[args.dtype]
     blip = load(args.checkpoint, task="caption", device=_device(args.device), image_size=args.image_size,
-                dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype], compile=args.compile)
+                dtype=dtype, compile=args.compile)
     captions = blip.caption(args.images, strategy=args.strategy, max_length=args.max_length,
                             min_length=args.min_length, num_beams=args.num_beams, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, num_return_sequences=args.num_return_sequences,

@@ -11,6 +11,16 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 FORMAT_KEYS = {"suite", "device", "torch", "triton", "git", "date", "command", "records"}
 
 
+def _cpu_results(path, suite, command_start):
+    """The results file at ``path``, its shared header checked: every format key, ``suite``, the CPU, and the command
+    that made it as one types it in the repository root (a script of this checkout)."""
+    data = json.loads(Path(path).read_text())
+    assert FORMAT_KEYS <= set(data) and data["suite"] == suite and data["device"] == "cpu"
+    assert data["command"].startswith(command_start)
+    assert (BENCHMARKS.parent / data["command"].split()[1]).is_file()
+    return data
+
+
 def _script(name):
     spec = importlib.util.spec_from_file_location(f"bench_{name}_under_test", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
@@ -47,11 +57,8 @@ def test_bench_step_profiles_each_impl_by_phase(step_results):
 
 
 def test_bench_step_writes_the_shared_format(step_results):
-    data = json.loads(step_results.read_text())
-    assert FORMAT_KEYS <= set(data) and data["suite"] == "step" and data["device"] == "cpu"
-    # the command that made it, as one types it in the repository root
-    assert data["command"].startswith("python benchmarks/bench_step.py --preset tiny --image-size 64 --batch 8 ")
-    assert (BENCHMARKS.parent / data["command"].split()[1]).is_file()
+    data = _cpu_results(step_results, "step",
+                        "python benchmarks/bench_step.py --preset tiny --image-size 64 --batch 8 ")
     values = {(r["impl"], r["metric"], r.get("flops")): r["value"] for r in data["records"]}
     for impl in ("reference", "fast"):
         assert values[(impl, "samples_per_s", None)] > 0
@@ -209,10 +216,7 @@ def test_bench_finetune_times_the_original_and_ours_from_the_same_weights(tmp_pa
                                            "--json", str(out)])
     assert code == 0
     assert "speed-up fast / original" in capsys.readouterr().out
-    data = json.loads(out.read_text())
-    assert FORMAT_KEYS <= set(data) and data["suite"] == "finetune" and data["device"] == "cpu"
-    assert data["command"].startswith("python benchmarks/bench_finetune.py --preset small --image-size 32 ")
-    assert (BENCHMARKS.parent / data["command"].split()[1]).is_file()
+    data = _cpu_results(out, "finetune", "python benchmarks/bench_finetune.py --preset small --image-size 32 ")
     assert {r["case"] for r in data["records"]} == {"retrieval_small32_b4"}
     values = {(r["impl"], r["metric"]): r["value"] for r in data["records"]}
     assert values[("original", "samples_per_s")] > 0 and values[("fast", "samples_per_s")] > 0
@@ -234,10 +238,7 @@ def test_bench_generate_times_both_impls_and_greedy_agrees_in_fp32(tmp_path, cap
                                            "--warmup", "0", "--device", "cpu", "--dtype", "fp32", "--json", str(out)])
     assert code == 0
     assert "greedy_forced10_tiny32_b4" in capsys.readouterr().out
-    data = json.loads(out.read_text())
-    assert FORMAT_KEYS <= set(data) and data["suite"] == "generate" and data["device"] == "cpu"
-    assert data["command"].startswith("python benchmarks/bench_generate.py --preset tiny --image-size 32 ")
-    assert (BENCHMARKS.parent / data["command"].split()[1]).is_file()
+    data = _cpu_results(out, "generate", "python benchmarks/bench_generate.py --preset tiny --image-size 32 ")
     values = {(r["case"], r["impl"], r["metric"]): r["value"] for r in data["records"]}
     cases = {f"{strategy}{forced}_tiny32_b4" for strategy in ("greedy", "beam3", "nucleus")
              for forced in ("", "_forced10")}
