@@ -53,10 +53,10 @@ import random
 import statistics
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
+from blip_fast.data.shards import ShardFailure, read_shard
 from blip_fast.data.synthetic import SceneObject, objects_named
 
 from results_file import command_line, write_results
@@ -120,11 +120,11 @@ def shard_scenes(shards: list[Path]) -> dict[str, list[SceneObject]]:
     """Each sample's drawn scene, from the ``.json`` members ``data synth`` writes into its shards."""
     scenes = {}
     for path in shards:
-        with tarfile.open(path) as tar:
-            for member in tar.getmembers():
-                if member.name.endswith(".json"):
-                    meta = json.loads(tar.extractfile(member).read())
-                    scenes[meta["key"]] = [SceneObject(**obj) for obj in meta["scene"]]
+        for record in read_shard(str(path)):
+            if isinstance(record, ShardFailure):
+                raise ValueError(f"cannot read the scenes of {path}: {record.detail}")
+            meta = json.loads(record.files["json"])
+            scenes[meta["key"]] = [SceneObject(**obj) for obj in meta["scene"]]
     return scenes
 
 
