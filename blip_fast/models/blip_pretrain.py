@@ -140,7 +140,7 @@ class BlipPretrain(ImageTextMatchingModel):
     @torch.no_grad()
     def enqueue(self, image_feat_m: torch.Tensor, text_feat_m: torch.Tensor) -> None:
         """Write the momentum features (B, D) into the queues; distributed, those of every rank."""
-        image_feat_m, text_feat_m = concat_all_gather(image_feat_m), concat_all_gather(text_feat_m)
+        image_feat_m, text_feat_m = gather_momentum_features(image_feat_m, text_feat_m)
         # both queues share one pointer: advance it once, after writing both
         ptr = self.queue_ptr.clone()
         ops.enqueue_(self.image_queue, ptr, image_feat_m)
@@ -182,10 +182,23 @@ def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
 
     The original ``concat_all_gather``, for the momentum features that enter the queues: no
     gradient, and every rank must hold the same shape. A single process gets ``tensor`` back.
+    One collective writes every rank's rows into one tensor (no list of per-rank copies to concatenate).
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return tensor
     tensor = tensor.contiguous()
-    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, tensor)
-    return torch.cat(gathered, dim=0)
+    gathered = tensor.new_empty((dist.get_world_size() * tensor.shape[0], *tensor.shape[1:]))
+    # torch 2.13 renames all_gather_into_tensor (deprecated there) to all_gather_single; earlier ones lack it
+    gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+    gather(gathered, tensor)
+    return gathered
+
+
+def gather_momentum_features(image_feat_m: torch.Tensor, text_feat_m: torch.Tensor
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both modalities' momentum features (B, D) of every rank, in rank order, through one collective: they travel
+    side by side as (B, 2D) rows."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return image_feat_m, text_feat_m
+    both = concat_all_gather(torch.cat([image_feat_m, text_feat_m.to(image_feat_m.dtype)], dim=1))
+    return both[:, :image_feat_m.shape[1]], both[:, image_feat_m.shape[1]:]

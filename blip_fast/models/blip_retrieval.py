@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .. import ops
 from ..config import BlipConfig
 from .blip_matching import ImageTextMatchingModel, first_states
-from .blip_pretrain import concat_all_gather
+from .blip_pretrain import concat_all_gather, gather_momentum_features
 from .fast_passes import BlockContext
 
 
@@ -71,7 +71,7 @@ class BlipRetrieval(ImageTextMatchingModel):
     @torch.no_grad()
     def enqueue(self, image_feat_m: torch.Tensor, text_feat_m: torch.Tensor, image_ids: torch.Tensor) -> None:
         """The momentum features (of every rank) and their image ids into the queues, which share one pointer."""
-        image_feat_m, text_feat_m = concat_all_gather(image_feat_m), concat_all_gather(text_feat_m)
+        image_feat_m, text_feat_m = gather_momentum_features(image_feat_m, text_feat_m)
         for queue, rows in ((self.image_queue, image_feat_m), (self.text_queue, text_feat_m)):
             ops.enqueue_(queue, self.ptr_queue.clone(), rows)
         ops.enqueue_(self.idx_queue, self.ptr_queue, image_ids.view(-1, 1))

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from blip_fast.kernels.contrastive import MAX_DIM as ITC_MAX_DIM
+
 from .. import ops
 from ..config import ConfigError
 from ..data.annotations import RetrievalAnnotations
 from ..evaluation.retrieval import RetrievalResult, evaluate_retrieval
 from ..models.blip_pretrain import BlipPretrain
 from ..models.packing import PackedText
+from ..ops.losses import itc_loss_op
 from ..ops.momentum import enqueue_op
 from .config import PretrainConfig
 from .engine import RunSummary, Trainer, synthetic_folder, train_task
@@ -58,7 +61,8 @@ class Pretrainer(Trainer):
         return None
 
     def check(self) -> None:
-        """The queues take every micro-batch's momentum features of all ranks at once: refused here, not at step 1."""
+        """The queues take every micro-batch's momentum features of all ranks at once, and the ITC kernel holds
+        ``embed_dim`` in registers: sizes it cannot take are refused here, not at step 1."""
         queue = self.model_config.queue_size
         batch = self.config.data.batch_size * self.ctx.world_size
         if batch > queue:
@@ -66,6 +70,10 @@ class Pretrainer(Trainer):
                               f"(data.batch_size={self.config.data.batch_size} x {self.ctx.world_size} ranks)")
         with ops.impl_scope(self.config.train.impl):
             backend = enqueue_op.select(self.device)
+            itc_backend = itc_loss_op.select(self.device)
+        if itc_backend == "triton" and self.model_config.embed_dim > ITC_MAX_DIM:
+            raise ConfigError(f"model.embed_dim={self.model_config.embed_dim} is wider than the Triton ITC loss holds "
+                              f"({ITC_MAX_DIM}); choose train.impl=auto,itc_loss=reference")
         if backend == "reference" and queue % batch:  # the original's enqueue writes whole batches only
             raise ConfigError(f"model.queue_size={queue} must be a multiple of the global batch of {batch} pairs "
                               f"with the reference enqueue (train.impl={self.config.train.impl})")

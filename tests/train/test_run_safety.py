@@ -1,6 +1,7 @@
 """What a run never does: train on or save a non-finite state, delete checkpoints it did not abandon, lose the
 final checkpoint without an error, or "succeed" on data without one usable batch."""
 
+import dataclasses
 import json
 import math
 import shutil
@@ -11,7 +12,9 @@ from train_helpers import tiny_overrides
 
 from blip_fast.checkpoint import CheckpointError
 from blip_fast.config import ConfigError
+from blip_fast.kernels.contrastive import MAX_DIM as ITC_MAX_DIM
 from blip_fast.models.blip_pretrain import BlipPretrain
+from blip_fast.ops.losses import itc_loss_op
 from blip_fast.train.checkpointing import list_checkpoints, load_training_checkpoint
 from blip_fast.train.config import load_pretrain_config
 from blip_fast.train.divergence import TrainingDiverged
@@ -212,6 +215,20 @@ def test_queue_and_batch_sizes_are_checked_before_the_first_step(synthetic_dir, 
     with pytest.raises(ConfigError, match="multiple of the global batch of 8 pairs with the reference enqueue"):
         Pretrainer(_config(synthetic_dir, tmp_path, "model.queue_size=12", "train.impl=reference"),
                    printer=lambda *_: None)
+
+
+def test_an_embedding_too_wide_for_the_itc_kernel_is_refused_before_the_first_step(synthetic_dir, tmp_path,
+                                                                                      monkeypatch):
+    """Where the Triton ITC loss would run (here: made selectable on the CPU), an embedding wider than it holds in
+    registers is a configuration error at start-up; with the reference loss the same width trains."""
+    triton_impl = itc_loss_op.impls["triton"]
+    monkeypatch.setitem(itc_loss_op.impls, "triton", dataclasses.replace(
+        triton_impl, devices=("cpu", "cuda"), is_available=lambda: True))
+    wide = f"model.embed_dim={ITC_MAX_DIM + 8}"
+    with pytest.raises(ConfigError, match="wider than the Triton ITC loss holds"):
+        Pretrainer(_config(synthetic_dir, tmp_path, wide), printer=lambda *_: None)
+    Pretrainer(_config(synthetic_dir, tmp_path, wide, "train.impl=auto,itc_loss=reference"),
+               printer=lambda *_: None).close()
 
 
 def test_an_epoch_shortened_by_bad_entries_plans_the_rest_of_the_run_with_its_count(synthetic_dir, tmp_path):
