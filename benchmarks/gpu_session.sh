@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu_session.sh [STAGE ...]          (from the repository root)
 #
-# stages: build tests parity step step_variants hard_negatives lm_loss attention step_attention distributed main
+# stages: build tests parity step step_variants hard_negatives lm_loss itc_loss attention step_attention distributed main
 # retrieval_eval finetune_step generate generate_variants retrieval_eval_full data before_after report (default: all
 # but retrieval_eval_full, data, before_after and report; generate is caption generation, ours against HF transformers,
 # sized to stay under 2 minutes, generate_variants the same at batch 64 with our blocks compiled and with the decode
@@ -23,7 +23,8 @@ mkdir -p "$OUT"
 DAY=$(date +%Y%m%d)
 DEV=$(python -c "import torch; n = torch.cuda.get_device_name(); print('h200' if 'H200' in n else 'h100' if 'H100' in n else 'gpu')")
 STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(build tests parity step step_variants hard_negatives lm_loss attention step_attention distributed
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(build tests parity step step_variants hard_negatives lm_loss itc_loss attention step_attention
+                                   distributed
                                    main retrieval_eval finetune_step generate generate_variants)
 
 LOG=$OUT/session.log
@@ -53,9 +54,11 @@ for stage in "${STAGES[@]}"; do
               tar -czf "$OUT/profiles-step-$DEV-$DAY.tgz" -C "$PROFILES" . ;;
         # what single techniques are worth within the graphed step, in a run of their own (each impl compiles and
         # captures anew, and one call to the machine lasts 10 minutes): fast_padded weighs packed captions, the
-        # variant the fused LM loss (lm_loss_ref: without it). Commit the file under benchmarks/results/runs/.
+        # variant the fused LM loss (lm_loss_ref: without it), itc_triton the streaming ITC kernels (auto leaves them
+        # out until this run shows them faster in the step). Commit the file under benchmarks/results/runs/.
         step_variants) run step_variants python benchmarks/bench_step.py --impl fast --impl fast_padded \
-                           --variant lm_loss_ref:auto,lm_loss=reference --json "$OUT/step-$DEV-$DAY-variants.json" ;;
+                           --variant lm_loss_ref:auto,lm_loss=reference --variant itc_triton:auto,itc_loss=triton \
+                           --json "$OUT/step-$DEV-$DAY-variants.json" ;;
         # the packed attention kernel in the graphed step against fast, in a run of its own (auto leaves it out): for
         # every text attention (8% slower; docs/benchmarks.md), and for the cross-attention alone (it won alone); and
         # fast_separate: ITM's and LM's text passes one after the other (lost 5%); also under benchmarks/results/runs/
@@ -66,6 +69,8 @@ for stage in "${STAGES[@]}"; do
         hard_negatives) run hard_negatives python benchmarks/bench_hard_negatives.py \
                             --json "$OUT/kernels-$DEV-$DAY.json" ;;
         lm_loss) run lm_loss python benchmarks/bench_lm_loss.py --json "$OUT/losses-$DEV-$DAY.json" ;;
+        # the ITC kernels against the reference and inductor, and at other tilings (the goal: <= 150 us at B96 Q57600)
+        itc_loss) run itc_loss python benchmarks/bench_itc_loss.py --json "$OUT/losses-$DEV-$DAY-itc.json" ;;
         # the packed attention kernel against unpacking around SDPA, per attention of the text passes
         attention) run attention python benchmarks/bench_varlen_attention.py \
                        --json "$OUT/kernels-$DEV-$DAY-attention.json" ;;

@@ -365,7 +365,7 @@ def _device_scope(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def itc_forward(directions, temp, alpha: float, offset: int = 0, tiling: Tiling = DEFAULT_TILING,
+def itc_forward(directions, temp, alpha: float, offset: int = 0, tiling: Tiling | None = None,
                 splits: int | None = None):
     """The ITC loss of two directions, each ``(q, q_m, keys, queue, row_ids, key_ids, queue_ids)``.
 
@@ -383,6 +383,7 @@ def itc_forward(directions, temp, alpha: float, offset: int = 0, tiling: Tiling 
     if any(dir_[0].shape != q0.shape or dir_[2].shape != keys0.shape or dir_[3].shape != queue0.shape
            for dir_ in directions):
         raise ValueError("itc_loss: both directions must have the same shapes")
+    tiling = tiling or DEFAULT_TILING  # read at each call: the benchmark sweeps it
     grid = _grid(batch, keys0.shape[0] + queue0.shape[1], dim, q0.device, tiling, splits)
     stats = torch.empty(2, grid.splits, _STATS, batch, dtype=torch.float32, device=q0.device)
     # two tensors, not one (2, B, B_k): the custom op returns both, and its outputs may not alias
@@ -409,7 +410,7 @@ def itc_forward(directions, temp, alpha: float, offset: int = 0, tiling: Tiling 
 
 
 def itc_gradients(directions, temp, alpha: float, saved: torch.Tensor, offset: int = 0,
-                  tiling: Tiling = DEFAULT_TILING, splits: int | None = None) -> list[torch.Tensor]:
+                  tiling: Tiling | None = None, splits: int | None = None) -> list[torch.Tensor]:
     """``d loss / d q`` for each direction's queries (same dtype as them), from :func:`itc_forward`'s ``saved``.
 
     Call it before the queues change: it reads them again."""
@@ -417,6 +418,7 @@ def itc_gradients(directions, temp, alpha: float, saved: torch.Tensor, offset: i
         raise RuntimeError("itc_loss: triton is not installed")
     q0, _, keys0, queue0 = directions[0][:4]
     batch, dim = q0.shape
+    tiling = tiling or DEFAULT_TILING  # read at each call: the benchmark sweeps it
     grid = _grid(batch, keys0.shape[0] + queue0.shape[1], dim, q0.device, tiling, splits)
     partial = torch.empty(2, grid.splits, batch, dim, dtype=torch.float32, device=q0.device)
     temp = temp.reshape(1)

@@ -152,7 +152,9 @@ def itc_loss_triton(image_feat, text_feat, image_feat_m, text_feat_m, image_queu
 
 
 itc_loss_op = define_op("itc_loss", itc_loss_ref)
-itc_loss_op.register_triton(itc_loss_triton, HAS_TRITON, dtypes=KERNEL_DTYPES)
+# opt-in (train.impl=auto,itc_loss=triton) until a GPU run measures it in the step (benchmarks/gpu_session.sh:
+# itc_loss, step_variants); its parity is tested in Triton's interpreter
+itc_loss_op.register_triton(itc_loss_triton, HAS_TRITON, dtypes=KERNEL_DTYPES, auto=False)
 
 
 def itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, image_queue, text_queue, temp, alpha,
