@@ -33,8 +33,9 @@ from results_file import benchmark_arguments, run_gpu_benchmark
 # (batch, queue, with image ids): pretraining per GPU; retrieval fine-tuning (batch 32, positives by image id); a
 # larger per-GPU batch
 CASES = ((PRETRAIN_BATCH, QUEUE_SIZE, False), (32, QUEUE_SIZE, True), (256, QUEUE_SIZE, False))
-# tilings swept beside the default: (block_m, block_n, num_warps)
-TILINGS = ((16, 64, 4), (32, 128, 4), (32, 64, 8), (64, 64, 8))
+# tilings swept beside the default, bf16 products (the step's): (block_m, block_n, num_warps, num_stages); each fits
+# an SM's shared memory (tests/kernels/test_gpu_compile.py checks the defaults' the same way)
+TILINGS = ((32, 32, 4, 1), (16, 32, 4, 2), (32, 64, 4, 2), (16, 64, 4, 2), (64, 32, 8, 2))
 
 
 def implementations() -> dict:
@@ -45,23 +46,24 @@ def implementations() -> dict:
     if not contrastive.HAS_TRITON:
         return impls
     impls["fast"] = itc_loss_triton
-    for block_m, block_n, warps in TILINGS:
-        tiling = contrastive.Tiling(block_m=block_m, block_n=block_n, num_warps=warps)
-        if tiling != contrastive.DEFAULT_TILING:
-            impls[f"fast[bm{block_m},bn{block_n},w{warps}]"] = functools.partial(_tiled, tiling)
+    for block_m, block_n, warps, stages in TILINGS:
+        tiling = contrastive.Tiling(block_m=block_m, block_n=block_n, num_warps=warps, num_stages=stages)
+        if tiling != contrastive.DEFAULT_TILINGS[torch.bfloat16]:
+            impls[f"fast[bm{block_m},bn{block_n},w{warps},s{stages}]"] = functools.partial(_tiled, tiling)
     return impls
 
 
 def _tiled(tiling, *args):
-    """The Triton op with the kernels at ``tiling`` for this call (the host functions read DEFAULT_TILING per call)."""
+    """The Triton op with bf16 products at ``tiling`` for this call (the host functions read the default per call)."""
     from blip_fast.kernels import contrastive
     from blip_fast.ops.losses import itc_loss_triton
 
-    default, contrastive.DEFAULT_TILING = contrastive.DEFAULT_TILING, tiling
+    default = contrastive.DEFAULT_TILINGS[torch.bfloat16]
+    contrastive.DEFAULT_TILINGS[torch.bfloat16] = tiling
     try:
         return itc_loss_triton(*args)
     finally:
-        contrastive.DEFAULT_TILING = default
+        contrastive.DEFAULT_TILINGS[torch.bfloat16] = default
 
 
 def make_inputs(batch: int, queue: int, with_ids: bool):
@@ -119,12 +121,12 @@ def run() -> list[dict]:
 
 
 def print_table(records: list[dict]) -> None:
-    print(f"{'case':<30} {'impl':<22} {'us':>10} {'peak GiB':>9} {'vs reference':>13}")
+    print(f"{'case':<30} {'impl':<26} {'us':>10} {'peak GiB':>9} {'vs reference':>13}")
     times = {(r["case"], r["impl"]): r["value"] for r in records if r["metric"] == "us"}
     peaks = {(r["case"], r["impl"]): r["value"] for r in records if r["metric"] == "peak_gib"}
     for (case, impl), us in times.items():
         speedup = times[(case, "reference")] / us
-        print(f"{case:<30} {impl:<22} {us:>10.1f} {peaks[(case, impl)]:>9.3f} {speedup:>12.2f}x")
+        print(f"{case:<30} {impl:<26} {us:>10.1f} {peaks[(case, impl)]:>9.3f} {speedup:>12.2f}x")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,7 +59,7 @@ except ImportError:  # the package and its CPU paths work without triton
 
 # Per-row statistics each (split, row) writes: max and sum of exp(s - max), sum of exp(s - max) s, the same three
 # for s_m (the sum weighting s), sum of s over positives, count of positives.
-_STATS = 8
+STATS = 8
 # Per-row values the backward reads (per direction): both softmaxes' max and log-sum, 1 / number of positives.
 SAVED = 5
 # Embedding widths a program holds whole in registers; BLIP's is 256.
@@ -68,16 +68,21 @@ MAX_DIM = 1024
 
 @dataclass(frozen=True)
 class Tiling:
-    """Block sizes and column splits of the forward and backward grids (``benchmarks/bench_losses.py`` sweeps them)."""
+    """Block sizes and column splits of the forward and gradient grids (``benchmarks/bench_itc_loss.py`` sweeps
+    them)."""
 
     block_m: int = 32
-    block_n: int = 64
+    block_n: int = 32
     num_warps: int = 4
     num_stages: int = 2
     programs_per_sm: int = 2  # column splits are chosen to give about this many programs per SM
 
 
-DEFAULT_TILING = Tiling()
+# Per compute dtype; read at each call. Shared memory on sm_90 (tests/kernels/test_gpu_compile.py prints it): a key
+# tile is 256 rows tall, and the fp32 queue's tiles are staged in fp32 before the cast, so 32 x 32 blocks with 2
+# stages take 80 KB in 16-bit (two programs fit an SM's 227 KB), 64 columns 128 KB (one); fp32 products need one
+# stage to stay under 100 KB. Not yet timed on a GPU.
+DEFAULT_TILINGS = {torch.float16: Tiling(), torch.bfloat16: Tiling(), torch.float32: Tiling(num_stages=1)}
 
 
 def check_inputs(q, q_m, keys, queue, temp, row_ids, key_ids, queue_ids, offset: int) -> None:
@@ -149,10 +154,10 @@ if HAS_TRITON:
         stats_ptr, sim_ptr,
         n_rows, n_keys, n_queue, dim, offset,
         stride_q, stride_q_m, stride_keys, stride_queue_d, stride_queue_n, stride_sim,
-        HAS_IDS: tl.constexpr, TILES_PER_SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+        STATS: tl.constexpr, HAS_IDS: tl.constexpr, TILES_PER_SPLIT: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        """One (row block, column split): its rows' partial statistics (``_STATS`` per row) and their in-batch
+        """One (row block, column split): its rows' partial statistics (``STATS`` per row) and their in-batch
         similarities. The tile loop's trip count is a constexpr: the Triton 3.6 interpreter (the CPU tests)
         cannot take a runtime loop bound with NumPy >= 2.4."""
         block, split = tl.program_id(0), tl.program_id(1)
@@ -208,7 +213,7 @@ if HAS_TRITON:
             pos_sum += tl.sum(tl.where(positive, s, 0.0), axis=1)
             pos_count += tl.sum(positive.to(tl.float32), axis=1)
 
-        out = stats_ptr + split * _STATS * n_rows + rows
+        out = stats_ptr + split * STATS * n_rows + rows
         tl.store(out, run_max, mask=row_ok)
         tl.store(out + n_rows, run_sum, mask=row_ok)
         tl.store(out + 2 * n_rows, run_ps, mask=row_ok)
@@ -241,7 +246,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _itc_combine_kernel(
-        stats_ptr, temp_ptr, saved_ptr, loss_ptr, dtemp_ptr, n_rows, alpha, SAVED: tl.constexpr,
+        stats_ptr, temp_ptr, saved_ptr, loss_ptr, dtemp_ptr, n_rows, alpha, STATS: tl.constexpr, SAVED: tl.constexpr,
         NUM_SPLITS: tl.constexpr, NUM_BLOCKS: tl.constexpr, BLOCK_M: tl.constexpr,
     ):
         """Both directions' splits merged, in one program: per row the two log-sum-exps and 1 / (positives) for
@@ -249,7 +254,7 @@ if HAS_TRITON:
         inv_temp = 1.0 / tl.load(temp_ptr).to(tl.float32)
         loss_total = tl.zeros((BLOCK_M,), tl.float32)
         dtemp_total = tl.zeros((BLOCK_M,), tl.float32)
-        stride_split = _STATS * n_rows
+        stride_split = STATS * n_rows
         for direction in range(2):
             stats = stats_ptr + direction * NUM_SPLITS * stride_split
             for block in range(NUM_BLOCKS):
@@ -383,9 +388,9 @@ def itc_forward(directions, temp, alpha: float, offset: int = 0, tiling: Tiling 
     if any(dir_[0].shape != q0.shape or dir_[2].shape != keys0.shape or dir_[3].shape != queue0.shape
            for dir_ in directions):
         raise ValueError("itc_loss: both directions must have the same shapes")
-    tiling = tiling or DEFAULT_TILING  # read at each call: the benchmark sweeps it
+    tiling = tiling or DEFAULT_TILINGS[q0.dtype]  # read at each call: the benchmark sweeps it
     grid = _grid(batch, keys0.shape[0] + queue0.shape[1], dim, q0.device, tiling, splits)
-    stats = torch.empty(2, grid.splits, _STATS, batch, dtype=torch.float32, device=q0.device)
+    stats = torch.empty(2, grid.splits, STATS, batch, dtype=torch.float32, device=q0.device)
     # two tensors, not one (2, B, B_k): the custom op returns both, and its outputs may not alias
     sims = [torch.empty(batch, keys0.shape[0], dtype=torch.float32, device=q0.device) for _ in directions]
     temp = temp.reshape(1)
@@ -397,15 +402,15 @@ def itc_forward(directions, temp, alpha: float, offset: int = 0, tiling: Tiling 
                 stats[index], sims[index],
                 batch, keys.shape[0], queue.shape[1], dim, offset,
                 q.stride(0), q_m.stride(0), keys.stride(0), queue.stride(0), queue.stride(1), sims[index].stride(0),
-                HAS_IDS=row_ids is not None, TILES_PER_SPLIT=grid.tiles_per_split, PRECISION=_precision(q.dtype),
-                BLOCK_M=grid.block_m, BLOCK_N=grid.block_n, BLOCK_D=grid.block_d,
+                STATS=STATS, HAS_IDS=row_ids is not None, TILES_PER_SPLIT=grid.tiles_per_split,
+                PRECISION=_precision(q.dtype), BLOCK_M=grid.block_m, BLOCK_N=grid.block_n, BLOCK_D=grid.block_d,
                 num_warps=tiling.num_warps, num_stages=tiling.num_stages,
             )
         saved = torch.empty(2, SAVED, batch, dtype=torch.float32, device=q0.device)
         loss = torch.empty((), dtype=torch.float32, device=q0.device)
         dloss_dtemp = torch.empty((), dtype=torch.float32, device=q0.device)
-        _itc_combine_kernel[(1,)](stats, temp, saved, loss, dloss_dtemp, batch, float(alpha), SAVED=SAVED,
-                                  NUM_SPLITS=grid.splits, NUM_BLOCKS=triton.cdiv(batch, 64), BLOCK_M=64)
+        _itc_combine_kernel[(1,)](stats, temp, saved, loss, dloss_dtemp, batch, float(alpha), STATS=STATS,
+                                  SAVED=SAVED, NUM_SPLITS=grid.splits, NUM_BLOCKS=triton.cdiv(batch, 64), BLOCK_M=64)
     return loss, sims, saved, dloss_dtemp
 
 
@@ -418,7 +423,7 @@ def itc_gradients(directions, temp, alpha: float, saved: torch.Tensor, offset: i
         raise RuntimeError("itc_loss: triton is not installed")
     q0, _, keys0, queue0 = directions[0][:4]
     batch, dim = q0.shape
-    tiling = tiling or DEFAULT_TILING  # read at each call: the benchmark sweeps it
+    tiling = tiling or DEFAULT_TILINGS[q0.dtype]  # read at each call: the benchmark sweeps it
     grid = _grid(batch, keys0.shape[0] + queue0.shape[1], dim, q0.device, tiling, splits)
     partial = torch.empty(2, grid.splits, batch, dim, dtype=torch.float32, device=q0.device)
     temp = temp.reshape(1)

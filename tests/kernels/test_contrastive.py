@@ -123,8 +123,9 @@ def test_triton_every_key_far_below(triton_device, dtype):
 
 
 def test_triton_tiles_of_other_sizes(triton_device, monkeypatch):
-    """Row blocks of 16 (a batch of 33 is three) and key tiles of 32 columns, one straddling batch keys and queue."""
-    monkeypatch.setattr(kernel, "DEFAULT_TILING", kernel.Tiling(block_m=16, block_n=32))
+    """Row blocks of 16 (a batch of 33 is three) and key tiles of 32 columns, one straddling batch keys and queue (the
+    other tests run the default 32 x 32 blocks)."""
+    monkeypatch.setitem(kernel.DEFAULT_TILINGS, torch.float32, kernel.Tiling(block_m=16, block_n=32))
     for ids in (False, True):
         check(triton_device, torch.float32, (33, 150, 40, 2), ids, 0.4)
 
