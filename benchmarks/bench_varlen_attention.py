@@ -5,7 +5,15 @@ Pretraining's text passes carry packed captions (T, 768). Each attention either
 * ``padded`` -- unpacks its queries/keys/values into (B, L), runs torch's SDPA (the memory-efficient kernel
   first where there is a padding mask, ``blip_fast.ops.attention``) and packs the output: what ``auto`` runs; or
 * ``fast``   -- attends on the packed rows with the Triton kernels of ``blip_fast.kernels.varlen_attention``
-  (``BLIP_FAST_IMPL=auto,varlen_attention=triton,varlen_cross_attention=triton``).
+  (``BLIP_FAST_IMPL=auto,varlen_attention=triton,varlen_cross_attention=triton``): the single-tile kernels where
+  every caption fits 64 rows (text), the blocked ones elsewhere (ITM's 197 image keys); ``fast_blocked`` the
+  blocked ones for text too.
+
+Peers, where they run: ``padded_<backend>`` is ``padded`` with SDPA forced to one backend (flash, efficient, cudnn,
+math); on text, ``flash_attn_varlen`` (flash-attn's ``flash_attn_varlen_func`` on the packed rows) and ``xformers``
+(``memory_efficient_attention`` with a block-diagonal bias) when importable. A peer that is not installed, or
+refuses the case (flash SDPA takes no padding mask), is reported as skipped with its reason; only our own
+implementations must run.
 
 Both run forward + backward in bf16 with dropout 0.1, as in training, at BLIP-base shapes (12 heads of 64) on
 the captions of a pretraining batch (96 of 8 to 35 tokens): the unimodal encoder's self-attention, the decoder's
@@ -15,8 +23,9 @@ negative-image rows picking theirs). Before timing, outputs without dropout are 
     python benchmarks/bench_varlen_attention.py [--blocks 32x32,64x64,...] [--json PATH]
 
 with PATH like ``benchmarks/results/kernels-h100-YYYYMMDD-attention.json``. Times are medians of
-``triton.testing.do_bench`` in microseconds; ``fast`` runs the kernels' default blocks (``BLOCKS``: 32 x 64, causal
-32 x 32), and ``fast_mM_nN`` the other blocks asked for: the data to tune them with. Needs a CUDA device.
+``triton.testing.do_bench`` in microseconds; ``fast_blocked`` runs the blocked kernels' default blocks (``BLOCKS``:
+32 x 64, causal 32 x 32), and ``fast_mM_nN`` the other blocks asked for: the data to tune them with. Needs a CUDA
+device.
 """
 
 from __future__ import annotations
@@ -59,6 +68,7 @@ def cases():
     def heads(t):
         return t.view(*t.shape[:-1], HEADS, DIM).transpose(-3, -2)
 
+    lengths = mask.sum(dim=1)
     for causal in (False, True):
         qkv = rand(packing.tokens, 3 * HEADS * DIM)
         plan = PackedAttention.plan(packing, mask, causal, None, None, like=qkv)
@@ -72,7 +82,8 @@ def cases():
             q, k, v = qkv.unflatten(-1, (3, HEADS, DIM)).unbind(-3)
             return ops.varlen_attention(q, k, v, plan.self_attention, causal, dropout_p).flatten(1)
 
-        yield f"text_{'causal' if causal else 'bidirectional'}_b{BATCH}_t{packing.tokens}", padded, packed, [qkv]
+        peers = {**forced_sdpa(padded), **varlen_peers(lengths, packing.tokens, causal)}
+        yield f"text_{'causal' if causal else 'bidirectional'}_b{BATCH}_t{packing.tokens}", padded, packed, [qkv], peers
 
     # ITM: B positive rows, B rows of drawn negative texts (padding kept: their lengths live on the device), B rows
     # of negative images
@@ -98,37 +109,105 @@ def cases():
         return ops.varlen_attention(queries.unflatten(-1, (HEADS, DIM)), keys_rows, values_rows,
                                     itm_plan.cross_attention, False, dropout_p).flatten(1)
 
-    yield f"itm_cross_b{3 * BATCH}_t{itm.tokens}_n{IMAGE_TOKENS}", itm_padded, itm_packed, [queries, keys, values]
+    yield (f"itm_cross_b{3 * BATCH}_t{itm.tokens}_n{IMAGE_TOKENS}", itm_padded, itm_packed, [queries, keys, values],
+           forced_sdpa(itm_padded))
+
+
+def forced_sdpa(padded):
+    """``padded`` with SDPA restricted to each of its backends."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def forced(backend):
+        def fn(*args):
+            with sdpa_kernel([backend]):
+                return padded(*args)
+        return fn
+
+    return {f"padded_{name}": forced(backend) for name, backend in (
+        ("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+        ("cudnn", SDPBackend.CUDNN_ATTENTION), ("math", SDPBackend.MATH))}
+
+
+def varlen_peers(lengths: torch.Tensor, tokens: int, causal: bool) -> dict:
+    """flash-attn's and xformers' variable-length attention on the packed (qkv) rows, those importable: captions end
+    to end, then filler rows (zero here, as in the kernels)."""
+    peers = {}
+    real = int(lengths.sum())
+    cu_seqlens = torch.nn.functional.pad(torch.cumsum(lengths, 0), (1, 0)).to("cuda", torch.int32)
+    longest = int(lengths.max())
+
+    def split(qkv):
+        return qkv[:real].unflatten(-1, (3, HEADS, DIM)).unbind(-3)
+
+    def with_filler(out):
+        return torch.nn.functional.pad(out.flatten(1), (0, 0, 0, tokens - real))
+
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError as error:
+        print(f"flash_attn_varlen: skipped, {error}")
+    else:
+        def flash(qkv, dropout_p):
+            q, k, v = split(qkv)
+            return with_filler(flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, longest, longest, dropout_p,
+                                                      causal=causal))
+        peers["flash_attn_varlen"] = flash
+    try:
+        from xformers.ops import fmha
+    except ImportError as error:
+        print(f"xformers: skipped, {error}")
+    else:
+        bias_type = fmha.attn_bias.BlockDiagonalCausalMask if causal else fmha.attn_bias.BlockDiagonalMask
+        bias = bias_type.from_seqlens(lengths.tolist())
+
+        def xformers(qkv, dropout_p):
+            q, k, v = (t.unsqueeze(0) for t in split(qkv))
+            return with_filler(fmha.memory_efficient_attention(q, k, v, attn_bias=bias, p=dropout_p)[0])
+        peers["xformers"] = xformers
+    return peers
 
 
 def run(blocks: list[tuple[int, int]]) -> list[dict]:
-    """Times per case: ``padded``, ``fast`` (the kernels' default blocks) and ``fast_mM_nN`` for other blocks."""
+    """Times per case: ``padded``, ``fast`` (single-tile where it fits), ``fast_blocked`` (the blocked kernels'
+    default blocks), ``fast_mM_nN`` (other blocks) and the peers that run."""
     from blip_fast.kernels import varlen_attention as kernel
 
-    default = dict(kernel.BLOCKS)
+    default, max_tile = dict(kernel.BLOCKS), kernel.MAX_TILE
     records = []
     try:
-        for case, padded, packed, leaves in cases():
-            timed = [("padded", padded, "auto", default), ("fast", packed, PACKED_KERNEL, default)] + [
-                (f"fast_m{m}_n{n}", packed, PACKED_KERNEL, {False: (m, n), True: (m, n)}) for m, n in blocks]
-            records += time_case(case, leaves, timed, kernel)
+        for case, padded, packed, leaves, peers in cases():
+            timed = [("padded", padded, "auto", default, max_tile), ("fast", packed, PACKED_KERNEL, default, max_tile),
+                     ("fast_blocked", packed, PACKED_KERNEL, default, 0)] + [
+                (f"fast_m{m}_n{n}", packed, PACKED_KERNEL, {False: (m, n), True: (m, n)}, 0) for m, n in blocks]
+            timed += [(name, fn, "auto", default, max_tile) for name, fn in peers.items()]
+            records += time_case(case, leaves, timed, kernel, set(peers))
     finally:
-        kernel.BLOCKS = default
+        kernel.BLOCKS, kernel.MAX_TILE = default, max_tile
     return records
 
 
-def time_case(case: str, leaves: list[torch.Tensor], timed: list, kernel) -> list[dict]:
+def time_case(case: str, leaves: list[torch.Tensor], timed: list, kernel, peers: set[str]) -> list[dict]:
     import triton.testing
 
     records = []
     want = timed[0][1](*leaves, 0.0)
     grad = torch.randn_like(want)
-    for impl, fn, spec, blocks in timed:
-        kernel.BLOCKS = blocks  # the kernels read their blocks at each call
-        with ops.impl_scope(spec):
-            got = fn(*leaves, 0.0)
+    for impl, fn, spec, blocks, max_tile in timed:
+        # the kernels read their blocks and the single-tile bound at each call (MAX_TILE 0: always blocked)
+        kernel.BLOCKS, kernel.MAX_TILE = blocks, max_tile
+        try:
+            with ops.impl_scope(spec):
+                got = fn(*leaves, 0.0)
+        except RuntimeError as error:  # a peer that refuses the case (flash SDPA with a padding mask)
+            if impl not in peers:
+                raise
+            print(f"{case} {impl}: skipped, {str(error).splitlines()[0]}")
+            continue
         error = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
         if error > 2e-2:  # no timing for a wrong answer
+            if impl in peers:
+                print(f"{case} {impl}: skipped, relative error {error:.2e} against padded")
+                continue
             raise RuntimeError(f"{impl} differs from the padded attention on {case}: relative error {error:.2e}")
 
         def step(fn=fn, spec=spec):
@@ -136,7 +215,13 @@ def time_case(case: str, leaves: list[torch.Tensor], timed: list, kernel) -> lis
                 out = fn(*leaves, DROPOUT)
             return torch.autograd.grad(out, leaves, grad)
 
-        median_ms = triton.testing.do_bench(step, return_mode="median")
+        try:
+            median_ms = triton.testing.do_bench(step, return_mode="median")
+        except RuntimeError as error:  # a peer without dropout or a backward for this case
+            if impl not in peers:
+                raise
+            print(f"{case} {impl}: skipped, {str(error).splitlines()[0]}")
+            continue
         records.append({"case": case, "impl": impl, "metric": "us", "value": round(median_ms * 1e3, 1)})
     return records
 
@@ -153,10 +238,10 @@ def parse_blocks(text: str) -> list[tuple[int, int]]:
 
 
 def print_table(records: list[dict]) -> None:
-    print(f"{'case':<40} {'impl':<16} {'us':>9} {'vs padded':>10}")
+    print(f"{'case':<40} {'impl':<18} {'us':>9} {'vs padded':>10}")
     times = {(r["case"], r["impl"]): r["value"] for r in records}
     for (case, impl), us in times.items():
-        print(f"{case:<40} {impl:<16} {us:>9.1f} {times[(case, 'padded')] / us:>9.2f}x")
+        print(f"{case:<40} {impl:<18} {us:>9.1f} {times[(case, 'padded')] / us:>9.2f}x")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,6 +58,11 @@ except ImportError:  # the package and its CPU paths work without triton
 # for bidirectional text and for ITM's cross-attention to the image tokens; 32 x 32 for causal text, whose short
 # captions leave most of a 64-row block's triangle masked.
 BLOCKS = {False: (32, 64), True: (32, 32)}
+# Sequences and key groups of at most this many rows (captions: 30 tokens in pretraining, 35 in fine-tuning) take the
+# single-tile kernels: one program per sequence (forward) or key group (backward) holds its queries and keys whole,
+# so there is no online softmax, no separate delta pass, and dQ, dK, dV come from one program. Not yet timed on a GPU.
+MAX_TILE = 64
+TILE_WARPS = 4
 
 
 class AttentionSequences(NamedTuple):
@@ -404,6 +409,115 @@ if HAS_TRITON:
                      mask=q_tile)
 
     @triton.jit
+    def _whole_tile(ptr, start, length, stride_t, h, stride_h, d_offs, d_mask, TILE: tl.constexpr):
+        """Rows ``start + [0, length)`` of head h of a (T, H, D) tensor as one (TILE, BLOCK_D) tile, zero past the
+        end, and the mask of its rows."""
+        offs = tl.arange(0, TILE)
+        mask = offs < length
+        return tl.load(_tile(ptr, start + offs, stride_t, h, stride_h, d_offs), mask=mask[:, None] & d_mask[None, :],
+                       other=0.0), mask
+
+    @triton.jit
+    def _tile_forward_kernel(
+        q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, seed_ptr,
+        q_start_ptr, q_len_ptr, kv_group_ptr, kv_start_ptr, kv_len_ptr,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+        heads, total_q, max_kv_len, head_dim, scale, dropout_p,
+        CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+        TILE: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """One program per (sequence x head) whose queries and keys each fit one tile: the softmax whole, no
+        online rescaling; the same dropout offsets as :func:`_forward_kernel`."""
+        seq = tl.program_id(0) // heads
+        h = tl.program_id(0) % heads
+        group = tl.load(kv_group_ptr + seq)
+        q_start = tl.load(q_start_ptr + seq)
+        d_offs = tl.arange(0, BLOCK_D)
+        d_mask = d_offs < head_dim
+        q, m_mask = _whole_tile(q_ptr, q_start, tl.load(q_len_ptr + seq), stride_qt, h, stride_qh, d_offs, d_mask,
+                                TILE)
+        kv_start, kv_len = tl.load(kv_start_ptr + group), tl.load(kv_len_ptr + group)
+        k, n_mask = _whole_tile(k_ptr, kv_start, kv_len, stride_kt, h, stride_kh, d_offs, d_mask, TILE)
+        v, _ = _whole_tile(v_ptr, kv_start, kv_len, stride_vt, h, stride_vh, d_offs, d_mask, TILE)
+        offs = tl.arange(0, TILE)
+        visible = n_mask[None, :]
+        if CAUSAL:
+            visible = visible & (offs[None, :] <= offs[:, None])
+        s = tl.where(visible, tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale, float("-inf"))
+        row_max = tl.max(s, axis=1)
+        # a row with no visible key keeps max -inf: subtract 0 instead (its p are all 0)
+        p = tl.exp(s - tl.where(row_max == float("-inf"), 0.0, row_max)[:, None])
+        row_sum = tl.sum(p, axis=1)
+        q_rows = q_start + offs
+        if DROPOUT:
+            keep = _keep(tl.load(seed_ptr), h, q_rows, offs, total_q, max_kv_len, dropout_p)
+            p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+        has_keys = row_sum > 0.0
+        out = tl.dot(p.to(v.dtype), v, input_precision=PRECISION) / tl.where(has_keys, row_sum, 1.0)[:, None]
+        tl.store(_tile(out_ptr, q_rows, stride_ot, h, stride_oh, d_offs), out.to(out_ptr.dtype.element_ty),
+                 mask=m_mask[:, None] & d_mask[None, :])
+        tl.store(lse_ptr + h * total_q + q_rows, tl.where(has_keys, row_max + tl.log(row_sum), float("inf")),
+                 mask=m_mask)
+
+    @triton.jit
+    def _tile_backward_kernel(
+        q_ptr, k_ptr, v_ptr, out_ptr, grad_ptr, lse_ptr, dq_ptr, dk_ptr, dv_ptr, seed_ptr,
+        q_start_ptr, q_len_ptr, kv_start_ptr, kv_len_ptr, group_sequences_ptr, group_offsets_ptr,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_gt, stride_gh,
+        stride_dqt, stride_dqh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+        heads, total_q, max_kv_len, head_dim, scale, dropout_p,
+        CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
+        TILE: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """One program per (group x head) whose sequences and keys each fit one tile: each member sequence's dQ
+        whole, and dK, dV summed over the members; the softmax row term (delta) made here from O and dO."""
+        group = tl.program_id(0) // heads
+        h = tl.program_id(0) % heads
+        d_offs = tl.arange(0, BLOCK_D)
+        d_mask = d_offs < head_dim
+        kv_start, kv_len = tl.load(kv_start_ptr + group), tl.load(kv_len_ptr + group)
+        k, n_mask = _whole_tile(k_ptr, kv_start, kv_len, stride_kt, h, stride_kh, d_offs, d_mask, TILE)
+        v, _ = _whole_tile(v_ptr, kv_start, kv_len, stride_vt, h, stride_vh, d_offs, d_mask, TILE)
+        offs = tl.arange(0, TILE)
+        dk = tl.zeros((TILE, BLOCK_D), tl.float32)
+        dv = tl.zeros((TILE, BLOCK_D), tl.float32)
+        if DROPOUT:
+            seed = tl.load(seed_ptr)
+        for member in range(tl.load(group_offsets_ptr + group), tl.load(group_offsets_ptr + group + 1)):
+            seq = tl.load(group_sequences_ptr + member)
+            q_start, q_len = tl.load(q_start_ptr + seq), tl.load(q_len_ptr + seq)
+            q, m_mask = _whole_tile(q_ptr, q_start, q_len, stride_qt, h, stride_qh, d_offs, d_mask, TILE)
+            g, _ = _whole_tile(grad_ptr, q_start, q_len, stride_gt, h, stride_gh, d_offs, d_mask, TILE)
+            o, _ = _whole_tile(out_ptr, q_start, q_len, stride_ot, h, stride_oh, d_offs, d_mask, TILE)
+            q_rows = q_start + offs
+            lse = tl.load(lse_ptr + h * total_q + q_rows, mask=m_mask, other=float("inf"))
+            delta = tl.sum(o.to(tl.float32) * g.to(tl.float32), axis=1)
+            visible = n_mask[None, :] & m_mask[:, None]
+            if CAUSAL:
+                visible = visible & (offs[None, :] <= offs[:, None])
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            p = tl.where(visible, tl.exp(s - lse[:, None]), 0.0)
+            dp = tl.dot(g, tl.trans(v), input_precision=PRECISION)
+            if DROPOUT:
+                keep = _keep(seed, h, q_rows, offs, total_q, max_kv_len, dropout_p)
+                p_used = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+                dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+            else:
+                p_used = p
+            dv += tl.dot(tl.trans(p_used.to(g.dtype)), g, input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+            dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * scale
+            tl.store(_tile(dq_ptr, q_rows, stride_dqt, h, stride_dqh, d_offs), dq.to(dq_ptr.dtype.element_ty),
+                     mask=m_mask[:, None] & d_mask[None, :])
+        kv_rows = kv_start + offs
+        kv_tile = n_mask[:, None] & d_mask[None, :]
+        tl.store(_tile(dk_ptr, kv_rows, stride_dkt, h, stride_dkh, d_offs), (dk * scale).to(dk_ptr.dtype.element_ty),
+                 mask=kv_tile)
+        tl.store(_tile(dv_ptr, kv_rows, stride_dvt, h, stride_dvh, d_offs), dv.to(dv_ptr.dtype.element_ty),
+                 mask=kv_tile)
+
+    @triton.jit
     def _dropout_keep_kernel(keep_ptr, seed_ptr, q_start_ptr, heads, total_q, max_q_len, max_kv_len, dropout_p,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """The keep mask of sequence s, head h, in the padded (S, H, max_q_len, max_kv_len) layout."""
@@ -430,19 +544,41 @@ def _seed(seed: torch.Tensor | None, device) -> torch.Tensor:
     return seed if seed is not None else torch.zeros(1, dtype=torch.int64, device=device)
 
 
+def _whole_tile_size(seqs: AttentionSequences, single_tile: bool | None) -> int | None:
+    """The tile of the single-tile kernels where they run (``single_tile`` None: wherever every sequence and key group
+    fits ``MAX_TILE`` rows), else None."""
+    longest = max(seqs.max_q_len, seqs.max_kv_len, 1)
+    if single_tile is None:
+        single_tile = longest <= MAX_TILE
+    elif single_tile and longest > MAX_TILE:
+        raise ValueError(f"varlen_attention: the single-tile kernels take sequences of at most {MAX_TILE} rows; "
+                         f"these have up to {longest}")
+    return max(16, triton.next_power_of_2(longest)) if single_tile else None
+
+
 def varlen_attention_forward(q, k, v, seqs: AttentionSequences, causal: bool, dropout_p: float,
-                             seed: torch.Tensor | None, block_m: int | None = None, block_n: int | None = None
-                             ) -> tuple[torch.Tensor, torch.Tensor]:
+                             seed: torch.Tensor | None, block_m: int | None = None, block_n: int | None = None,
+                             single_tile: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Output (T_q, H, D) in q's dtype and the log-sum-exp (H, T_q) fp32 the backward needs.
 
-    ``seed`` (1,) int64 on the device is the dropout's Philox seed (unused without dropout)."""
+    ``seed`` (1,) int64 on the device is the dropout's Philox seed (unused without dropout). ``single_tile``: the
+    single-tile kernels (True), the blocked ones at ``block_m`` x ``block_n`` (False), or the former wherever every
+    sequence and key group fits ``MAX_TILE`` rows (None)."""
     check_inputs(q, k, v, seqs, dropout_p)
     total_q, heads, head_dim = q.shape
     out = torch.zeros_like(q)  # rows outside every sequence stay zero (packing's filler rows)
     lse = torch.full((heads, total_q), float("inf"), dtype=torch.float32, device=q.device)
     config = _config(q, causal, block_m, block_n)
     sequences = seqs.q_start.shape[0]
-    if sequences and total_q and seqs.max_q_len:
+    tile = _whole_tile_size(seqs, single_tile)
+    if tile and sequences and total_q:
+        _tile_forward_kernel[(sequences * heads,)](
+            q, k, v, out, lse, _seed(seed, q.device), seqs.q_start, seqs.q_len, seqs.kv_group, seqs.kv_start,
+            seqs.kv_len, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            out.stride(0), out.stride(1), heads, total_q, seqs.max_kv_len, head_dim, 1.0 / math.sqrt(head_dim),
+            dropout_p, CAUSAL=causal, DROPOUT=dropout_p > 0.0, PRECISION=config["PRECISION"], TILE=tile,
+            BLOCK_D=config["BLOCK_D"], num_warps=TILE_WARPS)
+    elif not tile and sequences and total_q and seqs.max_q_len:
         grid = (triton.cdiv(seqs.max_q_len, config["BLOCK_M"]), sequences * heads)
         _forward_kernel[grid](
             q, k, v, out, lse, _seed(seed, q.device), seqs.q_start, seqs.q_len, seqs.kv_group, seqs.kv_start,
@@ -453,9 +589,10 @@ def varlen_attention_forward(q, k, v, seqs: AttentionSequences, causal: bool, dr
 
 
 def varlen_attention_backward(grad, q, k, v, out, lse, seqs: AttentionSequences, causal: bool, dropout_p: float,
-                              seed: torch.Tensor | None, block_m: int | None = None, block_n: int | None = None
-                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of q, k, v (their shapes and dtypes) given the output's gradient ``grad`` (T_q, H, D)."""
+                              seed: torch.Tensor | None, block_m: int | None = None, block_n: int | None = None,
+                              single_tile: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of q, k, v (their shapes and dtypes) given the output's gradient ``grad`` (T_q, H, D); kernels
+    chosen as :func:`varlen_attention_forward`'s."""
     total_q, heads, head_dim = q.shape
     if grad.stride(-1) != 1:
         grad = grad.contiguous()
@@ -464,6 +601,16 @@ def varlen_attention_backward(grad, q, k, v, out, lse, seqs: AttentionSequences,
     if not (sequences and total_q and seqs.max_q_len and seqs.max_kv_len):
         return dq, dk, dv
     config = _config(q, causal, block_m, block_n)
+    tile = _whole_tile_size(seqs, single_tile)
+    if tile:
+        _tile_backward_kernel[(groups * heads,)](
+            q, k, v, out, grad, lse, dq, dk, dv, _seed(seed, q.device), seqs.q_start, seqs.q_len, seqs.kv_start,
+            seqs.kv_len, seqs.group_sequences, seqs.group_offsets, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+            v.stride(0), v.stride(1), out.stride(0), out.stride(1), grad.stride(0), grad.stride(1), dq.stride(0),
+            dq.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), heads, total_q, seqs.max_kv_len,
+            head_dim, 1.0 / math.sqrt(head_dim), dropout_p, CAUSAL=causal, DROPOUT=dropout_p > 0.0,
+            PRECISION=config["PRECISION"], TILE=tile, BLOCK_D=config["BLOCK_D"], num_warps=TILE_WARPS)
+        return dq, dk, dv
     delta = torch.empty((heads, total_q), dtype=torch.float32, device=q.device)
     _delta_kernel[(triton.cdiv(total_q, config["BLOCK_M"]), heads)](
         out, grad, delta, out.stride(0), out.stride(1), grad.stride(0), grad.stride(1), heads, total_q, head_dim,

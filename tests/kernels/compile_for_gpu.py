@@ -74,6 +74,34 @@ def varlen_attention_specs(dtype: str):
     variants = [(True, True)] if dtype != "bf16" else [(True, True), (True, False), (False, True), (False, False)]
     for causal, dropout in variants:
         yield from _varlen_attention_variant(dtype, causal, dropout)
+        yield from _single_tile_variant(dtype, causal, dropout)
+
+
+def _single_tile_variant(dtype: str, causal: bool, dropout: bool):
+    """The single-tile kernels at their largest tile (64 rows), head size 64."""
+    variant = f"{dtype} causal={causal} dropout={dropout}"
+    values = {"CAUSAL": causal, "DROPOUT": dropout, "PRECISION": "ieee" if dtype == "fp32" else "tf32",
+              "TILE": varlen_attention.MAX_TILE, "BLOCK_D": 64}
+    constexprs = {name: "constexpr" for name in values}
+    sizes = {"heads": "i32", "total_q": "i32", "max_kv_len": "i32", "head_dim": "i32", "scale": "fp32",
+             "dropout_p": "fp32"}
+
+    def tensors(*names):
+        return {f"{n}_ptr": f"*{dtype}" for n in names}
+
+    def strides(*names):
+        return {f"stride_{n}{axis}": "i32" for n in names for axis in ("t", "h")}
+
+    yield (f"varlen_attention single-tile forward {variant}", varlen_attention._tile_forward_kernel,
+           {**tensors("q", "k", "v", "out"), "lse_ptr": "*fp32", "seed_ptr": "*i64", "q_start_ptr": "*i32",
+            "q_len_ptr": "*i32", "kv_group_ptr": "*i32", "kv_start_ptr": "*i32", "kv_len_ptr": "*i32",
+            **strides("q", "k", "v", "o"), **sizes, **constexprs}, values, varlen_attention.TILE_WARPS, DEFAULT_STAGES)
+    yield (f"varlen_attention single-tile backward {variant}", varlen_attention._tile_backward_kernel,
+           {**tensors("q", "k", "v", "out", "grad"), "lse_ptr": "*fp32", **tensors("dq", "dk", "dv"),
+            "seed_ptr": "*i64", "q_start_ptr": "*i32", "q_len_ptr": "*i32", "kv_start_ptr": "*i32",
+            "kv_len_ptr": "*i32", "group_sequences_ptr": "*i32", "group_offsets_ptr": "*i32",
+            **strides("q", "k", "v", "o", "g", "dq", "dk", "dv"), **sizes, **constexprs}, values,
+           varlen_attention.TILE_WARPS, DEFAULT_STAGES)
 
 
 def _varlen_attention_variant(dtype: str, causal: bool, dropout: bool):

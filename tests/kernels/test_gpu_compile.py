@@ -1,5 +1,6 @@
 """Every Triton kernel compiles for the H100 (sm_90) in bf16, fp16 and fp32, on any machine with triton (the packed
-attention's in each causal x dropout variant in bf16, the ITC kernels with and without image ids).
+attention's, blocked and single-tile, in each causal x dropout variant in bf16, the ITC kernels with and without
+image ids).
 
 CI runs the kernels in Triton's interpreter, which cannot hold bf16; compiling them ahead of time with the
 ptxas Triton ships catches type and lowering errors of every dtype without a GPU. It runs in a subprocess:
@@ -27,9 +28,10 @@ def test_kernels_compile_for_sm90_in_every_dtype():
                             env={**os.environ, "TRITON_INTERPRET": "0"}, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     lines = result.stdout.strip().splitlines()
-    # per dtype: hard negatives, the LM loss twice, the packed attention's 4 kernels, the ITC forward and gradients
-    # twice each; in bf16 3 attention kernels in 3 more causal x dropout variants; the ITC combine once
-    assert len(lines) == 3 * (3 + 4 + 4) + 3 * 3 + 1 and all("sm_90 cubin" in line for line in lines), result.stdout
+    # per dtype: hard negatives, the LM loss twice, the packed attention's 4 blocked and 2 single-tile kernels, the
+    # ITC forward and gradients twice each; in bf16 5 attention kernels in 3 more causal x dropout variants; the ITC
+    # combine once
+    assert len(lines) == 3 * (3 + 6 + 4) + 3 * 5 + 1 and all("sm_90 cubin" in line for line in lines), result.stdout
     # and each fits an SM's shared memory, or it would compile and fail at launch
     too_large = [line for line in lines if int(line.rsplit("shared ", 1)[1]) > SM90_SHARED_LIMIT]
     assert not too_large, too_large

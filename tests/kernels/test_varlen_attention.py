@@ -80,9 +80,9 @@ def reference(q, k, v, grad, seqs, causal, dropout_p, keep):
     return (out.detach(), *torch.autograd.grad(out, leaves, grad))
 
 
-def check(device, dtype, name, dropout_p, block=(BLOCK, BLOCK)):
-    """The kernels against the reference on layout ``name``, with ``block`` (query rows, key rows) per block, or
-    None for the kernels' own per-mode blocks."""
+def check(device, dtype, name, dropout_p, block=(BLOCK, BLOCK), single_tile=False):
+    """The kernels against the reference on layout ``name``: the blocked ones with ``block`` (query rows, key rows)
+    per block, or None for the kernels' own per-mode blocks; or the single-tile ones."""
     seqs, total_q, total_kv, causal = layout(name)
     q, k, v, grad, seqs = inputs(seqs, total_q, total_kv, device)
     seed = torch.tensor([1234], device=device)
@@ -91,9 +91,10 @@ def check(device, dtype, name, dropout_p, block=(BLOCK, BLOCK)):
     low_inputs = [cast_keeping_layout(t, dtype) for t in (q, k, v, grad)]
     low = reference(*low_inputs, seqs, causal, dropout_p, keep)
     block_m, block_n = block or (None, None)
-    out, lse = kernel.varlen_attention_forward(*low_inputs[:3], seqs, causal, dropout_p, seed, block_m, block_n)
+    out, lse = kernel.varlen_attention_forward(*low_inputs[:3], seqs, causal, dropout_p, seed, block_m, block_n,
+                                               single_tile)
     grads = kernel.varlen_attention_backward(low_inputs[3], *low_inputs[:3], out, lse, seqs, causal, dropout_p, seed,
-                                             block_m, block_n)
+                                             block_m, block_n, single_tile)
     assert not any(t.is_contiguous() for t in low_inputs[:3])  # strided views reach the kernels
     for what, got, want, want_low in zip(("output", "dq", "dk", "dv"), (out, *grads), truth, low, strict=True):
         assert got.dtype == dtype
@@ -106,6 +107,57 @@ def check(device, dtype, name, dropout_p, block=(BLOCK, BLOCK)):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_triton_kernels_match_reference(triton_device, dtype, name, dropout_p):
     check(triton_device, dtype, name, dropout_p)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+@pytest.mark.parametrize("name", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_single_tile_kernels_match_reference(triton_device, dtype, name, dropout_p):
+    """Every layout fits one 64-row tile (sequences up to 40 rows, groups up to 50 keys, shared by three sequences)."""
+    check(triton_device, dtype, name, dropout_p, single_tile=True)
+
+
+def test_triton_single_tile_is_taken_where_everything_fits(triton_device, monkeypatch):
+    """Without a choice, the single-tile kernels run where every sequence and group fits MAX_TILE rows, and the
+    blocked ones elsewhere; a request for single tiles that do not fit is refused."""
+    launched = []
+    for name in ("_tile_forward_kernel", "_forward_kernel"):
+        jitted = getattr(kernel, name)
+
+        class Spy:
+            def __init__(self, jitted, name):
+                self.jitted, self.name = jitted, name
+
+            def __getitem__(self, grid):
+                launched.append(self.name)
+                return self.jitted[grid]
+
+        monkeypatch.setattr(kernel, name, Spy(jitted, name))
+    seqs, total_q, total_kv, causal = layout("bidirectional")
+    q, k, v, _, seqs = inputs(seqs, total_q, total_kv, triton_device, torch.float32)
+    kernel.varlen_attention_forward(q, k, v, seqs, causal, 0.0, None)
+    monkeypatch.setattr(kernel, "MAX_TILE", 32)  # the layout's 40-row sequence no longer fits
+    kernel.varlen_attention_forward(q, k, v, seqs, causal, 0.0, None)
+    assert launched == ["_tile_forward_kernel", "_forward_kernel"]
+    with pytest.raises(ValueError, match="at most 32 rows"):
+        kernel.varlen_attention_forward(q, k, v, seqs, causal, 0.0, None, single_tile=True)
+
+
+def test_triton_single_tile_at_the_largest_tile(triton_device):
+    """Sequences of 64 rows exactly, with and without dropout, causal."""
+    q_len = torch.tensor([64, 3, 64])
+    seqs = AttentionSequences.self_attention(torch.cumsum(q_len, 0) - q_len, q_len, q_len, 64)
+    q, k, v, grad, seqs = inputs(seqs, int(q_len.sum()), int(q_len.sum()), triton_device)
+    seed = torch.tensor([7], device=triton_device)
+    for dropout_p in (0.0, 0.25):
+        keep = kernel.dropout_keep(seqs, HEADS, int(q_len.sum()), dropout_p, seed) if dropout_p else None
+        truth = reference(q, k, v, grad, seqs, True, dropout_p, keep)
+        low = [cast_keeping_layout(t, torch.float32) for t in (q, k, v, grad)]
+        out, lse = kernel.varlen_attention_forward(*low[:3], seqs, True, dropout_p, seed, single_tile=True)
+        grads = kernel.varlen_attention_backward(low[3], *low[:3], out, lse, seqs, True, dropout_p, seed,
+                                                 single_tile=True)
+        for what, got, want in zip(("output", "dq", "dk", "dv"), (out, *grads), truth, strict=True):
+            assert_close(got, want, None, torch.float32, what)
 
 
 def test_triton_rows_outside_sequences_and_empty_groups_are_zero(triton_device):
