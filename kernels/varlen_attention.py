@@ -63,6 +63,9 @@ BLOCKS = {False: (32, 64), True: (32, 32)}
 # so there is no online softmax, no separate delta pass, and dQ, dK, dV come from one program. Not yet timed on a GPU.
 MAX_TILE = 64
 TILE_WARPS = 4
+# The single-tile kernels' CAUSAL for a table whose sequences are each causal or not (the joint ITM/LM pass: ITM's
+# rows bidirectional, LM's causal, in one launch); 0 and 1 are all bidirectional and all causal.
+PER_SEQUENCE = tl.constexpr(2) if HAS_TRITON else 2
 
 
 class AttentionSequences(NamedTuple):
@@ -106,6 +109,27 @@ class AttentionSequences(NamedTuple):
         offsets = torch.searchsorted(order.values, torch.arange(groups + 1, device=kv_group.device))
         return cls(_int32(q_start), _int32(q_len), _int32(kv_group), _int32(kv_start), _int32(kv_len),
                    _int32(order.indices), _int32(offsets), max_q_len, max_kv_len)
+
+    @classmethod
+    def concat(cls, tables: list[AttentionSequences], row_counts: list[int]) -> AttentionSequences:
+        """Self-attention tables over consecutive blocks of rows (``row_counts[i]`` rows for ``tables[i]``, queries
+        and keys alike) as one table: each one's rows, groups and sequences shifted past those before it."""
+        if len(tables) != len(row_counts):
+            raise ValueError(f"{len(tables)} tables for {len(row_counts)} row counts")
+        parts = {name: [] for name in cls._fields[:7]}
+        rows = groups = sequences = 0
+        for table, count in zip(tables, row_counts, strict=True):
+            parts["q_start"].append(table.q_start + rows)
+            parts["q_len"].append(table.q_len)
+            parts["kv_group"].append(table.kv_group + groups)
+            parts["kv_start"].append(table.kv_start + rows)
+            parts["kv_len"].append(table.kv_len)
+            parts["group_sequences"].append(table.group_sequences + sequences)
+            parts["group_offsets"].append(table.group_offsets[:-1] + sequences)
+            rows, groups, sequences = rows + count, groups + table.kv_start.shape[0], sequences + table.q_len.shape[0]
+        parts["group_offsets"].append(tables[-1].group_offsets[-1:] + sequences - tables[-1].q_len.shape[0])
+        return cls(*(_int32(torch.cat(parts[name])) for name in cls._fields[:7]),
+                   max(t.max_q_len for t in tables), max(t.max_kv_len for t in tables))
 
     @property
     def tensors(self) -> tuple[torch.Tensor, ...]:
@@ -168,11 +192,12 @@ def _dense_index(start: torch.Tensor, length: torch.Tensor, max_len: int, outsid
 
 
 def varlen_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: AttentionSequences,
-                         causal: bool = False, dropout_p: float = 0.0, keep: torch.Tensor | None = None
+                         causal: bool | torch.Tensor = False, dropout_p: float = 0.0, keep: torch.Tensor | None = None
                          ) -> torch.Tensor:
     """Reference: each sequence gathered into the padded layout, softmax attention in ``promote_types(dtype,
-    float32)``, scattered back. ``keep`` (S, H, max_q_len, max_kv_len) bool is the dropout mask to apply (tests
-    pass the kernels' own, :func:`dropout_keep`); without it dropout draws from torch's generator."""
+    float32)``, scattered back. ``causal``: every sequence's mode, or a bool tensor (S,) of each one's. ``keep``
+    (S, H, max_q_len, max_kv_len) bool is the dropout mask to apply (tests pass the kernels' own,
+    :func:`dropout_keep`); without it dropout draws from torch's generator."""
     check_inputs(q, k, v, seqs, dropout_p, allow_float64=True)
     check_groups_disjoint(seqs)
     compute = torch.promote_types(q.dtype, torch.float32)
@@ -184,8 +209,11 @@ def varlen_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs
                   for t, rows in ((q, q_rows), (k, k_rows), (v, k_rows)))
     scores = torch.matmul(qd, kd.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # (S, H, Lq, Lk)
     visible = k_inside[:, None, None, :]
-    if causal:
-        visible = visible & torch.ones(seqs.max_q_len, seqs.max_kv_len, dtype=torch.bool, device=q.device).tril()
+    lower = torch.ones(seqs.max_q_len, seqs.max_kv_len, dtype=torch.bool, device=q.device).tril()
+    if isinstance(causal, torch.Tensor):
+        visible = visible & (lower | ~causal.bool()[:, None, None, None])
+    elif causal:
+        visible = visible & lower
     scores = scores.masked_fill(~visible, float("-inf"))
     probs = torch.softmax(scores, dim=-1).masked_fill(~visible.any(dim=-1, keepdim=True), 0.0)
     if dropout_p > 0.0:
@@ -418,16 +446,29 @@ if HAS_TRITON:
                        other=0.0), mask
 
     @triton.jit
+    def _tile_visible(n_mask, offs, seq_causal_ptr, seq, CAUSAL: tl.constexpr):
+        """(TILE, TILE) keys each query of sequence ``seq`` sees: those present, and with CAUSAL (or, per sequence,
+        where ``seq_causal[seq]`` says so) none after it."""
+        visible = n_mask[None, :]
+        if CAUSAL == PER_SEQUENCE:
+            bidirectional = tl.load(seq_causal_ptr + seq) == 0
+            visible = visible & ((offs[None, :] <= offs[:, None]) | bidirectional)
+        elif CAUSAL:
+            visible = visible & (offs[None, :] <= offs[:, None])
+        return visible
+
+    @triton.jit
     def _tile_forward_kernel(
         q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, seed_ptr,
-        q_start_ptr, q_len_ptr, kv_group_ptr, kv_start_ptr, kv_len_ptr,
+        q_start_ptr, q_len_ptr, kv_group_ptr, kv_start_ptr, kv_len_ptr, seq_causal_ptr,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
         heads, total_q, max_kv_len, head_dim, scale, dropout_p,
         CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
         TILE: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """One program per (sequence x head) whose queries and keys each fit one tile: the softmax whole, no
-        online rescaling; the same dropout offsets as :func:`_forward_kernel`."""
+        online rescaling; the same dropout offsets as :func:`_forward_kernel`. ``CAUSAL``: 0 bidirectional, 1
+        causal, ``PER_SEQUENCE`` each sequence as ``seq_causal`` (int8) says."""
         seq = tl.program_id(0) // heads
         h = tl.program_id(0) % heads
         group = tl.load(kv_group_ptr + seq)
@@ -440,9 +481,7 @@ if HAS_TRITON:
         k, n_mask = _whole_tile(k_ptr, kv_start, kv_len, stride_kt, h, stride_kh, d_offs, d_mask, TILE)
         v, _ = _whole_tile(v_ptr, kv_start, kv_len, stride_vt, h, stride_vh, d_offs, d_mask, TILE)
         offs = tl.arange(0, TILE)
-        visible = n_mask[None, :]
-        if CAUSAL:
-            visible = visible & (offs[None, :] <= offs[:, None])
+        visible = _tile_visible(n_mask, offs, seq_causal_ptr, seq, CAUSAL)
         s = tl.where(visible, tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale, float("-inf"))
         row_max = tl.max(s, axis=1)
         # a row with no visible key keeps max -inf: subtract 0 instead (its p are all 0)
@@ -462,7 +501,7 @@ if HAS_TRITON:
     @triton.jit
     def _tile_backward_kernel(
         q_ptr, k_ptr, v_ptr, out_ptr, grad_ptr, lse_ptr, dq_ptr, dk_ptr, dv_ptr, seed_ptr,
-        q_start_ptr, q_len_ptr, kv_start_ptr, kv_len_ptr, group_sequences_ptr, group_offsets_ptr,
+        q_start_ptr, q_len_ptr, kv_start_ptr, kv_len_ptr, group_sequences_ptr, group_offsets_ptr, seq_causal_ptr,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_gt, stride_gh,
         stride_dqt, stride_dqh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
         heads, total_q, max_kv_len, head_dim, scale, dropout_p,
@@ -492,9 +531,7 @@ if HAS_TRITON:
             q_rows = q_start + offs
             lse = tl.load(lse_ptr + h * total_q + q_rows, mask=m_mask, other=float("inf"))
             delta = tl.sum(o.to(tl.float32) * g.to(tl.float32), axis=1)
-            visible = n_mask[None, :] & m_mask[:, None]
-            if CAUSAL:
-                visible = visible & (offs[None, :] <= offs[:, None])
+            visible = _tile_visible(n_mask, offs, seq_causal_ptr, seq, CAUSAL) & m_mask[:, None]
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             p = tl.where(visible, tl.exp(s - lse[:, None]), 0.0)
             dp = tl.dot(g, tl.trans(v), input_precision=PRECISION)
@@ -544,16 +581,29 @@ def _seed(seed: torch.Tensor | None, device) -> torch.Tensor:
     return seed if seed is not None else torch.zeros(1, dtype=torch.int64, device=device)
 
 
-def _whole_tile_size(seqs: AttentionSequences, single_tile: bool | None) -> int | None:
+def _whole_tile_size(seqs: AttentionSequences, single_tile: bool | None, causal: bool | torch.Tensor) -> int | None:
     """The tile of the single-tile kernels where they run (``single_tile`` None: wherever every sequence and key group
-    fits ``MAX_TILE`` rows), else None."""
+    fits ``MAX_TILE`` rows; always for per-sequence ``causal``), else None."""
     longest = max(seqs.max_q_len, seqs.max_kv_len, 1)
+    per_sequence = isinstance(causal, torch.Tensor)
     if single_tile is None:
-        single_tile = longest <= MAX_TILE
-    elif single_tile and longest > MAX_TILE:
-        raise ValueError(f"varlen_attention: the single-tile kernels take sequences of at most {MAX_TILE} rows; "
-                         f"these have up to {longest}")
+        single_tile = longest <= MAX_TILE or per_sequence
+    if (single_tile or per_sequence) and longest > MAX_TILE:
+        raise ValueError(f"varlen_attention: the single-tile kernels (and per-sequence causal masking, theirs alone) "
+                         f"take sequences of at most {MAX_TILE} rows; these have up to {longest}")
+    if per_sequence and not single_tile:
+        raise ValueError("varlen_attention: per-sequence causal masking runs on the single-tile kernels only")
     return max(16, triton.next_power_of_2(longest)) if single_tile else None
+
+
+def _causal_flags(causal: bool | torch.Tensor, seqs: AttentionSequences) -> tuple[int, torch.Tensor]:
+    """The single-tile kernels' CAUSAL and their per-sequence flags (int8; unread unless CAUSAL is PER_SEQUENCE)."""
+    if isinstance(causal, torch.Tensor):
+        if causal.shape != seqs.q_len.shape or causal.device != seqs.q_len.device:
+            raise ValueError(f"varlen_attention: per-sequence causal flags must be ({seqs.q_len.shape[0]},) on the "
+                             f"table's device; got {tuple(causal.shape)} on {causal.device}")
+        return int(PER_SEQUENCE), causal.to(torch.int8).contiguous()
+    return int(causal), seqs.q_len  # any int tensor: never read
 
 
 def varlen_attention_forward(q, k, v, seqs: AttentionSequences, causal: bool, dropout_p: float,
@@ -561,22 +611,24 @@ def varlen_attention_forward(q, k, v, seqs: AttentionSequences, causal: bool, dr
                              single_tile: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Output (T_q, H, D) in q's dtype and the log-sum-exp (H, T_q) fp32 the backward needs.
 
-    ``seed`` (1,) int64 on the device is the dropout's Philox seed (unused without dropout). ``single_tile``: the
+    ``seed`` (1,) int64 on the device is the dropout's Philox seed (unused without dropout). ``causal``: every
+    sequence's mode, or a bool tensor (S,) of each sequence's (single-tile kernels only). ``single_tile``: the
     single-tile kernels (True), the blocked ones at ``block_m`` x ``block_n`` (False), or the former wherever every
     sequence and key group fits ``MAX_TILE`` rows (None)."""
     check_inputs(q, k, v, seqs, dropout_p)
     total_q, heads, head_dim = q.shape
     out = torch.zeros_like(q)  # rows outside every sequence stay zero (packing's filler rows)
     lse = torch.full((heads, total_q), float("inf"), dtype=torch.float32, device=q.device)
-    config = _config(q, causal, block_m, block_n)
     sequences = seqs.q_start.shape[0]
-    tile = _whole_tile_size(seqs, single_tile)
+    tile = _whole_tile_size(seqs, single_tile, causal)
+    config = _config(q, bool(tile) or causal, block_m, block_n)  # blocks unread by the single-tile kernels
     if tile and sequences and total_q:
+        mode, flags = _causal_flags(causal, seqs)
         _tile_forward_kernel[(sequences * heads,)](
             q, k, v, out, lse, _seed(seed, q.device), seqs.q_start, seqs.q_len, seqs.kv_group, seqs.kv_start,
-            seqs.kv_len, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            seqs.kv_len, flags, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1), heads, total_q, seqs.max_kv_len, head_dim, 1.0 / math.sqrt(head_dim),
-            dropout_p, CAUSAL=causal, DROPOUT=dropout_p > 0.0, PRECISION=config["PRECISION"], TILE=tile,
+            dropout_p, CAUSAL=mode, DROPOUT=dropout_p > 0.0, PRECISION=config["PRECISION"], TILE=tile,
             BLOCK_D=config["BLOCK_D"], num_warps=TILE_WARPS)
     elif not tile and sequences and total_q and seqs.max_q_len:
         grid = (triton.cdiv(seqs.max_q_len, config["BLOCK_M"]), sequences * heads)
@@ -600,15 +652,16 @@ def varlen_attention_backward(grad, q, k, v, out, lse, seqs: AttentionSequences,
     sequences, groups = seqs.q_start.shape[0], seqs.kv_start.shape[0]
     if not (sequences and total_q and seqs.max_q_len and seqs.max_kv_len):
         return dq, dk, dv
-    config = _config(q, causal, block_m, block_n)
-    tile = _whole_tile_size(seqs, single_tile)
+    tile = _whole_tile_size(seqs, single_tile, causal)
+    config = _config(q, bool(tile) or causal, block_m, block_n)
     if tile:
+        mode, flags = _causal_flags(causal, seqs)
         _tile_backward_kernel[(groups * heads,)](
             q, k, v, out, grad, lse, dq, dk, dv, _seed(seed, q.device), seqs.q_start, seqs.q_len, seqs.kv_start,
-            seqs.kv_len, seqs.group_sequences, seqs.group_offsets, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-            v.stride(0), v.stride(1), out.stride(0), out.stride(1), grad.stride(0), grad.stride(1), dq.stride(0),
-            dq.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), heads, total_q, seqs.max_kv_len,
-            head_dim, 1.0 / math.sqrt(head_dim), dropout_p, CAUSAL=causal, DROPOUT=dropout_p > 0.0,
+            seqs.kv_len, seqs.group_sequences, seqs.group_offsets, flags, q.stride(0), q.stride(1), k.stride(0),
+            k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1), grad.stride(0), grad.stride(1),
+            dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), heads, total_q,
+            seqs.max_kv_len, head_dim, 1.0 / math.sqrt(head_dim), dropout_p, CAUSAL=mode, DROPOUT=dropout_p > 0.0,
             PRECISION=config["PRECISION"], TILE=tile, BLOCK_D=config["BLOCK_D"], num_warps=TILE_WARPS)
         return dq, dk, dv
     delta = torch.empty((heads, total_q), dtype=torch.float32, device=q.device)

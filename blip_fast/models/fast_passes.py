@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
+from blip_fast.kernels.varlen_attention import MAX_TILE as VARLEN_MAX_TILE
+
 from .. import ops
 from ..ops import AttentionSequences
 from .packing import PackedText
@@ -250,6 +252,15 @@ class SelfAttentionRows(NamedTuple):
     """How they self-attend (no context: the joint call's cross-attention takes all rows at once)."""
 
 
+class JointSelfAttention(NamedTuple):
+    """The self-attention of every group of a :class:`JointRows` in one packed-attention launch: one table over all
+    their rows, and whether each sequence is causal (ITM's bidirectional, LM's causal)."""
+
+    sequences: AttentionSequences
+    causal: torch.Tensor
+    """(S,) bool."""
+
+
 class JointRows(NamedTuple):
     """One layer's context for the rows of several text passes, one after the other (:func:`joint_text_passes`):
     each pass self-attends with its own sublayer; the cross-attention, which the passes share, takes all rows."""
@@ -257,6 +268,8 @@ class JointRows(NamedTuple):
     groups: tuple[SelfAttentionRows, ...]
     shared: FastRows
     """The cross-attention of all rows."""
+    joint_self: JointSelfAttention | None = None
+    """Where set, the groups' attentions run as one kernel launch (each group still projects with its own weights)."""
 
     @property
     def grounded(self) -> bool:
@@ -266,8 +279,22 @@ class JointRows(NamedTuple):
     def attend_self(self, attention: TextAttention, x: torch.Tensor) -> torch.Tensor:
         """Each group with its own sublayer (``attention``, the called layer's, is the first group's)."""
         parts = x.split([group.rows.row_count for group in self.groups])
+        dropout = {group.attention.dropout_p_now for group in self.groups}
+        if self.joint_self is not None and len(dropout) == 1:
+            return self._attend_self_joint(parts, dropout.pop())
         return torch.cat([group.rows.attend_self(group.attention, part)
                           for group, part in zip(self.groups, parts, strict=True)])
+
+    def _attend_self_joint(self, parts: Sequence[torch.Tensor], dropout_p: float) -> torch.Tensor:
+        """Each group's q, k, v from its own projection, attended in one launch (per-sequence causal), each group's
+        output sublayer on its rows."""
+        projections = [group.attention.self for group in self.groups]
+        qkv = torch.cat([p.stacked(part) for p, part in zip(projections, parts, strict=True)])
+        q, k, v = qkv.unflatten(-1, (3, projections[0].num_heads, -1)).unbind(-3)
+        out = ops.varlen_attention(q, k, v, self.joint_self.sequences, self.joint_self.causal, dropout_p)
+        outs = out.flatten(1).split([part.shape[0] for part in parts])
+        return torch.cat([group.attention.output(o, part)
+                          for group, o, part in zip(self.groups, outs, parts, strict=True)])
 
     def attend_context(self, crossattention: TextAttention, x: torch.Tensor) -> torch.Tensor:
         return self.shared.attend_context(crossattention, x)
@@ -361,10 +388,22 @@ def joint_text_passes(passes: Sequence[TextPass], context_kv: list) -> list[torc
                      None, None, None)
             for p, mask in zip(passes, masks, strict=True)]
     all_rows = FastRows(torch.cat(masks), False, packing, None, None, None, cross)
+    joint_self = _joint_self_attention(rows) if packed_self else None
     for index, layers in enumerate(zip(*(p.transformer.encoder.layer for p in passes), strict=True)):
         groups = tuple(SelfAttentionRows(layer.attention, group) for layer, group in zip(layers, rows, strict=True))
-        x = layers[0](x, JointRows(groups, all_rows._replace(context=context_kv[index])))
+        x = layers[0](x, JointRows(groups, all_rows._replace(context=context_kv[index]), joint_self))
     return list(x.split([group.row_count for group in rows]))
+
+
+def _joint_self_attention(rows: Sequence[FastRows]) -> JointSelfAttention | None:
+    """One table and per-sequence modes over the passes' packed self-attention tables, where the kernel takes
+    per-sequence modes: every sequence within one tile (the single-tile kernels), else None."""
+    tables = [r.self_sequences for r in rows]
+    if max(max(t.max_q_len, t.max_kv_len) for t in tables) > VARLEN_MAX_TILE:
+        return None
+    causal = torch.cat([torch.full(t.q_len.shape, r.causal, dtype=torch.bool, device=t.q_len.device)
+                        for r, t in zip(rows, tables, strict=True)])
+    return JointSelfAttention(AttentionSequences.concat(tables, [r.row_count for r in rows]), causal)
 
 
 def _shares_all_but_self_attention(layer: TextLayer, other: TextLayer) -> bool:

@@ -45,11 +45,11 @@ def varlen_attention_triton_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: torch.Tensor, q_len: torch.Tensor,
     kv_group: torch.Tensor, kv_start: torch.Tensor, kv_len: torch.Tensor, group_sequences: torch.Tensor,
     group_offsets: torch.Tensor, max_q_len: int, max_kv_len: int, causal: bool, dropout_p: float,
-    seed: torch.Tensor,
+    seed: torch.Tensor, seq_causal: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     seqs = AttentionSequences(q_start, q_len, kv_group, kv_start, kv_len, group_sequences, group_offsets, max_q_len,
                               max_kv_len)
-    return varlen_attention_forward(q, k, v, seqs, causal, dropout_p, seed)
+    return varlen_attention_forward(q, k, v, seqs, causal if seq_causal is None else seq_causal, dropout_p, seed)
 
 
 @varlen_attention_triton_op.register_fake
@@ -62,11 +62,12 @@ def varlen_attention_backward_triton_op(
     grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     q_start: torch.Tensor, q_len: torch.Tensor, kv_group: torch.Tensor, kv_start: torch.Tensor,
     kv_len: torch.Tensor, group_sequences: torch.Tensor, group_offsets: torch.Tensor, max_q_len: int,
-    max_kv_len: int, causal: bool, dropout_p: float, seed: torch.Tensor,
+    max_kv_len: int, causal: bool, dropout_p: float, seed: torch.Tensor, seq_causal: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     seqs = AttentionSequences(q_start, q_len, kv_group, kv_start, kv_len, group_sequences, group_offsets, max_q_len,
                               max_kv_len)
-    return varlen_attention_backward(grad, q, k, v, out, lse, seqs, causal, dropout_p, seed)
+    return varlen_attention_backward(grad, q, k, v, out, lse, seqs, causal if seq_causal is None else seq_causal,
+                                     dropout_p, seed)
 
 
 @varlen_attention_backward_triton_op.register_fake
@@ -77,19 +78,23 @@ def _backward_fake(grad, q, k, v, *args):
 def _setup(ctx, inputs, output):
     q, k, v, *tables = inputs[:10]
     ctx.sizes = inputs[10:14]  # max_q_len, max_kv_len, causal, dropout_p
-    ctx.save_for_backward(q, k, v, output[0], output[1], inputs[14], *tables)
+    ctx.per_sequence = inputs[15] is not None
+    flags = (inputs[15],) if ctx.per_sequence else ()
+    ctx.save_for_backward(q, k, v, output[0], output[1], inputs[14], *tables, *flags)
 
 
 def _backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, seed, *tables = ctx.saved_tensors
-    dq, dk, dv = varlen_attention_backward_triton_op(grad_out, q, k, v, out, lse, *tables, *ctx.sizes, seed)
-    return (dq, dk, dv) + (None,) * 12
+    flags = tables.pop() if ctx.per_sequence else None
+    dq, dk, dv = varlen_attention_backward_triton_op(grad_out, q, k, v, out, lse, *tables, *ctx.sizes, seed, flags)
+    return (dq, dk, dv) + (None,) * 13
 
 
 varlen_attention_triton_op.register_autograd(_backward, setup_context=_setup)
 
 
-def varlen_attention_triton(q, k, v, seqs: AttentionSequences, causal: bool = False, dropout_p: float = 0.0):
+def varlen_attention_triton(q, k, v, seqs: AttentionSequences, causal: bool | torch.Tensor = False,
+                            dropout_p: float = 0.0):
     """The Triton backend: same contract as :func:`varlen_attention_ref` (dropout from torch's generator)."""
     device = q.device.type
     if torch.is_autocast_enabled(device):  # custom ops are not cast by autocast: cast as its matmuls would
@@ -98,8 +103,10 @@ def varlen_attention_triton(q, k, v, seqs: AttentionSequences, causal: bool = Fa
     # the seed stays on the device: no synchronisation, and a CUDA graph draws a new one at each replay
     seed = (torch.randint(0, 2**31 - 1, (1,), device=q.device) if dropout_p > 0.0
             else torch.zeros(1, dtype=torch.int64, device=q.device))
-    return varlen_attention_triton_op(q, k, v, *seqs.tensors, seqs.max_q_len, seqs.max_kv_len, causal, dropout_p,
-                                      seed)[0]
+    per_sequence = isinstance(causal, torch.Tensor)
+    return varlen_attention_triton_op(q, k, v, *seqs.tensors, seqs.max_q_len, seqs.max_kv_len,
+                                      False if per_sequence else causal, dropout_p, seed,
+                                      causal if per_sequence else None)[0]
 
 
 varlen_attention_op = define_op("varlen_attention", varlen_attention_ref)
@@ -109,9 +116,10 @@ for _op in (varlen_attention_op, varlen_cross_attention_op):
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: AttentionSequences,
-                     causal: bool = False, dropout_p: float = 0.0) -> torch.Tensor:
+                     causal: bool | torch.Tensor = False, dropout_p: float = 0.0) -> torch.Tensor:
     """Self-attention of packed sequences through the selected backend; see
-    :mod:`blip_fast.kernels.varlen_attention`."""
+    :mod:`blip_fast.kernels.varlen_attention`. ``causal`` a bool tensor (S,): each sequence's mode (the Triton
+    backend runs them in one launch where every sequence fits one tile)."""
     return varlen_attention_op(q, k, v, seqs, causal, dropout_p)
 
 
@@ -130,9 +138,11 @@ def packed_attention_on(like: torch.Tensor, cross: bool = False) -> bool:
     return op.select(like.device, like.dtype) == "triton"
 
 
-def _case(lengths: list[int], heads: int, kv_lengths: list[int] | None, causal: bool, groups: int | None):
+def _case(lengths: list[int], heads: int, kv_lengths: list[int] | None, causal: bool | list[bool],
+          groups: int | None):
     """Self-attention over ``lengths`` (keys ``kv_lengths``, default the same), or, with ``groups``, cross-attention
-    of those query sequences to ``groups`` key groups of ``kv_lengths[g]`` rows, sequence s to group s % groups."""
+    of those query sequences to ``groups`` key groups of ``kv_lengths[g]`` rows, sequence s to group s % groups;
+    ``causal`` for all sequences or per sequence."""
     def make(device, dtype, generator):
         q_len = torch.tensor(lengths)
         q_start = torch.cumsum(q_len, 0) - q_len
@@ -150,7 +160,8 @@ def _case(lengths: list[int], heads: int, kv_lengths: list[int] | None, causal: 
         def t(rows):
             return torch.randn(rows, heads, HEAD_DIM, generator=generator).to(device, dtype)
 
-        return (t(int(q_len.sum())), t(kv_rows), t(kv_rows), seqs, causal), {}
+        mode = torch.tensor(causal, device=device) if isinstance(causal, list) else causal
+        return (t(int(q_len.sum())), t(kv_rows), t(kv_rows), seqs, mode), {}
 
     return make
 
@@ -162,6 +173,8 @@ def _register_parity_cases() -> None:
     cases = [
         ("text_bidirectional_packed", captions, None, False, None),
         ("text_causal_packed", captions, None, True, None),
+        # the joint ITM/LM pass: ITM's captions bidirectional, LM's causal, in one table
+        ("text_joint_per_sequence", captions * 2, None, [False] * len(captions) + [True] * len(captions), None),
         # ITM's negative texts: padding kept as rows
         ("text_dense_rows", [FINETUNE_TEXT_LENGTH] * 32, captions[:32], False, None),
         ("cross_text_to_image", captions, [IMAGE_TOKENS_224] * 32, False, 32),  # three caption rows per image, as ITM

@@ -74,11 +74,13 @@ def varlen_attention_specs(dtype: str):
     variants = [(True, True)] if dtype != "bf16" else [(True, True), (True, False), (False, True), (False, False)]
     for causal, dropout in variants:
         yield from _varlen_attention_variant(dtype, causal, dropout)
-        yield from _single_tile_variant(dtype, causal, dropout)
+        yield from _single_tile_variant(dtype, int(causal), dropout)
+    if dtype == "bf16":  # the joint ITM/LM pass: each sequence's mode from its flag
+        yield from _single_tile_variant(dtype, int(varlen_attention.PER_SEQUENCE), True)
 
 
-def _single_tile_variant(dtype: str, causal: bool, dropout: bool):
-    """The single-tile kernels at their largest tile (64 rows), head size 64."""
+def _single_tile_variant(dtype: str, causal: int, dropout: bool):
+    """The single-tile kernels at their largest tile (64 rows), head size 64; ``causal`` 0, 1 or PER_SEQUENCE."""
     variant = f"{dtype} causal={causal} dropout={dropout}"
     values = {"CAUSAL": causal, "DROPOUT": dropout, "PRECISION": "ieee" if dtype == "fp32" else "tf32",
               "TILE": varlen_attention.MAX_TILE, "BLOCK_D": 64}
@@ -95,11 +97,12 @@ def _single_tile_variant(dtype: str, causal: bool, dropout: bool):
     yield (f"varlen_attention single-tile forward {variant}", varlen_attention._tile_forward_kernel,
            {**tensors("q", "k", "v", "out"), "lse_ptr": "*fp32", "seed_ptr": "*i64", "q_start_ptr": "*i32",
             "q_len_ptr": "*i32", "kv_group_ptr": "*i32", "kv_start_ptr": "*i32", "kv_len_ptr": "*i32",
-            **strides("q", "k", "v", "o"), **sizes, **constexprs}, values, varlen_attention.TILE_WARPS, DEFAULT_STAGES)
+            "seq_causal_ptr": "*i8", **strides("q", "k", "v", "o"), **sizes, **constexprs}, values,
+           varlen_attention.TILE_WARPS, DEFAULT_STAGES)
     yield (f"varlen_attention single-tile backward {variant}", varlen_attention._tile_backward_kernel,
            {**tensors("q", "k", "v", "out", "grad"), "lse_ptr": "*fp32", **tensors("dq", "dk", "dv"),
             "seed_ptr": "*i64", "q_start_ptr": "*i32", "q_len_ptr": "*i32", "kv_start_ptr": "*i32",
-            "kv_len_ptr": "*i32", "group_sequences_ptr": "*i32", "group_offsets_ptr": "*i32",
+            "kv_len_ptr": "*i32", "group_sequences_ptr": "*i32", "group_offsets_ptr": "*i32", "seq_causal_ptr": "*i8",
             **strides("q", "k", "v", "o", "g", "dq", "dk", "dv"), **sizes, **constexprs}, values,
            varlen_attention.TILE_WARPS, DEFAULT_STAGES)
 

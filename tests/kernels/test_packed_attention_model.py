@@ -16,7 +16,7 @@ from packing_checks import CAPTION_LENGTHS, assert_grads_match, captions, no_dro
 from tensor_checks import rel_err
 
 from blip_fast import ops, tolerances
-from blip_fast.models import build_model
+from blip_fast.models import build_model, fast_passes
 from blip_fast.models.fast_passes import BlockContext, PackedAttention
 from blip_fast.models.packing import PackedText
 from blip_fast.ops.varlen_attention import varlen_attention_op, varlen_cross_attention_op
@@ -102,11 +102,16 @@ def test_triton_text_transformer_kernel_equals_unpacked(kernel_calls, mode):
     assert_grads_match({n: kernel[1][n] for n in expected}, expected, RTOL)
 
 
-@pytest.mark.parametrize("impl, self_calls, cross_calls", [(SELF, 8, 0), (CROSS, 0, 2)])
-def test_triton_pretraining_kernel_equals_unpacked(kernel_calls, impl, self_calls, cross_calls):
+@pytest.mark.parametrize("impl, self_calls, cross_calls, joint_tile", [(SELF, 6, 0, None), (SELF, 8, 0, 8),
+                                                                        (CROSS, 0, 2, None)])
+def test_triton_pretraining_kernel_equals_unpacked(kernel_calls, monkeypatch, impl, self_calls, cross_calls,
+                                                   joint_tile):
     """BlipPretrain's three losses and every gradient, with the kernel for self-attention or for cross-attention
     and the other attention unpacking (both on the kernel: the compiled test below): ITM's hard negatives read their
-    images' rows in place."""
+    images' rows in place. ``joint_tile``: captions longer than the single tile keep ITM's and LM's
+    self-attention in a launch each (here, a tile of 8 rows)."""
+    if joint_tile is not None:
+        monkeypatch.setattr(fast_passes, "VARLEN_MAX_TILE", joint_tile)
     model = build_model("pretrain", no_dropout_config())
     images = torch.randn(6, 3, 64, 64)
     ids, mask = captions(CAPTION_LENGTHS)
@@ -121,8 +126,8 @@ def test_triton_pretraining_kernel_equals_unpacked(kernel_calls, impl, self_call
                 {n: p.grad for n, p in twin.named_parameters() if p.requires_grad})
 
     kernel = run(impl)
-    # self-attention: unimodal encoder, momentum encoder, ITM's and LM's passes; cross-attention: their joint call
-    # (BlipPretrain.joint_grounded_passes); 2 layers each
+    # self-attention: unimodal encoder, momentum encoder, and ITM's and LM's passes in one launch (per-sequence
+    # causal); cross-attention: their joint call (BlipPretrain.joint_grounded_passes); 2 layers each
     assert (kernel_calls.count("varlen_attention"), kernel_calls.count("varlen_cross_attention")) == (
         self_calls, cross_calls)
     unpacked = run("reference")

@@ -143,6 +143,40 @@ def test_triton_single_tile_is_taken_where_everything_fits(triton_device, monkey
         kernel.varlen_attention_forward(q, k, v, seqs, causal, 0.0, None, single_tile=True)
 
 
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_per_sequence_causal_matches_reference(triton_device, dtype, dropout_p):
+    """The joint ITM/LM pass's table: each sequence bidirectional or causal, in one launch; against the reference
+    given the same flags, and equal to the uniform modes where the flags are uniform."""
+    seqs, total_q, total_kv, _ = layout("bidirectional")
+    q, k, v, grad, seqs = inputs(seqs, total_q, total_kv, triton_device)
+    flags = torch.tensor([True, False, False, True, True, False], device=triton_device)
+    seed = torch.tensor([99], device=triton_device)
+    keep = kernel.dropout_keep(seqs, HEADS, total_q, dropout_p, seed) if dropout_p else None
+    truth = reference(q, k, v, grad, seqs, flags, dropout_p, keep)
+    low_inputs = [cast_keeping_layout(t, dtype) for t in (q, k, v, grad)]
+    low = reference(*low_inputs, seqs, flags, dropout_p, keep)
+    out, lse = kernel.varlen_attention_forward(*low_inputs[:3], seqs, flags, dropout_p, seed)
+    grads = kernel.varlen_attention_backward(low_inputs[3], *low_inputs[:3], out, lse, seqs, flags, dropout_p, seed)
+    for what, got, want, want_low in zip(("output", "dq", "dk", "dv"), (out, *grads), truth, low, strict=True):
+        assert_close(got, want, want_low, dtype, what)
+    for uniform in (False, True):
+        same = torch.full_like(flags, uniform)
+        results = [kernel.varlen_attention_forward(*low_inputs[:3], seqs, mode, dropout_p, seed)[0]
+                   for mode in (same, uniform)]
+        assert torch.equal(*results)
+
+
+def test_per_sequence_causal_needs_the_single_tile_kernels(triton_device):
+    seqs, total_q, total_kv, _ = layout("bidirectional")
+    q, k, v, _, seqs = inputs(seqs, total_q, total_kv, triton_device, torch.float32)
+    flags = torch.ones(6, dtype=torch.bool, device=triton_device)
+    with pytest.raises(ValueError, match="single-tile kernels only"):
+        kernel.varlen_attention_forward(q, k, v, seqs, flags, 0.0, None, single_tile=False)
+    with pytest.raises(ValueError, match=r"flags must be \(6,\)"):
+        kernel.varlen_attention_forward(q, k, v, seqs, flags[:2], 0.0, None)
+
+
 def test_triton_single_tile_at_the_largest_tile(triton_device):
     """Sequences of 64 rows exactly, with and without dropout, causal."""
     q_len = torch.tensor([64, 3, 64])
@@ -225,13 +259,21 @@ def test_triton_op_autograd_and_autocast(triton_device):
     assert not torch.allclose(first, out)  # dropout reached the kernels
     with torch.autocast(triton_device, dtype=torch.float16):
         assert varlen_attention_triton(q, k, v, seqs, causal, 0.0).dtype == torch.float16
+    # per-sequence modes through the op's autograd
+    flags = torch.tensor([True, False, True, False, False, True], device=triton_device)
+    out = varlen_attention_triton(*leaves, seqs, flags, 0.0)
+    got = (out, *torch.autograd.grad(out, leaves, grad))
+    for a, b in zip(got, reference(q, k, v, grad, seqs, flags, 0.0, None), strict=True):
+        assert rel_err(a, b) <= 1e-5
 
 
-def test_triton_opcheck(triton_device):
-    seqs, total_q, total_kv, causal = layout("cross_shared")
+@pytest.mark.parametrize("name, per_sequence", [("cross_shared", False), ("bidirectional", True)])
+def test_triton_opcheck(triton_device, name, per_sequence):
+    seqs, total_q, total_kv, causal = layout(name)
     q, k, v, _, seqs = inputs(seqs, total_q, total_kv, triton_device, torch.float32)
+    flags = torch.arange(seqs.q_len.shape[0], device=triton_device) % 2 == 0 if per_sequence else None
     args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), *seqs.tensors, seqs.max_q_len,
-            seqs.max_kv_len, causal, 0.0, torch.zeros(1, dtype=torch.int64, device=triton_device))
+            seqs.max_kv_len, causal, 0.0, torch.zeros(1, dtype=torch.int64, device=triton_device), flags)
     torch.library.opcheck(torch.ops.blip_fast.varlen_attention_triton.default, args)
     with torch.no_grad():  # the backward op is not differentiable itself
         out, lse = torch.ops.blip_fast.varlen_attention_triton(*args)
