@@ -101,6 +101,12 @@ DALI_JPEG_FRAMES = (0xC0, 0xC1, 0xC2)  # Huffman baseline, extended sequential, 
 _CAPTION_DRAW, _IMAGE_DRAW = 0, 1      # the last seed word: which of a sample's two generators
 
 
+def pinned(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """``tensor`` in page-locked host memory, from which a copy to the GPU with ``non_blocking=True`` runs beside the
+    host (an ordinary one waits for it); tensors already on a device (DALI's GPU images) are left alone."""
+    return tensor.pin_memory() if tensor is not None and tensor.device.type == "cpu" else tensor
+
+
 @dataclass
 class CaptionBatch:
     """One training batch: images and their tokenized captions, in the same order."""
@@ -125,6 +131,11 @@ class CaptionBatch:
 
         return CaptionBatch(move(self.images), move(self.input_ids), move(self.attention_mask), self.keys,
                             move(self.img_ids), move(self.packing))
+
+    def pin_memory(self) -> CaptionBatch:
+        """The batch with its host tensors in page-locked memory (the DataLoader calls this with ``pin_memory``)."""
+        return dataclasses.replace(self, images=pinned(self.images), input_ids=pinned(self.input_ids),
+                                   attention_mask=pinned(self.attention_mask), img_ids=pinned(self.img_ids))
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -296,15 +307,16 @@ class ResumableBatches:
     def __init__(self, source, transform: TransformConfig, batch_size: int, prepare: SamplePrepare, collate, *,
                  decode: str = "pil", backend: str = "pil", num_workers: int = 0, seed: int = 0,
                  shuffle: bool = True, shuffle_buffer: int = 1000, rank: int | None = None,
-                 world_size: int | None = None, drop_last: bool = True):
+                 world_size: int | None = None, drop_last: bool = True, pin_memory: bool = False):
         self.transform, self.seed = transform, seed
         self._backend = backend
         self._prepare = prepare
         stream = SampleStream(source, seed=seed, shuffle=shuffle, shuffle_buffer=shuffle_buffer, rank=rank,
                               world_size=world_size, decode=decode, transform=prepare)
         prepare.stream = stream
+        # pin_memory: the batches' host tensors page-locked (training on a GPU), so their copies there are asynchronous
         self._loader = ResumableLoader(stream, batch_size, num_workers=num_workers, drop_last=drop_last,
-                                       collate_fn=collate)
+                                       collate_fn=collate, pin_memory=pin_memory)
         self._state: dict | None = None          # loader state after the last batch handed out (None: the loader's)
         self._open: weakref.ref | None = None    # the pass under way, if the caller still holds it
         log.info("%s: %s, %s %dpx, batch %d, %d workers", self.what, backend, transform.kind, transform.image_size,
@@ -413,7 +425,7 @@ class CaptionBatches(ResumableBatches):
                  num_workers: int = 0, seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 1000,
                  rank: int | None = None, world_size: int | None = None, max_words: int = 30,
                  max_length: int = 30, drop_last: bool = True, dali: DaliOptions | None = None,
-                 tokenizer: BlipTokenizer | None = None, prompt: str = ""):
+                 tokenizer: BlipTokenizer | None = None, prompt: str = "", pin_memory: bool = False):
         if isinstance(source, VqaAnnotations):
             raise ValueError("a VQA source has questions, not captions; use CaptionAnnotations or TarShards")
         if isinstance(source, NlvrAnnotations):
@@ -436,7 +448,7 @@ class CaptionBatches(ResumableBatches):
                          _CollatePairs(tokenizer or BlipTokenizer(), max_length, prompt),
                          decode="pil" if pil else "bytes", backend=resolved, num_workers=num_workers, seed=seed,
                          shuffle=shuffle, shuffle_buffer=shuffle_buffer, rank=rank, world_size=world_size,
-                         drop_last=drop_last)
+                         drop_last=drop_last, pin_memory=pin_memory)
 
     def _leave_epoch(self) -> None:
         self._checkpoint = None      # another epoch's pipeline starts from its own seed

@@ -44,7 +44,7 @@ import torch
 from ..text.clean import clean_caption, clean_question
 from ..text.tokenizer import BlipTokenizer
 from .annotations import NlvrAnnotations, VqaAnnotations
-from .batches import ResumableBatches, SamplePrepare, check_batch_settings
+from .batches import ResumableBatches, SamplePrepare, check_batch_settings, pinned
 from .decode import decode_image, has_words, read_image_file
 from .sample import NO_ANSWER, NO_CAPTION, BadSample, Sample
 from .transforms import PilTransform, TransformConfig
@@ -82,10 +82,16 @@ class VqaBatch:
     keys: list[str]
     """The questions' keys (their ``question_id``, else their entry index), for logging."""
 
+    def _tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.images, self.question_ids, self.question_mask, self.answer_ids, self.answer_mask, self.weights,
+                self.answers_per_question)
+
     def to(self, device, non_blocking: bool = False) -> VqaBatch:
-        tensors = (self.images, self.question_ids, self.question_mask, self.answer_ids, self.answer_mask,
-                   self.weights, self.answers_per_question)
-        return VqaBatch(*(t.to(device, non_blocking=non_blocking) for t in tensors), self.keys)
+        return VqaBatch(*(t.to(device, non_blocking=non_blocking) for t in self._tensors()), self.keys)
+
+    def pin_memory(self) -> VqaBatch:
+        """The batch with its host tensors in page-locked memory (the DataLoader calls this with ``pin_memory``)."""
+        return VqaBatch(*(pinned(t) for t in self._tensors()), self.keys)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -148,7 +154,7 @@ class VqaBatches(ResumableBatches):
     def __init__(self, source: VqaAnnotations, transform: TransformConfig, batch_size: int, *, num_workers: int = 0,
                  seed: int = 0, shuffle: bool = True, rank: int | None = None, world_size: int | None = None,
                  question_max_length: int = 35, answer_max_length: int = 512, drop_last: bool = True,
-                 tokenizer: BlipTokenizer | None = None):
+                 tokenizer: BlipTokenizer | None = None, pin_memory: bool = False):
         if not isinstance(source, VqaAnnotations):
             raise ValueError(f"VqaBatches reads VqaAnnotations; got {type(source).__name__}")
         check_batch_settings(transform, batch_size)
@@ -157,7 +163,8 @@ class VqaBatches(ResumableBatches):
         prepare = _PrepareQuestion(PilTransform(transform), seed)
         collate = _CollateQuestions(tokenizer or BlipTokenizer(), question_max_length, answer_max_length)
         super().__init__(source, transform, batch_size, prepare, collate, num_workers=num_workers, seed=seed,
-                         shuffle=shuffle, rank=rank, world_size=world_size, drop_last=drop_last)
+                         shuffle=shuffle, rank=rank, world_size=world_size, drop_last=drop_last,
+                         pin_memory=pin_memory)
 
 
 # --- NLVR2 -------------------------------------------------------------------------------------------------------
@@ -177,9 +184,15 @@ class NlvrBatch:
     keys: list[str]
     """The pairs' keys (their entry index), for logging."""
 
+    def _tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.images, self.input_ids, self.attention_mask, self.targets
+
     def to(self, device, non_blocking: bool = False) -> NlvrBatch:
-        tensors = (self.images, self.input_ids, self.attention_mask, self.targets)
-        return NlvrBatch(*(t.to(device, non_blocking=non_blocking) for t in tensors), self.keys)
+        return NlvrBatch(*(t.to(device, non_blocking=non_blocking) for t in self._tensors()), self.keys)
+
+    def pin_memory(self) -> NlvrBatch:
+        """The batch with its host tensors in page-locked memory (the DataLoader calls this with ``pin_memory``)."""
+        return NlvrBatch(*(pinned(t) for t in self._tensors()), self.keys)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -252,7 +265,7 @@ class NlvrBatches(ResumableBatches):
     def __init__(self, source: NlvrAnnotations, transform: TransformConfig, batch_size: int, *,
                  num_workers: int = 0, seed: int = 0, shuffle: bool = True, rank: int | None = None,
                  world_size: int | None = None, max_words: int = 40, max_length: int = 512, swap: bool = True,
-                 drop_last: bool = True, tokenizer: BlipTokenizer | None = None):
+                 drop_last: bool = True, tokenizer: BlipTokenizer | None = None, pin_memory: bool = False):
         if not isinstance(source, NlvrAnnotations):
             raise ValueError(f"NlvrBatches reads NlvrAnnotations; got {type(source).__name__}")
         check_batch_settings(transform, batch_size)
@@ -262,4 +275,5 @@ class NlvrBatches(ResumableBatches):
         prepare = _PrepareStatement(PilTransform(transform), max_words, swap, seed)
         collate = _CollateStatements(tokenizer or BlipTokenizer(), max_length)
         super().__init__(source, transform, batch_size, prepare, collate, num_workers=num_workers, seed=seed,
-                         shuffle=shuffle, rank=rank, world_size=world_size, drop_last=drop_last)
+                         shuffle=shuffle, rank=rank, world_size=world_size, drop_last=drop_last,
+                         pin_memory=pin_memory)

@@ -308,6 +308,12 @@ class Trainer(abc.ABC):
         # shards hold their images: image_root then serves the evaluation lists only
         return open_caption_source(data.kind, data.paths, data.image_root if data.kind == "json" else None)
 
+    @property
+    def pins_batches(self) -> bool:
+        """Whether the training batches come in page-locked memory: on a GPU, where their copies (``non_blocking``)
+        then run beside the host instead of stopping it."""
+        return self.device.type == "cuda"
+
     def use_caption_batches(self, source, prompt: str = "") -> None:
         """``self.batches`` of ``source``'s pairs (each caption after ``prompt``) and ``self.steps_per_epoch``."""
         config, data = self.config, self.config.data
@@ -315,7 +321,7 @@ class Trainer(abc.ABC):
             source, data.transform, data.batch_size, backend=data.backend, num_workers=data.num_workers,
             seed=config.train.seed, shuffle=True, shuffle_buffer=data.shuffle_buffer, rank=self.ctx.rank,
             world_size=self.ctx.world_size, max_words=data.max_words, max_length=self.model_config.max_text_length,
-            drop_last=True, prompt=prompt)
+            drop_last=True, prompt=prompt, pin_memory=self.pins_batches)
         if hasattr(source, "__len__") and data.kind != "shards":
             self.count_steps(len(source))
             return

@@ -36,6 +36,7 @@ class NlvrTrainer(Trainer):
                               "(nlvr_train.json)")
         source = NlvrAnnotations(data.paths, data.image_root)
         self.batches = NlvrBatches(source, data.transform, data.batch_size, num_workers=data.num_workers,
+                                   pin_memory=self.pins_batches,
                                    seed=config.train.seed, rank=self.ctx.rank, world_size=self.ctx.world_size,
                                    max_length=self.model_config.text.max_position_embeddings)
         self.count_steps(len(source))

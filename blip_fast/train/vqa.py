@@ -47,6 +47,7 @@ class VqaTrainer(Trainer):
                                   "(answer_list.json): set it, or train.vqa_inference=generate")
         source = VqaAnnotations(data.paths, self.image_roots())
         self.batches = VqaBatches(source, data.transform, data.batch_size, num_workers=data.num_workers,
+                                  pin_memory=self.pins_batches,
                                   seed=config.train.seed, rank=self.ctx.rank, world_size=self.ctx.world_size,
                                   answer_max_length=self.model_config.text.max_position_embeddings)
         self.count_steps(len(source))

@@ -417,3 +417,37 @@ def test_the_trainer_imports_without_dali():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "pil"
+
+
+def test_batches_pin_their_host_tensors_for_a_gpu(train_json, monkeypatch):
+    """With ``pin_memory`` (the trainers ask for it on a GPU) the loader pins each batch through
+    ``CaptionBatch.pin_memory``, which pins every host tensor and leaves a device's (DALI's GPU images) alone. Without
+    a GPU the DataLoader pins nothing, so pinning is recorded here instead of done."""
+    pinned = []
+
+    def pin(tensor):
+        pinned.append(tensor.shape)
+        return tensor.clone()
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin)
+    batches = CaptionBatches(train_json, EVAL, 4, pin_memory=True)
+    assert batches._loader._loader_options["pin_memory"] is True
+    assert CaptionBatches(train_json, EVAL, 4)._loader._loader_options["pin_memory"] is False
+    batch = next(iter(batches))
+    again = batch.pin_memory()
+    assert isinstance(again, CaptionBatch) and again.keys == batch.keys
+    assert batch.img_ids is not None  # the synthetic list numbers its images
+    assert pinned == [batch.images.shape, batch.input_ids.shape, batch.attention_mask.shape, batch.img_ids.shape]
+    for name in ("images", "input_ids", "attention_mask"):
+        assert torch.equal(getattr(again, name), getattr(batch, name))
+    pinned.clear()
+    on_device = CaptionBatch(torch.zeros(2, 3, 4, 4, device="meta"), batch.input_ids[:2], batch.attention_mask[:2],
+                             batch.keys[:2], torch.arange(2))
+    on_device.pin_memory()
+    assert pinned == [batch.input_ids[:2].shape, batch.attention_mask[:2].shape, (2,)]
+
+
+@pytest.mark.gpu
+def test_batches_come_pinned_where_a_gpu_is(train_json):
+    batch = next(iter(CaptionBatches(train_json, EVAL, 4, pin_memory=True)))
+    assert batch.images.is_pinned() and batch.input_ids.is_pinned() and batch.attention_mask.is_pinned()

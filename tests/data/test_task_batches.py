@@ -237,6 +237,28 @@ def test_the_models_take_the_batches(vqa_train, nlvr_train):
     assert loss.ndim == 0 and torch.isfinite(loss)
 
 
+def test_task_batches_pin_their_tensors_for_a_gpu(vqa_train, nlvr_train, monkeypatch):
+    """With ``pin_memory`` (the trainers ask for it on a GPU) each batch's tensors are pinned through its
+    ``pin_memory``; without a GPU the DataLoader pins nothing, so pinning is recorded here instead of done."""
+    pinned = []
+
+    def pin(tensor):
+        pinned.append(tensor.data_ptr())
+        return tensor.clone()
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", pin)
+    for batches in (VqaBatches(vqa_train, TRAIN, 4, pin_memory=True),
+                    NlvrBatches(nlvr_train, TRAIN, 4, pin_memory=True)):
+        assert batches._loader._loader_options["pin_memory"] is True
+        batch = next(iter(batches))
+        pinned.clear()
+        again = batch.pin_memory()
+        assert type(again) is type(batch) and again.keys == batch.keys
+        assert pinned == [t.data_ptr() for t in batch._tensors()]  # every tensor, in order
+        for mine, theirs in zip(again._tensors(), batch._tensors(), strict=True):
+            assert torch.equal(mine, theirs)
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad entries
 # ---------------------------------------------------------------------------------------------

@@ -219,14 +219,14 @@ def test_queue_and_batch_sizes_are_checked_before_the_first_step(synthetic_dir, 
 
 def test_an_embedding_too_wide_for_the_itc_kernel_is_refused_before_the_first_step(synthetic_dir, tmp_path,
                                                                                       monkeypatch):
-    """Where the Triton ITC loss would run (here: made selectable on the CPU), an embedding wider than it holds in
-    registers is a configuration error at start-up; with the reference loss the same width trains."""
+    """Where the Triton ITC loss would run (asked for, and here made selectable on the CPU), an embedding wider than it
+    holds in registers is a configuration error at start-up; with the reference loss the same width trains."""
     triton_impl = itc_loss_op.impls["triton"]
     monkeypatch.setitem(itc_loss_op.impls, "triton", dataclasses.replace(
         triton_impl, devices=("cpu", "cuda"), is_available=lambda: True))
     wide = f"model.embed_dim={ITC_MAX_DIM + 8}"
     with pytest.raises(ConfigError, match="wider than the Triton ITC loss holds"):
-        Pretrainer(_config(synthetic_dir, tmp_path, wide), printer=lambda *_: None)
+        Pretrainer(_config(synthetic_dir, tmp_path, wide, "train.impl=auto,itc_loss=triton"), printer=lambda *_: None)
     Pretrainer(_config(synthetic_dir, tmp_path, wide, "train.impl=auto,itc_loss=reference"),
                printer=lambda *_: None).close()
 
