@@ -121,6 +121,20 @@ def check_inputs(q, q_m, keys, queue, temp, row_ids, key_ids, queue_ids, offset:
 if HAS_TRITON:
 
     @triton.jit
+    def _query_block(q_ptr, q_m_ptr, temp_ptr, stride_q, stride_q_m, n_rows, dim, BLOCK_M: tl.constexpr,
+                     BLOCK_D: tl.constexpr):
+        """The program's rows (block ``program_id(0)``) and their mask, the embedding columns and their mask, the
+        rows' queries and momentum queries (in the queries' dtype), and 1 / temp."""
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < n_rows
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < dim
+        tile = row_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_ptr + rows[:, None] * stride_q + d[None, :], mask=tile, other=0.0)
+        q_m = tl.load(q_m_ptr + rows[:, None] * stride_q_m + d[None, :], mask=tile, other=0.0).to(q.dtype)
+        return rows, row_ok, d, d_ok, q, q_m, 1.0 / tl.load(temp_ptr).to(tl.float32)
+
+    @triton.jit
     def _key_tile(keys_ptr, queue_ptr, stride_keys, stride_queue_d, stride_queue_n, cols, d, d_ok, n_keys, n_queue,
                   DTYPE: tl.constexpr):
         """Keys ``cols`` as a (BLOCK_D, BLOCK_N) tile: batch keys below ``n_keys``, queue columns after, 0 past
@@ -160,15 +174,9 @@ if HAS_TRITON:
         """One (row block, column split): its rows' partial statistics (``STATS`` per row) and their in-batch
         similarities. The tile loop's trip count is a constexpr: the Triton 3.6 interpreter (the CPU tests)
         cannot take a runtime loop bound with NumPy >= 2.4."""
-        block, split = tl.program_id(0), tl.program_id(1)
-        rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < n_rows
-        d = tl.arange(0, BLOCK_D)
-        d_ok = d < dim
-        q = tl.load(q_ptr + rows[:, None] * stride_q + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        q_m = tl.load(q_m_ptr + rows[:, None] * stride_q_m + d[None, :], mask=row_ok[:, None] & d_ok[None, :],
-                      other=0.0).to(q.dtype)
-        inv_temp = 1.0 / tl.load(temp_ptr).to(tl.float32)
+        split = tl.program_id(1)
+        rows, row_ok, d, d_ok, q, q_m, inv_temp = _query_block(q_ptr, q_m_ptr, temp_ptr, stride_q, stride_q_m,
+                                                               n_rows, dim, BLOCK_M, BLOCK_D)
 
         neg_inf = float("-inf")
         run_max = tl.full((BLOCK_M,), neg_inf, tl.float32)
@@ -294,15 +302,9 @@ if HAS_TRITON:
     ):
         """One (row block, column split): ``sum_j (softmax(s)_j - t_j) k_j`` over its columns, over ``2 B temp``,
         into ``partial[split]`` (B, D) fp32."""
-        block, split = tl.program_id(0), tl.program_id(1)
-        rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = rows < n_rows
-        d = tl.arange(0, BLOCK_D)
-        d_ok = d < dim
-        q = tl.load(q_ptr + rows[:, None] * stride_q + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        q_m = tl.load(q_m_ptr + rows[:, None] * stride_q_m + d[None, :], mask=row_ok[:, None] & d_ok[None, :],
-                      other=0.0).to(q.dtype)
-        inv_temp = 1.0 / tl.load(temp_ptr).to(tl.float32)
+        split = tl.program_id(1)
+        rows, row_ok, d, d_ok, q, q_m, inv_temp = _query_block(q_ptr, q_m_ptr, temp_ptr, stride_q, stride_q_m,
+                                                               n_rows, dim, BLOCK_M, BLOCK_D)
         top = tl.load(saved_ptr + rows, mask=row_ok, other=0.0)
         log_sum = tl.load(saved_ptr + n_rows + rows, mask=row_ok, other=0.0)
         top_m = tl.load(saved_ptr + 2 * n_rows + rows, mask=row_ok, other=0.0)

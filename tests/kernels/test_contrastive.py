@@ -14,11 +14,10 @@ Tolerances, all against the reference evaluated in fp64 on the same inputs:
 * bf16: the same rule on the GPU only (the interpreter cannot hold bf16).
 """
 
-import dataclasses
-
 import pytest
 import torch
 import torch.nn.functional as F
+from backend_helpers import let_backend_run_on
 from tensor_checks import assert_close_to_truth as assert_close
 from tensor_checks import rel_err
 from torch.utils.flop_counter import FlopCounterMode
@@ -292,9 +291,7 @@ def test_triton_flop_counter_sees_the_products(triton_device):
 @pytest.fixture
 def triton_itc_on_cpu(triton_device, monkeypatch):
     """Lets the registry pick the Triton ITC loss for CPU tensors (the interpreter) as it does on CUDA."""
-    triton_impl = itc_loss_op.impls["triton"]
-    monkeypatch.setitem(itc_loss_op.impls, "triton", dataclasses.replace(
-        triton_impl, devices=("cpu", "cuda"), is_available=lambda: True))
+    let_backend_run_on(monkeypatch, itc_loss_op, ("cpu", "cuda"))
     return triton_device
 
 

@@ -12,10 +12,9 @@ Tolerances, all against the reference evaluated in fp64 on the same inputs:
 * bf16: the same rule on the GPU only (the interpreter cannot hold bf16).
 """
 
-import dataclasses
-
 import pytest
 import torch
+from backend_helpers import let_backend_run_on
 from tensor_checks import assert_close_to_truth as assert_close
 from tensor_checks import rel_err
 from torch.utils.flop_counter import FlopCounterMode
@@ -254,9 +253,7 @@ def test_triton_flop_counter_sees_the_fused_gemms(triton_device):
 @pytest.fixture
 def triton_lm_loss_on_cpu(triton_device, monkeypatch):
     """Lets the registry pick the Triton LM loss for CPU tensors (the interpreter) as it does on CUDA."""
-    triton_impl = lm_loss_op.impls["triton"]
-    monkeypatch.setitem(lm_loss_op.impls, "triton", dataclasses.replace(
-        triton_impl, devices=("cpu", "cuda"), is_available=lambda: True))
+    let_backend_run_on(monkeypatch, lm_loss_op, ("cpu", "cuda"))
     return triton_device
 
 

@@ -12,6 +12,7 @@ import dataclasses
 
 import pytest
 import torch
+from backend_helpers import let_backend_run_on
 from packing_checks import CAPTION_LENGTHS, assert_grads_match, captions, no_dropout_config
 from tensor_checks import rel_err
 
@@ -34,8 +35,7 @@ pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 def kernel_here(triton_device, monkeypatch):
     """Let the kernel run where the Triton tests run (on CPU tensors too, in the interpreter) when it is asked for."""
     for op in PACKED_OPS:
-        runs_here = dataclasses.replace(op.impls["triton"], devices=(triton_device,), is_available=lambda: True)
-        monkeypatch.setitem(op.impls, "triton", runs_here)
+        let_backend_run_on(monkeypatch, op, (triton_device,))
 
 
 @pytest.fixture

@@ -1,13 +1,13 @@
 """What a run never does: train on or save a non-finite state, delete checkpoints it did not abandon, lose the
 final checkpoint without an error, or "succeed" on data without one usable batch."""
 
-import dataclasses
 import json
 import math
 import shutil
 
 import pytest
 import torch
+from backend_helpers import let_backend_run_on
 from train_helpers import tiny_overrides
 
 from blip_fast.checkpoint import CheckpointError
@@ -221,9 +221,7 @@ def test_an_embedding_too_wide_for_the_itc_kernel_is_refused_before_the_first_st
                                                                                       monkeypatch):
     """Where the Triton ITC loss would run (asked for, and here made selectable on the CPU), an embedding wider than it
     holds in registers is a configuration error at start-up; with the reference loss the same width trains."""
-    triton_impl = itc_loss_op.impls["triton"]
-    monkeypatch.setitem(itc_loss_op.impls, "triton", dataclasses.replace(
-        triton_impl, devices=("cpu", "cuda"), is_available=lambda: True))
+    let_backend_run_on(monkeypatch, itc_loss_op, ("cpu", "cuda"))
     wide = f"model.embed_dim={ITC_MAX_DIM + 8}"
     with pytest.raises(ConfigError, match="wider than the Triton ITC loss holds"):
         Pretrainer(_config(synthetic_dir, tmp_path, wide, "train.impl=auto,itc_loss=triton"), printer=lambda *_: None)
