@@ -10,9 +10,9 @@ text queue; text->image the other way round -- and each row ``i``::
     loss_i = logsumexp(s) - sum_j t_j s_j
     dloss_i / ds_j = softmax(s)_j - t_j
 
-and the loss is the mean of both directions' rows. Written plainly that is four (B, B_k + Q) matrices
-per direction in fp32 (B = 96, Q = 57,600: 22 MB each), their softmaxes and the gradient of one: some
-twenty kernels and half a gigabyte of traffic for one number.
+and the loss is the mean of both directions' rows. Written plainly (the reference) that is, per direction,
+(B, B_k + Q) fp32 matrices -- 22 MB each at B = 96, Q = 57,600 -- of the logits, the momentum logits, their
+softmaxes, the log-softmax and its gradient, each written to memory and read back, for one number.
 
 Here each row streams over the keys in tiles, as flash-attention over its keys, with two online
 softmaxes (of ``s`` and of ``s_m``) sharing every key tile:
@@ -23,8 +23,8 @@ softmaxes (of ``s`` and of ``s_m``) sharing every key tile:
   their count; it writes them per split. The in-batch block of ``s`` (B, B_k), from which ITM's hard
   negatives are drawn, is written on the way. Splitting the columns gives the GPU enough programs at
   BLIP's 96 rows (split-K, as flash-decoding).
-* ``combine`` -- one program merges the splits of both directions into each row's two log-sum-exps and
-  ``1 / c``, the loss and ``d loss / d temp = -(sum p s - sum t s) / temp`` averaged: the temperature's
+* ``combine`` -- one program merges the splits of both directions into each row's two softmaxes' max and
+  log-sum and ``1 / c``, the loss and ``d loss / d temp = -(sum p s - sum t s) / temp`` averaged: the temperature's
   gradient is known after the forward.
 * ``gradients`` -- the same grid recomputes ``s`` and ``s_m`` per tile, turns them into ``softmax(s) -
   t`` with the saved maxima and log-sums and multiplies by the key tile: each split's share of ``d loss / d q``
