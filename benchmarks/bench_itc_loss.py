@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from blip_fast.shapes import EMBED_DIM, PRETRAIN_BATCH, QUEUE_SIZE
 
-from results_file import benchmark_arguments, run_gpu_benchmark
+from results_file import benchmark_arguments, print_time_and_peak_table, run_gpu_benchmark, time_and_peak
 
 # (batch, queue, with image ids): pretraining per GPU; retrieval fine-tuning (batch 32, positives by image id); a
 # larger per-GPU batch
@@ -93,8 +93,6 @@ def step(loss_fn, tensors, temp, ids):
 
 
 def run() -> list[dict]:
-    import triton.testing
-
     records = []
     impls = implementations()
     for batch, queue, with_ids in CASES:
@@ -107,26 +105,12 @@ def run() -> list[dict]:
             loss, _ = step(fn, tensors, temp, ids)  # also compiles
             if not torch.allclose(loss.float(), expected.float(), rtol=1e-2):  # no timing for a wrong answer
                 raise RuntimeError(f"{impl} gives loss {loss.item()} on {case}, the reference {expected.item()}")
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            step(fn, tensors, temp, ids)
-            torch.cuda.synchronize()
-            peak = (torch.cuda.max_memory_allocated() - base) / 2**30
-            median_ms = triton.testing.do_bench(lambda fn=fn, t=tensors, temp=temp, ids=ids: step(fn, t, temp, ids),
-                                                return_mode="median")
-            records.append({"case": case, "impl": impl, "metric": "us", "value": round(median_ms * 1e3, 1)})
-            records.append({"case": case, "impl": impl, "metric": "peak_gib", "value": round(peak, 3)})
+            records += time_and_peak(case, impl, functools.partial(step, fn, tensors, temp, ids))
     return records
 
 
 def print_table(records: list[dict]) -> None:
-    print(f"{'case':<30} {'impl':<26} {'us':>10} {'peak GiB':>9} {'vs reference':>13}")
-    times = {(r["case"], r["impl"]): r["value"] for r in records if r["metric"] == "us"}
-    peaks = {(r["case"], r["impl"]): r["value"] for r in records if r["metric"] == "peak_gib"}
-    for (case, impl), us in times.items():
-        speedup = times[(case, "reference")] / us
-        print(f"{case:<30} {impl:<26} {us:>10.1f} {peaks[(case, impl)]:>9.3f} {speedup:>12.2f}x")
+    print_time_and_peak_table(records, impl_width=26)  # the tilings' names are long
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,13 +17,14 @@ call allocates beyond its inputs (``torch.cuda.max_memory_allocated``). Needs a 
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import torch
 
 from blip_fast.shapes import BASE_WIDTH, FINETUNE_TEXT_LENGTH, PRETRAIN_BATCH, PRETRAIN_TEXT_LENGTH, VOCAB_SIZE
 
-from results_file import benchmark_arguments, run_gpu_benchmark
+from results_file import benchmark_arguments, print_time_and_peak_table, run_gpu_benchmark, time_and_peak
 
 # (batch, text length): BLIP base pretraining per GPU (captions up to 30 tokens, 35 in fine-tuning)
 CASES = ((PRETRAIN_BATCH, PRETRAIN_TEXT_LENGTH), (PRETRAIN_BATCH, FINETUNE_TEXT_LENGTH),
@@ -59,8 +60,6 @@ def step(loss_fn, leaves, targets):
 
 
 def run() -> list[dict]:
-    import triton.testing
-
     records = []
     impls = implementations()
     for batch, length in CASES:
@@ -73,31 +72,13 @@ def run() -> list[dict]:
             loss, _ = step(fn, leaves, targets)  # also compiles
             if not torch.allclose(loss.float(), expected.float(), rtol=1e-2):  # no timing for a wrong answer
                 raise RuntimeError(f"{impl} gives loss {loss.item()} on {case}, the reference {expected.item()}")
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            step(fn, leaves, targets)
-            torch.cuda.synchronize()
-            peak = (torch.cuda.max_memory_allocated() - base) / 2**30
-            median_ms = triton.testing.do_bench(lambda fn=fn, leaves=leaves, targets=targets: step(fn, leaves, targets),
-                                                return_mode="median")
-            records.append({"case": case, "impl": impl, "metric": "us", "value": round(median_ms * 1e3, 1)})
-            records.append({"case": case, "impl": impl, "metric": "peak_gib", "value": round(peak, 3)})
+            records += time_and_peak(case, impl, functools.partial(step, fn, leaves, targets))
     return records
-
-
-def print_table(records: list[dict]) -> None:
-    print(f"{'case':<30} {'impl':<10} {'us':>10} {'peak GiB':>9} {'vs reference':>13}")
-    times = {(r["case"], r["impl"]): r["value"] for r in records if r["metric"] == "us"}
-    peaks = {(r["case"], r["impl"]): r["value"] for r in records if r["metric"] == "peak_gib"}
-    for (case, impl), us in times.items():
-        speedup = times[(case, "reference")] / us
-        print(f"{case:<30} {impl:<10} {us:>10.1f} {peaks[(case, impl)]:>9.3f} {speedup:>12.2f}x")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = benchmark_arguments(__doc__).parse_args(argv)
-    return run_gpu_benchmark("lm_loss", "losses", argv, args.json, run, print_table)
+    return run_gpu_benchmark("lm_loss", "losses", argv, args.json, run, print_time_and_peak_table)
 
 
 if __name__ == "__main__":

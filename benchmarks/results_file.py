@@ -103,6 +103,32 @@ def run_gpu_benchmark(suite: str, kind: str, argv: list[str] | None, json_path: 
     return 0
 
 
+def time_and_peak(case: str, impl: str, call: Callable[[], object]) -> list[dict]:
+    """Records of one GPU call: ``us``, the median of ``triton.testing.do_bench``, and ``peak_gib``, the memory one
+    call allocates beyond what was allocated before it. Run ``call`` once first (compiles, caches)."""
+    import triton.testing
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    call()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+    median_ms = triton.testing.do_bench(call, return_mode="median")
+    return [{"case": case, "impl": impl, "metric": "us", "value": round(median_ms * 1e3, 1)},
+            {"case": case, "impl": impl, "metric": "peak_gib", "value": round(peak, 3)}]
+
+
+def print_time_and_peak_table(records: list[dict], impl_width: int = 10) -> None:
+    """The table of :func:`time_and_peak` records: time, peak memory, and speed against the ``reference`` impl."""
+    print(f"{'case':<30} {'impl':<{impl_width}} {'us':>10} {'peak GiB':>9} {'vs reference':>13}")
+    times = {(r["case"], r["impl"]): r["value"] for r in records if r["metric"] == "us"}
+    peaks = {(r["case"], r["impl"]): r["value"] for r in records if r["metric"] == "peak_gib"}
+    for (case, impl), us in times.items():
+        speedup = times[(case, "reference")] / us
+        print(f"{case:<30} {impl:<{impl_width}} {us:>10.1f} {peaks[(case, impl)]:>9.3f} {speedup:>12.2f}x")
+
+
 def device_name(device: torch.device | str | None = None) -> str:
     """``torch.cuda.get_device_name()`` for a CUDA device, else "cpu"."""
     device = torch.device(device) if device is not None else None

@@ -148,6 +148,18 @@ if HAS_TRITON:
         return from_keys.to(DTYPE) + from_queue.to(DTYPE)
 
     @triton.jit
+    def _logits(q, q_m, inv_temp, keys_ptr, queue_ptr, stride_keys, stride_queue_d, stride_queue_n, cols, d, d_ok,
+                n_keys, n_queue, PRECISION: tl.constexpr):
+        """For the key columns ``cols``: which exist (1, BLOCK_N), their tile ``k`` (BLOCK_D, BLOCK_N), and the fp32
+        logits of the queries and of their momentum twins against it (BLOCK_M, BLOCK_N)."""
+        valid = (cols < n_keys + n_queue)[None, :]
+        k = _key_tile(keys_ptr, queue_ptr, stride_keys, stride_queue_d, stride_queue_n, cols, d, d_ok, n_keys, n_queue,
+                      q.dtype)
+        s = tl.dot(q, k, input_precision=PRECISION) * inv_temp
+        s_m = tl.dot(q_m, k, input_precision=PRECISION) * inv_temp
+        return valid, k, s, s_m
+
+    @triton.jit
     def _positives(rows, cols, row_ids_ptr, key_ids_ptr, queue_ids_ptr, row_ok, n_keys, n_queue, offset,
                    HAS_IDS: tl.constexpr):
         """(BLOCK_M, BLOCK_N) mask of each row's positive keys among ``cols``."""
@@ -190,11 +202,8 @@ if HAS_TRITON:
         first = split * TILES_PER_SPLIT * BLOCK_N
         for tile in range(TILES_PER_SPLIT):
             cols = first + tile * BLOCK_N + tl.arange(0, BLOCK_N)
-            valid = (cols < n_keys + n_queue)[None, :]
-            k = _key_tile(keys_ptr, queue_ptr, stride_keys, stride_queue_d, stride_queue_n, cols, d, d_ok, n_keys,
-                          n_queue, q.dtype)
-            s = tl.dot(q, k, input_precision=PRECISION) * inv_temp
-            s_m = tl.dot(q_m, k, input_precision=PRECISION) * inv_temp
+            valid, k, s, s_m = _logits(q, q_m, inv_temp, keys_ptr, queue_ptr, stride_keys, stride_queue_d,
+                                       stride_queue_n, cols, d, d_ok, n_keys, n_queue, PRECISION)
             if first + tile * BLOCK_N < n_keys:  # the in-batch block, for ITM's hard negatives
                 tl.store(sim_ptr + rows[:, None] * stride_sim + cols[None, :], s,
                          mask=row_ok[:, None] & (cols < n_keys)[None, :])
@@ -316,11 +325,8 @@ if HAS_TRITON:
         first = split * TILES_PER_SPLIT * BLOCK_N
         for tile in range(TILES_PER_SPLIT):
             cols = first + tile * BLOCK_N + tl.arange(0, BLOCK_N)
-            valid = (cols < n_keys + n_queue)[None, :]
-            k = _key_tile(keys_ptr, queue_ptr, stride_keys, stride_queue_d, stride_queue_n, cols, d, d_ok, n_keys,
-                          n_queue, q.dtype)
-            s = tl.dot(q, k, input_precision=PRECISION) * inv_temp
-            s_m = tl.dot(q_m, k, input_precision=PRECISION) * inv_temp
+            valid, k, s, s_m = _logits(q, q_m, inv_temp, keys_ptr, queue_ptr, stride_keys, stride_queue_d,
+                                       stride_queue_n, cols, d, d_ok, n_keys, n_queue, PRECISION)
             positive = _positives(rows, cols, row_ids_ptr, key_ids_ptr, queue_ids_ptr, row_ok, n_keys, n_queue,
                                   offset, HAS_IDS)
             soft_target = tl.exp((s_m - top_m[:, None]) - log_sum_m[:, None])
@@ -364,8 +370,9 @@ def _grid(batch: int, columns: int, dim: int, device: torch.device, tiling: Tili
                  triton.cdiv(tiles, tiles_per_split), tiles_per_split)
 
 
-def _ids(ids: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    return like.new_empty(1, dtype=torch.long) if ids is None else ids.contiguous()
+def _ids(ids: torch.Tensor | None, unused: torch.Tensor) -> torch.Tensor:
+    """``ids`` as the kernels read them, or without ids the one placeholder of the call (never read)."""
+    return unused if ids is None else ids.contiguous()
 
 
 def _device_scope(t: torch.Tensor):
@@ -396,11 +403,12 @@ def itc_forward(directions, temp, alpha: float, offset: int = 0, tiling: Tiling 
     # two tensors, not one (2, B, B_k): the custom op returns both, and its outputs may not alias
     sims = [torch.empty(batch, keys0.shape[0], dtype=torch.float32, device=q0.device) for _ in directions]
     temp = temp.reshape(1)
+    unused = q0.new_empty(1, dtype=torch.long)  # the id pointers' placeholder where positives are the diagonal
     with _device_scope(q0):
         for index, (q, q_m, keys, queue, row_ids, key_ids, queue_ids) in enumerate(directions):
             q, q_m, keys = q.contiguous(), q_m.contiguous(), keys.contiguous()
             _itc_forward_kernel[(grid.row_blocks, grid.splits)](
-                q, q_m, keys, queue, temp, _ids(row_ids, q), _ids(key_ids, q), _ids(queue_ids, q),
+                q, q_m, keys, queue, temp, _ids(row_ids, unused), _ids(key_ids, unused), _ids(queue_ids, unused),
                 stats[index], sims[index],
                 batch, keys.shape[0], queue.shape[1], dim, offset,
                 q.stride(0), q_m.stride(0), keys.stride(0), queue.stride(0), queue.stride(1), sims[index].stride(0),
@@ -429,11 +437,12 @@ def itc_gradients(directions, temp, alpha: float, saved: torch.Tensor, offset: i
     grid = _grid(batch, keys0.shape[0] + queue0.shape[1], dim, q0.device, tiling, splits)
     partial = torch.empty(2, grid.splits, batch, dim, dtype=torch.float32, device=q0.device)
     temp = temp.reshape(1)
+    unused = q0.new_empty(1, dtype=torch.long)  # the id pointers' placeholder where positives are the diagonal
     with _device_scope(q0):
         for index, (q, q_m, keys, queue, row_ids, key_ids, queue_ids) in enumerate(directions):
             q, q_m, keys = q.contiguous(), q_m.contiguous(), keys.contiguous()
             _itc_backward_kernel[(grid.row_blocks, grid.splits)](
-                q, q_m, keys, queue, temp, _ids(row_ids, q), _ids(key_ids, q), _ids(queue_ids, q),
+                q, q_m, keys, queue, temp, _ids(row_ids, unused), _ids(key_ids, unused), _ids(queue_ids, unused),
                 saved[index], partial[index],
                 batch, keys.shape[0], queue.shape[1], dim, offset, float(alpha),
                 q.stride(0), q_m.stride(0), keys.stride(0), queue.stride(0), queue.stride(1),

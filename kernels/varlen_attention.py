@@ -337,6 +337,23 @@ if HAS_TRITON:
         return tl.where(visible & m_mask[:, None], tl.exp(s - lse[:, None]), 0.0)
 
     @triton.jit
+    def _key_gradients(p, q, v, g, delta, seed, h, q_rows, n_offs, total_q, max_kv_len, dropout_p,
+                       DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+        """A (query block, key block) tile's backward from its probabilities ``p`` and the output gradient ``g``:
+        the scores' gradient dS (before the scale), and the tile's shares of dV and dK, dropout applied as the
+        forward drew it."""
+        dp = tl.dot(g, tl.trans(v), input_precision=PRECISION)
+        if DROPOUT:
+            keep = _keep(seed, h, q_rows, n_offs, total_q, max_kv_len, dropout_p)
+            p_used = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        else:
+            p_used = p
+        ds = p * (dp - delta[:, None])
+        return (ds, tl.dot(tl.trans(p_used.to(g.dtype)), g, input_precision=PRECISION),
+                tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION))
+
+    @triton.jit
     def _grad_kv_kernel(
         q_ptr, k_ptr, v_ptr, grad_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, seed_ptr,
         q_start_ptr, q_len_ptr, kv_start_ptr, kv_len_ptr, group_sequences_ptr, group_offsets_ptr,
@@ -362,8 +379,7 @@ if HAS_TRITON:
             v = tl.load(_tile(v_ptr, kv_rows, stride_vt, h, stride_vh, d_offs), mask=kv_mask, other=0.0)
             dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
             dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-            if DROPOUT:
-                seed = tl.load(seed_ptr)
+            seed = tl.load(seed_ptr)  # read by _key_gradients only with DROPOUT (the pointer is always valid)
             for member in range(tl.load(group_offsets_ptr + group), tl.load(group_offsets_ptr + group + 1)):
                 seq = tl.load(group_sequences_ptr + member)
                 q_start = tl.load(q_start_ptr + seq)
@@ -382,16 +398,10 @@ if HAS_TRITON:
                     delta = tl.load(delta_ptr + h * total_q + q_rows, mask=m_mask, other=0.0)
                     p = _probabilities(q, _tile(k_ptr, kv_rows, stride_kt, h, stride_kh, d_offs), n_offs, kv_len,
                                        m_offs, m_mask, lse, scale, CAUSAL, d_mask, PRECISION)
-                    dp = tl.dot(g, tl.trans(v), input_precision=PRECISION)
-                    if DROPOUT:
-                        keep = _keep(seed, h, q_rows, n_offs, total_q, max_kv_len, dropout_p)
-                        p_used = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-                        dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-                    else:
-                        p_used = p
-                    dv += tl.dot(tl.trans(p_used.to(g.dtype)), g, input_precision=PRECISION)
-                    ds = p * (dp - delta[:, None])
-                    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+                    ds, dv_part, dk_part = _key_gradients(p, q, v, g, delta, seed, h, q_rows, n_offs, total_q,
+                                                          max_kv_len, dropout_p, DROPOUT, PRECISION)
+                    dv += dv_part
+                    dk += dk_part
             tl.store(_tile(dk_ptr, kv_rows, stride_dkt, h, stride_dkh, d_offs),
                      (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
             tl.store(_tile(dv_ptr, kv_rows, stride_dvt, h, stride_dvh, d_offs), dv.to(dv_ptr.dtype.element_ty),
@@ -520,8 +530,7 @@ if HAS_TRITON:
         offs = tl.arange(0, TILE)
         dk = tl.zeros((TILE, BLOCK_D), tl.float32)
         dv = tl.zeros((TILE, BLOCK_D), tl.float32)
-        if DROPOUT:
-            seed = tl.load(seed_ptr)
+        seed = tl.load(seed_ptr)  # read by _key_gradients only with DROPOUT (the pointer is always valid)
         for member in range(tl.load(group_offsets_ptr + group), tl.load(group_offsets_ptr + group + 1)):
             seq = tl.load(group_sequences_ptr + member)
             q_start, q_len = tl.load(q_start_ptr + seq), tl.load(q_len_ptr + seq)
@@ -534,16 +543,10 @@ if HAS_TRITON:
             visible = _tile_visible(n_mask, offs, seq_causal_ptr, seq, CAUSAL) & m_mask[:, None]
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             p = tl.where(visible, tl.exp(s - lse[:, None]), 0.0)
-            dp = tl.dot(g, tl.trans(v), input_precision=PRECISION)
-            if DROPOUT:
-                keep = _keep(seed, h, q_rows, offs, total_q, max_kv_len, dropout_p)
-                p_used = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-                dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-            else:
-                p_used = p
-            dv += tl.dot(tl.trans(p_used.to(g.dtype)), g, input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+            ds, dv_part, dk_part = _key_gradients(p, q, v, g, delta, seed, h, q_rows, offs, total_q, max_kv_len,
+                                                  dropout_p, DROPOUT, PRECISION)
+            dv += dv_part
+            dk += dk_part
             dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * scale
             tl.store(_tile(dq_ptr, q_rows, stride_dqt, h, stride_dqh, d_offs), dq.to(dq_ptr.dtype.element_ty),
                      mask=m_mask[:, None] & d_mask[None, :])

@@ -17,7 +17,7 @@ Tolerances, all against the reference evaluated in fp64 on the same inputs:
 import pytest
 import torch
 import torch.nn.functional as F
-from backend_helpers import let_backend_run_on
+from backend_helpers import cuda_peak_bytes, let_backend_run_on, parity_failures_on_gpu
 from tensor_checks import assert_close_to_truth as assert_close
 from tensor_checks import rel_err
 from torch.utils.flop_counter import FlopCounterMode
@@ -32,7 +32,6 @@ from blip_fast.ops.losses import (
     itc_loss_triton,
     itc_loss_triton_op,
 )
-from blip_fast.parity import check_case
 from blip_fast.shapes import EMBED_DIM, PRETRAIN_BATCH, QUEUE_SIZE
 
 # (batch, queue, dim, splits): None = the launcher's choice
@@ -340,8 +339,7 @@ def test_triton_pretraining_trains_the_same(triton_itc_on_cpu):
 @pytest.mark.parametrize("case", itc_loss_op.parity_cases, ids=lambda c: c.mode)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_triton_matches_reference_at_blip_shapes_on_gpu(case, dtype):
-    rows = check_case("itc_loss", "triton", case, dtype, torch.device("cuda"))
-    failed = [r for r in rows if not r.passed]
+    failed = parity_failures_on_gpu("itc_loss", "triton", case, dtype)
     assert not failed, failed
 
 
@@ -359,10 +357,6 @@ def test_triton_holds_less_memory_than_the_reference_on_gpu():
     peaks = {}
     for name, loss_fn in (("reference", itc_loss_ref), ("triton", itc_loss_triton)):
         leaves = [features[0].clone().requires_grad_(), features[1].clone().requires_grad_()]
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        loss_fn(*leaves, *features[2:], t, 0.4)[0].backward()
-        torch.cuda.synchronize()
-        peaks[name] = torch.cuda.max_memory_allocated() - base
+        peaks[name] = cuda_peak_bytes(
+            lambda fn=loss_fn, leaves=leaves: fn(*leaves, *features[2:], t, 0.4)[0].backward())
     assert peaks["triton"] < peaks["reference"] / 5, peaks

@@ -14,7 +14,7 @@ Tolerances, all against the reference evaluated in fp64 on the same inputs:
 
 import pytest
 import torch
-from backend_helpers import let_backend_run_on
+from backend_helpers import cuda_peak_bytes, let_backend_run_on, parity_failures_on_gpu
 from tensor_checks import assert_close_to_truth as assert_close
 from tensor_checks import rel_err
 from torch.utils.flop_counter import FlopCounterMode
@@ -30,7 +30,6 @@ from blip_fast.ops.lm_loss import (
     lm_loss_rows_triton_op,
     lm_loss_triton,
 )
-from blip_fast.parity import check_case
 from blip_fast.shapes import BASE_WIDTH, FINETUNE_TEXT_LENGTH, PRETRAIN_BATCH, VOCAB_SIZE
 
 # (rows, hidden, vocab, chunk_rows): None = the default chunking (one chunk at these sizes)
@@ -301,8 +300,7 @@ def test_triton_decoder_trains_the_same(triton_lm_loss_on_cpu):
 @pytest.mark.parametrize("case", lm_loss_op.parity_cases, ids=lambda c: c.mode)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_triton_matches_reference_at_blip_shapes_on_gpu(case, dtype):
-    rows = check_case("lm_loss", "triton", case, dtype, torch.device("cuda"))
-    failed = [r for r in rows if not r.passed]
+    failed = parity_failures_on_gpu("lm_loss", "triton", case, dtype)
     assert not failed, failed
 
 
@@ -314,11 +312,6 @@ def test_triton_holds_less_memory_than_the_reference_on_gpu():
     peaks = {}
     for name, loss_fn in (("reference", kernel.lm_loss_ref), ("triton", lm_loss_triton)):
         leaves = [x.clone().requires_grad_() for x in (h, w, b)]
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        loss_fn(*leaves, t, 0.1, "mean").backward()
-        torch.cuda.synchronize()
-        peaks[name] = torch.cuda.max_memory_allocated() - base
+        peaks[name] = cuda_peak_bytes(lambda fn=loss_fn, leaves=leaves: fn(*leaves, t, 0.1, "mean").backward())
     # the reference holds bf16 logits, their fp32 copy, fp32 log-softmax and gradients: > 1 GB here
     assert peaks["triton"] < peaks["reference"] / 3, peaks
