@@ -34,7 +34,10 @@ Impls, on the same random weights (ours, seeded, written by blip_fast.checkpoint
                      with ``--impl``;
 ``fast_graph``       ``fast`` with ``decode_step="cuda_graph"``: after the prompt's step, every one-token step is a
                      CUDA graph, captured once per call (in the timed calls too: it is part of what a call costs)
-                     and replayed (GenerationConfig). CUDA only; not run unless asked for.
+                     and replayed (GenerationConfig). CUDA only; not run unless asked for;
+``fast_decode_kernel``  ``fast`` with the decoding steps' attention in the split-key Triton kernels
+                     (``BLIP_FAST_IMPL=auto,decode_attention=triton``; blip_fast.kernels.decode_attention), which
+                     ``auto`` leaves out until this impl shows them faster. CUDA only; not run unless asked for.
 
 Both impls hold their weights in ``--dtype`` (bf16 on CUDA, fp32 on the CPU), both on the device. Each case --
 strategy, length rule, batch size -- runs ``--warmup`` untimed calls of each impl, then ``--repeats`` timed calls of
@@ -68,6 +71,7 @@ from typing import NamedTuple
 
 import torch
 
+from blip_fast import ops
 from blip_fast.checkpoint import save_hf
 from blip_fast.config import PRESETS, preset
 from blip_fast.models import BlipCaption, GenerationConfig
@@ -77,7 +81,9 @@ from blip_fast.text import BlipTokenizer
 
 from results_file import command_line, device_name, write_results
 
-IMPLS = ("fast", "hf_transformers", "fast_compiled", "fast_graph")
+IMPLS = ("fast", "hf_transformers", "fast_compiled", "fast_graph", "fast_decode_kernel")
+# the impls that run our model under a backend choice of their own
+IMPL_BACKENDS = {"fast_decode_kernel": "auto,decode_attention=triton"}
 DEFAULT_IMPLS = ("fast", "hf_transformers")
 STRATEGIES = ("greedy", "beam", "nucleus")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -139,7 +145,8 @@ def generate_call(impl: str, model, prompt_ids: torch.Tensor, config: Generation
     if impl != "hf_transformers":
         def call(images):
             generator = torch.Generator(images.device).manual_seed(seed) if config.strategy == "nucleus" else None
-            return model.generate(images, prompt_ids, config, generator)
+            with ops.impl_scope(IMPL_BACKENDS.get(impl, "auto")):
+                return model.generate(images, prompt_ids, config, generator)
         return call
     # HF's BLIP takes the tokenized prompt with its [SEP], drops that and writes [DEC] over [CLS] (in place)
     hf_prompt = torch.cat([prompt_ids, torch.full_like(prompt_ids[:, :1], sep)], dim=1)
@@ -261,6 +268,8 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--impl fast_compiled needs --warmup >= 1: the compilation happens in the warm-up calls")
     if "fast_graph" in args.impls and torch.device(args.device).type != "cuda":
         parser.error("--impl fast_graph needs --device cuda: it replays CUDA graphs")
+    if "fast_decode_kernel" in args.impls and torch.device(args.device).type != "cuda":
+        parser.error("--impl fast_decode_kernel needs --device cuda: elsewhere the registry would fall back to SDPA")
     if args.dtype == "auto":
         args.dtype = "bf16" if torch.device(args.device).type == "cuda" else "fp32"
     return args
@@ -279,13 +288,14 @@ def main(argv: list[str] | None = None) -> int:
     images = {batch: torch.randn(batch, 3, args.image_size, args.image_size,
                                  generator=torch.Generator().manual_seed(args.seed + batch)).to(dtype)
               for batch, _ in args.batches}
-    by_impl = {"fast": ours, "hf_transformers": hf, "fast_graph": ours}
+    by_impl = {"fast": ours, "hf_transformers": hf, "fast_graph": ours, "fast_decode_kernel": ours}
     if "fast_compiled" in args.impls:
         by_impl["fast_compiled"] = copy.deepcopy(ours)
         compile_blocks(by_impl["fast_compiled"])
     resident = {impl: on_device(by_impl[impl], device) for impl in args.impls}
-    if "fast_graph" in resident and "fast" in resident:  # the same model: its bytes are fast's
-        resident["fast_graph"] = resident["fast"]
+    for same_model in ("fast_graph", "fast_decode_kernel"):
+        if same_model in resident and "fast" in resident:  # the same model: its bytes are fast's
+            resident[same_model] = resident["fast"]
     results = {}  # (case, impl) -> measure()'s result
     for case in cases:
         config = generation_config(case.strategy, args.max_length, args.max_length if case.forced else args.min_length)
@@ -312,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
                 records.append({"case": name, "impl": impl, "metric": "tokens_per_s", "value": captions * new_tokens})
             if "peak_gib" in result:
                 records.append({"case": name, "impl": impl, "metric": "peak_gib", "value": result["peak_gib"]})
-        for impl in ("fast", "fast_compiled", "fast_graph"):
+        for impl in ("fast", "fast_compiled", "fast_graph", "fast_decode_kernel"):
             if case.strategy != "nucleus" and {impl, "hf_transformers"} <= set(args.impls):
                 same = agreement(results[case, impl]["tokens"], results[case, "hf_transformers"]["tokens"],
                                  prompt_length, text.sep_token_id, text.pad_token_id)

@@ -3,9 +3,9 @@
 #
 #   bash benchmarks/gpu_session.sh [STAGE ...]          (from the repository root)
 #
-# stages: build tests parity step step_variants hard_negatives lm_loss itc_loss attention step_attention distributed main
-# retrieval_eval finetune_step generate generate_variants retrieval_eval_full data before_after report (default: all
-# but retrieval_eval_full, data, before_after and report; generate is caption generation, ours against HF transformers,
+# stages: build tests parity step step_variants hard_negatives lm_loss itc_loss attention decode_attention step_attention
+# distributed main retrieval_eval finetune_step generate generate_variants retrieval_eval_full data before_after report
+# (default: all but retrieval_eval_full, data, before_after and report; generate is caption generation, ours against HF transformers,
 # sized to stay under 2 minutes, generate_variants the same at batch 64 with our blocks compiled and with the decode
 # step as a CUDA graph beside eager; retrieval_eval_full is COCO's whole 5k x 25k test, ours alone, for time and peak
 # memory against the 24 GB goal, a few minutes by itself; data needs
@@ -23,8 +23,8 @@ mkdir -p "$OUT"
 DAY=$(date +%Y%m%d)
 DEV=$(python -c "import torch; n = torch.cuda.get_device_name(); print('h200' if 'H200' in n else 'h100' if 'H100' in n else 'gpu')")
 STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(build tests parity step step_variants hard_negatives lm_loss itc_loss attention step_attention
-                                   distributed
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(build tests parity step step_variants hard_negatives lm_loss itc_loss attention decode_attention
+                                   step_attention distributed
                                    main retrieval_eval finetune_step generate generate_variants)
 
 LOG=$OUT/session.log
@@ -74,6 +74,9 @@ for stage in "${STAGES[@]}"; do
         # the packed attention kernel against unpacking around SDPA, per attention of the text passes
         attention) run attention python benchmarks/bench_varlen_attention.py \
                        --json "$OUT/kernels-$DEV-$DAY-attention.json" ;;
+        # the decoding step's attention kernel against SDPA at generation's shapes (auto leaves it out until it wins)
+        decode_attention) run decode_attention python benchmarks/bench_decode_attention.py \
+                              --json "$OUT/kernels-$DEV-$DAY-decode-attention.json" ;;
         # FSDP2 and DDP over NCCL, one rank per GPU (NCCL refuses two ranks on one device), a short bf16 run each
         distributed) GPUS=$(python -c "import torch; print(torch.cuda.device_count())")
                      if [ "$GPUS" -lt 2 ]; then echo "== distributed: skipped, NCCL needs two GPUs (this machine: $GPUS)"
@@ -108,10 +111,12 @@ for stage in "${STAGES[@]}"; do
         generate) run generate python benchmarks/bench_generate.py --batch-size 64 --batch-size 256:2 --repeats 3 \
                       --json "$OUT/generate-$DEV-$DAY.json" ;;
         # the same at batch 64: our ViT blocks and text layers compiled (inductor, which compiles in the 2 untimed calls
-        # of each case) and our one-token steps replayed as a CUDA graph, eager and HF beside them in the same run
-        # (issue 18: "the decode step captured in a CUDA graph", "the ViT and decoder compiled")
+        # of each case), our one-token steps replayed as a CUDA graph, and the decoding steps' attention in the Triton
+        # kernel, eager and HF beside them in the same run (issue 18: "the decode step captured in a CUDA graph", "the
+        # ViT and decoder compiled"; issue 19: the decode variant of the attention)
         generate_variants) run generate_variants python benchmarks/bench_generate.py --batch-size 64 --repeats 3 \
-                      --warmup 2 --impl fast --impl fast_compiled --impl fast_graph --impl hf_transformers \
+                      --warmup 2 --impl fast --impl fast_compiled --impl fast_graph --impl fast_decode_kernel \
+                      --impl hf_transformers \
                       --json "$OUT/generate-$DEV-$DAY-variants.json" ;;
         data) run data python benchmarks/bench_data.py --workers 1,16 --json "$OUT/data-$DEV-$DAY.json" ;;
         report) run report python benchmarks/report.py --results "$OUT" ;;

@@ -42,12 +42,11 @@ IEEE precision, not TF32.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 
-from . import KERNEL_DTYPES
+from . import KERNEL_DTYPES, device_scope, dot_precision, sm_count
 
 try:
     import triton
@@ -339,16 +338,6 @@ if HAS_TRITON:
                  mask=row_ok[:, None] & d_ok[None, :])
 
 
-def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1  # the interpreter: a few programs
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 @dataclass(frozen=True)
 class _Grid:
     block_m: int
@@ -364,7 +353,7 @@ def _grid(batch: int, columns: int, dim: int, device: torch.device, tiling: Tili
     row_blocks = triton.cdiv(batch, block_m)
     tiles = triton.cdiv(columns, tiling.block_n)
     if splits is None:
-        splits = triton.cdiv(tiling.programs_per_sm * _sm_count(device), row_blocks)
+        splits = triton.cdiv(tiling.programs_per_sm * sm_count(device), row_blocks)
     tiles_per_split = triton.cdiv(tiles, max(1, min(splits, tiles)))
     return _Grid(block_m, tiling.block_n, max(16, triton.next_power_of_2(dim)), row_blocks,
                  triton.cdiv(tiles, tiles_per_split), tiles_per_split)
@@ -373,10 +362,6 @@ def _grid(batch: int, columns: int, dim: int, device: torch.device, tiling: Tili
 def _ids(ids: torch.Tensor | None, unused: torch.Tensor) -> torch.Tensor:
     """``ids`` as the kernels read them, or without ids the one placeholder of the call (never read)."""
     return unused if ids is None else ids.contiguous()
-
-
-def _device_scope(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def itc_forward(directions, temp, alpha: float, offset: int = 0, tiling: Tiling | None = None,
@@ -404,7 +389,7 @@ def itc_forward(directions, temp, alpha: float, offset: int = 0, tiling: Tiling 
     sims = [torch.empty(batch, keys0.shape[0], dtype=torch.float32, device=q0.device) for _ in directions]
     temp = temp.reshape(1)
     unused = q0.new_empty(1, dtype=torch.long)  # the id pointers' placeholder where positives are the diagonal
-    with _device_scope(q0):
+    with device_scope(q0):
         for index, (q, q_m, keys, queue, row_ids, key_ids, queue_ids) in enumerate(directions):
             q, q_m, keys = q.contiguous(), q_m.contiguous(), keys.contiguous()
             _itc_forward_kernel[(grid.row_blocks, grid.splits)](
@@ -413,7 +398,7 @@ def itc_forward(directions, temp, alpha: float, offset: int = 0, tiling: Tiling 
                 batch, keys.shape[0], queue.shape[1], dim, offset,
                 q.stride(0), q_m.stride(0), keys.stride(0), queue.stride(0), queue.stride(1), sims[index].stride(0),
                 STATS=STATS, HAS_IDS=row_ids is not None, TILES_PER_SPLIT=grid.tiles_per_split,
-                PRECISION=_precision(q.dtype), BLOCK_M=grid.block_m, BLOCK_N=grid.block_n, BLOCK_D=grid.block_d,
+                PRECISION=dot_precision(q.dtype), BLOCK_M=grid.block_m, BLOCK_N=grid.block_n, BLOCK_D=grid.block_d,
                 num_warps=tiling.num_warps, num_stages=tiling.num_stages,
             )
         saved = torch.empty(2, SAVED, batch, dtype=torch.float32, device=q0.device)
@@ -438,7 +423,7 @@ def itc_gradients(directions, temp, alpha: float, saved: torch.Tensor, offset: i
     partial = torch.empty(2, grid.splits, batch, dim, dtype=torch.float32, device=q0.device)
     temp = temp.reshape(1)
     unused = q0.new_empty(1, dtype=torch.long)  # the id pointers' placeholder where positives are the diagonal
-    with _device_scope(q0):
+    with device_scope(q0):
         for index, (q, q_m, keys, queue, row_ids, key_ids, queue_ids) in enumerate(directions):
             q, q_m, keys = q.contiguous(), q_m.contiguous(), keys.contiguous()
             _itc_backward_kernel[(grid.row_blocks, grid.splits)](
@@ -446,7 +431,7 @@ def itc_gradients(directions, temp, alpha: float, saved: torch.Tensor, offset: i
                 saved[index], partial[index],
                 batch, keys.shape[0], queue.shape[1], dim, offset, float(alpha),
                 q.stride(0), q_m.stride(0), keys.stride(0), queue.stride(0), queue.stride(1),
-                HAS_IDS=row_ids is not None, TILES_PER_SPLIT=grid.tiles_per_split, PRECISION=_precision(q.dtype),
+                HAS_IDS=row_ids is not None, TILES_PER_SPLIT=grid.tiles_per_split, PRECISION=dot_precision(q.dtype),
                 BLOCK_M=grid.block_m, BLOCK_N=grid.block_n, BLOCK_D=grid.block_d,
                 num_warps=tiling.num_warps, num_stages=tiling.num_stages,
             )

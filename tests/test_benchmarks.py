@@ -195,7 +195,8 @@ def test_bench_eval_times_both_algorithms_and_they_agree(tmp_path, capsys):
     assert "fast vs original" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("suite", ["lm_loss", "itc_loss", "hard_negatives", "varlen_attention"])
+@pytest.mark.parametrize("suite", ["lm_loss", "itc_loss", "hard_negatives", "varlen_attention",
+                                   "decode_attention"])
 def test_gpu_microbenchmarks_need_a_gpu_and_say_so(capsys, monkeypatch, suite):
     import torch
 

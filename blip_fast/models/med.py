@@ -201,17 +201,23 @@ class TextAttention(nn.Module):
         return self.dropout_p if self.training else 0.0
 
     def forward(self, x: torch.Tensor, keys_values: tuple[torch.Tensor, torch.Tensor], key_padding_mask,
-                causal: bool, queries: torch.Tensor | None = None, shared_by: int = 1) -> torch.Tensor:
+                causal: bool, queries: torch.Tensor | None = None, shared_by: int = 1,
+                decoding: bool = False) -> torch.Tensor:
         """``x`` (B, L, hidden) attends to ``keys_values`` (k, v) each (B, H, N, D) where ``key_padding_mask``
         (B, N) is True (None: every key); ``queries`` (B, H, L, D) when already projected. ``shared_by`` > 1: x
         has ``shared_by`` rows per keys/values row, consecutive; their queries are stacked along the sequence
-        against that row (exact without causality: each query attends on its own)."""
+        against that row (exact without causality: each query attends on its own). ``decoding``: a generation
+        step's few queries against a cache or the shared context, which ``ops.decode_attention`` takes (without
+        causality or dropout; otherwise ``ops.attention`` does)."""
         q = self.self.heads(self.self.query(x)) if queries is None else queries
         rows, heads, length, dim = q.shape
         if shared_by > 1:
             q = q.view(rows // shared_by, shared_by, heads, length, dim).transpose(1, 2)
             q = q.reshape(rows // shared_by, heads, shared_by * length, dim)
-        out = ops.attention(q, *keys_values, key_padding_mask, causal, self.dropout_p_now)
+        if decoding and not causal and self.dropout_p_now == 0.0:
+            out = ops.decode_attention(q, *keys_values, key_padding_mask)
+        else:
+            out = ops.attention(q, *keys_values, key_padding_mask, causal, self.dropout_p_now)
         if shared_by > 1:
             out = out.view(rows // shared_by, heads, shared_by, length, dim).transpose(1, 2)
             out = out.reshape(rows, heads, length, dim)
@@ -248,7 +254,7 @@ class PaddedRows(NamedTuple):
         causal = self.causal
         if self.cache is not None and self.cache.position is not None:  # static mode: padding_mask is the visible slots
             k, v = self.cache.write(self.index, k, v)
-            return attention(x, (k, v), self.padding_mask, False, queries=q)
+            return attention(x, (k, v), self.padding_mask, False, queries=q, decoding=True)
         if self.cache is not None:  # this step's keys/values after the cached ones
             # past the first step each new query sees every cached key. Decided by an ``if`` on the cache's length,
             # not by comparing shapes: under torch.compile a shape comparison is a symbolic bool, which attention's
@@ -256,11 +262,12 @@ class PaddedRows(NamedTuple):
             if self.cache.length > 0:
                 causal = False
             k, v = self.cache.append(self.index, k, v)
-        return attention(x, (k, v), self.padding_mask, causal, queries=q)
+        return attention(x, (k, v), self.padding_mask, causal, queries=q, decoding=self.cache is not None)
 
     def attend_context(self, crossattention: TextAttention, x: torch.Tensor) -> torch.Tensor:
         shared_by = 1 if self.cache is None else self.cache.shared_by
-        return crossattention(x, self.context, self.context_mask, False, shared_by=shared_by)
+        return crossattention(x, self.context, self.context_mask, False, shared_by=shared_by,
+                              decoding=self.cache is not None)
 
 
 class TextLayer(nn.Module):

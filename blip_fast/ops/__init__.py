@@ -5,6 +5,7 @@ see :mod:`blip_fast.ops.registry` for how one is picked (``BLIP_FAST_IMPL`` / :f
 """
 
 from .attention import attention, attention_ref
+from .decode_attention import decode_attention
 from .hard_negatives import sample_hard_negatives
 from .lm_loss import IGNORE_INDEX, lm_loss
 from .losses import itc_loss, itm_loss
@@ -18,6 +19,7 @@ __all__ = [
     "OPS",
     "attention",
     "attention_ref",
+    "decode_attention",
     "enqueue_",
     "impl_scope",
     "itc_loss",

@@ -13,7 +13,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from blip_fast.kernels import contrastive, hard_negatives, lm_loss, varlen_attention
+from blip_fast.kernels import contrastive, decode_attention, hard_negatives, lm_loss, varlen_attention
 
 DTYPES = ("bf16", "fp16", "fp32")
 DEFAULT_STAGES = 3  # Triton's, for the launches that do not name theirs
@@ -36,6 +36,7 @@ def specs():
                    {"BLOCK_V": lm_loss.MAX_BLOCK_V, "NUM_BLOCKS": 8, "WRITE_GRAD": write_grad}, 8, DEFAULT_STAGES)
         yield from varlen_attention_specs(dtype)
         yield from contrastive_specs(dtype)
+        yield from decode_attention_specs(dtype)
 
 
 def contrastive_specs(dtype: str):
@@ -66,6 +67,26 @@ def contrastive_specs(dtype: str):
                 "SAVED": "constexpr", "NUM_SPLITS": "constexpr", "NUM_BLOCKS": "constexpr", "BLOCK_M": "constexpr"},
                {"STATS": contrastive.STATS, "SAVED": contrastive.SAVED, "NUM_SPLITS": 88, "NUM_BLOCKS": 2,
                 "BLOCK_M": 64}, 4, DEFAULT_STAGES)
+
+
+def decode_attention_specs(dtype: str):
+    """The decoding step's kernels at head size 64, with a key padding mask and splitting the keys (the variant with
+    the most code); the combine reads only fp32 partials, so its dtype is the output's."""
+    tiling = decode_attention.DEFAULT_TILING
+    blocks = {"BLOCK_M": decode_attention.BLOCK_M, "BLOCK_D": 64}
+    strides = {f"stride_{n}{axis}": "i32" for n, axes in (("q", "bhm"), ("k", "bhn"), ("v", "bhn"), ("m", "bn"),
+                                                            ("o", "bhm")) for axis in axes}
+    yield (f"decode_attention split {dtype}", decode_attention._split_kernel,
+           {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "mask_ptr": "*u8", "out_ptr": f"*{dtype}",
+            "part_ptr": "*fp32", "stats_ptr": "*fp32", **strides, "heads": "i32", "queries": "i32", "keys": "i32",
+            "head_dim": "i32", "scale": "fp32", "keys_per_split": "i32", "HAS_MASK": "constexpr", "SPLIT": "constexpr",
+            "PRECISION": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"},
+           {"HAS_MASK": True, "SPLIT": True, "PRECISION": "ieee" if dtype == "fp32" else "tf32",
+            "BLOCK_N": tiling.block_n, **blocks}, tiling.num_warps, DEFAULT_STAGES)
+    yield (f"decode_attention combine {dtype}", decode_attention._combine_kernel,
+           {"part_ptr": "*fp32", "stats_ptr": "*fp32", "out_ptr": f"*{dtype}", "stride_ob": "i32", "stride_oh": "i32",
+            "stride_om": "i32", "heads": "i32", "queries": "i32", "head_dim": "i32", "splits": "i32",
+            "BLOCK_M": "constexpr", "BLOCK_D": "constexpr"}, blocks, tiling.num_warps, DEFAULT_STAGES)
 
 
 def varlen_attention_specs(dtype: str):
