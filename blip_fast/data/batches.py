@@ -69,7 +69,7 @@ import logging
 import os
 import weakref
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -319,6 +319,7 @@ class ResumableBatches:
                                        collate_fn=collate, pin_memory=pin_memory)
         self._state: dict | None = None          # loader state after the last batch handed out (None: the loader's)
         self._open: weakref.ref | None = None    # the pass under way, if the caller still holds it
+        self._ahead: Callable[[object], object] | None = None  # read_ahead's function
         log.info("%s: %s, %s %dpx, batch %d, %d workers", self.what, backend, transform.kind, transform.image_size,
                  batch_size, num_workers)
 
@@ -348,6 +349,13 @@ class ResumableBatches:
 
     def _leave_epoch(self) -> None:
         """What the batches hold for the epoch they leave, dropped (nothing here)."""
+
+    def read_ahead(self, start: Callable[[object], object] | None) -> None:
+        """Read each batch one batch before it is handed out, and hand out ``start(batch)``, called as soon as it is
+        read: the trainer starts the batch's copy to the GPU there, which then runs while the step before it does
+        (blip_fast.train.prefetch). None: hand out batches as they are read. :meth:`state_dict` stays the place as of
+        the last batch handed out, not of the one read ahead, so resume is as exact as without."""
+        self._ahead = start
 
     def state_dict(self) -> dict:
         """Where the batches are, as of the last one handed out (JSON-serialisable)."""
@@ -386,7 +394,7 @@ class ResumableBatches:
         self._prepare.epoch = self._loader.epoch
         batches = self._batches()
         try:
-            for batch, state in batches:
+            for batch, state in (batches if self._ahead is None else _one_ahead(batches, self._ahead)):
                 self._state = state
                 yield batch
             self._state = None          # the epoch is over: the loader is at the next one's start
@@ -403,6 +411,20 @@ class ResumableBatches:
                 yield batch, self._loader.state_dict()
         finally:
             loader.close()
+
+
+def _one_ahead(batches: Iterator[tuple[object, dict]], start: Callable[[object], object]
+               ) -> Iterator[tuple[object, dict]]:
+    """``(start(batch), state)`` for each of ``batches``, each read and started before the previous one is handed
+    out; the state stays the one read with its batch."""
+    started = None
+    for batch, state in batches:
+        following = (start(batch), state)
+        if started is not None:
+            yield started
+        started = following
+    if started is not None:
+        yield started
 
 
 class CaptionBatches(ResumableBatches):

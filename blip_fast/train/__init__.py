@@ -9,6 +9,7 @@
     speed.py          speed applied to a plain model in one order: joint passes, checkpointing, compile, FSDP/DDP, graph
     step.py           optimizer_step: one step (a task's forward, backward, AdamW), run eagerly or as a CUDA graph
     cuda_graph.py     the step captured and replayed as CUDA graphs
+    prefetch.py       BatchCopies: each batch's copy to the GPU started one batch ahead, on a side stream
     checkpointing.py  atomic, exact-resume checkpoints, keep-last-K
     distributed.py    torchrun / DDP
     fsdp.py           FSDP2 (fully_shard) layout, sharded momentum update, full-state checkpoints

@@ -4,8 +4,9 @@ A task (pretraining in blip_fast.train.pretrain, caption fine-tuning in blip_fas
 :class:`Trainer` subclass that says what it trains -- a model, its losses, its data and its evaluation -- through
 a few methods (:meth:`Trainer.build_model`, :meth:`~Trainer.build_data`, :attr:`~Trainer.forward`, ...). Everything
 else is shared: speed applied to the model in one order (blip_fast.train.speed), the optimizer and its schedule,
-gradient accumulation, the step (eager or a CUDA graph), non-finite losses (blip_fast.train.divergence), logging,
-checkpoints written atomically and resumed exactly, and the distributed machinery.
+the batches' copies to the GPU, one batch ahead (blip_fast.train.prefetch), gradient accumulation, the step (eager or
+a CUDA graph), non-finite losses (blip_fast.train.divergence), logging, checkpoints written atomically and resumed
+exactly, and the distributed machinery.
 
 One optimizer step, as the original's training loops:
 
@@ -61,6 +62,7 @@ from .distributed import (
 from .divergence import DivergenceGuard, TrainingDiverged, kept, state_is_finite
 from .metrics import RunLog
 from .optim import build_optimizer, load_optimizer_state, set_learning_rate
+from .prefetch import BatchCopies
 from .schedule import learning_rate
 from .speed import apply_speed, build_step
 
@@ -226,6 +228,11 @@ class Trainer(abc.ABC):
         torch.manual_seed(seed)
         self.build_data()
         self.check()
+        # on a GPU each batch's copy starts as it is read, one batch ahead, beside the step before (DALI's GPU images
+        # are there already: their batches are taken as they come)
+        self.copies = BatchCopies(self.device, self.prepare)
+        if self.copies.reads_ahead and self.batches.backend != "dali_gpu":
+            self.batches.read_ahead(self.copies.start)
         # a mistyped split must not wait for the end of training to show
         for name, path in (("data.val_path", config.data.val_path), ("evaluation split", self.final_evaluation_path())):
             if path and not Path(path).is_file():
@@ -638,7 +645,7 @@ class Trainer(abc.ABC):
                 # a pass resumed at the end of its epoch's data has nothing left to give, and that is no fault
                 pending, steps_in_pass, from_epoch_start = [], 0, p.step_in_epoch == 0
                 for batch in self.batches:
-                    pending.append(self.prepare(batch).to(self.device, non_blocking=True))
+                    pending.append(self.copies.take(batch))
                     if len(pending) < config.optim.grad_accum_steps:
                         continue
                     losses = self.train_step(pending)

@@ -316,6 +316,36 @@ def test_resume_pil_is_exact_with_workers_and_across_epochs(train_json):
     assert sum(not torch.equal(epochs[0][key], epochs[1][key]) for key in both) == len(both)   # new crops each epoch
 
 
+def test_read_ahead_starts_each_batch_before_the_one_before_is_handed_out_and_resumes_exactly(train_json):
+    """The trainer's GPU copies (``read_ahead``): batch i + 1 is read and started before batch i is handed out, the
+    batches are those read without it, and the state stays that of the batches handed out: the same object and one
+    resumed from its state both continue with the batch that had been read ahead."""
+    def make():
+        batches = CaptionBatches(train_json, TRAIN, 4, seed=7)
+        batches.read_ahead(lambda batch: events.append(("start", batch.keys[0])) or batch)
+        return batches
+
+    events = []
+    reference = epoch_of(CaptionBatches(train_json, TRAIN, 4, seed=7))
+    batches, handed = make(), []
+    for batch in batches:
+        events.append(("hand out", batch.keys[0]))
+        handed.append(batch)
+        if len(handed) == 3:
+            break
+    first = [b.keys[0] for b in reference[:4]]
+    assert events == [("start", first[0]), ("start", first[1]), ("hand out", first[0]), ("start", first[2]),
+                      ("hand out", first[1]), ("start", first[3]), ("hand out", first[2])]
+    assert_same(handed, reference[:3])
+    state = json.loads(json.dumps(batches.state_dict()))
+    assert state["loader"]["samples"] == 12                         # three batches handed out, not the fourth read
+    assert_same(epoch_of(batches), reference[3:])                   # the same object: batch 3 again, then the rest
+    resumed = make()
+    resumed.load_state_dict(state)
+    assert_same(epoch_of(resumed), reference[3:])
+    assert_same(epoch_of(make()), reference)                        # a whole epoch, its last batch included
+
+
 @needs_dali
 def test_resume_dali_is_exact_with_random_augmentation(train_json):
     def make():
