@@ -25,8 +25,8 @@ original) and train on the same batch:
               the trainer's own functions (``bench_step.speed_applied_step``, i.e. blip_fast.train.speed), the task's
               forward (``RetrievalTrainer.forward``), the captions padded to the longest of the batch as the trainer's
               batches are. The config says bf16 autocast, every transformer block compiled, ViT activation
-              checkpointing, torch's fused AdamW, op backends ``auto``, and no CUDA graph (``train.cuda_graph`` is
-              off there);
+              checkpointing, torch's fused AdamW, op backends ``auto``, and no CUDA graph (``train.cuda_graph=auto``
+              leaves it off for retrieval and with activation checkpointing);
 ``fast_graph`` the same with ``train.cuda_graph=true``: the whole step replayed as a CUDA graph, the batch's image
               ids copied in with its other tensors (blip_fast.train.cuda_graph). CUDA only; a default impl there.
 
@@ -138,8 +138,7 @@ def build(impl: str, config, ours: BlipRetrieval, weights: dict | None, train, o
                                       weight_decay=original["weight_decay"])
         return model, lambda batch: original_step(model, optimizer, batch, original["alpha"])
     model = ours.to(device) if impl == "fast" else our_model(config).to(device)  # fast_graph: a fresh copy
-    if impl == "fast_graph":
-        train = dataclasses.replace(train, cuda_graph=True)
+    train = dataclasses.replace(train, cuda_graph=impl == "fast_graph")  # the config's auto is the trainer's to resolve
     return model, speed_applied_step(model, train, optim, device, forward=RetrievalTrainer.forward, alpha=config.alpha)
 
 

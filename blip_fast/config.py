@@ -232,7 +232,16 @@ def _coerce(hint, value, key: str):
         options = typing.get_args(hint)
         if value is None and type(None) in options:
             return None
-        hint = next(option for option in options if option is not type(None))
+        kinds = [option for option in options if option is not type(None)]
+        if len(kinds) > 1:  # e.g. bool | str: the first the value is
+            for kind in kinds:
+                try:
+                    return _coerce(kind, value, key)
+                except ConfigError:
+                    continue
+            names = " or ".join(getattr(kind, "__name__", str(kind)) for kind in kinds)
+            raise ConfigError(f"{key} must be {names}; got {value!r} ({type(value).__name__})")
+        hint = kinds[0]
     if origin in (list, tuple) and typing.get_args(hint):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key} must be a list; got {value!r} ({type(value).__name__})")

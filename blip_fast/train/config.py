@@ -171,9 +171,11 @@ class TrainConfig:
     """``fp32`` or ``bf16`` (autocast; weights, momentum copies and optimizer state stay fp32)."""
     compile: bool = False
     """``torch.compile`` each transformer block (short compile, no recompiles per caption length)."""
-    cuda_graph: bool = False
-    """Replay the whole optimizer step as a CUDA graph (blip_fast.train.cuda_graph): one CUDA process, one
-    micro-batch per step, torch's fused AdamW."""
+    cuda_graph: bool | str = "auto"
+    """Replay the whole optimizer step as a CUDA graph (blip_fast.train.cuda_graph): ``true`` needs one CUDA process
+    and torch's fused AdamW (an error otherwise); ``auto`` turns it on where, besides, it has been run on a GPU --
+    a task that declares its step graphable (pretraining, retrieval), one micro-batch per step, no activation
+    checkpointing -- and says why not on a GPU where it stays off; ``false`` never."""
     pack_text: bool = True
     """Run the text passes on the captions' real tokens only, without their padding (blip_fast.models.packing):
     the same losses with fewer FLOPs. ``false``: every caption padded to the longest of its batch."""
@@ -231,6 +233,8 @@ class TrainConfig:
             raise ConfigError(f"train.epochs must be at least 1; got {self.epochs}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"train.max_steps must be positive; got {self.max_steps}")
+        if self.cuda_graph not in (True, False, "auto"):
+            raise ConfigError(f"train.cuda_graph must be true, false or auto; got {self.cuda_graph!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"train.precision must be fp32 or bf16; got {self.precision!r}")
         if self.distributed not in ("auto", "ddp", "fsdp", "none"):

@@ -15,10 +15,12 @@ What capture needs, and how this module gets it:
   ``set_learning_rate`` fills them in place);
 - random numbers: dropout draws from torch's default CUDA generator, which every graph registers itself;
   the hard-negative sampler's generator is registered with each graph, so each replay draws new numbers;
-- one process and one micro-batch per step (collectives and gradient accumulation stay eager);
+- one process (collectives stay eager);
 - shapes are fixed per graph: captions of a new length (or, packed, a new token count, rounded up to 64 by the
   trainer) run one eager step (on the capture stream, which also compiles and builds cuDNN plans), and are
-  captured the next time that shape comes;
+  captured the next time that shape comes. With gradient accumulation a graph holds the whole step, every
+  micro-batch's forward and backward and the optimizer, and is fixed to the shapes of all of them, in order: the
+  combinations can multiply, so past ``MAX_GRAPHS`` graphs new ones run eagerly (counted in ``eager_steps``);
 - all graphs allocate from one memory pool. Everything a replay allocates is free again at its end
   (gradients are set to None inside the step) except the (3,) losses, which are copied out right after
   each replay, so graphs of different lengths can reuse each other's memory.
@@ -36,9 +38,16 @@ import torch
 
 from .step import optimizer_step, pretraining_losses
 
+# Graphs one step object captures at most. Without accumulation a run has one per caption length (padded: at most
+# the 30-35 token lengths) or per packed token count (rounded to 64: a few dozen); with it, combinations of those.
+# Past this many, a new shape runs eagerly every time instead of being captured: a capture costs about an eager step
+# and host memory, and a shape seen that rarely would not pay it back.
+MAX_GRAPHS = 64
+
 
 class CudaGraphStep:
-    """``step(batch, alpha)`` = ``optimizer_step(model, optimizer, [batch], alpha, ...)``, replayed from graphs."""
+    """``step(micro_batches, alpha)`` = ``optimizer_step(model, optimizer, micro_batches, alpha, ...)``, replayed from
+    graphs."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator | None,
                  precision: str = "bf16", clip_grad_norm: float = 0.0, skip_nonfinite: bool = False,
@@ -61,6 +70,8 @@ class CudaGraphStep:
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple, SimpleNamespace] = {}
         self.seen: set[tuple] = set()
+        self.eager_steps = 0
+        """Steps run eagerly: each shape's first, and every step of a shape past ``MAX_GRAPHS``."""
 
     @staticmethod
     def key(batch) -> tuple:
@@ -75,8 +86,8 @@ class CudaGraphStep:
                 fields.append((name, repr(value)))
         return tuple(fields), None if packing is None else packing.tokens
 
-    def _step(self, batch) -> torch.Tensor:
-        return optimizer_step(self.model, self.optimizer, [batch], self.alpha, self.generator, self.precision,
+    def _step(self, micro_batches: list) -> torch.Tensor:
+        return optimizer_step(self.model, self.optimizer, micro_batches, self.alpha, self.generator, self.precision,
                               self.clip_grad_norm, autocast_cache=False, skip_nonfinite=self.skip_nonfinite,
                               forward=self.forward)
 
@@ -88,14 +99,18 @@ class CudaGraphStep:
             yield
         current.wait_stream(self.stream)
 
-    def _capture(self, batch, key: tuple) -> SimpleNamespace:
-        # the graph reads its own copy of every tensor field; replays copy each batch in (:meth:`__call__`)
+    @staticmethod
+    def _static_copy(batch) -> SimpleNamespace:
+        """The graph's own copy of every tensor field of ``batch``; replays copy each batch in (:meth:`__call__`)."""
         fields = {name: value.clone() if isinstance(value, torch.Tensor) else value
                   for name, value in vars(batch).items() if name != "keys"}
         packing = fields.get("packing")
         if packing is not None:
             fields["packing"] = type(packing)(*(t.clone() for t in packing))
-        static = SimpleNamespace(**fields)
+        return SimpleNamespace(**fields)
+
+    def _capture(self, micro_batches: list, key: tuple) -> SimpleNamespace:
+        static = [self._static_copy(batch) for batch in micro_batches]
         graph = torch.cuda.CUDAGraph()
         if self.generator is not None:
             graph.register_generator_state(self.generator)
@@ -109,24 +124,27 @@ class CudaGraphStep:
         self.graphs[key] = captured
         return captured
 
-    def __call__(self, batch, alpha: float) -> torch.Tensor:
-        """Train on ``batch`` (images, input_ids, attention_mask, packing or None, and the task's tensors such as
-        img_ids, on the model's device); returns the losses."""
+    def __call__(self, micro_batches: list, alpha: float) -> torch.Tensor:
+        """One optimizer step over ``micro_batches`` (each with images, input_ids, attention_mask, packing or None,
+        and the task's tensors such as img_ids, on the model's device); returns the losses."""
         self.alpha.fill_(alpha)
-        key = self.key(batch)
+        key = tuple(self.key(batch) for batch in micro_batches)
         captured = self.graphs.get(key)
         if captured is None:
-            if key not in self.seen:  # first time: an eager step, which also warms this shape up
+            # first time: an eager step, which also warms this shape up; past the cap, every time
+            if key not in self.seen or len(self.graphs) >= MAX_GRAPHS:
                 self.seen.add(key)
+                self.eager_steps += 1
                 with self._on_side_stream():
-                    losses = self._step(batch)
+                    losses = self._step(micro_batches)
                 return losses
-            captured = self._capture(batch, key)
-        for name, value in vars(batch).items():
-            if isinstance(value, torch.Tensor):
-                getattr(captured.inputs, name).copy_(value)
-        if getattr(captured.inputs, "packing", None) is not None:
-            for static, new in zip(captured.inputs.packing, batch.packing, strict=True):
-                static.copy_(new)
+            captured = self._capture(micro_batches, key)
+        for static, batch in zip(captured.inputs, micro_batches, strict=True):
+            for name, value in vars(batch).items():
+                if isinstance(value, torch.Tensor):
+                    getattr(static, name).copy_(value)
+            if getattr(static, "packing", None) is not None:
+                for static_tensor, new in zip(static.packing, batch.packing, strict=True):
+                    static_tensor.copy_(new)
         captured.graph.replay()
         return captured.losses.clone()

@@ -23,6 +23,7 @@ Nothing in the step reads a value back to the host: losses are summed on the dev
 from __future__ import annotations
 
 import abc
+import dataclasses
 import json
 import logging
 import math
@@ -215,14 +216,17 @@ class Trainer(abc.ABC):
     """*Task*: the names :meth:`forward` returns, in its order."""
     evaluates_on_every_rank = False
     """*Task*: :meth:`evaluate_split` runs on every rank, which split the work (else on the main rank alone)."""
+    graphs_step = False
+    """*Task*: the task's step has been replayed as a CUDA graph on a GPU and equals the eager step there
+    (tests/train/test_cuda_graph.py), so ``train.cuda_graph=auto`` may turn the graph on."""
 
     def __init__(self, config: PretrainConfig, resume: str | bool = False, printer=print):
         self.config, self.printer = config, printer
         self.out = Path(config.train.out)
         self.ctx = init_distributed(config.train.device, config.train.distributed)
         self.device = self.ctx.device
-        if config.train.cuda_graph:
-            self._check_cuda_graph()
+        # from here on train.cuda_graph is a bool: auto resolved for this run (config.json records what ran)
+        self.config = config = self._resolve_cuda_graph(config)
         self.model_config = config.model_config()
         seed = config.train.seed + self.ctx.rank  # as the original: DDP then copies rank 0's weights
         torch.manual_seed(seed)
@@ -385,19 +389,35 @@ class Trainer(abc.ABC):
                 for line in report.lines():
                     self.printer(line)
 
-    def _check_cuda_graph(self) -> None:
-        config = self.config
-        problems = []
+    def _resolve_cuda_graph(self, config: PretrainConfig) -> PretrainConfig:
+        """``config`` with ``train.cuda_graph`` a bool: ``true`` checked (a ConfigError names what it lacks), ``auto``
+        on where the graph can run and has run on a GPU, else off, with the reason printed on a GPU."""
+        setting = config.train.cuda_graph
+        if setting is False:
+            return config
+        needs = []  # what any graph needs
         if self.device.type != "cuda":
-            problems.append(f"a CUDA device (this run trains on {self.device})")
+            needs.append(f"a CUDA device (this run trains on {self.device})")
         if self.ctx.active:
-            problems.append(f"one process (this run has {self.ctx.world_size}: collectives stay outside graphs)")
-        if config.optim.grad_accum_steps != 1:
-            problems.append("optim.grad_accum_steps=1")
+            needs.append(f"one process (this run has {self.ctx.world_size}: collectives stay outside graphs)")
         if config.optim.fused not in ("auto", "torch"):
-            problems.append("torch's fused AdamW (optim.fused=auto or torch)")
-        if problems:
-            raise ConfigError("train.cuda_graph=true needs " + "; ".join(problems))
+            needs.append("torch's fused AdamW (optim.fused=auto or torch)")
+        if setting is True:
+            if needs:
+                raise ConfigError("train.cuda_graph=true needs " + "; ".join(needs))
+            return config
+        untried = []  # what auto leaves to an explicit true until a GPU run has shown it
+        if not self.graphs_step:
+            untried.append(f"{self.task_name}'s step has not been replayed on a GPU")
+        if config.optim.grad_accum_steps != 1:
+            untried.append("gradient accumulation")
+        if config.train.activation_checkpointing:
+            untried.append("activation checkpointing")
+        on = not needs and not untried
+        if not on and self.device.type == "cuda" and self.ctx.is_main:
+            self.printer("train.cuda_graph=auto: off (" + "; ".join(needs + untried) + ")"
+                         + ("; train.cuda_graph=true tries it" if not needs else ""))
+        return dataclasses.replace(config, train=dataclasses.replace(config.train, cuda_graph=on))
 
     def _resume(self, resume: str | bool) -> str | None:
         if not resume:

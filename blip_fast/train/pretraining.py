@@ -44,6 +44,7 @@ class Pretrainer(Trainer):
     loss_names = LOSSES
     forward = staticmethod(pretraining_losses)
     evaluates_on_every_rank = True
+    graphs_step = True
 
     def build_model(self) -> BlipPretrain:
         return BlipPretrain(self.model_config)

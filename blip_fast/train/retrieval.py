@@ -30,6 +30,7 @@ class RetrievalTrainer(Pretrainer):
     task_name = "retrieval fine-tuning"
     eval_name = "fine-tuned"
     loss_names = ("itc", "itm")
+    graphs_step = False  # its step's replay has a GPU test (CudaGraphStep), which has not run on a GPU yet
 
     def build_model(self) -> BlipRetrieval:
         return BlipRetrieval(self.model_config)

@@ -56,9 +56,11 @@ def build_step(model: nn.Module, parallel_model: nn.Module, optimizer: torch.opt
     """Step 5: ``step(micro_batches, alpha) -> losses``, replayed from CUDA graphs with ``train.cuda_graph`` (the
     optimizer must then be capturable), else eager through ``parallel_model`` (:func:`apply_speed`'s result)."""
     skip = train.nonfinite == "skip"
+    if not isinstance(train.cuda_graph, bool):  # the trainer resolves auto for its run (Trainer._resolve_cuda_graph)
+        raise ValueError(f"build_step needs train.cuda_graph true or false, not {train.cuda_graph!r}")
     if train.cuda_graph:
         graph = CudaGraphStep(model, optimizer, generator, train.precision, optim.clip_grad_norm, skip, forward)
-        return lambda micro_batches, alpha: graph(micro_batches[0], alpha)
+        return graph
     return lambda micro_batches, alpha: optimizer_step(parallel_model, optimizer, micro_batches, alpha, generator,
                                                        train.precision, optim.clip_grad_norm, skip_nonfinite=skip,
                                                        forward=forward)

@@ -11,6 +11,7 @@ import blip_fast.train.pretraining as pretraining
 from blip_fast import ops
 from blip_fast.config import tiny_config
 from blip_fast.models.blip_pretrain import BlipPretrain
+from blip_fast.train import cuda_graph
 from blip_fast.train.checkpointing import list_checkpoints, load_training_checkpoint
 from blip_fast.train.config import OptimConfig, load_pretrain_config
 from blip_fast.train.cuda_graph import CudaGraphStep
@@ -55,14 +56,38 @@ def test_graph_replay_equals_the_eager_step(dropout, precision, packed, impl):
         replay_equals_eager(dropout, precision, packed)
 
 
-def replay_equals_eager(dropout, precision, packed):
+@pytest.mark.gpu
+@pytest.mark.parametrize("packed", [False, True])
+def test_graph_replay_with_gradient_accumulation_equals_the_eager_step(packed):
+    """Two micro-batches a step: one graph per combination of their shapes, in order."""
+    replay_equals_eager(0.1, "fp32", packed, micro_batches=2)
+
+
+@pytest.mark.gpu
+def test_shapes_past_the_graph_cap_run_eagerly_and_alike(monkeypatch):
+    """Past MAX_GRAPHS captured graphs, new shapes run eagerly at every step, and still train as eager steps."""
+    monkeypatch.setattr(cuda_graph, "MAX_GRAPHS", 1)
+    graph_step = replay_equals_eager(0.0, "fp32", False)
+    (captured,) = graph_step.graphs  # the first shape to come twice: batch 0's (steps 0 and 1)
+    batches = [synthetic_step_batch(8, seed, "cuda", length) for seed, length in REPLAY_BATCHES]
+    comes = sum((CudaGraphStep.key(batches[which]),) == captured for which in REPLAY_ORDER)
+    assert graph_step.eager_steps == len(REPLAY_ORDER) - (comes - 1)  # all but its replays
+
+
+REPLAY_BATCHES = ((0, 30), (1, 12), (2, 30), (3, 12))  # (seed, longest caption)
+REPLAY_ORDER = (0, 0, 1, 2, 1, 3, 2, 0)
+
+
+def replay_equals_eager(dropout, precision, packed, micro_batches=1):
     """Eight steps over batches of two caption lengths (one eager step, a capture, then replays for each; packed, each
     with its own token count too), with a changing learning rate and alpha: losses each step and all weights,
     momentum weights and queues at the end equal those of eager steps (fp32 within 1e-5 relative, 1e-6 absolute;
     bf16 within 1e-3 relative, 1e-4 absolute). The eager step runs with autocast's cache off, as the graph must: with
     the cache, a weight used by several passes is cast once and its gradients are summed in bf16, without it each
     use's gradient is cast to fp32 first, which changes the sums by bf16 roundings (seen on the H100). With dropout on,
-    the default generator's random numbers must also advance per replay as they do eagerly."""
+    the default generator's random numbers must also advance per replay as they do eagerly. ``micro_batches`` 2: each
+    step also takes the batch after its own, so the steps' shape combinations repeat as well. Returns the graphed
+    step."""
     device = torch.device("cuda")
     config = tiny_config()
     config.text.hidden_dropout = config.text.attention_dropout = dropout
@@ -77,23 +102,24 @@ def replay_equals_eager(dropout, precision, packed):
     graph_step = CudaGraphStep(graph_model, graph_opt, graph_gen, precision, clip_grad_norm=1.0)
     rtol, atol = (1e-5, 1e-6) if precision == "fp32" else (1e-3, 1e-4)
     batches = [synthetic_step_batch(8, seed, device, max_length, pack_multiple=8 if packed else None)
-               for seed, max_length in ((0, 30), (1, 12), (2, 30), (3, 12))]
+               for seed, max_length in REPLAY_BATCHES]
     assert len({batch.input_ids.shape[1] for batch in batches}) >= 2  # captions of several lengths
-    order = [0, 0, 1, 2, 1, 3, 2, 0]
-    for index, which in enumerate(order):
+    for index, which in enumerate(REPLAY_ORDER):
         lr, alpha = 1e-4 * (index + 1), 0.05 * index
         torch.manual_seed(100 + index)
         torch.cuda.manual_seed(100 + index)
         set_learning_rate(eager_opt, lr)
-        eager = optimizer_step(eager_model, eager_opt, [batches[which]], alpha, eager_gen, precision, 1.0,
+        step_batches = [batches[(which + i) % len(batches)] for i in range(micro_batches)]
+        eager = optimizer_step(eager_model, eager_opt, step_batches, alpha, eager_gen, precision, 1.0,
                                autocast_cache=False)
         torch.cuda.manual_seed(100 + index)
         set_learning_rate(graph_opt, lr)
-        graphed = graph_step(batches[which], alpha)
+        graphed = graph_step(step_batches, alpha)
         torch.testing.assert_close(graphed, eager, rtol=rtol, atol=atol, msg=labelled(f"losses of step {index}"))
-    assert len(graph_step.graphs) >= 2  # both caption lengths were captured and replayed
+    assert len(graph_step.graphs) >= min(2, cuda_graph.MAX_GRAPHS)  # both caption lengths captured and replayed
     for (name, a), (_, b) in zip(eager_model.state_dict().items(), graph_model.state_dict().items(), strict=True):
         torch.testing.assert_close(b, a, rtol=rtol, atol=atol, msg=labelled(name))
+    return graph_step
 
 
 @pytest.mark.gpu
@@ -175,7 +201,7 @@ def test_retrieval_graph_replay_copies_the_image_ids_and_equals_eager():
         eager = optimizer_step(eager_model, eager_opt, [batches[which]], 0.4, eager_gen, "fp32", 0.0,
                                autocast_cache=False, forward=RetrievalTrainer.forward)
         set_learning_rate(graph_opt, 1e-4)
-        graphed = graph_step(batches[which], 0.4)
+        graphed = graph_step([batches[which]], 0.4)
         torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-6, msg=labelled(f"losses of step {index}"))
     assert len(graph_step.graphs) == 1
     for (name, a), (_, b) in zip(eager_model.state_dict().items(), graph_model.state_dict().items(), strict=True):

@@ -25,7 +25,9 @@ def test_short_run_writes_everything(synthetic_dir, tmp_path, capsys):
     assert summary["steps"] == 4 and summary["evaluation"]["images"] == 30
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert (out / "checkpoints" / "step-00000004.pt").is_file()
-    assert json.loads((out / "config.json").read_text())["resolved_model"]["vision"]["image_size"] == 64
+    resolved = json.loads((out / "config.json").read_text())
+    assert resolved["resolved_model"]["vision"]["image_size"] == 64
+    assert resolved["train"]["cuda_graph"] is False  # auto, resolved: what ran (a CPU has no graphs)
 
 
 def test_print_config_and_overrides(capsys):
@@ -39,7 +41,9 @@ def test_print_config_and_overrides(capsys):
     (["--config", "base"], "needs data.paths"),
     (["--config", "base", "data.paths=[/nonexistent/ann.json]"], "/nonexistent/ann.json"),
     (["train.cuda_graph=true", "train.device=cpu", "optim.grad_accum_steps=2"],
-     "train.cuda_graph=true needs a CUDA device (this run trains on cpu); optim.grad_accum_steps=1"),
+     "train.cuda_graph=true needs a CUDA device (this run trains on cpu)"),
+    (["train.cuda_graph=sometimes"], "train.cuda_graph must be true, false or auto; got 'sometimes'"),
+    (["train.cuda_graph=2"], "train.cuda_graph must be bool or str; got 2 (int)"),
 ])
 def test_mistakes_end_in_one_line(args, message, capsys, tmp_path):
     assert main(["pretrain", f"train.out={tmp_path}", *args]) == 2

@@ -271,10 +271,10 @@ def test_a_replayed_graph_skips_a_non_finite_step_on_the_device():
                          skip_nonfinite=True)
     batches = [synthetic_step_batch(8, seed, device) for seed in range(4)]
     for batch in batches[:2]:  # an eager step, then the capture
-        step(batch, 0.4)
+        step([batch], 0.4)
     before = {k: v.clone() for k, v in _online_weights(model.state_dict()).items()}
-    assert not torch.isfinite(step(batches[2], math.nan)).all() and optimizer.found_inf.item() == 1
+    assert not torch.isfinite(step([batches[2]], math.nan)).all() and optimizer.found_inf.item() == 1
     after = _online_weights(model.state_dict())
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert torch.isfinite(step(batches[3], 0.4)).all() and optimizer.found_inf.item() == 0
+    assert torch.isfinite(step([batches[3]], 0.4)).all() and optimizer.found_inf.item() == 0
     assert any(not torch.equal(before[k], v) for k, v in _online_weights(model.state_dict()).items())

@@ -1,5 +1,7 @@
 """Pretraining configs: shipped YAML files load, overrides apply, mistakes are named."""
 
+from types import SimpleNamespace
+
 import pytest
 
 from blip_fast.config import ConfigError
@@ -112,3 +114,40 @@ def test_parameter_groups_original_and_lavis():
     assert groups["temperature"]["params"] == [model.temp]
     assert groups["temperature"]["lr_scale"] == pytest.approx(1e-4 / 1e-3)
     assert sum(len(g["params"]) for g in groups.values()) == len(trainable)
+
+
+def resolve_cuda_graph(setting, *overrides, device="cuda", ranks=1, graphs_step=True):
+    """The trainer's resolution of ``train.cuda_graph`` for a run on ``device`` with ``ranks`` processes (no GPU
+    needed: nothing is built), and what it prints."""
+    import torch
+
+    from blip_fast.train.distributed import DistributedContext
+    from blip_fast.train.engine import Trainer
+
+    printed = []
+    ctx = DistributedContext(world_size=ranks, device=torch.device(device),
+                             data_parallel="ddp" if ranks > 1 else "none")
+    trainer = SimpleNamespace(device=torch.device(device), ctx=ctx, graphs_step=graphs_step, task_name="pretraining",
+                              printer=printed.append)
+    config = load_pretrain_config(None, [f"train.cuda_graph={setting}", *overrides])
+    return Trainer._resolve_cuda_graph(trainer, config).train.cuda_graph, printed
+
+
+def test_cuda_graph_auto_is_on_where_it_has_run_and_says_why_not_elsewhere():
+    assert resolve_cuda_graph("auto") == (True, [])
+    assert resolve_cuda_graph("auto", device="cpu") == (False, [])          # nothing to say off a GPU
+    assert resolve_cuda_graph("false") == (False, [])
+    assert resolve_cuda_graph("true") == (True, [])
+    on, printed = resolve_cuda_graph("auto", "optim.grad_accum_steps=2", "train.activation_checkpointing=true")
+    assert not on and printed == ["train.cuda_graph=auto: off (gradient accumulation; activation checkpointing); "
+                                  "train.cuda_graph=true tries it"]
+    on, printed = resolve_cuda_graph("auto", graphs_step=False)
+    assert not on and "pretraining's step has not been replayed on a GPU" in printed[0]
+    on, printed = resolve_cuda_graph("auto", ranks=2)
+    assert not on and printed == ["train.cuda_graph=auto: off (one process (this run has 2: collectives stay outside "
+                                  "graphs))"]
+    assert resolve_cuda_graph("true", "optim.grad_accum_steps=2", "train.activation_checkpointing=true") == (True, [])
+    with pytest.raises(ConfigError, match=r"train.cuda_graph=true needs one process \(this run has 2"):
+        resolve_cuda_graph("true", ranks=2)
+    with pytest.raises(ConfigError, match="torch's fused AdamW"):
+        resolve_cuda_graph("true", "optim.fused=foreach")
