@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_session.sh [STAGE ...]          (from the repository root)
 #
 # stages: build tests parity step step_variants hard_negatives lm_loss itc_loss attention decode_attention step_attention
-# distributed main retrieval_eval finetune_step generate generate_variants retrieval_eval_full data before_after report
+# distributed main pretrain_real retrieval_eval finetune_step generate generate_variants retrieval_eval_full data before_after report
 # (default: all but retrieval_eval_full, data, before_after and report; generate is caption generation, ours against HF transformers,
 # sized to stay under 2 minutes, generate_variants the same at batch 64 with our blocks compiled and with the decode
 # step as a CUDA graph beside eager; retrieval_eval_full is COCO's whole 5k x 25k test, ours alone, for time and peak
@@ -25,7 +25,7 @@ DEV=$(python -c "import torch; n = torch.cuda.get_device_name(); print('h200' if
 STAGES=("$@")
 [ ${#STAGES[@]} -eq 0 ] && STAGES=(build tests parity step step_variants hard_negatives lm_loss itc_loss attention decode_attention
                                    step_attention distributed
-                                   main retrieval_eval finetune_step generate generate_variants)
+                                   main pretrain_real retrieval_eval finetune_step generate generate_variants)
 
 LOG=$OUT/session.log
 run() {  # run STAGE COMMAND...: append to $LOG, keep going after a failure, report it at the end
@@ -88,6 +88,17 @@ for stage in "${STAGES[@]}"; do
         # the main job on the GPU: the built-in default, bf16 and compiled
         main) run main python benchmarks/bench_pretrain.py train.precision=bf16 train.compile=true \
                   --json "$OUT/eval-$DEV-$DAY.json" ;;
+        # the real loop (issue 19): ViT-B/16 pretraining from JPEG shards, DALI decoding on the GPU where it was carried
+        # in (dali_carry.sh; else PIL, which the file's data_backend says), batch 96 as bench_step, the step graphed
+        # (train.cuda_graph=auto); steady_samples_per_s (after 2 of 12 windows) is the rate to set beside `step`'s
+        pretrain_real) SHARDS=/tmp/blip-shards-256
+                       [ -f "$SHARDS/info.json" ] || python -c "from blip_fast.data.synth import write_synthetic_dataset; \
+                           write_synthetic_dataset('$SHARDS', 8000, image_size=256, shard_size=300)"
+                       run pretrain_real python benchmarks/bench_pretrain.py --config base data.kind=shards \
+                           "data.paths=[$SHARDS/shards/train-*.tar]" data.backend=auto data.batch_size=96 \
+                           data.num_workers=12 data.steps_per_epoch=70 train.epochs=20 train.max_steps=120 \
+                           train.log_every=10 train.eval_size=0 train.tensorboard=false train.checkpoint_every=100000 \
+                           --json "$OUT/eval-$DEV-$DAY-pretrain-real.json" ;;
         # the step of the version before the model/engine restructure against this tree, in turns, each built apart;
         # alone, it takes one call (two builds, four compiled and graphed runs). Keep the files under results/runs/.
         before_after) run before_after env OUT="$OUT" bash benchmarks/step_before_after.sh run ;;

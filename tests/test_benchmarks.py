@@ -168,16 +168,26 @@ def test_bench_pretrain_writes_run_and_retrieval_records(tmp_path):
     out = tmp_path / "eval-cpu-test.json"
     code = _script("bench_pretrain").main([
         "data.synthetic_n=300", f"data.synthetic_dir={tmp_path / 'data'}", "data.batch_size=8", "data.num_workers=0",
-        "train.max_steps=2", "train.eval_size=12", "train.eval_itm_k=3", "train.tensorboard=false",
-        "--json", str(out)])
+        "train.max_steps=4", "train.log_every=1", "train.eval_size=12", "train.eval_itm_k=3",
+        "train.tensorboard=false", "--steady-after", "2", "--json", str(out)])
     assert code == 0
     data = json.loads(out.read_text())
-    assert FORMAT_KEYS <= set(data) and data["suite"] == "eval"
+    assert FORMAT_KEYS <= set(data) and data["suite"] == "eval" and data["data_backend"] == "pil"
     assert data["command"].startswith("python benchmarks/bench_pretrain.py data.synthetic_n=300 ")
     metrics = {(r["case"], r["metric"]): r["value"] for r in data["records"]}
-    assert metrics[("pretrain_tiny-synthetic_2x8", "samples_per_s")] > 0
+    assert metrics[("pretrain_tiny-synthetic_4x8", "samples_per_s")] > 0
+    assert metrics[("pretrain_tiny-synthetic_4x8", "steady_samples_per_s")] > 0  # steps 3 and 4
     assert metrics[("zero_shot_retrieval_12img_itm3", "chance_r1")] == pytest.approx(100 / 12)
     assert 0 <= metrics[("zero_shot_retrieval_12img_itm3", "img_r10")] <= 100
+
+
+def test_steady_rate_leaves_out_the_first_windows():
+    steady = _script("bench_pretrain").steady_samples_per_s
+    windows = [{"step": 10, "elapsed_s": 30.0}, {"kind": "val"}, {"step": 20, "elapsed_s": 32.0},
+               {"step": 30, "elapsed_s": 34.0}]
+    assert steady(windows, 8, 0) == pytest.approx(30 * 8 / 34.0)
+    assert steady(windows, 8, 1) == pytest.approx(20 * 8 / 4.0)     # the compile's 30 s left out
+    assert steady(windows, 8, 3) is None
 
 
 def test_bench_eval_times_both_algorithms_and_they_agree(tmp_path, capsys):

@@ -82,6 +82,8 @@ class RunSummary:
     last_losses: dict[str, float | None]
     checkpoint: str | None
     data: str
+    data_backend: str
+    """What transformed the images: ``pil``, ``dali_cpu`` or ``dali_gpu``."""
     evaluation: dict | None
     """The end-of-run evaluation of the task (on the best epoch's weights where there was a validation split)."""
 
@@ -703,7 +705,7 @@ class Trainer(abc.ABC):
         samples = p.samples - start_samples
         summary = RunSummary(p.step, p.epoch, samples, seconds, samples / seconds if seconds > 0 else math.nan,
                              window.last_losses, str(path) if path else None, self.batches.stats.summary(),
-                             evaluation)
+                             self.batches.backend, evaluation)
         if self.ctx.is_main:
             for line in summary.lines():
                 self.printer(line)
