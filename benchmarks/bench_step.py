@@ -31,22 +31,25 @@ exactly as ``blip-fast pretrain`` assembles and runs it (``blip_fast.train.speed
                weight_decay=0.05)``; fp32 (TF32 on CUDA). Its weights are random (the original starts from
                DeiT/BERT downloads), which changes no timing.
 
-Inputs: images of Gaussian noise (never all zeros) and captions of the built-in synthetic scenes,
-tokenized; their lengths follow the synthetic captions (one to three objects). Timing: ``--warmup``
-steps, then ``--steps`` steps each bracketed by ``torch.cuda.synchronize()``; the median step gives
-samples/s; peak memory from ``torch.cuda.max_memory_allocated`` (CUDA only). FLOPs per sample are
-counted once per impl with ``torch.utils.flop_counter.FlopCounterMode`` on one eager step (forward +
-backward). MFU = samples/s x FLOPs per sample / ``--peak-tflops`` (default 798, the H100's measured
-bf16 peak), twice (docs/results-format.md): *model* MFU with the original algorithm's FLOPs -- counted on
-the original code when ``original`` is in the run, else on our reference path, which counts a little
-less (it projects the image tokens to cross-attention keys/values once per step, the original once
-for each of the 4B text rows; records say which in ``flops_from``) -- and *hardware* MFU with each
-impl's own count (the fast path executes less: shared keys/values, captions padded to the longest).
-The results file's ``ops`` field names the backend each op took under each impl (blip_fast.ops.registry).
-``--variant NAME:SPEC`` adds impls: the ``fast`` step with other op backends (``variants`` in the file), to
-weigh one fast op within the whole step. ``--flops-only`` times nothing: it counts each impl's FLOPs per sample
-on meta tensors, in seconds on any machine (a CPU too), with the captions packed as the graphed GPU step packs
-them.
+Inputs: images of Gaussian noise (never all zeros) and tokenized captions, chosen by ``--captions``: ``synthetic``
+(the default) the built-in scenes' captions, whose lengths follow their one to three objects (9, 17 or 25 tokens);
+``full`` every caption at the 30-token cap (three scene captions joined, then truncated), the worst case for packing
+and what most web captions (CC12M, LAION) become; or a path to your own captions -- a BLIP annotation list
+(``[{"image": ..., "caption": str or [str]}]``) or a text file of one caption per line -- from which each row draws
+one caption (seeded), cleaned and truncated as training does: the step on your data's length histogram. The results
+file's ``captions`` gives the source and the real tokens per caption. Timing: ``--warmup`` steps, then ``--steps``
+steps each bracketed by ``torch.cuda.synchronize()``; the median step gives samples/s; peak memory from
+``torch.cuda.max_memory_allocated`` (CUDA only). FLOPs per sample are counted once per impl with
+``torch.utils.flop_counter.FlopCounterMode`` on one eager step (forward + backward). MFU = samples/s x FLOPs per
+sample / ``--peak-tflops`` (default 798, the H100's measured bf16 peak), twice (docs/results-format.md): *model* MFU
+with the original algorithm's FLOPs -- counted on the original code when ``original`` is in the run, else on our
+reference path, which counts a little less (it projects the image tokens to cross-attention keys/values once per
+step, the original once for each of the 4B text rows; records say which in ``flops_from``) -- and *hardware* MFU
+with each impl's own count (the fast path executes less: shared keys/values, captions padded to the longest). The
+results file's ``ops`` field names the backend each op took under each impl (blip_fast.ops.registry). ``--variant
+NAME:SPEC`` adds impls: the ``fast`` step with other op backends (``variants`` in the file), to weigh one fast op
+within the whole step. ``--flops-only`` times nothing: it counts each impl's FLOPs per sample on meta tensors, in
+seconds on any machine (a CPU too), with the captions packed as the graphed GPU step packs them.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ import contextlib
 import copy
 import gc
 import importlib.util
+import json
 import random
 import re
 import statistics
@@ -73,6 +77,7 @@ from blip_fast.models.blip_pretrain import BlipPretrain
 from blip_fast.models.packing import PackedText
 from blip_fast.shapes import PRETRAIN_BATCH, PRETRAIN_IMAGE_SIZE, PRETRAIN_TEXT_LENGTH, QUEUE_SIZE
 from blip_fast.text import BlipTokenizer
+from blip_fast.text.clean import clean_caption
 from blip_fast.train.config import OptimConfig, TrainConfig
 from blip_fast.train.distributed import DistributedContext
 from blip_fast.train.optim import build_optimizer
@@ -101,13 +106,49 @@ def original_blip():
     return sys.modules[name]
 
 
+CAPTION_SOURCES = ("synthetic", "full")
+
+
+def caption_texts(source: str, count: int, rng: random.Random) -> list[str]:
+    """``count`` captions of ``--captions``'s ``source`` (module docstring), cleaned as training cleans them."""
+    if source == "synthetic":
+        return [caption(random_scene(rng)) for _ in range(count)]
+    if source == "full":  # past the cap: the tokenizer truncates every row to 30 tokens
+        return [" ".join(caption(random_scene(rng)) for _ in range(3)) for _ in range(count)]
+    return [rng.choice(captions_of(source)) for _ in range(count)]
+
+
+def captions_of(path: str) -> list[str]:
+    """Every caption of a BLIP annotation list or of a one-caption-per-line text file, cleaned (``max_words`` 30,
+    as ``data.max_words``); SystemExit with one line when there are none."""
+    file = Path(path)
+    if not file.is_file():
+        sys.exit(f"bench_step.py: --captions {path}: neither synthetic, full nor a file")
+    text = file.read_text(encoding="utf-8", errors="replace")
+    try:
+        entries = json.loads(text)
+    except json.JSONDecodeError:
+        entries = [line for line in text.splitlines() if line.strip()]
+    captions = []
+    for entry in entries if isinstance(entries, list) else []:
+        found = entry.get("caption") if isinstance(entry, dict) else entry
+        for one in found if isinstance(found, list) else [found]:
+            if isinstance(one, str) and one.strip():
+                captions.append(clean_caption(one, max_words=30))
+    captions = [c for c in captions if c]
+    if not captions:
+        sys.exit(f"bench_step.py: --captions {path}: no caption in it (a BLIP annotation list or one per line)")
+    return captions
+
+
 def make_batch(batch: int, image_size: int, device: torch.device, padding: str, seed: int = 0,
-               pack_multiple: int | None = None, max_length: int = PRETRAIN_TEXT_LENGTH):
-    """Images, the captions as strings (``texts``, what the original tokenizes itself) and tokenized (at most
-    ``max_length`` tokens); with ``pack_multiple``, also the captions' packing (token count rounded up to it), as the
-    trainer makes it."""
+               pack_multiple: int | None = None, max_length: int = PRETRAIN_TEXT_LENGTH,
+               captions: str = "synthetic"):
+    """Images, the captions of ``captions`` (``--captions``) as strings (``texts``, what the original tokenizes
+    itself) and tokenized (at most ``max_length`` tokens); with ``pack_multiple``, also the captions' packing (token
+    count rounded up to it), as the trainer makes it."""
     rng = random.Random(seed)
-    texts = [caption(random_scene(rng)) for _ in range(batch)]
+    texts = caption_texts(captions, batch, rng)
     tokens = BlipTokenizer()(texts, max_length=max_length, padding=padding)
     images = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(seed))
     packing = None if pack_multiple is None else PackedText.from_mask(tokens.attention_mask, pack_multiple).to(device)
@@ -315,6 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flops-only", action="store_true",
                         help="only count each impl's FLOPs per sample, on meta tensors (seconds, any machine; the "
                              "captions packed as the graphed GPU step packs them)")
+    parser.add_argument("--captions", default="synthetic", metavar="SOURCE",
+                        help="synthetic (default), full (every caption at the 30-token cap), or a file of your "
+                             "captions (BLIP annotation list or one per line): their length histogram")
     parser.add_argument("--profile", metavar="DIR",
                         help="after timing, profile 3 steps of each impl (torch.profiler) into DIR/profile-IMPL.txt")
     args = parser.parse_args(argv)
@@ -353,7 +397,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.allow_tf32 = True
     config = preset(args.preset, image_size=args.image_size)
     config.queue_size = args.queue
-    case = f"pretrain_{args.preset}{args.image_size}_b{args.batch}"
+    if args.captions not in CAPTION_SOURCES:
+        captions_of(args.captions)  # a bad file is one line now, not after the first impl
+    captions_label = args.captions if args.captions in CAPTION_SOURCES else Path(args.captions).stem
+    case = f"pretrain_{args.preset}{args.image_size}_b{args.batch}" + (
+        "" if args.captions == "synthetic" else f"_captions-{captions_label}")
     records, rows, backends = [], [], {}
     for impl in impls:
         if impl != "original":
@@ -365,7 +413,9 @@ def main(argv: list[str] | None = None) -> int:
         if fast and impl != "fast_padded":
             steps_on = torch.device("cuda") if args.flops_only else device
             pack_multiple = PACKED_TOKENS_MULTIPLE_GRAPHED if graphed(impl, steps_on) else PACKED_TOKENS_MULTIPLE
-        batch = make_batch(args.batch, args.image_size, device, padding, pack_multiple=pack_multiple)
+        batch = make_batch(args.batch, args.image_size, device, padding, pack_multiple=pack_multiple,
+                           captions=args.captions)
+        caption_tokens = float(batch.attention_mask.sum()) / args.batch
         if args.flops_only:
             flops = count_flops_on_meta(impl, copy.deepcopy(config), batch)
             records.append({"case": case, "impl": impl, "metric": "gflop_per_sample", "value": flops / 1e9})
@@ -390,14 +440,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{impl:<13} {metrics['gflop_per_sample']:>8.1f} GFLOP")
         if args.json:
             write_results(args.json, "step", "cpu", command_line("step", argv), records, flops_counted_on="meta",
-                          variants=VARIANTS)
+                          variants=VARIANTS, captions={"source": captions_label, "tokens_per_caption": caption_tokens})
         return 0
     # model FLOPs: the original algorithm's count, from the original code (counted here when it was not timed, so
     # that every run's model MFU uses it), else from our reference path, which shares the image keys/values across
     # ITM and LM and counts ~16% less (the records say which: flops_from)
     counted = dict(rows)
     if "original" not in counted and args.preset != "tiny" and original_blip().is_available():
-        padded = make_batch(args.batch, args.image_size, device, "max_length")
+        padded = make_batch(args.batch, args.image_size, device, "max_length", captions=args.captions)
         counted["original"] = {"gflop_per_sample": count_flops("original", copy.deepcopy(config), device, padded) / 1e9}
     source = next((impl for impl in ("original", "reference") if impl in counted), None)
     for impl, metrics in rows:
@@ -430,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"speed-up {faster} / {slower}: {speed[faster] / speed[slower]:.2f}x")
     if args.json:
         write_results(args.json, "step", device_name, command_line("step", argv), records, ops=backends,
-                      variants=VARIANTS)
+                      variants=VARIANTS, captions={"source": captions_label, "tokens_per_caption": caption_tokens})
     return 0
 
 

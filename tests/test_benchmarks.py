@@ -99,6 +99,33 @@ def test_bench_step_counts_flops_on_meta_tensors(step_results, tmp_path):
         _script("bench_step").main(["--preset", "base", "--flops-only", "--impl", "original"])
 
 
+def test_bench_step_takes_captions_at_the_cap_or_from_a_file(tmp_path, capsys):
+    """``--captions full``: every caption at 30 tokens, so packing saves nothing over padding; a file of captions (a
+    BLIP annotation list here) gives its own lengths, cleaned; a file without captions is one line."""
+    def flops(captions):
+        out = tmp_path / "step.json"
+        assert _script("bench_step").main(["--preset", "tiny", "--image-size", "32", "--batch", "6", "--queue", "96",
+                                           "--flops-only", "--impl", "reference", "--impl", "fast", "--captions",
+                                           captions, "--json", str(out)]) == 0
+        data = json.loads(out.read_text())
+        return {r["impl"]: r["value"] for r in data["records"]}, data["captions"], data["records"][0]["case"]
+
+    full, described, case = flops("full")
+    assert described == {"source": "full", "tokens_per_caption": 30.0} and case.endswith("_captions-full")
+    # no padding left to skip (the packed token count is even rounded up to 64, as the graphed step does)
+    assert full["fast"] > 0.95 * full["reference"]
+    annotations = tmp_path / "mine.json"
+    annotations.write_text(json.dumps([{"image": "a.jpg", "caption": ["Two cats.", "a cat on a mat"]},
+                                       {"image": "b.jpg", "caption": "Bird!"}, {"image": "c.jpg", "caption": " "}]))
+    mine, described, case = flops(str(annotations))
+    # [CLS] + words + [SEP]: 4, 6 or 3 tokens a caption, drawn per row
+    assert described["source"] == "mine" and 3 <= described["tokens_per_caption"] <= 6 and case.endswith("-mine")
+    assert mine["fast"] < mine["reference"]
+    annotations.write_text(json.dumps({"not": "a list"}))
+    with pytest.raises(SystemExit, match="no caption in it"):
+        flops(str(annotations))
+
+
 def test_bench_step_device_work_leaves_annotation_spans_out():
     """Only kernels, copies and memsets are the GPU's work in the profile report: the GPU-side spans of our phases and
     of inductor's compiled graphs cover kernels already counted."""
