@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_session.sh [STAGE ...]          (from the repository root)
 #
 # stages: build tests parity step step_full_captions step_variants hard_negatives lm_loss itc_loss attention
-# decode_attention step_attention distributed main pretrain_real retrieval_eval finetune_step generate generate_variants
+# decode_attention residual_layer_norm step_attention distributed main pretrain_real retrieval_eval finetune_step generate generate_variants
 # retrieval_eval_full data before_after report (default: all but retrieval_eval_full, data, before_after and report;
 # generate is caption generation, ours against HF transformers, sized to stay under 2 minutes, generate_variants the
 # same at batch 64 with our blocks compiled, the decode step as a CUDA graph and the decoding-attention kernel beside
@@ -26,8 +26,8 @@ DAY=$(date +%Y%m%d)
 DEV=$(python -c "import torch; n = torch.cuda.get_device_name(); print('h200' if 'H200' in n else 'h100' if 'H100' in n else 'gpu')")
 STAGES=("$@")
 [ ${#STAGES[@]} -eq 0 ] && STAGES=(build tests parity step step_full_captions step_variants hard_negatives lm_loss itc_loss
-                                   attention decode_attention step_attention distributed main pretrain_real
-                                   retrieval_eval finetune_step generate generate_variants)
+                                   attention decode_attention residual_layer_norm step_attention distributed main
+                                   pretrain_real retrieval_eval finetune_step generate generate_variants)
 
 LOG=$OUT/session.log
 run() {  # run STAGE COMMAND...: append to $LOG, keep going after a failure, report it at the end
@@ -80,6 +80,9 @@ for stage in "${STAGES[@]}"; do
         # the packed attention kernel against unpacking around SDPA, per attention of the text passes
         attention) run attention python benchmarks/bench_varlen_attention.py \
                        --json "$OUT/kernels-$DEV-$DAY-attention.json" ;;
+        # the sublayer output (residual + dropout + LayerNorm) in one pass against the eager chain and inductor
+        residual_layer_norm) run residual_layer_norm python benchmarks/bench_residual_layer_norm.py \
+                                 --json "$OUT/kernels-$DEV-$DAY-residual-layer-norm.json" ;;
         # the decoding step's attention kernel against SDPA at generation's shapes (auto leaves it out until it wins)
         decode_attention) run decode_attention python benchmarks/bench_decode_attention.py \
                               --json "$OUT/kernels-$DEV-$DAY-decode-attention.json" ;;

@@ -233,7 +233,7 @@ def test_bench_eval_times_both_algorithms_and_they_agree(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("suite", ["lm_loss", "itc_loss", "hard_negatives", "varlen_attention",
-                                   "decode_attention"])
+                                   "decode_attention", "residual_layer_norm"])
 def test_gpu_microbenchmarks_need_a_gpu_and_say_so(capsys, monkeypatch, suite):
     import torch
 

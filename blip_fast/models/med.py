@@ -183,7 +183,10 @@ class AttentionOutput(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+        """``LayerNorm(dropout(dense(x)) + residual)`` (``BertSelfOutput``), the last three as one op."""
+        norm = self.LayerNorm
+        return ops.residual_layer_norm(self.dense(x), residual, norm.weight, norm.bias, norm.eps,
+                                       self.dropout.p if self.training else 0.0)
 
 
 class TextAttention(nn.Module):

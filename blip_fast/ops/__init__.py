@@ -11,6 +11,7 @@ from .lm_loss import IGNORE_INDEX, lm_loss
 from .losses import itc_loss, itm_loss
 from .momentum import enqueue_, momentum_update_
 from .registry import OPS, impl_scope, requested_impl, set_impl
+from .residual_layer_norm import residual_layer_norm
 from .varlen_attention import AttentionSequences, packed_attention_on, varlen_attention, varlen_cross_attention
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "momentum_update_",
     "packed_attention_on",
     "requested_impl",
+    "residual_layer_norm",
     "sample_hard_negatives",
     "set_impl",
     "varlen_attention",

@@ -13,7 +13,14 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from blip_fast.kernels import contrastive, decode_attention, hard_negatives, lm_loss, varlen_attention
+from blip_fast.kernels import (
+    contrastive,
+    decode_attention,
+    hard_negatives,
+    lm_loss,
+    residual_layer_norm,
+    varlen_attention,
+)
 
 DTYPES = ("bf16", "fp16", "fp32")
 DEFAULT_STAGES = 3  # Triton's, for the launches that do not name theirs
@@ -37,6 +44,7 @@ def specs():
         yield from varlen_attention_specs(dtype)
         yield from contrastive_specs(dtype)
         yield from decode_attention_specs(dtype)
+        yield from residual_layer_norm_specs(dtype)
 
 
 def contrastive_specs(dtype: str):
@@ -67,6 +75,28 @@ def contrastive_specs(dtype: str):
                 "SAVED": "constexpr", "NUM_SPLITS": "constexpr", "NUM_BLOCKS": "constexpr", "BLOCK_M": "constexpr"},
                {"STATS": contrastive.STATS, "SAVED": contrastive.SAVED, "NUM_SPLITS": 88, "NUM_BLOCKS": 2,
                 "BLOCK_M": 64}, 4, DEFAULT_STAGES)
+
+
+def residual_layer_norm_specs(dtype: str):
+    """The sublayer-output kernels at BERT-base's width (768: 1,024-column blocks) with dropout, ``x`` in ``dtype``
+    and the residual stream and LayerNorm weights in fp32, as autocast leaves them; the mask kernel (no input dtype)
+    once."""
+    constexprs = {"DROPOUT": True, "ROWS": residual_layer_norm.ROWS_PER_BLOCK, "BLOCK_N": 1024}
+    kinds = {name: "constexpr" for name in constexprs}
+    sizes = {"n_rows": "i32", "hidden": "i32"}
+    yield (f"residual_layer_norm forward {dtype}", residual_layer_norm._forward_kernel,
+           {"x_ptr": f"*{dtype}", "residual_ptr": "*fp32", "weight_ptr": "*fp32", "bias_ptr": "*fp32",
+            "out_ptr": "*fp32", "stats_ptr": "*fp32", "seed_ptr": "*i64", **sizes, "eps": "fp32", "dropout_p": "fp32",
+            **kinds}, constexprs, 4, DEFAULT_STAGES)
+    yield (f"residual_layer_norm backward {dtype}", residual_layer_norm._backward_kernel,
+           {"grad_ptr": "*fp32", "x_ptr": f"*{dtype}", "residual_ptr": "*fp32", "weight_ptr": "*fp32",
+            "stats_ptr": "*fp32", "seed_ptr": "*i64", "dx_ptr": f"*{dtype}", "dresidual_ptr": "*fp32",
+            "dweight_ptr": "*fp32", "dbias_ptr": "*fp32", **sizes, "dropout_p": "fp32", **kinds}, constexprs, 4,
+           DEFAULT_STAGES)
+    if dtype == "fp32":
+        yield ("residual_layer_norm dropout mask", residual_layer_norm._keep_kernel,
+               {"keep_ptr": "*i8", "seed_ptr": "*i64", **sizes, "dropout_p": "fp32", "BLOCK_N": "constexpr"},
+               {"BLOCK_N": 1024}, 4, DEFAULT_STAGES)
 
 
 def decode_attention_specs(dtype: str):
