@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # Everything that waits for a GPU, in one run on a GPU machine (docs/gpu-machine.md: torch 2.11 + CUDA 13 there).
 #
-#   bash benchmarks/gpu_session.sh [STAGE ...]          (from the repository root)
+#   bash benchmarks/gpu_session.sh [STAGE or GROUP ...]          (from the repository root)
 #
-# stages: build tests parity step step_full_captions step_variants hard_negatives lm_loss itc_loss attention
-# decode_attention residual_layer_norm step_attention distributed main pretrain_real retrieval_eval finetune_step generate generate_variants
-# retrieval_eval_full data before_after report (default: all but retrieval_eval_full, data, before_after and report;
-# generate is caption generation, ours against HF transformers, sized to stay under 2 minutes, generate_variants the
-# same at batch 64 with our blocks compiled, the decode step as a CUDA graph and the decoding-attention kernel beside
-# eager; retrieval_eval_full is COCO's whole 5k x 25k test, ours alone, for time and peak memory against the 24 GB goal,
-# a few minutes by itself; data needs DALI carried in first with benchmarks/dali_carry.sh, before_after the earlier
-# version's sources carried in .before/, prepared here with `bash benchmarks/step_before_after.sh prepare`, and report
-# runs anywhere on the results files). All the defaults together outlast one 10-minute call: name the stages of each
-# call (`tests parity step`, then the rest in groups).
+# With no argument: the group `core` (build tests parity step), sized for one call of under 8 minutes. The other
+# groups take one call each: `kernels` (hard_negatives lm_loss itc_loss attention decode_attention
+# residual_layer_norm), `step_more` (step_full_captions step_variants step_attention), `loop` (main pretrain_real;
+# carry DALI in first with benchmarks/dali_carry.sh), `finetune` (retrieval_eval finetune_step), `generation` (generate
+# generate_variants); `all` is every group in turn, several calls' worth. Each group starts with `build`, which is
+# skipped where this checkout's extension was built already. Stages named alone: distributed (needs two GPUs),
+# retrieval_eval_full (COCO's whole 5k x 25k test, ours alone, for time and peak memory against the 24 GB goal, a
+# few minutes by itself), data (needs DALI carried in), before_after (the earlier version's sources carried in
+# .before/, prepared here with `bash benchmarks/step_before_after.sh prepare`), report (anywhere, on the results
+# files). generate is caption generation, ours against HF transformers, sized to stay under 2 minutes;
+# generate_variants the same at batch 64 with our blocks compiled, the decode step as a CUDA graph and the
+# decoding-attention kernel beside eager.
 # The machine is offline, so `build` installs without dependencies: it has all of them but ruff (docs/gpu-machine.md).
 # Results files go to $OUT (default benchmarks/results), named as docs/results-format.md says; copy the ones to keep
 # into benchmarks/results/ and commit them. Every stage's output is appended to $OUT/session.log and the step profiles
@@ -24,10 +26,22 @@ OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
 DAY=$(date +%Y%m%d)
 DEV=$(python -c "import torch; n = torch.cuda.get_device_name(); print('h200' if 'H200' in n else 'h100' if 'H100' in n else 'gpu')")
-STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(build tests parity step step_full_captions step_variants hard_negatives lm_loss itc_loss
-                                   attention decode_attention residual_layer_norm step_attention distributed main
-                                   pretrain_real retrieval_eval finetune_step generate generate_variants)
+declare -A GROUP=(
+    [core]="build tests parity step"
+    [kernels]="build hard_negatives lm_loss itc_loss attention decode_attention residual_layer_norm"
+    [step_more]="build step_full_captions step_variants step_attention"
+    [loop]="build main pretrain_real"
+    [finetune]="build retrieval_eval finetune_step"
+    [generation]="build generate generate_variants"
+)
+GROUP[all]="${GROUP[core]} ${GROUP[kernels]} ${GROUP[step_more]} ${GROUP[loop]} ${GROUP[finetune]} ${GROUP[generation]}"
+STAGES=()
+for arg in "${@:-core}"; do
+    if [ -n "${GROUP[$arg]:-}" ]; then read -r -a more <<< "${GROUP[$arg]}"; STAGES+=("${more[@]}")
+    else STAGES+=("$arg"); fi
+done
+# the extension, once per checkout and machine
+BUILT=/tmp/blip-fast-built-$( (git rev-parse HEAD; git diff HEAD -- csrc setup.py CMakeLists.txt) 2>/dev/null | md5sum | cut -c1-12)
 
 LOG=$OUT/session.log
 run() {  # run STAGE COMMAND...: append to $LOG, keep going after a failure, report it at the end
@@ -43,7 +57,10 @@ run() {  # run STAGE COMMAND...: append to $LOG, keep going after a failure, rep
 FAILED=()
 for stage in "${STAGES[@]}"; do
     case $stage in
-        build) run build env BLIP_FAST_CUDA_ARCHS=9.0 MAX_JOBS=16 python -m pip install -q --no-deps --no-build-isolation -e . ;;
+        build) if [ -f "$BUILT" ]; then echo "== build: done before for this checkout ($BUILT)"
+               else run build env BLIP_FAST_CUDA_ARCHS=9.0 MAX_JOBS=16 python -m pip install -q --no-deps \
+                        --no-build-isolation -e .
+                    [[ " ${FAILED[*]} " == *" build "* ]] || touch "$BUILT"; fi ;;
         tests) run tests env BLIP_FAST_REQUIRE_NATIVE=1 python -m pytest tests -q -ra -m gpu ;;
         parity) run parity blip-fast parity --device cuda --json "$OUT/parity-$DEV-$DAY.json" ;;
         # the original BLIP joins when blip-ci is installed (carry its wheel: pip install --no-deps blip-ci==0.0.5)
