@@ -7,7 +7,7 @@
 # groups take one call each: `kernels` (hard_negatives lm_loss itc_loss attention decode_attention
 # residual_layer_norm), `step_more` (step_full_captions step_variants step_attention), `loop` (main pretrain_real;
 # carry DALI in first with benchmarks/dali_carry.sh), `finetune` (retrieval_eval finetune_step), `generation` (generate
-# generate_variants); `all` is every group in turn, several calls' worth. Each group starts with `build`, which is
+# generate_variants), `precision` (fp8: the ViT's linear layers in FP8, its loss curve against bf16); `all` is every group in turn, several calls' worth. Each group starts with `build`, which is
 # skipped where this checkout's extension was built already. Stages named alone: distributed (needs two GPUs),
 # retrieval_eval_full (COCO's whole 5k x 25k test, ours alone, for time and peak memory against the 24 GB goal, a
 # few minutes by itself), data (needs DALI carried in), before_after (the earlier version's sources carried in
@@ -33,8 +33,10 @@ declare -A GROUP=(
     [loop]="build main pretrain_real"
     [finetune]="build retrieval_eval finetune_step"
     [generation]="build generate generate_variants"
+    [precision]="build fp8"
 )
-GROUP[all]="${GROUP[core]} ${GROUP[kernels]} ${GROUP[step_more]} ${GROUP[loop]} ${GROUP[finetune]} ${GROUP[generation]}"
+GROUP[all]=""
+for group in core kernels step_more loop finetune generation precision; do GROUP[all]+="${GROUP[$group]} "; done
 STAGES=()
 for arg in "${@:-core}"; do
     if [ -n "${GROUP[$arg]:-}" ]; then read -r -a more <<< "${GROUP[$arg]}"; STAGES+=("${more[@]}")
@@ -85,6 +87,8 @@ for stage in "${STAGES[@]}"; do
         # synthetic 9/17/25-token captions (issue 19: within 5% of it); a file of your captions works the same way
         step_full_captions) run step_full_captions python benchmarks/bench_step.py --impl fast --captions full \
                                 --json "$OUT/step-$DEV-$DAY-full-captions.json" ;;
+        # the ViT's linear layers in FP8 against bf16 from one start: the loss-curve check (exit 1 past 2%) and the step
+        fp8) run fp8 python benchmarks/bench_fp8.py --json "$OUT/step-$DEV-$DAY-fp8.json" ;;
         step_attention) run step_attention python benchmarks/bench_step.py --impl fast --impl fast_separate \
                             --variant packed_attention:auto,varlen_attention=triton,varlen_cross_attention=triton \
                             --variant packed_cross_attention:auto,varlen_cross_attention=triton \

@@ -316,3 +316,19 @@ def test_bench_generate_agreement_ignores_hf_beam_fill_after_sep():
     hf = torch.tensor([[30522, 7, 8, sep, sep, sep], [30522, 7, 9, 5, 6, sep]])
     assert agreement(ours, hf, 2, sep, pad) == 0.5
     assert agreement(ours[:1, :4], hf[:1], 2, sep, pad) == 1.0
+
+
+def test_bench_fp8_compares_loss_curves_and_fails_past_its_tolerance(tmp_path, capsys):
+    """The FP8 loss-curve check at a toy size on the CPU: windows of both impls recorded, the difference within the
+    tolerance; a tolerance of 0 (any difference at all) fails the run with exit code 1."""
+    out = tmp_path / "step-cpu-fp8.json"
+    argv = ["--preset", "tiny", "--image-size", "32", "--batch", "8", "--queue", "32", "--steps", "8", "--window", "4",
+            "--timed", "2", "--batches", "2", "--device", "cpu", "--no-compile", "--json", str(out)]
+    assert _script("bench_fp8").main(argv) == 0
+    data = json.loads(out.read_text())
+    assert FORMAT_KEYS <= set(data) and data["passed"] is True
+    values = {(r["impl"], r["metric"], tuple(r.get("steps", ()))): r["value"] for r in data["records"]}
+    assert values[("fp8", "max_rel_diff", ())] <= 0.02
+    assert {("bf16", "loss_lm", (5, 8)), ("fp8", "loss_lm", (5, 8))} <= set(values)
+    assert _script("bench_fp8").main([*argv, "--tolerance", "0"]) == 1
+    assert "largest window difference" in capsys.readouterr().out

@@ -176,6 +176,10 @@ class TrainConfig:
     and torch's fused AdamW (an error otherwise); ``auto`` turns it on where, besides, it has been run on a GPU --
     a task that declares its step graphable (pretraining, retrieval), one micro-batch per step, no activation
     checkpointing -- and says why not on a GPU where it stays off; ``false`` never."""
+    fp8_vit: bool = False
+    """Run the ViT blocks' linear layers as FP8 matmuls (blip_fast.models.fp8: e4m3 forward, e5m2 gradients,
+    per-tensor scales); a GPU of compute capability 8.9 or later. Off by default until ``benchmarks/bench_fp8.py``'s
+    loss-curve check against bf16 has passed on a GPU."""
     pack_text: bool = True
     """Run the text passes on the captions' real tokens only, without their padding (blip_fast.models.packing):
     the same losses with fewer FLOPs. ``false``: every caption padded to the longest of its batch."""

@@ -229,6 +229,12 @@ class Trainer(abc.ABC):
         self.device = self.ctx.device
         # from here on train.cuda_graph is a bool: auto resolved for this run (config.json records what ran)
         self.config = config = self._resolve_cuda_graph(config)
+        if config.train.fp8_vit:
+            from ..models.fp8 import fp8_unsupported
+
+            lacking = fp8_unsupported(self.device)
+            if lacking:
+                raise ConfigError(f"train.fp8_vit=true needs {lacking}")
         self.model_config = config.model_config()
         seed = config.train.seed + self.ctx.rank  # as the original: DDP then copies rank 0's weights
         torch.manual_seed(seed)

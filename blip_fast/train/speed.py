@@ -5,7 +5,8 @@ here, from the run's :class:`~blip_fast.train.config.TrainConfig`, by the traine
 alike (no second assembly of the fast path):
 
 1. **text passes**: ITM's and LM's image-grounded passes run layer by layer together (``joint_grounded_passes``,
-   pretraining only; packing each batch's captions is the task's, since it is made per batch on the host);
+   pretraining only; packing each batch's captions is the task's, since it is made per batch on the host); with
+   ``fp8_vit``, the ViT blocks' linear layers become FP8 matmuls (blip_fast.models.fp8);
 2. **activation checkpointing**: ViT blocks recompute their activations in backward (memory for compute);
 3. **per-block compile**: each ViT block and text layer compiled on its own (blip_fast.models.compile);
 4. **FSDP2 or DDP**: FSDP2 shards the model in place (then the optimizer is built over its shards); DDP wraps it;
@@ -36,6 +37,11 @@ def apply_speed(model: nn.Module, train: TrainConfig, ctx: DistributedContext) -
     """Steps 1-4 on ``model`` (on its device); returns what the step runs: DDP's wrapper, or ``model`` itself."""
     if hasattr(model, "joint_grounded_passes"):
         model.joint_grounded_passes = train.joint_grounded_passes
+    if train.fp8_vit:
+        from ..models.fp8 import use_fp8_linears
+
+        vits = [m for m in model.modules() if isinstance(m, VisionTransformer)]
+        log.info("FP8: %d ViT linear layers", sum(use_fp8_linears(vit) for vit in vits))
     if train.activation_checkpointing:
         for vit in (m for m in model.modules() if isinstance(m, VisionTransformer)):
             vit.config.grad_checkpointing = True

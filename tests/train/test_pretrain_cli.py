@@ -42,6 +42,7 @@ def test_print_config_and_overrides(capsys):
     (["--config", "base", "data.paths=[/nonexistent/ann.json]"], "/nonexistent/ann.json"),
     (["train.cuda_graph=true", "train.device=cpu", "optim.grad_accum_steps=2"],
      "train.cuda_graph=true needs a CUDA device (this run trains on cpu)"),
+    (["train.fp8_vit=true", "train.device=cpu"], "train.fp8_vit=true needs a CUDA GPU with FP8 matmuls"),
     (["train.cuda_graph=sometimes"], "train.cuda_graph must be true, false or auto; got 'sometimes'"),
     (["train.cuda_graph=2"], "train.cuda_graph must be bool or str; got 2 (int)"),
 ])
