@@ -1,7 +1,8 @@
 """Implementation registry for the hot operations of BLIP.
 
-Every hot op (attention in its three modes, the ITC loss, the LM loss, hard-negative sampling,
-the momentum update, the queue update) has one public entry in :mod:`blip_fast.ops`. Behind the
+Every hot op (attention in its three modes, over packed sequences and in decoding steps, the sublayer output, the
+ITC loss, the LM loss, hard-negative sampling, the momentum update, the queue update) has one public entry in
+:mod:`blip_fast.ops`. Behind the
 entry sits an :class:`Op`: a pure-PyTorch ``reference`` that follows the paper and the original
 Salesforce code, plus any number of fast implementations registered by backend name:
 
