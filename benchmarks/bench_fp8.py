@@ -26,13 +26,11 @@ import time
 
 import torch
 
-from blip_fast.config import preset
 from blip_fast.models.blip_pretrain import BlipPretrain
-from blip_fast.shapes import PRETRAIN_BATCH, PRETRAIN_IMAGE_SIZE, QUEUE_SIZE
 from blip_fast.train.config import OptimConfig, TrainConfig
 from blip_fast.train.pretraining import PACKED_TOKENS_MULTIPLE, PACKED_TOKENS_MULTIPLE_GRAPHED
 
-from bench_step import make_batch, speed_applied_step
+from bench_step import add_model_arguments, make_batch, model_config, speed_applied_step
 from results_file import command_line, device_name, write_results
 
 LOSSES = ("itc", "itm", "lm")
@@ -59,10 +57,7 @@ def train(model, fp8: bool, batches: list, device: torch.device, steps: int, tim
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python benchmarks/bench_fp8.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="base", choices=("tiny", "base", "large"))
-    parser.add_argument("--image-size", type=int, default=PRETRAIN_IMAGE_SIZE)
-    parser.add_argument("--batch", type=int, default=PRETRAIN_BATCH)
-    parser.add_argument("--queue", type=int, default=QUEUE_SIZE)
+    add_model_arguments(parser)
     parser.add_argument("--steps", type=int, default=150, help="training steps per impl")
     parser.add_argument("--batches", type=int, default=10, help="distinct batches, used in turn")
     parser.add_argument("--window", type=int, default=25, help="steps per loss window")
@@ -75,8 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < args.window or args.steps < args.timed or min(args.window, args.timed, args.batches) < 1:
         parser.error("--steps must cover --window and --timed, each at least 1; --batches at least 1")
     device = torch.device(args.device)
-    config = preset(args.preset, image_size=args.image_size)
-    config.queue_size = args.queue
+    config = model_config(args)
     multiple = PACKED_TOKENS_MULTIPLE_GRAPHED if device.type == "cuda" else PACKED_TOKENS_MULTIPLE
     batches = [make_batch(args.batch, args.image_size, device, "longest", seed=seed, pack_multiple=multiple)
                for seed in range(args.batches)]

@@ -334,12 +334,24 @@ def time_steps(impl: str, config, device, batch, steps: int, warmup: int, compil
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python benchmarks/bench_step.py", description=__doc__.split("\n\n")[0])
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The pretraining step's model and batch: ``--preset``, ``--image-size``, ``--batch``, ``--queue``."""
     parser.add_argument("--preset", default="base", choices=("tiny", "base", "large"))
     parser.add_argument("--image-size", type=int, default=PRETRAIN_IMAGE_SIZE)
     parser.add_argument("--batch", type=int, default=PRETRAIN_BATCH)
     parser.add_argument("--queue", type=int, default=QUEUE_SIZE)
+
+
+def model_config(args: argparse.Namespace):
+    """The model :func:`add_model_arguments`'s arguments name."""
+    config = preset(args.preset, image_size=args.image_size)
+    config.queue_size = args.queue
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python benchmarks/bench_step.py", description=__doc__.split("\n\n")[0])
+    add_model_arguments(parser)
     parser.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile happens here)")
     parser.add_argument("--impl", action="append", choices=ALL_IMPLS,
@@ -395,8 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # the original's measured fp32 run used TF32
         torch.backends.cudnn.allow_tf32 = True
-    config = preset(args.preset, image_size=args.image_size)
-    config.queue_size = args.queue
+    config = model_config(args)
     if args.captions not in CAPTION_SOURCES:
         captions_of(args.captions)  # a bad file is one line now, not after the first impl
     captions_label = args.captions if args.captions in CAPTION_SOURCES else Path(args.captions).stem

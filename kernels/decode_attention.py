@@ -179,11 +179,10 @@ if HAS_TRITON:
                  out.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
 
-def key_splits(programs: int, keys: int, device: torch.device, tiling: DecodeTiling = DEFAULT_TILING) -> int:
+def key_splits(programs: int, device: torch.device, tiling: DecodeTiling = DEFAULT_TILING) -> int:
     """How many key splits ``programs`` (row x head x query block) programs get: enough to reach
-    ``programs_per_sm`` per SM, never more than there are key tiles (an empty split would only cost a launch)."""
-    wanted = -(-tiling.programs_per_sm * sm_count(device) // max(programs, 1))
-    return max(1, min(wanted, -(-keys // tiling.block_n)))
+    ``programs_per_sm`` per SM (the host function caps them at the key tiles)."""
+    return triton.cdiv(tiling.programs_per_sm * sm_count(device), max(programs, 1))
 
 
 def decode_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -201,10 +200,9 @@ def decode_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     blocks = triton.cdiv(queries, BLOCK_M)
     if splits is None:
-        splits = key_splits(rows * heads * blocks, keys, q.device, tiling)
-    splits = max(1, min(splits, max(keys, 1)))
-    keys_per_split = triton.cdiv(max(keys, 1), splits)
-    keys_per_split = triton.cdiv(keys_per_split, tiling.block_n) * tiling.block_n  # whole tiles per split
+        splits = key_splits(rows * heads * blocks, q.device, tiling)
+    # whole tiles per split, so that no split is empty: never more splits than tiles, whatever was asked
+    keys_per_split = triton.cdiv(triton.cdiv(max(keys, 1), max(splits, 1)), tiling.block_n) * tiling.block_n
     splits = triton.cdiv(max(keys, 1), keys_per_split)
     mask = key_padding_mask.view(torch.uint8) if key_padding_mask is not None else q  # q: never read
     stride_mask = key_padding_mask.stride() if key_padding_mask is not None else (0, 0)
