@@ -22,6 +22,8 @@ from blip_fast.kernels import (
     varlen_attention,
 )
 
+# every module of blip_fast.kernels with Triton kernels
+KERNEL_MODULES = (contrastive, decode_attention, hard_negatives, lm_loss, residual_layer_norm, varlen_attention)
 DTYPES = ("bf16", "fp16", "fp32")
 DEFAULT_STAGES = 3  # Triton's, for the launches that do not name theirs
 # Shared memory one program may take on sm_90 (227 KB): a kernel past it compiles but cannot launch
